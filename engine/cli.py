@@ -1,0 +1,231 @@
+"""The ``tuner`` command: subcommands that call the engine, and the one place a ``UserError`` becomes a line and an exit code.
+
+Every subcommand takes the same config names (YAML files, ``key=value``, ``--key value``); heavy libraries load
+only inside the subcommand that needs them, so ``tuner --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+
+from engine.errors import ConfigError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+@dataclasses.dataclass
+class Command:
+    run: Callable[[list[str]], int]
+    summary: str
+    usage: str
+    takes_config: bool = False
+
+
+def _take_flag(argv: list[str], *names: str) -> bool:
+    """Remove a command's own on/off option (``--json``) from argv; the rest is config."""
+    found = any(name in argv for name in names)
+    argv[:] = [a for a in argv if a not in names]
+    return found
+
+
+def _take_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """Remove a command's own ``--name value`` option from argv and return its value."""
+    for i, token in enumerate(argv):
+        if token == name:
+            if i + 1 >= len(argv):
+                raise UserError(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if token.startswith(name + "="):
+            del argv[i]
+            return token.split("=", 1)[1]
+    return default
+
+
+def _load_config(argv: list[str], command: str):
+    from engine.config import parse_args
+    from engine.validation import validate
+
+    cfg = parse_args(argv)
+    validate(cfg, command)
+    return cfg
+
+
+def cmd_train(argv: list[str]) -> int:
+    print_config = _take_flag(argv, "--print-config")
+    cfg = _load_config(argv, "train")
+    if print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from engine.train import run_training
+
+    return run_training(cfg)
+
+
+def cmd_preview(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    count = _take_option(argv, "-n", "3")
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"-n takes a number of samples, got '{count}'")
+    cfg = _load_config(argv, "preview")
+    from engine.preview import build_preview, render_preview
+
+    preview = build_preview(cfg, int(count))
+    if as_json:
+        print(json.dumps(preview.to_json(), ensure_ascii=False, indent=2))
+    else:
+        render_preview(preview)
+    return 0
+
+
+def cmd_models(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    _no_more(argv, "models")
+    from engine.catalog import list_models, param_count
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "hub id", "params", "template", "family", box=None, header_style="bold")
+    for m in models:
+        table.add_row(m.name, m.hub_id or "(built locally)", _billions(param_count(m)), m.template, m.family)
+    Console().print(table)
+    return 0
+
+
+def cmd_templates(argv: list[str]) -> int:
+    _no_more(argv, "templates")
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.templates import describe_templates
+
+    table = Table("name", "description", "example (one user turn, one reply)", box=None, header_style="bold")
+    for name, description, example in describe_templates():
+        table.add_row(name, description, repr(example)[1:-1])
+    Console().print(table)
+    return 0
+
+
+def cmd_datasets(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    dataset_dir = _take_option(argv, "--dataset_dir")
+    _no_more(argv, "datasets")
+    from engine.data import load_registry
+
+    registry = load_registry(dataset_dir)
+    if as_json:
+        print(json.dumps({name: dataclasses.asdict(attr) for name, attr in registry.items()}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "source", "formatting", box=None, header_style="bold")
+    for name, attr in registry.items():
+        table.add_row(name, attr.source_label(), attr.formatting)
+    Console().print(table)
+    return 0
+
+
+def _no_more(argv: list[str], command: str) -> None:
+    if argv:
+        raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
+                     f"tuner train {CONFIG_USAGE} [--print-config]", takes_config=True),
+    "preview": Command(cmd_preview, "Show samples as the model will see them, with the learned part marked.",
+                       f"tuner preview {CONFIG_USAGE} [-n N] [--json]", takes_config=True),
+    "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
+    "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
+    "datasets": Command(cmd_datasets, "List the registered datasets (bundled and --dataset_dir's dataset_info.json).",
+                        "tuner datasets [--dataset_dir DIR] [--json]"),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuner-tui")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def top_help() -> str:
+    lines = ["usage: tuner COMMAND [ARGS]", "", "Fine-tune open LLMs on a GPU server from your terminal.", "", "commands:"]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "`tuner COMMAND --help` shows a command's options; every config key works as --key value,",
+              "key=value or in a YAML file, with the names of LLaMA-Factory and Hugging Face TrainingArguments."]
+    return "\n".join(lines)
+
+
+def command_help(name: str) -> str:
+    cmd = COMMANDS[name]
+    lines = [f"usage: {cmd.usage}", "", cmd.summary]
+    if cmd.takes_config:
+        from engine.config import ALIASES, SECTIONS
+
+        for section, cls in SECTIONS.items():
+            lines += ["", f"{section}:"]
+            for f in dataclasses.fields(cls):
+                choices = f.metadata.get("choices")
+                extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+                lines.append(f"  --{f.name} (default {f.default}){extra}\n      {f.metadata['help']}")
+        lines += ["", "old spellings accepted: " + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()),
+                  "a bare --flash_attn means flash attention 2 (falls back to SDPA when it is not installed)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"tuner {_version()}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"did you mean `tuner {close[0]}`?" if close else "see `tuner --help`"
+        return _fail(UserError(f"unknown command '{name}'", hint))
+    if "-h" in rest or "--help" in rest:
+        print(command_help(name))
+        return 0
+    try:
+        return COMMANDS[name].run(rest)
+    except UserError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("tuner: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(exc: UserError) -> int:
+    lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+    for line in lines:
+        print(f"tuner: error: {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

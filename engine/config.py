@@ -1,0 +1,390 @@
+"""One typed configuration for every command, built from YAML files, ``key=value`` pairs and ``--flags``.
+
+The names are the ones users know from LLaMA-Factory and Hugging Face ``TrainingArguments``; the YAML keys, the CLI
+flags and the TUI's fields are the same flat names. ``parse_args`` turns a command line into a ``TunerConfig``;
+``validate`` reports every problem at once, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import ConfigError, UserError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, secret: bool = False) -> Any:
+    """A config field: its default, one line of help, the allowed values and whether it is kept out of saved configs."""
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+ATTENTION_CHOICES = ("auto", "fa2", "sdpa", "eager")
+FINETUNING_TYPES = ("lora", "freeze", "full")
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
+)
+REPORTERS = ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "swanlab", "trackio", "all")
+STRATEGIES = ("no", "steps", "epoch")
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = _opt(None, "Catalog name (see `tuner models`), hub id or local directory.")
+    adapter_name_or_path: str | None = _opt(None, "A trained LoRA adapter directory to load (comma list to stack).")
+    template: str | None = _opt(None, "Prompt template (see `tuner templates`); default: the model's own.")
+    quantization_bit: int | None = _opt(None, "Load the base model in 4 or 8 bits (QLoRA).", (4, 8))
+    quantization_type: str = _opt("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quantization: bool = _opt(True, "Quantize the 4-bit quantization constants too.")
+    flash_attn: str = _opt("auto", "Attention kernel: auto picks flash-attention-2 when installed on a GPU, else SDPA.",
+                           ATTENTION_CHOICES)
+    trust_remote_code: bool = _opt(False, "Run Python code shipped with a hub model (off: only trusted architectures).")
+    model_revision: str = _opt("main", "Hub branch, tag or commit of the model.")
+    cache_dir: str | None = _opt(None, "Where hub downloads are cached (default: the Hugging Face cache).")
+    hf_hub_token: str | None = _opt(None, "Hub access token for gated models (never written to saved configs).",
+                                    secret=True)
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = _opt(None, "Dataset name(s) from the registry, file/folder path(s) or hub id(s), comma separated.")
+    dataset_dir: str | None = _opt(None, "Folder holding dataset_info.json and its files (default: ./data if present).")
+    eval_dataset: str | None = _opt(None, "Separate dataset(s) for evaluation, comma separated.")
+    val_size: float = _opt(0.0, "Split this fraction (0-1) or number of samples off the training data for evaluation.")
+    max_samples: int | None = _opt(None, "Use at most this many samples of each dataset.")
+    cutoff_len: int = _opt(1024, "Maximum tokens per sample; longer samples are truncated.")
+    train_on_prompt: bool = _opt(False, "Learn the prompt too, not only the assistant's replies.")
+    packing: bool = _opt(False, "Pack several short samples into each sequence of cutoff_len tokens.")
+    overwrite_cache: bool = _opt(False, "Tokenize the dataset again instead of reusing a cached copy.")
+    preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the dataset.")
+
+
+@dataclass
+class FinetuneArgs:
+    stage: str = _opt("sft", "Training stage; supervised fine-tuning is the one supported.", ("sft",))
+    finetuning_type: str = _opt("lora", "lora, freeze (train the last layers) or full.", FINETUNING_TYPES)
+    lora_target: str = _opt("all", "Modules that get LoRA: comma list of names, or all (every linear layer but the head).")
+    lora_rank: int = _opt(8, "LoRA rank r.")
+    lora_alpha: int | None = _opt(None, "LoRA scale alpha (default: 2 x lora_rank).")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA path.")
+    use_rslora: bool = _opt(False, "Rank-stabilised LoRA scaling.")
+    use_dora: bool = _opt(False, "Weight-decomposed LoRA (DoRA).")
+    freeze_trainable_layers: int = _opt(2, "freeze: train the last N decoder layers (negative: the first N).")
+    freeze_trainable_modules: str = _opt("all", "freeze: which modules of those layers train (comma list or all).")
+    neftune_noise_alpha: float | None = _opt(None, "NEFTune: noise added to embeddings while training (e.g. 5).")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str | None = _opt(None, "The run directory: checkpoints, adapter or model, logs and events.")
+    overwrite_output_dir: bool = _opt(False, "Start afresh in an output_dir that has checkpoints instead of resuming.")
+    do_train: bool = _opt(False, "Train (implied by `tuner train`).")
+    do_eval: bool = _opt(False, "Evaluate on the eval split.")
+    do_predict: bool = _opt(False, "Predict on the dataset (classic spelling of `tuner predict`).")
+    per_device_train_batch_size: int = _opt(8, "Samples per GPU per step.")
+    per_device_eval_batch_size: int = _opt(8, "Samples per GPU per evaluation or prediction step.")
+    gradient_accumulation_steps: int = _opt(1, "Steps whose gradients add up before each optimizer update.")
+    learning_rate: float = _opt(5e-5, "Peak learning rate.")
+    lr_scheduler_type: str = _opt("linear", "Learning-rate schedule.", SCHEDULERS)
+    warmup_ratio: float = _opt(0.0, "Fraction of steps spent warming up.")
+    warmup_steps: int = _opt(0, "Warm-up steps (overrides warmup_ratio when > 0).")
+    num_train_epochs: float = _opt(3.0, "Epochs over the training data.")
+    max_steps: int = _opt(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
+    optim: str = _opt("adamw_torch", "Optimizer name as in TrainingArguments (adamw_torch, adamw_8bit, paged_adamw_8bit, ...).")
+    weight_decay: float = _opt(0.0, "Weight decay.")
+    adam_beta1: float = _opt(0.9, "Adam beta1.")
+    adam_beta2: float = _opt(0.999, "Adam beta2.")
+    adam_epsilon: float = _opt(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    logging_steps: int = _opt(10, "Log loss, learning rate and throughput every N steps.")
+    save_strategy: str = _opt("steps", "When to save checkpoints.", STRATEGIES)
+    save_steps: int = _opt(500, "Save a checkpoint every N steps.")
+    save_total_limit: int | None = _opt(None, "Keep at most this many checkpoints.")
+    eval_strategy: str = _opt("no", "When to evaluate.", STRATEGIES)
+    eval_steps: int | None = _opt(None, "Evaluate every N steps (default: logging_steps).")
+    bf16: bool | None = _opt(None, "Train in bfloat16 (default: when the GPU supports it).")
+    fp16: bool | None = _opt(None, "Train in float16 mixed precision.")
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
+    enable_liger_kernel: bool = _opt(False, "Use Liger's fused kernels (needs liger-kernel and a GPU).")
+    seed: int = _opt(42, "Random seed.")
+    resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or true for the last one in output_dir.")
+    report_to: str = _opt("none", "Experiment trackers to report to (comma list).")
+    run_name: str | None = _opt(None, "A name for the run (shown in `tuner runs` and trackers).")
+    dataloader_num_workers: int = _opt(0, "Processes that load batches.")
+    deepspeed: str | None = _opt(None, "A DeepSpeed config file.")
+    fsdp: str | None = _opt(None, "FSDP options as in TrainingArguments (e.g. 'full_shard auto_wrap').")
+    ddp_timeout: int = _opt(1800, "Seconds before a multi-GPU collective times out.")
+
+
+@dataclass
+class GenerateArgs:
+    predict_with_generate: bool = _opt(False, "Generate text when predicting (and score it).")
+    max_new_tokens: int = _opt(512, "Most tokens generated per answer.")
+    do_sample: bool = _opt(False, "Sample instead of greedy decoding.")
+    temperature: float = _opt(0.7, "Sampling temperature (with do_sample).")
+    top_p: float = _opt(0.9, "Nucleus sampling threshold (with do_sample).")
+    top_k: int = _opt(50, "Top-k sampling (with do_sample).")
+    repetition_penalty: float = _opt(1.0, "Penalty for repeated tokens (1.0: none).")
+    num_beams: int = _opt(1, "Beam search width (1: none).")
+
+
+@dataclass
+class ExportArgs:
+    export_dir: str | None = _opt(None, "Write the merged model here (safetensors).")
+    export_size: int = _opt(5, "Largest safetensors shard, in GB.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "finetune": FinetuneArgs,
+    "train": TrainArgs,
+    "generate": GenerateArgs,
+    "export": ExportArgs,
+}
+
+# Old spellings that tutorials still use, with the name they mean today.
+ALIASES = {
+    "checkpoint_dir": "adapter_name_or_path",
+    "num_layer_trainable": "freeze_trainable_layers",
+    "name_module_trainable": "freeze_trainable_modules",
+    "evaluation_strategy": "eval_strategy",
+    "use_liger_kernel": "enable_liger_kernel",
+    "lora_r": "lora_rank",
+}
+
+# Values of bare or boolean flags that mean something else for a field: a bare `--flash_attn` asked for flash attention 2.
+FLAG_VALUES = {"flash_attn": {True: "fa2", False: "sdpa", "disabled": "eager"}}
+
+# Stages of LLaMA-Factory that this tool does not run, so the message can say so rather than "unknown value".
+UNSUPPORTED_STAGES = ("pt", "rm", "ppo", "dpo", "kto")
+
+
+@dataclass
+class TunerConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+    export: ExportArgs = field(default_factory=ExportArgs)
+
+    def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
+        """The flat ``{key: value}`` form used by YAML files and flags."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                if f.metadata.get("secret") and not include_secrets:
+                    continue
+                flat[f.name] = getattr(obj, f.name)
+        return flat
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, grouped by section with a comment heading each, secrets left out."""
+        flat = self.to_dict()
+        chunks = []
+        for section, cls in SECTIONS.items():
+            keys = {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}
+            chunks.append(f"### {section}\n" + yaml.safe_dump(keys, sort_keys=False, default_flow_style=False))
+        return "\n".join(chunks)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    return {f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+FIELDS = _field_index()
+
+
+def known_keys() -> list[str]:
+    return list(FIELDS)
+
+
+def closest_key(key: str) -> str | None:
+    matches = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.6)
+    return ALIASES.get(matches[0], matches[0]) if matches else None
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` → int; the annotations are strings under ``from __future__ import annotations``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"__builtins__": {}}, {"int": int, "float": float, "str": str, "bool": bool,
+                                                             "None": None})
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) and args:
+        return args[0]
+    return annotation
+
+
+def _is_optional(annotation: Any) -> bool:
+    return "None" in str(annotation)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Turn a value from YAML or the command line into the field's type; raises ValueError with the reason."""
+    _, f = FIELDS[key]
+    if key in FLAG_VALUES and value in FLAG_VALUES[key]:
+        value = FLAG_VALUES[key][value]
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and _is_optional(f.type)):
+        if _is_optional(f.type):
+            return None
+        raise ValueError("needs a value")
+    kind = _base_type(f.type)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+        if not number.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def build_config(values: dict[str, Any]) -> TunerConfig:
+    """A config from flat ``{key: value}`` pairs (old spellings accepted); all bad keys and values reported at once."""
+    problems: list[str] = []
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for raw_key, raw_value in values.items():
+        key = ALIASES.get(raw_key, raw_key)
+        if key not in FIELDS:
+            suggestion = closest_key(raw_key)
+            hint = f"did you mean {suggestion}?" if suggestion else "see `tuner train --help` for the known keys"
+            problems.append(f"unknown key '{raw_key}': {hint}")
+            continue
+        try:
+            value = coerce(key, raw_value)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        choices = FIELDS[key][1].metadata.get("choices")
+        if key == "stage" and value in UNSUPPORTED_STAGES:
+            problems.append(f"stage: '{value}' is not supported; tuner runs supervised fine-tuning (stage sft)")
+        elif choices and value is not None and value not in choices:
+            problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
+        else:
+            sections[FIELDS[key][0]][key] = value
+    if problems:
+        raise ConfigError(problems)
+    return TunerConfig(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Flat keys from a YAML (or JSON) file; one clear line when it is missing or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {p}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must be a mapping of key: value, not a {type(data).__name__}")
+    return data
+
+
+def _looks_like_config_file(token: str) -> bool:
+    return token.endswith((".yaml", ".yml", ".json")) and "=" not in token
+
+
+def _takes_value(name: str, token: str) -> bool:
+    """Whether the token after ``--name`` is its value: not another flag, and for on/off flags only a boolean word."""
+    if token.startswith("--") and not (token[2:3].isdigit() or token[2:3] == "."):
+        return False
+    key = ALIASES.get(name, name)
+    if key in FIELDS and _base_type(FIELDS[key][1].type) is bool:
+        return token.lower() in _TRUE | _FALSE
+    if key in FLAG_VALUES:
+        return token.lower() in _TRUE | _FALSE | set(FLAG_VALUES[key]) - {True, False} | set(
+            FIELDS[key][1].metadata["choices"])
+    return True
+
+
+def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split a command line into config files and ``{key: value}`` overrides, in the order given.
+
+    Accepts ``file.yaml``, ``key=value``, ``--key value``, ``--key=value`` and bare ``--flag`` (true).
+    """
+    files: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            name = name.replace("-", "_")
+            if not eq:
+                if i + 1 < len(argv) and _takes_value(name, argv[i + 1]):
+                    value = argv[i + 1]
+                    i += 1
+                else:
+                    value = True
+            overrides[name] = _parse_scalar(value)
+        elif "=" in token and not token.startswith("="):
+            name, _, value = token.partition("=")
+            overrides[name.strip()] = _parse_scalar(value)
+        elif _looks_like_config_file(token):
+            files.append(token)
+        else:
+            raise UserError(f"unexpected argument '{token}'",
+                            "give config files (.yaml), key=value pairs or --key value flags")
+        i += 1
+    return files, overrides
+
+
+def _parse_scalar(value: Any) -> Any:
+    """Command-line text as YAML would read it (``true``, ``4``, ``null``); anything else stays text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, (bool, int, float)) or parsed is None else value
+
+
+def parse_args(argv: list[str], base: dict[str, Any] | None = None) -> TunerConfig:
+    """Files first (later files win), then overrides; unknown keys and bad values raise one ``ConfigError``."""
+    files, overrides = parse_overrides(argv)
+    values: dict[str, Any] = dict(base or {})
+    for path in files:
+        values.update(read_config_file(path))
+    values.update(overrides)
+    return build_config(values)

@@ -1,0 +1,118 @@
+"""Checks a ``TunerConfig`` before anything loads and reports every problem at once, one line each."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from engine.config import TunerConfig
+from engine.errors import ConfigError
+
+# What each command needs before it can start.
+REQUIRED = {
+    "train": ("model_name_or_path", "dataset"),
+    "predict": ("model_name_or_path", "dataset"),
+    "export": ("model_name_or_path", "export_dir"),
+    "preview": ("dataset",),
+    "estimate": ("model_name_or_path",),
+    "chat": ("model_name_or_path",),
+}
+
+
+def validate(cfg: TunerConfig, command: str = "train") -> None:
+    """Raise ``ConfigError`` listing every problem found in ``cfg`` for ``command``; return quietly when it is sound."""
+    problems = _missing(cfg, command) + _ranges(cfg) + _collisions(cfg) + _names(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _missing(cfg: TunerConfig, command: str) -> list[str]:
+    flat = cfg.to_dict()
+    return [f"{key} is required for `tuner {command}`" for key in REQUIRED.get(command, ()) if not flat.get(key)]
+
+
+def _ranges(cfg: TunerConfig) -> list[str]:
+    d, f, t, g = cfg.data, cfg.finetune, cfg.train, cfg.generate
+    checks = [
+        (d.max_samples is not None and d.max_samples < 1, f"max_samples must be at least 1, got {d.max_samples}"),
+        (d.cutoff_len < 1, f"cutoff_len must be at least 1, got {d.cutoff_len}"),
+        (d.val_size < 0, f"val_size must be a fraction between 0 and 1 or a number of samples, got {d.val_size}"),
+        (d.val_size >= 1 and not float(d.val_size).is_integer(),
+         f"val_size {d.val_size} is neither a fraction below 1 nor a whole number of samples"),
+        (f.lora_rank < 1, f"lora_rank must be at least 1, got {f.lora_rank}"),
+        (f.lora_alpha is not None and f.lora_alpha <= 0, f"lora_alpha must be positive, got {f.lora_alpha}"),
+        (not 0 <= f.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {f.lora_dropout}"),
+        (f.freeze_trainable_layers == 0, "freeze_trainable_layers must not be 0 (nothing would train)"),
+        (f.neftune_noise_alpha is not None and f.neftune_noise_alpha < 0,
+         f"neftune_noise_alpha must be positive, got {f.neftune_noise_alpha}"),
+        (t.per_device_train_batch_size < 1,
+         f"per_device_train_batch_size must be at least 1, got {t.per_device_train_batch_size}"),
+        (t.per_device_eval_batch_size < 1,
+         f"per_device_eval_batch_size must be at least 1, got {t.per_device_eval_batch_size}"),
+        (t.gradient_accumulation_steps < 1,
+         f"gradient_accumulation_steps must be at least 1, got {t.gradient_accumulation_steps}"),
+        (t.learning_rate <= 0, f"learning_rate must be positive, got {t.learning_rate}"),
+        (not 0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.max_steps <= 0 and t.num_train_epochs <= 0,
+         "num_train_epochs must be positive when max_steps is not set"),
+        (t.logging_steps < 1, f"logging_steps must be at least 1, got {t.logging_steps}"),
+        (t.save_steps < 1, f"save_steps must be at least 1, got {t.save_steps}"),
+        (g.max_new_tokens < 1, f"max_new_tokens must be at least 1, got {g.max_new_tokens}"),
+        (g.temperature <= 0, f"temperature must be positive, got {g.temperature}"),
+        (not 0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}"),
+        (cfg.export.export_size < 1, f"export_size must be at least 1 (GB), got {cfg.export.export_size}"),
+    ]
+    return [message for failed, message in checks if failed]
+
+
+def _collisions(cfg: TunerConfig) -> list[str]:
+    m, f, t = cfg.model, cfg.finetune, cfg.train
+    checks = [
+        (t.bf16 and t.fp16, "bf16 and fp16 are both set: choose one precision"),
+        (m.quantization_bit is not None and f.finetuning_type != "lora",
+         f"quantization_bit {m.quantization_bit} works only with finetuning_type lora (QLoRA), "
+         f"not {f.finetuning_type}"),
+        (m.adapter_name_or_path is not None and f.finetuning_type != "lora",
+         f"adapter_name_or_path is a LoRA adapter: it needs finetuning_type lora, not {f.finetuning_type}"),
+        (t.resume_from_checkpoint is not None and t.overwrite_output_dir,
+         "resume_from_checkpoint and overwrite_output_dir collide: resume, or start afresh, not both"),
+        (t.deepspeed is not None and t.fsdp is not None, "deepspeed and fsdp are both set: choose one"),
+        (t.eval_strategy != "no" and not (cfg.data.val_size or cfg.data.eval_dataset),
+         f"eval_strategy {t.eval_strategy} needs evaluation data: set val_size or eval_dataset"),
+    ]
+    return [message for failed, message in checks if failed]
+
+
+def _names(cfg: TunerConfig) -> list[str]:
+    """Template and dataset names that do not exist, each with the known ones listed (closest first)."""
+    from engine.data import dataset_names
+    from engine.templates import template_names
+
+    problems = []
+    if cfg.model.template is not None and cfg.model.template not in template_names():
+        problems.append(_unknown("template", cfg.model.template, template_names()))
+    if cfg.data.dataset_dir is not None and not Path(cfg.data.dataset_dir).is_dir():
+        problems.append(f"dataset_dir {cfg.data.dataset_dir} is not a directory")
+        return problems
+    known = dataset_names(cfg.data.dataset_dir)
+    for key in ("dataset", "eval_dataset"):
+        for name in _split(getattr(cfg.data, key)):
+            if name not in known and not _looks_like_path_or_hub_id(name):
+                problems.append(_unknown(key, name, known))
+    return problems
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _looks_like_path_or_hub_id(name: str) -> bool:
+    return Path(name).exists() or "/" in name
+
+
+def _unknown(key: str, value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    rest = [k for k in sorted(known) if k not in close]
+    listed = close + rest
+    shown = ", ".join(listed[:12]) + (f", ... ({len(listed)} in all)" if len(listed) > 12 else "")
+    return f"{key} '{value}' does not exist; known: {shown}"

@@ -1,0 +1,148 @@
+"""The one config: YAML + key=value + --flags, old spellings, and validation that reports every problem at once."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from engine.config import build_config, parse_args, parse_overrides
+from engine.errors import ConfigError, UserError
+from engine.validation import validate
+
+CLASSIC = (
+    "--stage sft --model_name_or_path tiny-llama --do_train --dataset demo_alpaca --template llama2 "
+    "--finetuning_type lora --quantization_bit 4 --lora_target q_proj,v_proj --output_dir out --overwrite_cache "
+    "--per_device_train_batch_size 2 --gradient_accumulation_steps 4 --lr_scheduler_type cosine --logging_steps 10 "
+    "--save_steps 100000 --learning_rate 2e-5 --num_train_epochs 2.0 --neftune_noise_alpha 5 --flash_attn --bf16 "
+    "--max_samples 64"
+).split()
+
+
+def problems_of(cfg, command="train") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, command)
+    return info.value.problems
+
+
+def test_classic_tutorial_command_keeps_its_meaning():
+    cfg = parse_args(CLASSIC)
+    assert cfg.finetune.stage == "sft" and cfg.train.do_train is True
+    assert cfg.model.quantization_bit == 4 and cfg.finetune.lora_target == "q_proj,v_proj"
+    assert cfg.model.flash_attn == "fa2", "a bare --flash_attn asks for flash attention 2"
+    assert cfg.train.bf16 is True and cfg.train.overwrite_output_dir is False
+    assert cfg.data.overwrite_cache is True and cfg.data.max_samples == 64
+    assert cfg.train.learning_rate == pytest.approx(2e-5) and cfg.train.num_train_epochs == 2.0
+    assert cfg.finetune.neftune_noise_alpha == 5.0 and cfg.train.save_steps == 100000
+    validate(cfg, "train")
+
+
+def test_checkpoint_dir_is_the_adapter_path():
+    cfg = parse_args(["--checkpoint_dir", "saves/lora"])
+    assert cfg.model.adapter_name_or_path == "saves/lora"
+
+
+def test_yaml_file_then_key_value_then_flag_later_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: tiny-llama\nlearning_rate: 1.0e-3\nlora_rank: 16\ncutoff_len: 256\n")
+    cfg = parse_args([str(path), "learning_rate=1e-4", "--lora_rank", "32"])
+    assert cfg.model.model_name_or_path == "tiny-llama"
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.finetune.lora_rank == 32 and cfg.data.cutoff_len == 256
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 2e-5\n")
+    assert parse_args([str(path)]).train.learning_rate == pytest.approx(2e-5)
+
+
+def test_print_config_round_trips_through_yaml(tmp_path):
+    cfg = parse_args(CLASSIC + ["--hf_hub_token", "hf_secret"])
+    text = cfg.to_yaml()
+    assert "hf_secret" not in text and "hf_hub_token" not in text, "secrets never reach a saved config"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(text)
+    again = parse_args([str(saved)])
+    assert again.to_dict() == cfg.to_dict()
+    assert yaml.safe_load(text)["flash_attn"] == "fa2"
+
+
+def test_bare_boolean_flag_does_not_swallow_a_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_rank: 4\n")
+    files, overrides = parse_overrides(["--do_train", str(path), "--flash_attn", "--bf16", "false"])
+    assert files == [str(path)]
+    assert overrides == {"do_train": True, "flash_attn": True, "bf16": False}
+
+
+def test_negative_number_is_a_value_not_a_flag():
+    assert parse_args(["--max_steps", "-1", "--freeze_trainable_layers", "-2"]).finetune.freeze_trainable_layers == -2
+
+
+def test_unknown_key_names_the_closest_known_key():
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--learning_rat", "1e-4", "--lora_rnk", "8"])
+    assert info.value.problems == [
+        "unknown key 'learning_rat': did you mean learning_rate?",
+        "unknown key 'lora_rnk': did you mean lora_rank?",
+    ]
+
+
+def test_bad_values_and_choices_are_all_reported():
+    with pytest.raises(ConfigError) as info:
+        build_config({"cutoff_len": "long", "finetuning_type": "qlora", "bf16": "maybe", "stage": "dpo"})
+    assert info.value.problems == [
+        "cutoff_len: expected a whole number, got 'long'",
+        "finetuning_type: 'qlora' is not one of lora, freeze, full",
+        "bf16: expected true or false, got 'maybe'",
+        "stage: 'dpo' is not supported; tuner runs supervised fine-tuning (stage sft)",
+    ]
+
+
+def test_contradictions_name_both_settings():
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "bf16": True, "fp16": True,
+                        "quantization_bit": 4, "finetuning_type": "full", "max_samples": 0})
+    assert problems_of(cfg) == [
+        "max_samples must be at least 1, got 0",
+        "bf16 and fp16 are both set: choose one precision",
+        "quantization_bit 4 works only with finetuning_type lora (QLoRA), not full",
+    ]
+
+
+def test_missing_required_keys_are_named_per_command():
+    cfg = build_config({})
+    assert problems_of(cfg, "train") == [
+        "model_name_or_path is required for `tuner train`",
+        "dataset is required for `tuner train`",
+    ]
+    assert problems_of(cfg, "export") == [
+        "model_name_or_path is required for `tuner export`",
+        "export_dir is required for `tuner export`",
+    ]
+
+
+def test_unknown_template_and_dataset_list_the_known_ones():
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpca", "template": "llama"})
+    template_problem, dataset_problem = problems_of(cfg)
+    assert template_problem.startswith("template 'llama' does not exist; known: ")
+    assert "llama2" in template_problem and "mistral" in template_problem
+    assert dataset_problem.startswith("dataset 'demo_alpca' does not exist; known: demo_alpaca")
+
+
+def test_datasets_from_a_llamafactory_registry_validate(shared_data):
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "alpaca_en_demo,identity",
+                        "dataset_dir": str(shared_data / "llamafactory")})
+    validate(cfg)
+
+
+def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="config file .*nope.yaml does not exist"):
+        parse_args([str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: [1\n")
+    with pytest.raises(UserError, match=r"bad.yaml line \d+, column \d+ is not valid YAML"):
+        parse_args([str(bad)])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        parse_args([str(listed)])
