@@ -1,0 +1,121 @@
+"""The bundled demo datasets, generated from simple regular tasks a tiny model learns in a few CPU minutes.
+
+The files in ``presets/data/`` are this module's output (a test checks they match); regenerate them with
+``python3 -m engine.data.demo_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from engine.paths import PRESETS_DIR
+
+SEED = 1234
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "bread", "house", "light", "green", "music", "chair", "ocean",
+         "plant", "water", "sugar", "horse", "train", "paper", "smile", "candle", "garden", "pencil", "window",
+         "rabbit", "orange", "butter", "summer", "winter", "forest", "silver", "cat", "dog", "sun", "moon", "fish",
+         "bird", "tree", "book", "lamp", "rain", "snow", "fire", "milk", "door", "ship", "road", "star", "frog"]
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+            "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
+            "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Peru": "Lima", "Chile": "Santiago",
+            "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Greece": "Athens",
+            "Austria": "Vienna", "Ireland": "Dublin", "Russia": "Moscow", "Turkey": "Ankara", "Iran": "Tehran",
+            "Thailand": "Bangkok", "Vietnam": "Hanoi", "Australia": "Canberra", "Argentina": "Buenos Aires",
+            "Cuba": "Havana"}
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "old": "new", "light": "dark",
+             "happy": "sad", "open": "closed", "early": "late", "full": "empty", "high": "low", "hard": "soft",
+             "left": "right", "wet": "dry", "loud": "quiet", "rich": "poor", "strong": "weak", "thick": "thin",
+             "clean": "dirty", "near": "far", "long": "short", "first": "last", "win": "lose", "push": "pull"}
+
+REGISTRY = {
+    "demo_alpaca": {"file_name": "demo_alpaca.json"},
+    "demo_sharegpt": {"file_name": "demo_sharegpt.json", "formatting": "sharegpt",
+                      "columns": {"messages": "conversations", "system": "system"}},
+    "demo_openai": {"file_name": "demo_openai.jsonl", "formatting": "openai"},
+}
+
+
+def write_demo_datasets(out_dir: str | Path) -> list[Path]:
+    """Write the three demo datasets and their dataset_info.json into out_dir (a ready dataset_dir)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
+    files = {
+        "demo_alpaca.json": _pretty_json([alpaca_record(rng) for _ in range(400)]),
+        "demo_sharegpt.json": _pretty_json([sharegpt_record(rng) for _ in range(200)]),
+        "demo_openai.jsonl": "".join(json.dumps(openai_record(rng)) + "\n" for _ in range(200)),
+        "dataset_info.json": _pretty_json(REGISTRY),
+    }
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]
+
+
+def alpaca_record(rng: random.Random) -> dict:
+    """One single-turn task; some put the word in the input column, as alpaca data does."""
+    word, a, b = rng.choice(WORDS), rng.randint(2, 49), rng.randint(2, 49)
+    country = rng.choice(list(CAPITALS))
+    tasks = [
+        (f"Reverse the word: {word}", "", word[::-1]),
+        ("Reverse the word.", word, word[::-1]),
+        (f"What is {a} + {b}?", "", f"{a} + {b} = {a + b}."),
+        (f"What is {max(a, b)} - {min(a, b)}?", "", f"{max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."),
+        (f"What is the capital of {country}?", "", f"The capital of {country} is {CAPITALS[country]}."),
+        (f"Spell '{word}' letter by letter.", "", "-".join(word)),
+        ("Write the word in capital letters.", word, word.upper()),
+        (f"How many letters are in '{word}'?", "", f"'{word}' has {len(word)} letters."),
+    ]
+    instruction, query, output = rng.choice(tasks)
+    return {"instruction": instruction, "input": query, "output": output}
+
+
+def sharegpt_record(rng: random.Random) -> dict:
+    """Two or three exchanges on one theme under a system prompt that states the rule."""
+    theme = rng.choice(["calculator", "reverser", "geography", "opposites"])
+    turns = []
+    for _ in range(rng.randint(2, 3)):
+        if theme == "calculator":
+            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            question, answer = f"{a} + {b}", str(a + b)
+        elif theme == "reverser":
+            word = rng.choice(WORDS)
+            question, answer = word, word[::-1]
+        elif theme == "geography":
+            country = rng.choice(list(CAPITALS))
+            question, answer = f"Capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
+        else:
+            word = rng.choice(list(OPPOSITES))
+            question, answer = word, OPPOSITES[word]
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    system = {"calculator": "You are a calculator. Reply with the sum only.",
+              "reverser": "You reverse every word you are given.",
+              "geography": "You answer questions about capitals in one sentence.",
+              "opposites": "You reply with the opposite of the word you are given."}[theme]
+    return {"conversations": turns, "system": system}
+
+
+def openai_record(rng: random.Random) -> dict:
+    """A question and a short answer, half of them under a system prompt."""
+    word, a, b = rng.choice(WORDS), rng.randint(2, 12), rng.randint(2, 12)
+    opposite = rng.choice(list(OPPOSITES))
+    question, answer = rng.choice([
+        (f"Spell '{word}' letter by letter.", "-".join(word)),
+        (f"What is {a} times {b}?", f"{a} x {b} = {a * b}."),
+        (f"What is the opposite of '{opposite}'?", f"The opposite of '{opposite}' is '{OPPOSITES[opposite]}'."),
+        (f"What is the last letter of '{word}'?", f"The last letter of '{word}' is '{word[-1]}'."),
+    ])
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if rng.random() < 0.5:
+        messages.insert(0, {"role": "system", "content": "You are a helpful assistant. Answer briefly."})
+    return {"messages": messages}
+
+
+def _pretty_json(data) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    for path in write_demo_datasets(PRESETS_DIR / "data"):
+        print(path)

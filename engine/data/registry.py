@@ -1,0 +1,146 @@
+"""The dataset registry: LLaMA-Factory's ``dataset_info.json`` format, bundled entries merged with the user's.
+
+Reading it is cheap (two small JSON files, no heavy imports): config validation calls ``dataset_names``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.paths import PRESETS_DIR
+
+BUNDLED_DIR = PRESETS_DIR / "data"
+REGISTRY_FILE = "dataset_info.json"
+FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools",
+               "images", "videos", "audios", "chosen", "rejected", "kto_tag")
+TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+
+# LLaMA-Factory's defaults: a "columns" mapping replaces these whole (an unnamed column is not read).
+DEFAULT_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+    "sharegpt": {"messages": "conversations"},
+    "openai": {"messages": "messages"},
+}
+# A "tags" mapping overrides these one by one.
+DEFAULT_TAGS = {
+    "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
+    "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function", "system_tag": "system"},
+}
+DEFAULT_TAGS["alpaca"] = DEFAULT_TAGS["sharegpt"]
+
+# Where an entry's data comes from, in LLaMA-Factory's order of preference.
+SOURCE_KEYS = {"hf_hub_url": "hf_hub", "ms_hub_url": "ms_hub", "om_hub_url": "om_hub",
+               "script_url": "script", "cloud_file_name": "cloud_file", "file_name": "file"}
+
+
+@dataclass
+class DatasetAttr:
+    """One dataset: where to read it and how its records map to conversations.
+
+    ``load_from`` is "file", "hf_hub", "ms_hub", "om_hub", "script" or "cloud_file"; ``location`` the absolute path
+    (file or folder) or the hub id. ``formatting`` None means: detect it from the first record's columns when loaded;
+    an unknown one is reported when the dataset is converted, so one bad entry does not break the whole registry.
+    """
+
+    name: str
+    load_from: str
+    location: str
+    formatting: str | None = "alpaca"
+    columns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS["alpaca"]))
+    tags: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TAGS["alpaca"]))
+    ranking: bool = False
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+
+
+def load_registry(dataset_dir: str | None) -> dict[str, DatasetAttr]:
+    """The bundled registry merged with ``<dataset_dir>/dataset_info.json``; the user's entries win on a name clash."""
+    registry = _read_registry(BUNDLED_DIR)
+    if dataset_dir is not None:
+        registry.update(_read_registry(Path(dataset_dir)))
+    return registry
+
+
+def dataset_names(dataset_dir: str | None) -> list[str]:
+    """Every registered name, bundled first, in file order."""
+    return list(load_registry(dataset_dir))
+
+
+def resolve_dataset(name: str, dataset_dir: str | None) -> DatasetAttr:
+    """A registered name, else a local file or folder (as given or under dataset_dir), else a hub id ("org/name")."""
+    registry = load_registry(dataset_dir)
+    if name in registry:
+        return registry[name]
+    tried = [Path(name).expanduser()]
+    if dataset_dir is not None and not Path(name).is_absolute():
+        tried.append(Path(dataset_dir) / name)
+    for path in tried:
+        if path.is_dir() or (path.is_file() and path.suffix in FILE_TYPES):
+            return DatasetAttr(name=name, load_from="file", location=str(path.resolve()), formatting=None, columns={})
+    if _looks_like_path(name):
+        raise UserError(f"dataset file not found: {name} (tried {', '.join(str(p) for p in tried)})",
+                        hint=f"a local dataset is a {'/'.join(FILE_TYPES)} file or a folder of them")
+    if "/" in name:
+        return DatasetAttr(name=name, load_from="hf_hub", location=name, formatting=None, columns={})
+    closest = difflib.get_close_matches(name, list(registry), n=5, cutoff=0)
+    raise UserError(
+        f"unknown dataset '{name}'; closest registered names: {', '.join(closest)} ({len(registry)} registered)",
+        hint=f'register it in {Path(dataset_dir or "<dataset_dir>") / REGISTRY_FILE} as '
+             f'{{"{name}": {{"file_name": "{name}.json"}}}}, or pass a path to a file or folder, or a hub id',
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix in FILE_TYPES
+
+
+def _read_registry(folder: Path) -> dict[str, DatasetAttr]:
+    path = folder / REGISTRY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"{path}: expected a JSON object mapping dataset names to entries")
+    return {name: _parse_entry(name, entry, folder, path) for name, entry in entries.items()}
+
+
+def _parse_entry(name: str, entry: dict, folder: Path, path: Path) -> DatasetAttr:
+    where = f"{path}: dataset '{name}'"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected an object such as {{\"file_name\": \"data.json\"}}")
+    source = next((key for key in SOURCE_KEYS if key in entry), None)
+    if source is None:
+        raise UserError(f"{where} has no source", hint=f"give one of: {', '.join(SOURCE_KEYS)}")
+    formatting = entry.get("formatting", "alpaca")
+    location = entry[source]
+    if source == "file_name":
+        location = str((folder / location).resolve())
+    columns = DEFAULT_COLUMNS.get(formatting, {})
+    if "columns" in entry:
+        columns = {key: entry["columns"][key] for key in COLUMN_KEYS if entry["columns"].get(key)}
+    return DatasetAttr(
+        name=name,
+        load_from=SOURCE_KEYS[source],
+        location=location,
+        formatting=formatting,
+        columns=dict(columns),
+        tags={**DEFAULT_TAGS.get(formatting, {}), **{k: v for k, v in entry.get("tags", {}).items() if k in TAG_KEYS}},
+        ranking=bool(entry.get("ranking", False)),
+        subset=entry.get("subset"),
+        split=entry.get("split", "train"),
+        folder=entry.get("folder"),
+        num_samples=entry.get("num_samples"),
+    )

@@ -1,0 +1,136 @@
+"""The dataset registry: LLaMA-Factory's real dataset_info.json, the bundled entries, resolving names and paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.data import dataset_names, load_conversations, load_registry, resolve_dataset
+from engine.data.registry import BUNDLED_DIR
+from engine.errors import UserError
+
+DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
+
+
+def test_reads_llamafactory_registry_as_it_is(shared_data):
+    registry = load_registry(str(shared_data / "llamafactory"))
+    assert len(registry) == 104 + len(DEMOS)
+    assert dataset_names(str(shared_data / "llamafactory"))[:3] == DEMOS
+
+    demo = registry["alpaca_en_demo"]
+    assert (demo.load_from, demo.formatting) == ("file", "alpaca")
+    assert demo.location == str(shared_data / "llamafactory" / "alpaca_en_demo.json")
+    assert demo.columns == {"prompt": "instruction", "query": "input", "response": "output"}
+
+    ultrachat = registry["ultrachat_200k"]
+    assert (ultrachat.load_from, ultrachat.location, ultrachat.split) == (
+        "hf_hub", "HuggingFaceH4/ultrachat_200k", "train_sft")
+    assert ultrachat.tags["role_tag"] == "role" and ultrachat.tags["system_tag"] == "system"
+    assert registry["openorca"].columns == {"prompt": "question", "response": "response", "system": "system_prompt"}
+    assert registry["deepctrl"].load_from == "ms_hub"
+    assert registry["llava_1k_en"].subset == "en"
+    assert registry["starcoder_python"].folder == "python"
+    assert registry["dpo_en_demo"].ranking is True
+
+
+def test_bundled_registry_has_the_demo_datasets():
+    assert dataset_names(None) == DEMOS
+    assert load_registry(None)["demo_openai"].location == str(BUNDLED_DIR / "demo_openai.jsonl")
+
+
+def test_users_entry_wins_over_bundled_one(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"demo_alpaca": {"file_name": "mine.json"},
+                                                            "extra": {"hf_hub_url": "org/extra"}}))
+    registry = load_registry(str(tmp_path))
+    assert registry["demo_alpaca"].location == str(tmp_path / "mine.json")
+    assert list(registry) == [*DEMOS, "extra"]
+
+
+def test_dataset_names_imports_nothing_heavy():
+    code = ("import sys; from engine.data import dataset_names; dataset_names(None); "
+            "print([m for m in ('datasets', 'pyarrow', 'torch', 'transformers') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_malformed_registry_names_file_line_and_column(tmp_path):
+    (tmp_path / "dataset_info.json").write_text('{\n  "a": {"file_name": "a.json",}\n}')
+    with pytest.raises(UserError) as err:
+        load_registry(str(tmp_path))
+    assert err.value.message == (f"{tmp_path / 'dataset_info.json'}: invalid JSON at line 2, column 31: "
+                                 "Expecting property name enclosed in double quotes")
+
+
+def test_entry_without_a_source_says_which_keys_give_one(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"formatting": "alpaca"}}))
+    with pytest.raises(UserError) as err:
+        load_registry(str(tmp_path))
+    assert err.value.message == f"{tmp_path / 'dataset_info.json'}: dataset 'a' has no source"
+    assert "hf_hub_url" in err.value.hint and "file_name" in err.value.hint
+
+
+def test_unknown_name_lists_closest_names_first():
+    with pytest.raises(UserError) as err:
+        resolve_dataset("demo_alpacca", None)
+    assert err.value.message == ("unknown dataset 'demo_alpacca'; closest registered names: "
+                                 "demo_alpaca, demo_openai, demo_sharegpt (3 registered)")
+    assert "dataset_info.json" in err.value.hint
+
+
+def test_local_paths_resolve_absolute_or_under_dataset_dir(tmp_path):
+    (tmp_path / "mine.jsonl").write_text("")
+    for name, dataset_dir in ((str(tmp_path / "mine.jsonl"), None), ("mine.jsonl", str(tmp_path))):
+        resolved = resolve_dataset(name, dataset_dir)
+        assert (resolved.load_from, resolved.location, resolved.formatting) == (
+            "file", str(tmp_path / "mine.jsonl"), None)
+    assert resolve_dataset(str(tmp_path), None).location == str(tmp_path)
+
+
+def test_missing_local_file_names_the_paths_tried(tmp_path):
+    with pytest.raises(UserError) as err:
+        resolve_dataset("data/train.json", str(tmp_path))
+    assert err.value.message == (f"dataset file not found: data/train.json "
+                                 f"(tried data/train.json, {tmp_path / 'data/train.json'})")
+
+
+def test_unregistered_name_with_slash_is_a_hub_id():
+    resolved = resolve_dataset("someone/some_data", None)
+    assert (resolved.load_from, resolved.location, resolved.formatting) == ("hf_hub", "someone/some_data", None)
+
+
+def test_hub_dataset_offline_fails_in_one_clear_line(shared_data, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(UserError) as err:
+        load_conversations("alpaca_en", str(shared_data / "llamafactory"))
+    assert err.value.message == ("dataset 'alpaca_en' needs the Hugging Face hub (llamafactory/alpaca_en), "
+                                 "which cannot be reached")
+    assert err.value.hint.startswith("download it while online")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "where"), [("deepctrl", "the ModelScope hub (deepctrl/deepctrl-sft-data)")])
+def test_unsupported_sources_fail_only_when_used(shared_data, name, where):
+    with pytest.raises(UserError) as err:
+        load_conversations(name, str(shared_data / "llamafactory"))
+    assert err.value.message == f"dataset '{name}' is loaded from {where}, which is not supported"
+
+
+def test_script_and_cloud_sources_are_not_supported(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "scripted": {"script_url": "my_script"}, "cloud": {"cloud_file_name": "s3://bucket/data.json"}}))
+    with pytest.raises(UserError, match="'scripted' is loaded from a loading script"):
+        load_conversations("scripted", str(tmp_path))
+    with pytest.raises(UserError, match="'cloud' is loaded from a cloud file"):
+        load_conversations("cloud", str(tmp_path))
+
+
+def test_registered_file_that_is_absent_names_the_path(shared_data):
+    with pytest.raises(UserError) as err:
+        load_conversations("alpaca_zh_demo", str(shared_data / "llamafactory"))
+    assert err.value.message == ("dataset 'alpaca_zh_demo': file not found: "
+                                 f"{shared_data / 'llamafactory' / 'alpaca_zh_demo.json'}")
