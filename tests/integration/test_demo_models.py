@@ -156,3 +156,21 @@ def test_resolve_model_builds_a_demo_model(built, monkeypatch):
 def test_unknown_demo_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown demo model: tiny-gpt"):
         demo_model_path("tiny-gpt", cache=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama3.2-1b", "mistral-7b-v0.3", "mixtral-8x7b", "qwen2.5-7b", "gemma2-9b"])
+def test_param_count_matches_transformers_for_each_family(name):
+    """Instantiated on the meta device (no memory), the real architecture has exactly the counted parameters."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    geometry = dataclasses.asdict(lookup(name).geometry)
+    for derived in ("qkv_bias", "o_bias", "norms_per_layer"):
+        geometry.pop(derived)
+    if not geometry["num_local_experts"]:
+        del geometry["num_local_experts"], geometry["num_experts_per_tok"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**geometry))
+    assert sum(p.numel() for p in model.parameters()) == param_count(lookup(name))
