@@ -105,12 +105,13 @@ def cmd_templates(argv: list[str]) -> int:
     _no_more(argv, "templates")
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from engine.templates import describe_templates
 
     table = Table("name", "description", "example (one user turn, one reply)", box=None, header_style="bold")
     for name, description, example in describe_templates():
-        table.add_row(name, description, repr(example)[1:-1])
+        table.add_row(Text(name), Text(description), Text(example))
     Console().print(table)
     return 0
 
@@ -130,7 +131,7 @@ def cmd_datasets(argv: list[str]) -> int:
 
     table = Table("name", "source", "formatting", box=None, header_style="bold")
     for name, attr in registry.items():
-        table.add_row(name, attr.source_label(), attr.formatting)
+        table.add_row(name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)")
     Console().print(table)
     return 0
 

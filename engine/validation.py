@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 
 from engine.config import TunerConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UserError
 
 # What each command needs before it can start.
 REQUIRED = {
@@ -85,7 +85,7 @@ def _collisions(cfg: TunerConfig) -> list[str]:
 
 def _names(cfg: TunerConfig) -> list[str]:
     """Template and dataset names that do not exist, each with the known ones listed (closest first)."""
-    from engine.data import dataset_names
+    from engine.data import resolve_dataset
     from engine.templates import template_names
 
     problems = []
@@ -94,11 +94,12 @@ def _names(cfg: TunerConfig) -> list[str]:
     if cfg.data.dataset_dir is not None and not Path(cfg.data.dataset_dir).is_dir():
         problems.append(f"dataset_dir {cfg.data.dataset_dir} is not a directory")
         return problems
-    known = dataset_names(cfg.data.dataset_dir)
     for key in ("dataset", "eval_dataset"):
         for name in _split(getattr(cfg.data, key)):
-            if name not in known and not _looks_like_path_or_hub_id(name):
-                problems.append(_unknown(key, name, known))
+            try:
+                resolve_dataset(name, cfg.data.dataset_dir)
+            except UserError as exc:
+                problems.append(f"{key}: {exc}")
     return problems
 
 
@@ -106,13 +107,7 @@ def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def _looks_like_path_or_hub_id(name: str) -> bool:
-    return Path(name).exists() or "/" in name
-
-
 def _unknown(key: str, value: str, known: list[str]) -> str:
     close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
-    rest = [k for k in sorted(known) if k not in close]
-    listed = close + rest
-    shown = ", ".join(listed[:12]) + (f", ... ({len(listed)} in all)" if len(listed) > 12 else "")
-    return f"{key} '{value}' does not exist; known: {shown}"
+    listed = close + [k for k in sorted(known) if k not in close]
+    return f"{key} '{value}' does not exist; known: {', '.join(listed)}"

@@ -126,7 +126,7 @@ def test_unknown_template_and_dataset_list_the_known_ones():
     template_problem, dataset_problem = problems_of(cfg)
     assert template_problem.startswith("template 'llama' does not exist; known: ")
     assert "llama2" in template_problem and "mistral" in template_problem
-    assert dataset_problem.startswith("dataset 'demo_alpca' does not exist; known: demo_alpaca")
+    assert dataset_problem.startswith("dataset: unknown dataset 'demo_alpca'; closest registered names: demo_alpaca")
 
 
 def test_datasets_from_a_llamafactory_registry_validate(shared_data):
