@@ -88,6 +88,9 @@ class RunEvents(TrainerCallback):
             tokens_per_s=round(tokens_per_s, 1), tokens_seen=tokens, elapsed_s=round(elapsed, 2),
             remaining_s=None if remaining is None else round(remaining, 1), memory=memory,
         )
+        log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tokens/s  %s left", state.global_step,
+                 state.max_steps, state.epoch or 0.0, event["loss"], event["learning_rate"] or 0.0, tokens_per_s,
+                 "?" if remaining is None else timedelta(seconds=int(remaining)))
         self.status.step, self.status.loss = state.global_step, event["loss"]
         write_status(self.run_dir, self.status)
         self._trainer_log(state, {"loss": event["loss"], "lr": event["learning_rate"],
@@ -107,7 +110,7 @@ class RunEvents(TrainerCallback):
         self.trainer_log.flush()
 
     def on_save(self, args, state, control, **kwargs):
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}"
         self.events.emit("checkpoint", step=state.global_step, path=str(path))
 
     def close(self) -> None:
@@ -142,3 +145,30 @@ class GracefulStop(TrainerCallback):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+class ConsoleProgress(TrainerCallback):
+    """A Rich progress line (step, loss, ETA) for a run in the foreground of a terminal."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=console,
+        )
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.progress.update(self.task, info=f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.progress.stop()

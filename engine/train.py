@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,24 +87,33 @@ def _method_label(cfg: TunerConfig) -> str:
     return f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
 
 
-def setup_logging(run_dir: Path, to_console: bool) -> None:
-    """``train.log`` gets tuner's, transformers' and Python's warnings as plain lines; the console too when asked."""
+def setup_logging(run_dir: Path, console) -> None:
+    """``train.log`` gets tuner's, transformers' and Python's warnings as plain lines (no progress-bar carriage
+    returns); a Rich console, when given, shows the same lines above the progress bar."""
     import transformers
 
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
-    if to_console:
+    if console is not None and console.is_terminal:
+        from rich.logging import RichHandler
+
+        handlers.append(RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S"))
+    elif console is not None:
         handlers.append(logging.StreamHandler(sys.stderr))
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    for name, level in (("tuner", logging.INFO), ("transformers", logging.WARNING), ("py.warnings", logging.WARNING)):
+    for handler in handlers:
+        if not handler.formatter:
+            handler.setFormatter(plain)
+    levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING,
+              "bitsandbytes": logging.ERROR}
+    for name, level in levels.items():
         logger = logging.getLogger(name)
-        logger.handlers.clear()
+        logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = False
-        for handler in handlers:
-            handler.setFormatter(formatter)
-            logger.addHandler(handler)
     transformers.logging.disable_default_handler()
     logging.captureWarnings(True)
+    # Deprecation notices that the libraries raise at each other, not at the user's config.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def _quiet_libraries() -> None:
@@ -112,19 +122,23 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_training(cfg: TunerConfig, console: bool = True) -> int:
-    """Train as configured; returns the exit code. The run directory records the outcome whatever happens."""
+def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
+    """Train as configured; returns the exit code. The run directory records the outcome whatever happens.
+
+    In the foreground the log also goes to the terminal, with a progress line when it is a terminal.
+    """
     from engine.catalog import resolve_model
 
     _quiet_libraries()
     resolved = resolve_model(cfg.model.model_name_or_path)
     run = prepare_run_dir(cfg, cfg.model.model_name_or_path)
-    setup_logging(run.path, to_console=console)
+    console = _console() if foreground else None
+    setup_logging(run.path, console)
     cfg.save(run.path / "config.yaml")
     write_status(run.path, run.status)
     events = EventWriter(run.path)
     try:
-        stopped_by = _train(cfg, resolved, run, events)
+        stopped_by = _train(cfg, resolved, run, events, console)
     except BaseException as exc:
         _record_failure(run, events, exc)
         raise
@@ -152,11 +166,17 @@ def _record_failure(run: RunDir, events: EventWriter, exc: BaseException) -> Non
     write_status(run.path, run.status)
 
 
-def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter) -> str | None:
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter, console) -> str | None:
     """The training itself; returns the signal name when a graceful stop ended it early."""
     import torch
 
-    from engine.callbacks import GracefulStop, RunEvents, gpu_memory_gib
+    from engine.callbacks import ConsoleProgress, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
     from engine.modeling import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
                                  load_model, load_tokenizer)
@@ -181,7 +201,10 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter) -> str 
 
     stop = GracefulStop()
     run_events = RunEvents(run.path, events, run.status)
-    trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, [run_events, stop])
+    callbacks = [run_events, stop]
+    if console is not None and console.is_terminal:
+        callbacks.append(ConsoleProgress(console))
+    trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks)
     events.emit(
         "start", run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
         method=run.status.method, template=datasets.template, device=hardware.device_name,
@@ -205,6 +228,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter) -> str 
         trainer.save_model(str(run.path))
         tokenizer.save_pretrained(str(run.path))
         trainer.save_state()
+    run.status.step = trainer.state.global_step
     memory = gpu_memory_gib()
     if memory:
         events.emit("memory", **memory)
