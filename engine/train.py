@@ -53,15 +53,14 @@ def prepare_run_dir(cfg: TunerConfig, model_name: str) -> RunDir:
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
         previous = None
+    if previous and previous.state == "completed" and t.resume_from_checkpoint is None:
+        raise UserError(f"output_dir {path} holds a completed run",
+                        "choose another output_dir, or set overwrite_output_dir true to replace it")
     checkpoints = _checkpoints(path) if path.is_dir() else []
     resume_from = _resume_point(t.resume_from_checkpoint, checkpoints, path)
-    if resume_from is None and path.is_dir() and any(path.iterdir()):
-        if previous and previous.state == "completed":
-            raise UserError(f"output_dir {path} holds a completed run",
-                            "choose another output_dir, or set overwrite_output_dir true to replace it")
-        if previous is None:
-            raise UserError(f"output_dir {path} is not empty and holds no run of tuner's",
-                            "choose an empty or new directory, or set overwrite_output_dir true")
+    if resume_from is None and previous is None and not t.overwrite_output_dir and path.is_dir() and any(path.iterdir()):
+        raise UserError(f"output_dir {path} is not empty and holds no run of tuner's",
+                        "choose an empty or new directory, or set overwrite_output_dir true")
     path.mkdir(parents=True, exist_ok=True)
     status = RunStatus(
         id=previous.id if previous else new_run_id(), name=t.run_name or path.name, pid=os.getpid(),

@@ -13,7 +13,7 @@ REQUIRED = {
     "train": ("model_name_or_path", "dataset"),
     "predict": ("model_name_or_path", "dataset"),
     "export": ("model_name_or_path", "export_dir"),
-    "preview": ("dataset",),
+    "preview": ("model_name_or_path", "dataset"),
     "estimate": ("model_name_or_path",),
     "chat": ("model_name_or_path",),
 }

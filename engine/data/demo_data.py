@@ -74,8 +74,9 @@ def alpaca_record(rng: random.Random) -> dict:
 def sharegpt_record(rng: random.Random) -> dict:
     """Two or three exchanges on one theme under a system prompt that states the rule."""
     theme = rng.choice(["calculator", "reverser", "geography", "opposites"])
-    turns = []
-    for _ in range(rng.randint(2, 3)):
+    turns, asked = [], set()
+    exchanges = rng.randint(2, 3)
+    while len(asked) < exchanges:
         if theme == "calculator":
             a, b = rng.randint(2, 30), rng.randint(2, 30)
             question, answer = f"{a} + {b}", str(a + b)
@@ -88,6 +89,9 @@ def sharegpt_record(rng: random.Random) -> dict:
         else:
             word = rng.choice(list(OPPOSITES))
             question, answer = word, OPPOSITES[word]
+        if question in asked:
+            continue
+        asked.add(question)
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     system = {"calculator": "You are a calculator. Reply with the sum only.",
               "reverser": "You reverse every word you are given.",
