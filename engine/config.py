@@ -271,6 +271,10 @@ def coerce(key: str, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, bool):  # YAML reads a bare `no` as false: `save_strategy: no` means the choice "no"
+        if not value and "no" in (f.metadata.get("choices") or ()):
+            return "no"
+        raise ValueError(f"expected text, got {value!r}")
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
@@ -356,10 +360,10 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                     i += 1
                 else:
                     value = True
-            overrides[name] = _parse_scalar(value)
+            overrides[name] = value
         elif "=" in token and not token.startswith("="):
             name, _, value = token.partition("=")
-            overrides[name.strip()] = _parse_scalar(value)
+            overrides[name.strip()] = value
         elif _looks_like_config_file(token):
             files.append(token)
         else:
@@ -367,17 +371,6 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                             "give config files (.yaml), key=value pairs or --key value flags")
         i += 1
     return files, overrides
-
-
-def _parse_scalar(value: Any) -> Any:
-    """Command-line text as YAML would read it (``true``, ``4``, ``null``); anything else stays text."""
-    if not isinstance(value, str):
-        return value
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-    return parsed if isinstance(parsed, (bool, int, float)) or parsed is None else value
 
 
 def parse_args(argv: list[str], base: dict[str, Any] | None = None) -> TunerConfig:

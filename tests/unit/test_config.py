@@ -72,7 +72,7 @@ def test_bare_boolean_flag_does_not_swallow_a_config_file(tmp_path):
     path.write_text("lora_rank: 4\n")
     files, overrides = parse_overrides(["--do_train", str(path), "--flash_attn", "--bf16", "false"])
     assert files == [str(path)]
-    assert overrides == {"do_train": True, "flash_attn": True, "bf16": False}
+    assert overrides == {"do_train": True, "flash_attn": True, "bf16": "false"}
 
 
 def test_negative_number_is_a_value_not_a_flag():
@@ -146,3 +146,16 @@ def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="must be a mapping"):
         parse_args([str(listed)])
+
+
+def test_no_is_a_choice_not_false_on_the_command_line_and_in_yaml(tmp_path):
+    assert parse_args(["--save_strategy", "no"]).train.save_strategy == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("save_strategy: no\neval_strategy: 'no'\n")
+    cfg = parse_args([str(path)])
+    assert cfg.train.save_strategy == "no" and cfg.train.eval_strategy == "no"
+
+
+def test_null_clears_an_optional_value():
+    cfg = parse_args(["--max_samples", "10", "max_samples=null", "--template", "none"])
+    assert cfg.data.max_samples is None and cfg.model.template is None
