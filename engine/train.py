@@ -259,8 +259,7 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy=t.eval_strategy, eval_steps=t.eval_steps or t.logging_steps,
         bf16=precision.name == "bf16", fp16=precision.name == "fp16", use_cpu=not hardware.on_gpu,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False}, seed=t.seed, report_to=t.report_to,
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing), seed=t.seed, report_to=t.report_to,
         run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, deepspeed=t.deepspeed,
         fsdp=t.fsdp or None, ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
         packing=d.packing, max_length=d.cutoff_len, dataset_num_proc=d.preprocessing_num_workers,
@@ -273,6 +272,15 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _checkpointing_args(config_class, enabled: bool) -> dict:
+    """transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x; speak whichever it knows."""
+    import dataclasses
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(config_class)}
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _oom_message(cfg: TunerConfig) -> str:
