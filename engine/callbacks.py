@@ -68,7 +68,7 @@ class RunEvents(TrainerCallback):
         if "loss" in logs:
             self._log_event(state, logs)
         elif "eval_loss" in logs:
-            self.events.emit("eval", step=state.global_step, epoch=state.epoch, **logs)
+            self.events.emit("eval", **{**logs, "step": state.global_step, "epoch": state.epoch})
             self._trainer_log(state, {"eval_loss": logs["eval_loss"]})
 
     def _log_event(self, state, logs: dict) -> None:

@@ -93,15 +93,14 @@ def setup_logging(run_dir: Path, console) -> None:
 
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
+    if console is not None and not console.is_terminal:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(plain)
     if console is not None and console.is_terminal:
         from rich.logging import RichHandler
 
         handlers.append(RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S"))
-    elif console is not None:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        if not handler.formatter:
-            handler.setFormatter(plain)
     levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING,
               "bitsandbytes": logging.ERROR}
     for name, level in levels.items():
@@ -147,6 +146,8 @@ def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
     run.status.ended_at, run.status.exit_code = now_iso(), 0
     write_status(run.path, run.status)
     log.info("run %s %s: %s", run.status.id, run.status.state, run.path)
+    if stopped_by:
+        log.info("stopped at step %d with a checkpoint; the same command again resumes from it", run.status.step)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from engine.config import TunerConfig
+from engine.config import REPORTERS, TunerConfig
 from engine.errors import ConfigError, UserError
 
 # What each command needs before it can start.
@@ -61,6 +61,9 @@ def _ranges(cfg: TunerConfig) -> list[str]:
         (g.temperature <= 0, f"temperature must be positive, got {g.temperature}"),
         (not 0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}"),
         (cfg.export.export_size < 1, f"export_size must be at least 1 (GB), got {cfg.export.export_size}"),
+        (bool(set(_split(t.report_to)) - set(REPORTERS)),
+         f"report_to: {', '.join(sorted(set(_split(t.report_to)) - set(REPORTERS)))} is not one of "
+         f"{', '.join(REPORTERS)}"),
     ]
     return [message for failed, message in checks if failed]
 

@@ -74,7 +74,6 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
-        report.append(f"warning: {warning}")
     train = encode_conversations(loaded.train, tokenizer, template, d.cutoff_len, d.train_on_prompt)
     report.append(_summary("train", template, train, d.cutoff_len))
     if not train.rows:

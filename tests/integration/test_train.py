@@ -180,3 +180,31 @@ def test_bad_data_fails_with_one_line_and_leaves_the_run_directory(tiny_models, 
     assert status.state == "failed" and "line 2" in status.error
     assert events_of(out, "error")[0]["message"] == status.error
     assert (out / "train.log").is_file() and (out / "config.yaml").is_file()
+
+
+def test_packing_and_neftune_train(tiny_models, tmp_path):
+    out = tmp_path / "packed"
+    assert main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--output_dir", str(out),
+                 "--packing", "true", "--cutoff_len", "256", "--neftune_noise_alpha", "5", "--num_train_epochs", "1",
+                 "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no"]) == 0
+    status = read_status(out)
+    # 400 samples of ~27 tokens pack into ~42 sequences of 256 tokens: far fewer than the 100 unpacked steps.
+    assert status.state == "completed" and status.total_steps < 20
+
+
+def test_validation_split_writes_eval_events(tiny_models, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--output_dir", str(out),
+                 "--val_size", "0.1", "--eval_strategy", "steps", "--eval_steps", "5", "--max_steps", "10",
+                 "--per_device_train_batch_size", "8", "--save_strategy", "no"]) == 0
+    evals = events_of(out, "eval")
+    assert [e["step"] for e in evals] == [5, 10] and all(e["eval_loss"] > 0 for e in evals)
+    assert events_of(out, "start")[0]["eval_samples"] == 40
+
+
+def test_template_differing_from_the_models_own_is_warned(tiny_models, tmp_path):
+    out = tmp_path / "mismatch"
+    assert main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template", "chatml",
+                 "--output_dir", str(out), "--max_steps", "1", "--save_strategy", "no"]) == 0
+    log = (out / "train.log").read_text()
+    assert "WARNING tuner: template 'chatml' differs from the chat_template" in log

@@ -159,3 +159,20 @@ def test_no_is_a_choice_not_false_on_the_command_line_and_in_yaml(tmp_path):
 def test_null_clears_an_optional_value():
     cfg = parse_args(["--max_samples", "10", "max_samples=null", "--template", "none"])
     assert cfg.data.max_samples is None and cfg.model.template is None
+
+
+def test_report_to_names_a_known_tracker():
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "report_to": "tensorboard,wandbb"})
+    assert problems_of(cfg) == [
+        "report_to: wandbb is not one of none, tensorboard, wandb, mlflow, comet_ml, swanlab, trackio, all"]
+
+
+def test_help_answers_without_loading_the_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.cli import main; main(['--help']); main(['train', '--help']); "
+            "heavy = {'torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
