@@ -22,7 +22,7 @@ def test_reads_llamafactory_registry_as_it_is(shared_data):
 
     demo = registry["alpaca_en_demo"]
     assert (demo.load_from, demo.formatting) == ("file", "alpaca")
-    assert demo.location == str(shared_data / "llamafactory" / "alpaca_en_demo.json")
+    assert demo.location == str((shared_data / "llamafactory" / "alpaca_en_demo.json").resolve())
     assert demo.columns == {"prompt": "instruction", "query": "input", "response": "output"}
 
     ultrachat = registry["ultrachat_200k"]
@@ -133,4 +133,4 @@ def test_registered_file_that_is_absent_names_the_path(shared_data):
     with pytest.raises(UserError) as err:
         load_conversations("alpaca_zh_demo", str(shared_data / "llamafactory"))
     assert err.value.message == ("dataset 'alpaca_zh_demo': file not found: "
-                                 f"{shared_data / 'llamafactory' / 'alpaca_zh_demo.json'}")
+                                 f"{(shared_data / 'llamafactory' / 'alpaca_zh_demo.json').resolve()}")
