@@ -41,11 +41,19 @@ def _checkpoints(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def is_main_process() -> bool:
+    """Under torchrun / accelerate every process trains, but only rank 0 writes the run directory's files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_run_dir(cfg: TunerConfig, model_name: str) -> RunDir:
     """Decide where the run writes and whether it resumes: an output_dir with checkpoints resumes from the last one
     unless overwrite_output_dir; a finished run there is never overwritten by accident."""
     t = cfg.train
     path = Path(t.output_dir) if t.output_dir else default_output_dir(model_name, cfg.finetune.finetuning_type)
+    if not is_main_process():
+        resume = None if t.overwrite_output_dir else _resume_point(t.resume_from_checkpoint, _checkpoints(path), path)
+        return RunDir(path, resume, RunStatus(id="", name=path.name))
     previous = read_status(path) if path.is_dir() else None
     if t.overwrite_output_dir and path.is_dir():
         for child in _checkpoints(path):
@@ -130,6 +138,9 @@ def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
     _quiet_libraries()
     resolved = resolve_model(cfg.model.model_name_or_path)
     run = prepare_run_dir(cfg, cfg.model.model_name_or_path)
+    if not is_main_process():
+        _train(cfg, resolved, run, events=None, console=None)
+        return 0
     console = _console() if foreground else None
     setup_logging(run.path, console)
     cfg.save(run.path / "config.yaml")
@@ -172,8 +183,11 @@ def _console():
     return Console(stderr=True)
 
 
-def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter, console) -> str | None:
-    """The training itself; returns the signal name when a graceful stop ended it early."""
+def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, console) -> str | None:
+    """The training itself; returns the signal name when a graceful stop ended it early.
+
+    ``events`` is None in the other processes of a multi-GPU run: they train, rank 0 records.
+    """
     import torch
 
     from engine.callbacks import ConsoleProgress, GracefulStop, RunEvents, gpu_memory_gib
@@ -200,11 +214,17 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter, console
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     stop = GracefulStop()
-    run_events = RunEvents(run.path, events, run.status)
-    callbacks = [run_events, stop]
+    run_events = RunEvents(run.path, events, run.status) if events else None
+    callbacks = [stop] + ([run_events] if run_events else [])
     if console is not None and console.is_terminal:
         callbacks.append(ConsoleProgress(console))
     trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks)
+    if events is None:
+        stop.install()
+        trainer.train(resume_from_checkpoint=run.resume_from)
+        if not stop.requested:
+            trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
+        return stop.requested
     events.emit(
         "start", run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
         method=run.status.method, template=datasets.template, device=hardware.device_name,
@@ -265,6 +285,7 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         fsdp=t.fsdp or None, ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
         packing=d.packing, max_length=d.cutoff_len, dataset_num_proc=d.preprocessing_num_workers,
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
+        ddp_find_unused_parameters=_has_experts(model),
         save_only_model=False,
     )
     trainer = SFTTrainer(
@@ -273,6 +294,12 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _has_experts(model) -> bool:
+    """Mixture-of-experts layers may leave experts unused in a step, which DDP must be told to expect."""
+    config = model.config
+    return bool(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
 
 
 def _checkpointing_args(config_class, enabled: bool) -> dict:

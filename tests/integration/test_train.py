@@ -208,3 +208,20 @@ def test_template_differing_from_the_models_own_is_warned(tiny_models, tmp_path)
                  "--output_dir", str(out), "--max_steps", "1", "--save_strategy", "no"]) == 0
     log = (out / "train.log").read_text()
     assert "WARNING tuner: template 'chatml' differs from the chat_template" in log
+
+
+def test_torchrun_two_processes_train_one_run_directory(tiny_models, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "engine.cli", "train",
+         "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--output_dir", str(out),
+         "--max_steps", "10", "--logging_steps", "5", "--per_device_train_batch_size", "4", "--save_steps", "1000"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [e["type"] for e in read_events(out)] == ["start", "log", "log", "checkpoint", "end"], \
+        "only rank 0 writes the run's events"
+    assert events_of(out, "start")[0]["world_size"] == 2
+    assert events_of(out, "log")[-1]["epoch"] == pytest.approx(10 * 4 * 2 / 400)
+    assert read_status(out).state == "completed" and (out / "adapter_model.safetensors").is_file()
