@@ -1,0 +1,269 @@
+"""Peak GPU memory of a fine-tuning run, per component, from the model's geometry alone (no weights loaded).
+
+The estimate models what the engine does (engine/modeling.py, engine/train.py): which weights stay 16-bit, which are
+quantized or kept in fp32, what the optimizer holds, and what the forward and backward passes keep alive. Four
+constants come from measurement rather than first principles; each says where it was measured, and
+``tests/unit/test_memory.py`` holds the whole estimate to the measured table in ``bench/results``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from engine.catalog import ModelGeometry
+
+GIB = 1024**3
+
+# Measured on an H200 with torch 2.11, transformers 5.17, bitsandbytes 0.50 (bench/results/README.md):
+ACT_BYTES_PER_HIDDEN = 28.0  # activations one decoder layer keeps per token, per hidden unit (no checkpointing)
+ACT_BYTES_PER_INTERMEDIATE = 8.0  # ... and per MLP intermediate unit (gate, up, activation, product in 16-bit)
+LOGIT_BYTES_PER_VOCAB = 3.3  # logits and loss buffers per token per vocabulary entry (TRL's loss, 16-bit head)
+INT8_EXTRA_BYTES = 0.30  # bitsandbytes LLM.int8 buffers per quantized parameter, beyond its 1 byte
+CUDA_CONTEXT_GIB = 1.35  # CUDA context + kernels outside torch's allocator (NVML used minus reserved)
+ALLOCATOR_FACTOR, ALLOCATOR_GIB = 1.06, 0.25  # torch's reserved = allocated x factor + constant (fragmentation)
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0, "sgd": 0.0, "adafactor": 1.0}
+METHODS = ("full", "freeze", "lora", "qlora-8bit", "qlora-4bit")  # highest quality first
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Everything about a run that decides its memory: the model, the method, the batch and the parallelism."""
+
+    geometry: ModelGeometry
+    method: str = "lora"  # one of METHODS
+    batch_size: int = 1
+    seq_len: int = 1024
+    gradient_checkpointing: bool = True
+    attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    lora_rank: int = 8
+    lora_target: str = "all"
+    freeze_trainable_layers: int = 2
+    optim: str = "adamw_torch"
+    double_quantization: bool = True
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    num_gpus: int = 1
+    sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
+
+    @property
+    def quantization_bit(self) -> int | None:
+        return {"qlora-8bit": 8, "qlora-4bit": 4}.get(self.method)
+
+    @property
+    def finetuning_type(self) -> str:
+        return "lora" if self.method.startswith("qlora") else self.method
+
+
+def method_of(finetuning_type: str, quantization_bit: int | None) -> str:
+    return f"qlora-{quantization_bit}bit" if quantization_bit else finetuning_type
+
+
+@dataclass
+class Estimate:
+    """GiB per component for one GPU; ``peak_allocated_gib`` is torch.cuda.max_memory_allocated's figure,
+    ``total_gib`` what nvidia-smi shows (allocator reserve and CUDA context included)."""
+
+    method: str
+    components: dict[str, float]
+    peak_allocated_gib: float
+    total_gib: float
+    trainable_params: int
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- the model's parameters, grouped the way the methods treat them ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+
+def decoder_linears(g: ModelGeometry) -> list[Linear]:
+    """The ``nn.Linear`` layers of one decoder layer. Mixture-of-experts layers keep their experts as fused 3-D
+    tensors in transformers 5 (not Linear: no LoRA, no quantization) and their router is left out of LoRA."""
+    q, kv = g.num_attention_heads * g.head_dim, g.num_key_value_heads * g.head_dim
+    layers = [Linear("q_proj", g.hidden_size, q), Linear("k_proj", g.hidden_size, kv),
+              Linear("v_proj", g.hidden_size, kv), Linear("o_proj", q, g.hidden_size)]
+    if not g.num_local_experts:
+        layers += [Linear("gate_proj", g.hidden_size, g.intermediate_size),
+                   Linear("up_proj", g.hidden_size, g.intermediate_size),
+                   Linear("down_proj", g.intermediate_size, g.hidden_size)]
+    return layers
+
+
+def layer_other_params(g: ModelGeometry) -> int:
+    """Per decoder layer, the parameters outside its Linear layers: norms, biases, experts and router."""
+    q, kv = g.num_attention_heads * g.head_dim, g.num_key_value_heads * g.head_dim
+    other = g.norms_per_layer * g.hidden_size
+    if g.qkv_bias:
+        other += q + 2 * kv
+    if g.o_bias:
+        other += g.hidden_size
+    if g.num_local_experts:
+        other += g.num_local_experts * 3 * g.hidden_size * g.intermediate_size + g.hidden_size * g.num_local_experts
+    return other
+
+
+def embedding_params(g: ModelGeometry) -> int:
+    """Input embeddings and the output head (one matrix when tied), plus the final norm."""
+    return g.vocab_size * g.hidden_size * (1 if g.tie_word_embeddings else 2) + g.hidden_size
+
+
+def lora_targets(g: ModelGeometry, lora_target: str) -> list[Linear]:
+    linears = decoder_linears(g)
+    if lora_target.strip() == "all":
+        return linears
+    names = {t.strip() for t in lora_target.split(",")}
+    return [linear for linear in linears if linear.name in names]
+
+
+def lora_params(g: ModelGeometry, rank: int, lora_target: str) -> int:
+    return g.num_hidden_layers * sum(rank * (t.in_features + t.out_features) for t in lora_targets(g, lora_target))
+
+
+# --- the estimate ----------------------------------------------------------------------------------------------
+
+
+def _optimizer_kind(optim: str) -> str:
+    if "8bit" in optim:
+        return "adamw_8bit"
+    if optim.startswith("sgd"):
+        return "sgd"
+    if optim.startswith("adafactor"):
+        return "adafactor"
+    return "adamw"
+
+
+def estimate(shape: RunShape) -> Estimate:
+    """Peak memory on one GPU for ``shape``, by component, with the assumptions it rests on."""
+    g = shape.geometry
+    layers = g.num_hidden_layers
+    linear_params = layers * sum(linear.params for linear in decoder_linears(g))
+    other_params = layers * layer_other_params(g) + embedding_params(g)
+    w16 = 4.0 if shape.precision == "fp32" else 2.0
+    assumptions = [f"{shape.precision} weights and autocast, {shape.attention} attention, "
+                   f"gradient checkpointing {'on' if shape.gradient_checkpointing else 'off'}"]
+    components: dict[str, float] = {}
+    bits = shape.quantization_bit
+
+    # Weights: 16-bit unless quantized (QLoRA: Linear layers only) or trained (fp32 master weights).
+    if bits:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64) if bits == 4 \
+            else 1.0 + INT8_EXTRA_BYTES
+        components["weights_quantized"] = linear_params * per_param
+        # k-bit preparation (peft) keeps every weight it does not quantize in fp32.
+        components["weights_16bit"] = other_params * 4.0
+        assumptions.append(f"{bits}-bit Linear layers; embeddings, head, norms"
+                           f"{', experts' if g.num_local_experts else ''} upcast to fp32 by k-bit preparation")
+        if g.num_local_experts:
+            assumptions.append("mixture-of-experts weights are fused tensors that bitsandbytes does not quantize")
+    trainable = _trainable_params(shape, linear_params, other_params)
+    frozen = linear_params + other_params - trainable if shape.finetuning_type != "lora" else 0
+    if shape.finetuning_type == "lora":
+        if not bits:
+            components["weights_16bit"] = (linear_params + other_params) * w16
+        components["lora_adapters"] = trainable * 4.0
+    else:
+        components["weights_16bit"] = frozen * w16
+        components["weights_trainable_fp32"] = trainable * 4.0
+    components["gradients"] = trainable * 4.0
+    kind = _optimizer_kind(shape.optim)
+    components["optimizer_states"] = trainable * OPTIMIZER_STATE_BYTES[kind]
+    assumptions.append(f"optimizer {shape.optim}: {OPTIMIZER_STATE_BYTES[kind]:g} bytes of state per trainable parameter")
+
+    _shard(shape, components, assumptions, trainable)
+
+    activations, logits = _activation_bytes(shape)
+    components["activations"] = activations
+    components["logits_and_loss"] = logits
+    if bits:
+        biggest = max(linear.params for linear in decoder_linears(g))
+        components["dequantized_layer"] = biggest * 2.0
+    components["autocast_weight_copies"] = _autocast_copies(shape, trainable, other_params)
+    optimizer_step = trainable * 4.0 if kind == "adamw" and "fused" not in shape.optim else 0.0
+    components["optimizer_step_temporaries"] = optimizer_step
+
+    transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "autocast_weight_copies")
+    static = sum(v for k, v in components.items() if k not in transient_keys + ("optimizer_step_temporaries",))
+    forward_backward = sum(components.get(k, 0.0) for k in transient_keys)
+    peak = static + max(forward_backward, optimizer_step)
+    total = peak * ALLOCATOR_FACTOR + ALLOCATOR_GIB * GIB + CUDA_CONTEXT_GIB * GIB
+    components["allocator_reserve"] = total - peak - CUDA_CONTEXT_GIB * GIB
+    components["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    assumptions.append("forward/backward buffers and the optimizer step's temporaries do not overlap: the peak is "
+                       "the larger of the two on top of weights, gradients and optimizer states")
+    return Estimate(
+        method=shape.method, components={k: round(v / GIB, 3) for k, v in components.items()},
+        peak_allocated_gib=round(peak / GIB, 3), total_gib=round(total / GIB, 3), trainable_params=trainable,
+        assumptions=assumptions,
+    )
+
+
+def _trainable_params(shape: RunShape, linear_params: int, other_params: int) -> int:
+    g = shape.geometry
+    if shape.finetuning_type == "lora":
+        return lora_params(g, shape.lora_rank, shape.lora_target)
+    if shape.finetuning_type == "full":
+        return linear_params + other_params
+    count = min(abs(shape.freeze_trainable_layers), g.num_hidden_layers)
+    return count * (sum(linear.params for linear in decoder_linears(g)) + layer_other_params(g))
+
+
+def _shard(shape: RunShape, components: dict, assumptions: list[str], trainable: int) -> None:
+    """Divide what ZeRO / FSDP shards across GPUs; DDP keeps a full copy plus gradient buckets on each."""
+    n = shape.num_gpus
+    if n <= 1:
+        return
+    if shape.sharding == "ddp":
+        components["ddp_gradient_buckets"] = trainable * 4.0
+        assumptions.append(f"DDP on {n} GPUs: each holds the whole model and a bucket copy of the gradients")
+        return
+    sharded = ["gradients", "optimizer_states"]
+    if shape.sharding == "zero3":
+        sharded += [k for k in components if k.startswith("weights") or k == "lora_adapters"]
+    for key in sharded:
+        components[key] = components[key] / n
+    if shape.sharding == "zero3":
+        g = shape.geometry
+        gathered = (sum(linear.params for linear in decoder_linears(g)) + layer_other_params(g)) * 2.0
+        components["gathered_layer"] = gathered
+    assumptions.append(f"{shape.sharding.upper()} over {n} GPUs shards {', '.join(sharded)}")
+
+
+def _activation_bytes(shape: RunShape) -> tuple[float, float]:
+    """What the forward pass keeps for the backward pass, and the logits and loss buffers."""
+    g = shape.geometry
+    tokens = shape.batch_size * shape.seq_len
+    intermediate = g.intermediate_size * (g.num_experts_per_tok or 1)
+    per_layer = ACT_BYTES_PER_HIDDEN * g.hidden_size + ACT_BYTES_PER_INTERMEDIATE * intermediate
+    if shape.attention == "eager":
+        per_layer += 4.0 * g.num_attention_heads * shape.seq_len  # attention scores and probabilities
+    # k-bit preparation upcasts the embeddings, so under QLoRA the residual stream between layers is fp32.
+    residual = 4.0 if shape.quantization_bit or shape.precision == "fp32" else 2.0
+    if shape.gradient_checkpointing:
+        per_token = g.num_hidden_layers * residual * g.hidden_size + per_layer  # layer inputs + one layer recomputed
+    else:
+        per_token = g.num_hidden_layers * per_layer
+    return tokens * per_token, tokens * LOGIT_BYTES_PER_VOCAB * g.vocab_size
+
+
+def _autocast_copies(shape: RunShape, trainable: int, other_params: int) -> float:
+    """Autocast keeps 16-bit copies of the fp32 weights a forward pass multiplies with (trained layers, and the
+    upcast head under QLoRA) until the backward pass is done."""
+    g = shape.geometry
+    copies = 0.0
+    if shape.finetuning_type in ("full", "freeze"):
+        copies += trainable * 2.0
+    if shape.quantization_bit:
+        copies += g.vocab_size * g.hidden_size * 2.0
+    return copies

@@ -1,0 +1,107 @@
+"""The VRAM estimator: components against hand-computed values, and the whole estimate against measured runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.catalog import lookup
+from engine.memory import GIB, RunShape, estimate, lora_params, method_of
+
+REPO = Path(__file__).resolve().parents[2]
+CALIBRATION = sorted((REPO / "bench" / "results").glob("gpu_memory-*.jsonl"))
+LLAMA2_7B = lookup("llama2-7b").geometry
+
+
+def shape_of_measurement(row: dict) -> RunShape:
+    flags = row["flags"].split()
+    given = dict(zip(flags[::2], flags[1::2]))
+    bits = int(given["--quantization_bit"]) if "--quantization_bit" in given else None
+    return RunShape(LLAMA2_7B, method=method_of(given["--finetuning_type"], bits),
+                    batch_size=int(given["--per_device_train_batch_size"]), seq_len=int(given["--cutoff_len"]),
+                    gradient_checkpointing=given.get("--gradient_checkpointing", "true") != "false")
+
+
+MEASURED = [json.loads(line) for path in CALIBRATION for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=[row["config"] for row in MEASURED])
+def test_estimate_is_within_15_percent_of_the_measured_peak(row):
+    result = estimate(shape_of_measurement(row))
+    assert result.trainable_params == row["trainable_params"]
+    assert result.peak_allocated_gib == pytest.approx(row["peak_allocated_gib"], rel=0.15)
+    assert result.total_gib == pytest.approx(row["nvml_used_gib"], rel=0.15)
+
+
+def test_calibration_table_is_present_and_covers_each_measured_method():
+    assert CALIBRATION, "bench/results holds the measured table the estimator is held to"
+    assert {row["config"].split("-")[0] for row in MEASURED} >= {"lora", "qlora4", "qlora8", "freeze"}
+
+
+def test_lora_trainable_parameters_match_peft_for_llama2_7b():
+    # q, k, v, o: 8 x (4096 + 4096) each; gate, up: 8 x (4096 + 11008); down: 8 x (11008 + 4096); 32 layers
+    per_layer = 4 * 8 * 8192 + 3 * 8 * 15104
+    assert lora_params(LLAMA2_7B, 8, "all") == 32 * per_layer == 19_988_480
+    assert lora_params(LLAMA2_7B, 8, "q_proj,v_proj") == 32 * 2 * 8 * 8192 == 4_194_304
+
+
+def test_lora_components_by_hand():
+    result = estimate(RunShape(LLAMA2_7B, method="lora", batch_size=1, seq_len=512))
+    c = result.components
+    assert c["weights_16bit"] == pytest.approx(6_738_415_616 * 2 / GIB, abs=1e-3)
+    assert c["lora_adapters"] == pytest.approx(19_988_480 * 4 / GIB, abs=1e-3)
+    assert c["gradients"] == c["lora_adapters"]
+    assert c["optimizer_states"] == pytest.approx(19_988_480 * 8 / GIB, abs=1e-3)
+    # checkpointed layer inputs (32 x 2 bytes x 4096) + one recomputed layer (28 x 4096 + 8 x 11008) per token
+    assert c["activations"] == pytest.approx(512 * (32 * 2 * 4096 + 28 * 4096 + 8 * 11008) / GIB, abs=1e-3)
+    assert c["logits_and_loss"] == pytest.approx(512 * 3.3 * 32000 / GIB, abs=1e-3)
+
+
+def test_qlora_4bit_weights_are_half_a_byte_plus_constants():
+    c = estimate(RunShape(LLAMA2_7B, method="qlora-4bit")).components
+    linear = 6_738_415_616 - 2 * 32000 * 4096 - 32 * 2 * 4096 - 4096
+    assert c["weights_quantized"] == pytest.approx(linear * (0.5 + 1 / 64 + 4 / (64 * 256)) / GIB, abs=1e-3)
+    assert c["weights_16bit"] == pytest.approx((6_738_415_616 - linear) * 4 / GIB, abs=1e-3), \
+        "k-bit preparation keeps embeddings, head and norms in fp32"
+
+
+def test_gradient_checkpointing_and_batch_scale_activations():
+    small = estimate(RunShape(LLAMA2_7B, batch_size=1, seq_len=1024))
+    double = estimate(RunShape(LLAMA2_7B, batch_size=2, seq_len=1024))
+    no_checkpointing = estimate(RunShape(LLAMA2_7B, batch_size=1, seq_len=1024, gradient_checkpointing=False))
+    assert double.components["activations"] == pytest.approx(2 * small.components["activations"], abs=2e-3)
+    assert no_checkpointing.components["activations"] > 5 * small.components["activations"]
+    eager = estimate(RunShape(LLAMA2_7B, seq_len=1024, attention="eager"))
+    assert eager.components["activations"] > small.components["activations"]
+
+
+def test_tied_embeddings_and_grouped_query_attention_count_once():
+    llama3 = lookup("llama3.2-1b").geometry
+    assert llama3.tie_word_embeddings and llama3.num_key_value_heads < llama3.num_attention_heads
+    result = estimate(RunShape(llama3, method="full"))
+    assert result.trainable_params == 1_235_814_400
+
+
+def test_zero3_shards_weights_and_states_across_gpus():
+    one = estimate(RunShape(LLAMA2_7B, method="full"))
+    four = estimate(RunShape(LLAMA2_7B, method="full", num_gpus=4, sharding="zero3"))
+    assert four.components["optimizer_states"] == pytest.approx(one.components["optimizer_states"] / 4, abs=1e-3)
+    assert four.components["weights_trainable_fp32"] == pytest.approx(one.components["weights_trainable_fp32"] / 4,
+                                                                      abs=1e-3)
+    ddp = estimate(RunShape(LLAMA2_7B, method="lora", num_gpus=2))
+    assert ddp.components["ddp_gradient_buckets"] == ddp.components["gradients"]
+
+
+def test_mixtral_experts_stay_16bit_under_qlora_and_say_so():
+    mixtral = lookup("mixtral-8x7b").geometry
+    result = estimate(RunShape(mixtral, method="qlora-4bit"))
+    assert any("experts" in a for a in result.assumptions)
+    assert result.components["weights_16bit"] > result.components["weights_quantized"]
+
+
+def test_json_has_the_documented_keys():
+    data = estimate(dataclasses.replace(RunShape(LLAMA2_7B), method="freeze")).to_json()
+    assert {"peak_allocated_gib", "total_gib", "components", "assumptions"} <= set(data)
