@@ -137,6 +137,58 @@ def cmd_datasets(argv: list[str]) -> int:
     return 0
 
 
+def cmd_gpus(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    _no_more(argv, "gpus")
+    from engine.hardware import probe, render_gpus
+
+    state = probe()
+    if as_json:
+        print(json.dumps(state.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(render_gpus(state))
+    return 0
+
+
+def cmd_estimate(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    num_gpus = _take_option(argv, "--num_gpus")
+    memory = _take_option(argv, "--gpu_memory_gib")
+    cfg = _load_config(argv, "estimate")
+    from engine.memory import estimate
+    from engine.recommend import model_geometry, recommend, shape_from_config
+
+    gpus, budget = _gpu_budget(num_gpus, memory)
+    shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), num_gpus=gpus)
+    result = estimate(shape)
+    advice = recommend(shape, budget)
+    if as_json:
+        print(json.dumps({**result.to_json(), "num_gpus": gpus, "recommendation": advice.to_json()}, indent=2))
+        return 0
+    from engine.estimate_view import render_estimate
+
+    render_estimate(cfg.model.model_name_or_path, result, advice)
+    return 0
+
+
+def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | None]:
+    """How many GPUs and how much memory each has for the run: as given, else what the probe finds (free memory)."""
+    for name, value in (("--num_gpus", num_gpus), ("--gpu_memory_gib", memory)):
+        if value is not None and not value.replace(".", "", 1).isdigit():
+            raise UserError(f"{name} takes a number, got '{value}'")
+    if num_gpus is not None and memory is not None:
+        return int(num_gpus), float(memory)
+    from engine.hardware import probe
+
+    from engine.recommend import memory_budget
+
+    found = probe().gpus
+    count = int(num_gpus) if num_gpus is not None else max(len(found), 1)
+    return count, float(memory) if memory is not None else memory_budget(found)
+
+
 def _no_more(argv: list[str], command: str) -> None:
     if argv:
         raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
@@ -153,6 +205,11 @@ COMMANDS: dict[str, Command] = {
                      f"tuner train {CONFIG_USAGE} [--print-config]", takes_config=True),
     "preview": Command(cmd_preview, "Show samples as the model will see them, with the learned part marked.",
                        f"tuner preview {CONFIG_USAGE} [-n N] [--json]", takes_config=True),
+    "estimate": Command(cmd_estimate, "Peak GPU memory of a run per method, and the method to use on these GPUs.",
+                        f"tuner estimate {CONFIG_USAGE} [--num_gpus N] [--gpu_memory_gib G] [--json]",
+                        takes_config=True),
+    "gpus": Command(cmd_gpus, "The NVIDIA GPUs found: memory, utilisation, temperature, power, processes.",
+                    "tuner gpus [--json]"),
     "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
     "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
     "datasets": Command(cmd_datasets, "List the registered datasets (bundled and --dataset_dir's dataset_info.json).",

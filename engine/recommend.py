@@ -85,6 +85,13 @@ def sharding_of(cfg: TunerConfig) -> str:
     return "ddp"
 
 
+def memory_budget(gpus: list) -> float | None:
+    """GiB one GPU can give the run: the least free memory among the chosen GPUs (others' processes count)."""
+    if not gpus:
+        return None
+    return min(g.memory_free_gib if g.memory_free_gib is not None else g.memory_total_gib for g in gpus)
+
+
 @dataclass
 class MethodRow:
     method: str
