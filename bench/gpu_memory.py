@@ -78,7 +78,7 @@ def write_long_samples(path: Path, count: int = 96) -> None:
     path.write_text(json.dumps(records))
 
 
-def measure(name: str, flags: str, model_dir: Path, data: Path, runs: Path, steps: int) -> dict:
+def measure(name: str, flags: str, model_dir: Path, data: Path, runs: Path, steps: int, geometry: str) -> dict:
     out = runs / name
     cmd = [sys.executable, "-m", "engine.cli", "train", "--model_name_or_path", str(model_dir), "--dataset", str(data),
            "--template", "default", "--output_dir", str(out), "--max_steps", str(steps), "--logging_steps", "1",
@@ -94,7 +94,7 @@ def measure(name: str, flags: str, model_dir: Path, data: Path, runs: Path, step
     memory = logs[-1]["memory"] if logs else None
     speeds = sorted(e["tokens_per_s"] for e in logs[1:]) or [None]
     result = {
-        "config": name, "flags": flags, "steps": len(logs), "exit_code": proc.returncode,
+        "geometry": geometry, "config": name, "flags": flags, "steps": len(logs), "exit_code": proc.returncode,
         "peak_allocated_gib": memory and memory["max_allocated_gib"],
         "peak_reserved_gib": memory and memory["max_reserved_gib"],
         "nvml_used_gib": memory and memory.get("nvml_used_gib"),
@@ -129,7 +129,7 @@ def main() -> int:
     for name, flags in CONFIGS:
         if args.only and name not in args.only:
             continue
-        result = measure(name, flags, model_dir, data, args.work / "runs", args.steps)
+        result = measure(name, flags, model_dir, data, args.work / "runs", args.steps, args.geometry)
         with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         print(json.dumps({k: result[k] for k in ("config", "exit_code", "peak_allocated_gib", "peak_reserved_gib",

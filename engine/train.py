@@ -232,6 +232,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         attention=attention, attention_reason=attention_reason, trainable_params=trainable, total_params=total,
         train_samples=len(datasets.train), eval_samples=len(datasets.eval) if datasets.eval else 0,
         resumed_from=run.resume_from, versions=_versions(),
+        estimate=_estimate(cfg, model_path, trainer.args.world_size) if hardware.on_gpu else None,
     )
     if run.resume_from:
         log.info("resuming from %s", run.resume_from)
@@ -256,6 +257,22 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
                 train_loss=result.training_loss, runtime_s=round(time.time() - started, 2),
                 signal=stop.requested)
     return stop.requested
+
+
+def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None:
+    """The VRAM estimate for this run, recorded beside the measured peaks so each GPU run calibrates the estimator."""
+    import json
+
+    from engine.catalog import model_geometry_from_config
+    from engine.memory import estimate
+    from engine.recommend import shape_from_config
+
+    try:
+        geometry = model_geometry_from_config(json.loads((Path(model_path) / "config.json").read_text()))
+    except (OSError, ValueError, UserError):
+        return None
+    result = estimate(shape_from_config(cfg, geometry, num_gpus=world_size))
+    return {"peak_allocated_gib": result.peak_allocated_gib, "total_gib": result.total_gib}
 
 
 def _device_map(cfg: TunerConfig, hardware) -> dict | None:

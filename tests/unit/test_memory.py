@@ -20,7 +20,7 @@ def shape_of_measurement(row: dict) -> RunShape:
     flags = row["flags"].split()
     given = dict(zip(flags[::2], flags[1::2]))
     bits = int(given["--quantization_bit"]) if "--quantization_bit" in given else None
-    return RunShape(LLAMA2_7B, method=method_of(given["--finetuning_type"], bits),
+    return RunShape(lookup(row["geometry"]).geometry, method=method_of(given["--finetuning_type"], bits),
                     batch_size=int(given["--per_device_train_batch_size"]), seq_len=int(given["--cutoff_len"]),
                     gradient_checkpointing=given.get("--gradient_checkpointing", "true") != "false")
 
