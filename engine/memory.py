@@ -161,12 +161,13 @@ def estimate(shape: RunShape) -> Estimate:
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64) if bits == 4 \
             else 1.0 + INT8_EXTRA_BYTES
         components["weights_quantized"] = linear_params * per_param
-        # k-bit preparation (peft) keeps every weight it does not quantize in fp32.
-        components["weights_16bit"] = other_params * 4.0
-        assumptions.append(f"{bits}-bit Linear layers; embeddings, head, norms"
-                           f"{', experts' if g.num_local_experts else ''} upcast to fp32 by k-bit preparation")
+        # k-bit preparation keeps the weights it does not quantize in fp32, but fused experts stay 16-bit.
+        experts = layers * g.num_local_experts * 3 * g.hidden_size * g.intermediate_size
+        components["weights_16bit"] = (other_params - experts) * 4.0 + experts * w16
+        assumptions.append(f"{bits}-bit Linear layers; embeddings, head and norms upcast to fp32 by k-bit preparation")
         if g.num_local_experts:
-            assumptions.append("mixture-of-experts weights are fused tensors that bitsandbytes does not quantize")
+            assumptions.append("mixture-of-experts weights are fused tensors that bitsandbytes does not quantize: "
+                               "they stay 16-bit")
     trainable = _trainable_params(shape, linear_params, other_params)
     frozen = linear_params + other_params - trainable if shape.finetuning_type != "lora" else 0
     if shape.finetuning_type == "lora":

@@ -156,17 +156,28 @@ def lora_targets(model, lora_target: str) -> list[str]:
     return asked
 
 
+def prepare_kbit_model(model) -> None:
+    """PEFT's k-bit preparation (freeze the base, upcast the weights left unquantized to fp32 for stable training),
+    except for fused mixture-of-experts tensors: bitsandbytes leaves those 16-bit, and in fp32 Mixtral's experts
+    alone would take 180 GB."""
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad = False
+        fused_experts = param.ndim >= 3
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit" \
+                and not fused_experts:
+            param.data = param.data.to(torch.float32)
+
+
 def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
     """Wrap the model with PEFT LoRA (after k-bit preparation for QLoRA), or load an adapter to keep training it."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     f = cfg.finetune
     if cfg.model.quantization_bit is not None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+        prepare_kbit_model(model)
+    if gradient_checkpointing:
         model.enable_input_require_grads()
     if cfg.model.adapter_name_or_path:
         return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
