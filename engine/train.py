@@ -204,6 +204,9 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     model_path = resolved.path
     tokenizer = load_tokenizer(model_path, cfg)
     datasets = build_datasets(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+    if events is not None and cfg.model.template != datasets.template:
+        cfg.model.template = datasets.template  # config.yaml records the template the run resolved to
+        cfg.save(run.path / "config.yaml")
     for line in datasets.report:
         log.info("data: %s", line)
 

@@ -1,0 +1,120 @@
+"""A trained model ready to generate: base (quantized again for a QLoRA adapter) + adapter, the template it was
+trained with, and batched, left-padded generation that stops at the template's stop words. Predict, chat and the
+export's check all load through here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import TunerConfig
+from engine.errors import UserError
+
+log = logging.getLogger("tuner")
+
+
+@dataclass
+class Inference:
+    model: object
+    tokenizer: object
+    template: str
+    device: str
+
+
+def trained_template(adapter_dir: str | None) -> str | None:
+    """The template a tuner run was trained with, from its config.yaml, so predict and chat format prompts alike."""
+    if not adapter_dir:
+        return None
+    path = Path(adapter_dir.split(",")[-1].strip()) / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}).get("template")
+
+
+def load_adapters(model, adapters: str | None, quantized: bool):
+    """Apply a comma list of LoRA adapters: all but the last merged in, the last kept (a 4-bit base takes one)."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    paths = [p.strip() for p in adapters.split(",") if p.strip()]
+    if quantized and len(paths) > 1:
+        raise UserError("several adapters cannot be stacked on a quantized base",
+                        "merge them first with `tuner export`, or leave out quantization_bit")
+    for index, path in enumerate(paths):
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",
+                            "a freeze or full fine-tune output is a whole model: pass it as model_name_or_path")
+        model = PeftModel.from_pretrained(model, path)
+        if index < len(paths) - 1:
+            model = model.merge_and_unload()
+    return model
+
+
+def load_for_inference(cfg: TunerConfig) -> Inference:
+    """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
+    from engine.catalog import resolve_model
+    from engine.data.tokenize import choose_template
+    from engine.modeling import Hardware, choose_attention, choose_precision, load_model, load_tokenizer
+
+    resolved = resolve_model(cfg.model.model_name_or_path)
+    hardware = Hardware.detect()
+    precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported)
+    attention, _ = choose_attention(cfg.model.flash_attn, hardware.on_gpu, hardware.flash_attn_installed)
+    tokenizer = load_tokenizer(resolved.path, cfg)
+    tokenizer.padding_side = "left"
+    device_map = {"": 0} if hardware.on_gpu else None
+    model = load_model(resolved.path, cfg, precision, attention, device_map)
+    model = load_adapters(model, cfg.model.adapter_name_or_path, cfg.model.quantization_bit is not None)
+    model.eval()
+    if cfg.model.template is None:
+        cfg.model.template = trained_template(cfg.model.adapter_name_or_path)
+    template = choose_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+    return Inference(model, tokenizer, template, "cuda" if hardware.on_gpu else "cpu")
+
+
+def prompt_text(inference: Inference, messages: list[dict]) -> str:
+    """The conversation so far, rendered through the template up to where the assistant's reply begins."""
+    from engine.templates import get_template, render_text
+
+    return render_text(get_template(inference.template), messages, inference.tokenizer, add_generation_prompt=True)
+
+
+def generation_kwargs(cfg: TunerConfig, inference: Inference) -> dict:
+    """Greedy unless do_sample; stops at eos and at the template's stop words."""
+    from engine.templates import get_template
+
+    g = cfg.generate
+    kwargs = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "num_beams": g.num_beams,
+              "repetition_penalty": g.repetition_penalty, "pad_token_id": inference.tokenizer.pad_token_id,
+              "eos_token_id": inference.tokenizer.eos_token_id}
+    if g.do_sample:
+        kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    stops = list(get_template(inference.template).stop_words)
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=inference.tokenizer)
+    return kwargs
+
+
+def generate(inference: Inference, conversations: list[list[dict]], kwargs: dict) -> list[str]:
+    """One reply per conversation, generated as a left-padded batch; the stop words are cut from the text."""
+    import torch
+
+    tokenizer = inference.tokenizer
+    prompts = [prompt_text(inference, messages) for messages in conversations]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(inference.model.device)
+    with torch.inference_mode():
+        output = inference.model.generate(**batch, **kwargs)
+    replies = []
+    stops = kwargs.get("stop_strings") or []
+    for row in output[:, batch["input_ids"].shape[1]:]:
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        for stop in stops:
+            text = text.split(stop)[0]
+        replies.append(text.strip())
+    return replies
