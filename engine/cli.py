@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 
@@ -57,14 +56,68 @@ def _load_config(argv: list[str], command: str):
 
 
 def cmd_train(argv: list[str]) -> int:
+    """Also the classic entry point: `--do_predict` without `--do_train` predicts, `--export_dir` alone exports."""
     print_config = _take_flag(argv, "--print-config")
-    cfg = _load_config(argv, "train")
+    from engine.config import parse_args
+    from engine.validation import validate
+
+    cfg = parse_args(argv)
+    t = cfg.train
+    command = "predict" if t.do_predict and not t.do_train else "train"
+    validate(cfg, command)
     if print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if command == "predict":
+        from engine.predict import run_predict
+
+        return run_predict(cfg)
     from engine.train import run_training
 
-    return run_training(cfg)
+    code = run_training(cfg)
+    if code == 0 and t.do_predict:
+        return run_predict_after_training(cfg)
+    return code
+
+
+def run_predict_after_training(cfg) -> int:
+    """`--do_train --do_predict`: predict with what was just trained, into <output_dir>/predict."""
+    from pathlib import Path
+
+    from engine.predict import run_predict
+    from engine.runs import read_status
+
+    run_dir = read_status(Path(cfg.train.output_dir)).output_dir if cfg.train.output_dir else None
+    if run_dir is None:
+        raise UserError("--do_predict after training needs an output_dir")
+    if cfg.finetune.finetuning_type == "lora":
+        cfg.model.adapter_name_or_path = run_dir
+    else:
+        cfg.model.model_name_or_path = run_dir
+    cfg.train.output_dir = str(Path(run_dir) / "predict")
+    return run_predict(cfg)
+
+
+def cmd_predict(argv: list[str]) -> int:
+    cfg = _load_config(argv, "predict")
+    from engine.predict import run_predict
+
+    return run_predict(cfg)
+
+
+def cmd_export(argv: list[str]) -> int:
+    cfg = _load_config(argv, "export")
+    from engine.export import run_export
+
+    return run_export(cfg)
+
+
+def cmd_chat(argv: list[str]) -> int:
+    system = _take_option(argv, "--system")
+    cfg = _load_config(argv, "chat")
+    from engine.chat import run_chat
+
+    return run_chat(cfg, system=system)
 
 
 def cmd_preview(argv: list[str]) -> int:
@@ -203,6 +256,12 @@ CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
                      f"tuner train {CONFIG_USAGE} [--print-config]", takes_config=True),
+    "predict": Command(cmd_predict, "Generate for a dataset's prompts and score them (BLEU-4, ROUGE).",
+                       f"tuner predict {CONFIG_USAGE}", takes_config=True),
+    "export": Command(cmd_export, "Merge an adapter into its base and write a checked safetensors model.",
+                      f"tuner export {CONFIG_USAGE}", takes_config=True),
+    "chat": Command(cmd_chat, "Chat in the terminal with a model or adapter (streaming; /clear, /exit).",
+                    f"tuner chat {CONFIG_USAGE} [--system TEXT]", takes_config=True),
     "preview": Command(cmd_preview, "Show samples as the model will see them, with the learned part marked.",
                        f"tuner preview {CONFIG_USAGE} [-n N] [--json]", takes_config=True),
     "estimate": Command(cmd_estimate, "Peak GPU memory of a run per method, and the method to use on these GPUs.",
@@ -254,7 +313,9 @@ def command_help(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars belong to our own output
+    from engine.quiet import quiet_libraries
+
+    quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_help())
         return 0

@@ -22,11 +22,11 @@ class Inference:
     device: str
 
 
-def trained_template(adapter_dir: str | None) -> str | None:
+def trained_template(run_dir: str | None) -> str | None:
     """The template a tuner run was trained with, from its config.yaml, so predict and chat format prompts alike."""
-    if not adapter_dir:
+    if not run_dir:
         return None
-    path = Path(adapter_dir.split(",")[-1].strip()) / "config.yaml"
+    path = Path(run_dir.split(",")[-1].strip()) / "config.yaml"
     if not path.is_file():
         return None
     import yaml
@@ -70,8 +70,8 @@ def load_for_inference(cfg: TunerConfig) -> Inference:
     model = load_model(resolved.path, cfg, precision, attention, device_map)
     model = load_adapters(model, cfg.model.adapter_name_or_path, cfg.model.quantization_bit is not None)
     model.eval()
-    if cfg.model.template is None:
-        cfg.model.template = trained_template(cfg.model.adapter_name_or_path)
+    if cfg.model.template is None:  # a tuner run (adapter, or a full / freeze output) knows its template
+        cfg.model.template = trained_template(cfg.model.adapter_name_or_path) or trained_template(resolved.path)
     template = choose_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
     return Inference(model, tokenizer, template, "cuda" if hardware.on_gpu else "cpu")
 

@@ -11,13 +11,13 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from engine.config import TunerConfig
 from engine.errors import UserError
+from engine.quiet import quiet_libraries
 from engine.runs import EventWriter, RunStatus, new_run_id, now_iso, read_status, write_status
 
 log = logging.getLogger("tuner")
@@ -109,8 +109,7 @@ def setup_logging(run_dir: Path, console) -> None:
         from rich.logging import RichHandler
 
         handlers.append(RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S"))
-    levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING,
-              "bitsandbytes": logging.ERROR}
+    levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
     for name, level in levels.items():
         logger = logging.getLogger(name)
         logger.handlers[:] = handlers
@@ -118,14 +117,6 @@ def setup_logging(run_dir: Path, console) -> None:
         logger.propagate = False
     transformers.logging.disable_default_handler()
     logging.captureWarnings(True)
-    # Deprecation notices that the libraries raise at each other, not at the user's config.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
@@ -135,7 +126,7 @@ def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
     """
     from engine.catalog import resolve_model
 
-    _quiet_libraries()
+    quiet_libraries()
     resolved = resolve_model(cfg.model.model_name_or_path)
     run = prepare_run_dir(cfg, cfg.model.model_name_or_path)
     if not is_main_process():

@@ -1,0 +1,15 @@
+"""Keep the libraries' own chatter (progress bars, notices they raise at each other) out of the user's terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel notices, not about the user's run
+    warnings.filterwarnings("ignore", message=".*checkpointing.*deprecated", category=FutureWarning)
