@@ -48,7 +48,15 @@ def load_adapters(model, adapters: str | None, quantized: bool):
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",
                             "a freeze or full fine-tune output is a whole model: pass it as model_name_or_path")
-        model = PeftModel.from_pretrained(model, path)
+        try:
+            model = PeftModel.from_pretrained(model, path)
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            raise UserError(f"the adapter {path} was trained on another base model than "
+                            f"{getattr(model, 'name_or_path', 'this one')} (its weight shapes differ)",
+                            "pass the base it was trained on as model_name_or_path (see its adapter_config.json)"
+                            ) from None
         if index < len(paths) - 1:
             model = model.merge_and_unload()
     return model
