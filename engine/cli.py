@@ -58,6 +58,8 @@ def _load_config(argv: list[str], command: str):
 def cmd_train(argv: list[str]) -> int:
     """Also the classic entry point: `--do_predict` without `--do_train` predicts, `--export_dir` alone exports."""
     print_config = _take_flag(argv, "--print-config")
+    detach = _take_flag(argv, "--detach")
+    detached = _take_flag(argv, "--detached")  # set by --detach on the process it starts
     from engine.config import parse_args
     from engine.validation import validate
 
@@ -72,12 +74,135 @@ def cmd_train(argv: list[str]) -> int:
         from engine.predict import run_predict
 
         return run_predict(cfg)
+    if detach:
+        return _detach(argv, cfg)
     from engine.train import run_training
 
-    code = run_training(cfg)
+    code = run_training(cfg, foreground=not detached)
     if code == 0 and t.do_predict:
         return run_predict_after_training(cfg)
     return code
+
+
+def _detach(argv: list[str], cfg) -> int:
+    """Start the run as its own process and return at once with its id and directory."""
+    from pathlib import Path
+
+    from engine.jobs import launch_detached
+    from engine.train import default_output_dir, prepare_run_dir
+
+    model = cfg.model.model_name_or_path
+    output_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_output_dir(
+        model, cfg.finetune.finetuning_type)
+    cfg.train.output_dir = str(output_dir)
+    run = prepare_run_dir(cfg, model)  # the same refusals as a foreground run, before anything starts
+    child_argv = _without(argv, ("output_dir", "overwrite_output_dir"))  # decided here, once
+    status = launch_detached(child_argv, run.path, run.status.name, model, run.status.method)
+    print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
+    print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
+    return 0
+
+
+def _without(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """argv less the given keys in any spelling (--key value, --key=value, key=value, a bare --flag)."""
+    from engine.config import parse_overrides
+
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.lstrip("-").split("=", 1)[0]
+        if name in keys:
+            takes_value = token.startswith("--") and "=" not in token and i + 1 < len(argv) and \
+                parse_overrides(argv[i:i + 2])[1].get(name) == argv[i + 1]
+            i += 2 if takes_value else 1
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def cmd_runs(argv: list[str]) -> int:
+    as_json = _take_flag(argv, "--json")
+    _no_more(argv, "runs")
+    from pathlib import Path
+
+    from engine.jobs import list_jobs
+
+    jobs = list_jobs()
+    if as_json:
+        print(json.dumps([_job_json(job) for job in jobs], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "state", "model", "method", "progress", "loss", "elapsed"):
+        table.add_column(column, no_wrap=column == "id")
+    for job in jobs:
+        s = job.status
+        if s is None:
+            table.add_row(job.id, "missing", str(job.dir))
+            continue
+        progress = f"{s.step}/{s.total_steps}" if s.total_steps else ""
+        loss = f"{s.loss:.4f}" if s.loss is not None else ""
+        table.add_row(job.id, job.state, Path(s.model or "").name, s.method or "", progress, loss,
+                      _elapsed(s.started_at, s.ended_at))
+    Console().print(table if jobs else "no runs yet: start one with `tuner train ... --detach`")
+    return 0
+
+
+def _elapsed(started_at: str, ended_at: str | None) -> str:
+    from datetime import datetime, timezone
+
+    start = datetime.fromisoformat(started_at)
+    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
+    seconds = int((end - start).total_seconds())
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _job_json(job) -> dict:
+    status = dataclasses.asdict(job.status) if job.status else None
+    return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log}
+
+
+def cmd_logs(argv: list[str]) -> int:
+    follow_on = _take_flag(argv, "-f", "--follow")
+    from engine.jobs import find_job, follow, process_alive
+
+    job = find_job(argv[0] if argv else None)
+    log_file = job.dir / "train.log"
+    if not log_file.is_file():
+        raise UserError(f"run {job.id} has no train.log in {job.dir}")
+    follow(log_file, sys.stdout, follow_on, alive=lambda: process_alive(job.status.pid))
+    return 0
+
+
+def cmd_stop(argv: list[str]) -> int:
+    from engine.jobs import find_job, stop_job
+
+    job = find_job(argv[0] if argv else None)
+    state = stop_job(job, wait_s=30.0)
+    print(f"run {job.id}: {state}" + (" (a checkpoint was saved; `tuner resume` continues it)"
+                                      if state == "stopped" else ""))
+    return 0
+
+
+def cmd_resume(argv: list[str]) -> int:
+    """Start a stopped or failed run again with its own config; it continues from its last checkpoint."""
+    from engine.jobs import find_job, launch_detached
+
+    job = find_job(argv[0] if argv else None)
+    if job.state in ("running", "queued"):
+        raise UserError(f"run {job.id} is still {job.state}")
+    if job.state == "completed":
+        raise UserError(f"run {job.id} is completed: nothing to resume")
+    config = job.dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"run {job.id} has no config.yaml in {job.dir} to resume with")
+    s = job.status
+    status = launch_detached([str(config)], job.dir, s.name, s.model, s.method or "")
+    print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
+    return 0
 
 
 def run_predict_after_training(cfg) -> int:
@@ -255,7 +380,15 @@ CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
 
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
-                     f"tuner train {CONFIG_USAGE} [--print-config]", takes_config=True),
+                     f"tuner train {CONFIG_USAGE} [--detach] [--print-config]", takes_config=True),
+    "runs": Command(cmd_runs, "List every run on this host: state, progress, loss, directory.",
+                    "tuner runs [--json]"),
+    "logs": Command(cmd_logs, "Print a run's log (the latest run when none is named); -f follows it.",
+                    "tuner logs [RUN] [-f]"),
+    "stop": Command(cmd_stop, "Stop a run gracefully: it finishes the step and saves a checkpoint.",
+                    "tuner stop [RUN]"),
+    "resume": Command(cmd_resume, "Continue a stopped or failed run from its last checkpoint, detached.",
+                      "tuner resume [RUN]"),
     "predict": Command(cmd_predict, "Generate for a dataset's prompts and score them (BLEU-4, ROUGE).",
                        f"tuner predict {CONFIG_USAGE}", takes_config=True),
     "export": Command(cmd_export, "Merge an adapter into its base and write a checked safetensors model.",

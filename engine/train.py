@@ -18,6 +18,7 @@ from pathlib import Path
 from engine.config import TunerConfig
 from engine.errors import UserError
 from engine.quiet import quiet_libraries
+from engine.jobs import register
 from engine.runs import EventWriter, RunStatus, new_run_id, now_iso, read_status, write_status
 
 log = logging.getLogger("tuner")
@@ -74,6 +75,8 @@ def prepare_run_dir(cfg: TunerConfig, model_name: str) -> RunDir:
         id=previous.id if previous else new_run_id(), name=t.run_name or path.name, pid=os.getpid(),
         output_dir=str(path.resolve()), model=cfg.model.model_name_or_path, method=_method_label(cfg),
     )
+    if previous and resume_from:  # a resumed run shows where it stands until its first new log
+        status.step, status.total_steps, status.loss = previous.step, previous.total_steps, previous.loss
     return RunDir(path, resume_from, status)
 
 
@@ -132,6 +135,7 @@ def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
     if not is_main_process():
         _train(cfg, resolved, run, events=None, console=None)
         return 0
+    register(run.path, run.status.id)
     console = _console() if foreground else None
     setup_logging(run.path, console)
     cfg.save(run.path / "config.yaml")

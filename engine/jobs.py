@@ -1,0 +1,165 @@
+"""Runs as jobs: launched detached (their own session, so a closed terminal or a dropped SSH never reaches them),
+listed from any directory through a per-user index, stopped gracefully, resumed, their logs followed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.paths import state_dir
+from engine.runs import RunStatus, new_run_id, read_events, read_status, write_status
+
+
+def index_path() -> Path:
+    return state_dir() / "runs.jsonl"
+
+
+def register(run_dir: Path, run_id: str) -> None:
+    """Add a run to the index (one line per run: id and directory), so `tuner runs` finds it from anywhere."""
+    path = index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if any(entry["id"] == run_id for entry in _index()):
+        return
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps({"id": run_id, "dir": str(Path(run_dir).resolve())}) + "\n")
+
+
+def _index() -> list[dict]:
+    try:
+        lines = index_path().read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Job:
+    """A run as `tuner runs` shows it: its status, corrected for a process that died without saying so."""
+
+    id: str
+    dir: Path
+    status: RunStatus | None
+    state: str
+    last_log: dict | None
+
+    @property
+    def missing(self) -> bool:
+        return self.status is None
+
+
+def effective_state(status: RunStatus) -> str:
+    """A queued or running run whose process is gone from this host ended without writing "end": it failed."""
+    if status.state in ("running", "queued") and status.host == socket.gethostname() \
+            and not process_alive(status.pid):
+        return "failed"
+    return status.state
+
+
+def load_job(run_id: str, run_dir: Path) -> Job:
+    status = read_status(run_dir)
+    if status is None:
+        return Job(run_id, run_dir, None, "missing", None)
+    logs = [e for e in read_events(run_dir) if e["type"] == "log"]
+    return Job(run_id, run_dir, status, effective_state(status), logs[-1] if logs else None)
+
+
+def list_jobs() -> list[Job]:
+    """Every indexed run, newest first; runs whose directories were moved or deleted show as missing."""
+    jobs = [load_job(entry["id"], Path(entry["dir"])) for entry in _index()]
+    return sorted(jobs, key=lambda job: job.status.started_at if job.status else "", reverse=True)
+
+
+def find_job(ref: str | None) -> Job:
+    """A run by id, id prefix, name or directory; the newest when ``ref`` is None."""
+    if ref and Path(ref).is_dir() and read_status(Path(ref)):
+        status = read_status(Path(ref))
+        return load_job(status.id, Path(ref))
+    jobs = list_jobs()
+    if not jobs:
+        raise UserError("no runs yet", "start one with `tuner train ... --detach`")
+    if ref is None:
+        return jobs[0]
+    matches = [job for job in jobs if job.id == ref or (job.status and job.status.name == ref)] or \
+              [job for job in jobs if job.id.startswith(ref)]
+    if not matches:
+        raise UserError(f"no run '{ref}'", "`tuner runs` lists them")
+    if len(matches) > 1:
+        raise UserError(f"'{ref}' matches {len(matches)} runs: {', '.join(j.id for j in matches[:5])}",
+                        "give more of the id")
+    return matches[0]
+
+
+def launch_detached(argv: list[str], output_dir: Path, name: str, model: str | None, method: str) -> RunStatus:
+    """Start `tuner train` as its own process in its own session, output appended to the run's train.log.
+
+    The status is written before the process starts, so the run is listed (queued) from the first moment.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_status(output_dir)
+    status = RunStatus(id=previous.id if previous else new_run_id(), name=name, state="queued",
+                       output_dir=str(output_dir.resolve()), model=model, method=method)
+    write_status(output_dir, status)
+    register(output_dir, status.id)
+    log = open(output_dir / "train.log", "a", encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "train", *argv, "--output_dir", str(output_dir.resolve()),
+         "--detached"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    status.pid = process.pid
+    current = read_status(output_dir)
+    if current and current.state == "queued":
+        write_status(output_dir, status)
+    return status
+
+
+def stop_job(job: Job, wait_s: float = 0.0) -> str:
+    """Ask the run's process to finish its step, save a checkpoint and stop (SIGTERM); optionally wait for it."""
+    if job.state not in ("running", "queued"):
+        raise UserError(f"run {job.id} is {job.state}, not running")
+    os.kill(job.status.pid, signal.SIGTERM)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and process_alive(job.status.pid):
+        time.sleep(0.2)
+    return effective_state(read_status(job.dir)) if not process_alive(job.status.pid) else "stopping"
+
+
+def follow(path: Path, out, follow_on: bool, alive=lambda: True, poll_s: float = 0.5) -> None:
+    """Print a log file; with ``follow_on``, keep printing what is appended while ``alive()``."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        while True:
+            chunk = file.read()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+            elif not follow_on or not alive():
+                return
+            else:
+                time.sleep(poll_s)
