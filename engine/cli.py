@@ -418,17 +418,16 @@ def _version() -> str:
         return "unknown"
 
 
-def top_help() -> str:
+def top_help(commands: dict[str, Command]) -> str:
     lines = ["usage: tuner COMMAND [ARGS]", "", "Fine-tune open LLMs on a GPU server from your terminal.", "", "commands:"]
-    width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    width = max(map(len, commands))
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in commands.items()]
     lines += ["", "`tuner COMMAND --help` shows a command's options; every config key works as --key value,",
               "key=value or in a YAML file, with the names of LLaMA-Factory and Hugging Face TrainingArguments."]
     return "\n".join(lines)
 
 
-def command_help(name: str) -> str:
-    cmd = COMMANDS[name]
+def command_help(cmd: Command) -> str:
     lines = [f"usage: {cmd.usage}", "", cmd.summary]
     if cmd.takes_config:
         from engine.config import ALIASES, SECTIONS
@@ -444,29 +443,31 @@ def command_help(name: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None) -> int:
+    """Run one command; ``extra`` holds the commands the TUI package adds (the engine never imports it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**COMMANDS, **(extra or {})}
     from engine.quiet import quiet_libraries
 
     quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(top_help())
+        print(top_help(commands))
         return 0
     if argv[0] == "--version":
         print(f"tuner {_version()}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    if name not in commands:
         import difflib
 
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        close = difflib.get_close_matches(name, commands, n=1)
         hint = f"did you mean `tuner {close[0]}`?" if close else "see `tuner --help`"
         return _fail(UserError(f"unknown command '{name}'", hint))
     if "-h" in rest or "--help" in rest:
-        print(command_help(name))
+        print(command_help(commands[name]))
         return 0
     try:
-        return COMMANDS[name].run(rest)
+        return commands[name].run(rest)
     except UserError as exc:
         return _fail(exc)
     except KeyboardInterrupt:
