@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.foreign import foreign_run
 from engine.paths import state_dir
 from engine.runs import RunStatus, new_run_id, read_events, read_status, write_status
 
@@ -67,6 +68,7 @@ class Job:
     status: RunStatus | None
     state: str
     last_log: dict | None
+    foreign: bool = False  # written by another tool (HF Trainer, LLaMA-Factory): read-only
 
     @property
     def missing(self) -> bool:
@@ -97,9 +99,15 @@ def list_jobs() -> list[Job]:
 
 def find_job(ref: str | None) -> Job:
     """A run by id, id prefix, name or directory; the newest when ``ref`` is None."""
-    if ref and Path(ref).is_dir() and read_status(Path(ref)):
+    if ref and Path(ref).is_dir():
         status = read_status(Path(ref))
-        return load_job(status.id, Path(ref))
+        if status:
+            return load_job(status.id, Path(ref))
+        other = foreign_run(Path(ref))
+        if other:
+            status, events = other
+            logs = [e for e in events if e["type"] == "log"]
+            return Job(status.id, Path(ref), status, status.state, logs[-1] if logs else None, foreign=True)
     jobs = list_jobs()
     if not jobs:
         raise UserError("no runs yet", "start one with `tuner train ... --detach`")
@@ -113,6 +121,13 @@ def find_job(ref: str | None) -> Job:
         raise UserError(f"'{ref}' matches {len(matches)} runs: {', '.join(j.id for j in matches[:5])}",
                         "give more of the id")
     return matches[0]
+
+
+def job_events(job: Job) -> list[dict]:
+    """The run's events: its own events.jsonl, or what another tool's files say."""
+    if job.foreign:
+        return foreign_run(job.dir)[1]
+    return read_events(job.dir)
 
 
 def launch_detached(argv: list[str], output_dir: Path, name: str, model: str | None, method: str) -> RunStatus:
@@ -142,6 +157,8 @@ def launch_detached(argv: list[str], output_dir: Path, name: str, model: str | N
 
 def stop_job(job: Job, wait_s: float = 0.0) -> str:
     """Ask the run's process to finish its step, save a checkpoint and stop (SIGTERM); optionally wait for it."""
+    if job.foreign:
+        raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
     if job.state not in ("running", "queued"):
         raise UserError(f"run {job.id} is {job.state}, not running")
     os.kill(job.status.pid, signal.SIGTERM)
