@@ -1,0 +1,131 @@
+"""The ``tuner`` command: subcommands that call the engine, and the one place a ``UserError`` becomes a line and an exit code.
+
+Every subcommand takes the same config names (YAML files, ``key=value``, ``--key value``); heavy libraries load
+only inside the subcommand that needs them, so ``tuner --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from engine.cli.args import EXIT_USER_ERROR, Command
+from engine.cli.info import cmd_datasets, cmd_estimate, cmd_gpus, cmd_models, cmd_templates
+from engine.cli.runs import cmd_logs, cmd_resume, cmd_runs, cmd_stop
+from engine.cli.training import cmd_chat, cmd_export, cmd_predict, cmd_preview, cmd_train
+from engine.errors import ConfigError, UserError
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+
+CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
+                     f"tuner train {CONFIG_USAGE} [--detach] [--print-config]", takes_config=True),
+    "runs": Command(cmd_runs, "List every run on this host: state, progress, loss, directory.",
+                    "tuner runs [--json]"),
+    "logs": Command(cmd_logs, "Print a run's log (the latest run when none is named); -f follows it.",
+                    "tuner logs [RUN] [-f]"),
+    "stop": Command(cmd_stop, "Stop a run gracefully: it finishes the step and saves a checkpoint.",
+                    "tuner stop [RUN]"),
+    "resume": Command(cmd_resume, "Continue a stopped or failed run from its last checkpoint, detached.",
+                      "tuner resume [RUN]"),
+    "predict": Command(cmd_predict, "Generate for a dataset's prompts and score them (BLEU-4, ROUGE).",
+                       f"tuner predict {CONFIG_USAGE}", takes_config=True),
+    "export": Command(cmd_export, "Merge an adapter into its base and write a checked safetensors model.",
+                      f"tuner export {CONFIG_USAGE}", takes_config=True),
+    "chat": Command(cmd_chat, "Chat in the terminal with a model or adapter (streaming; /clear, /exit).",
+                    f"tuner chat {CONFIG_USAGE} [--system TEXT]", takes_config=True),
+    "preview": Command(cmd_preview, "Show samples as the model will see them, with the learned part marked.",
+                       f"tuner preview {CONFIG_USAGE} [-n N] [--json]", takes_config=True),
+    "estimate": Command(cmd_estimate, "Peak GPU memory of a run per method, and the method to use on these GPUs.",
+                        f"tuner estimate {CONFIG_USAGE} [--num_gpus N] [--gpu_memory_gib G] [--json]",
+                        takes_config=True),
+    "gpus": Command(cmd_gpus, "The NVIDIA GPUs found: memory, utilisation, temperature, power, processes.",
+                    "tuner gpus [--json]"),
+    "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
+    "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
+    "datasets": Command(cmd_datasets, "List the registered datasets (bundled and --dataset_dir's dataset_info.json).",
+                        "tuner datasets [--dataset_dir DIR] [--json]"),
+}
+
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuner-tui")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+
+def top_help(commands: dict[str, Command]) -> str:
+    lines = ["usage: tuner COMMAND [ARGS]", "", "Fine-tune open LLMs on a GPU server from your terminal.", "", "commands:"]
+    width = max(map(len, commands))
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in commands.items()]
+    lines += ["", "`tuner COMMAND --help` shows a command's options; every config key works as --key value,",
+              "key=value or in a YAML file, with the names of LLaMA-Factory and Hugging Face TrainingArguments."]
+    return "\n".join(lines)
+
+
+
+def command_help(cmd: Command) -> str:
+    lines = [f"usage: {cmd.usage}", "", cmd.summary]
+    if cmd.takes_config:
+        from engine.config import ALIASES, SECTIONS
+
+        for section, cls in SECTIONS.items():
+            lines += ["", f"{section}:"]
+            for f in dataclasses.fields(cls):
+                choices = f.metadata.get("choices")
+                extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+                lines.append(f"  --{f.name} (default {f.default}){extra}\n      {f.metadata['help']}")
+        lines += ["", "old spellings accepted: " + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()),
+                  "a bare --flash_attn means flash attention 2 (falls back to SDPA when it is not installed)"]
+    return "\n".join(lines)
+
+
+
+def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None) -> int:
+    """Run one command; ``extra`` holds the commands the TUI package adds (the engine never imports it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**COMMANDS, **(extra or {})}
+    from engine.quiet import quiet_libraries
+
+    quiet_libraries()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_help(commands))
+        return 0
+    if argv[0] == "--version":
+        print(f"tuner {_version()}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        import difflib
+
+        close = difflib.get_close_matches(name, commands, n=1)
+        hint = f"did you mean `tuner {close[0]}`?" if close else "see `tuner --help`"
+        return _fail(UserError(f"unknown command '{name}'", hint))
+    if "-h" in rest or "--help" in rest:
+        print(command_help(commands[name]))
+        return 0
+    try:
+        return commands[name].run(rest)
+    except UserError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("tuner: interrupted", file=sys.stderr)
+        return 130
+
+
+
+def _fail(exc: UserError) -> int:
+    lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+    for line in lines:
+        print(f"tuner: error: {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+

@@ -1,0 +1,55 @@
+"""What every command shares: how it is described, and its own options taken out of argv (the rest is config)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from engine.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+@dataclasses.dataclass
+class Command:
+    run: Callable[[list[str]], int]
+    summary: str
+    usage: str
+    takes_config: bool = False
+
+
+def take_flag(argv: list[str], *names: str) -> bool:
+    """Remove a command's own on/off option (``--json``) from argv; the rest is config."""
+    found = any(name in argv for name in names)
+    argv[:] = [a for a in argv if a not in names]
+    return found
+
+
+def take_option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """Remove a command's own ``--name value`` option from argv and return its value."""
+    for i, token in enumerate(argv):
+        if token == name:
+            if i + 1 >= len(argv):
+                raise UserError(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if token.startswith(name + "="):
+            del argv[i]
+            return token.split("=", 1)[1]
+    return default
+
+
+def no_more(argv: list[str], command: str) -> None:
+    if argv:
+        raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
+
+
+def load_config(argv: list[str], command: str):
+    from engine.config import parse_args
+    from engine.validation import validate
+
+    cfg = parse_args(argv)
+    validate(cfg, command)
+    return cfg
+

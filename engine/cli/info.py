@@ -1,0 +1,120 @@
+"""Commands that answer questions without training: the catalog, templates, datasets, GPUs, memory estimates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from engine.cli.args import load_config, no_more, take_flag, take_option
+from engine.errors import UserError
+
+
+def cmd_models(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    no_more(argv, "models")
+    from engine.catalog import list_models, param_count
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "hub id", "params", "template", "family", box=None, header_style="bold")
+    for m in models:
+        table.add_row(m.name, m.hub_id or "(built locally)", _billions(param_count(m)), m.template, m.family)
+    Console().print(table)
+    return 0
+
+
+def cmd_templates(argv: list[str]) -> int:
+    no_more(argv, "templates")
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from engine.templates import describe_templates
+
+    table = Table("name", "description", "example (one user turn, one reply)", box=None, header_style="bold")
+    for name, description, example in describe_templates():
+        table.add_row(Text(name), Text(description), Text(example))
+    Console().print(table)
+    return 0
+
+
+def cmd_datasets(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    dataset_dir = take_option(argv, "--dataset_dir")
+    no_more(argv, "datasets")
+    from engine.data import load_registry
+
+    registry = load_registry(dataset_dir)
+    if as_json:
+        print(json.dumps({name: dataclasses.asdict(attr) for name, attr in registry.items()}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "source", "formatting", box=None, header_style="bold")
+    for name, attr in registry.items():
+        table.add_row(name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)")
+    Console().print(table)
+    return 0
+
+
+def cmd_gpus(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    no_more(argv, "gpus")
+    from engine.hardware import probe, render_gpus
+
+    state = probe()
+    if as_json:
+        print(json.dumps(state.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(render_gpus(state))
+    return 0
+
+
+def cmd_estimate(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    num_gpus = take_option(argv, "--num_gpus")
+    memory = take_option(argv, "--gpu_memory_gib")
+    cfg = load_config(argv, "estimate")
+    from engine.memory import estimate
+    from engine.recommend import model_geometry, recommend, shape_from_config
+
+    gpus, budget = _gpu_budget(num_gpus, memory)
+    shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), num_gpus=gpus)
+    result = estimate(shape)
+    advice = recommend(shape, budget)
+    if as_json:
+        print(json.dumps({**result.to_json(), "num_gpus": gpus, "recommendation": advice.to_json()}, indent=2))
+        return 0
+    from engine.estimate_view import render_estimate
+
+    render_estimate(cfg.model.model_name_or_path, result, advice)
+    return 0
+
+
+def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | None]:
+    """How many GPUs and how much memory each has for the run: as given, else what the probe finds (free memory)."""
+    for name, value in (("--num_gpus", num_gpus), ("--gpu_memory_gib", memory)):
+        if value is not None and not value.replace(".", "", 1).isdigit():
+            raise UserError(f"{name} takes a number, got '{value}'")
+    if num_gpus is not None and memory is not None:
+        return int(num_gpus), float(memory)
+    from engine.hardware import probe
+
+    from engine.recommend import memory_budget
+
+    found = probe().gpus
+    count = int(num_gpus) if num_gpus is not None else max(len(found), 1)
+    return count, float(memory) if memory is not None else memory_budget(found)
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+

@@ -1,0 +1,95 @@
+"""Commands on runs as jobs: list them, follow their logs, stop and resume them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from engine.cli.args import no_more, take_flag
+from engine.errors import UserError
+
+
+def cmd_runs(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    no_more(argv, "runs")
+    from pathlib import Path
+
+    from engine.jobs import list_jobs
+
+    jobs = list_jobs()
+    if as_json:
+        print(json.dumps([_job_json(job) for job in jobs], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "state", "model", "method", "progress", "loss", "elapsed"):
+        table.add_column(column, no_wrap=column == "id")
+    for job in jobs:
+        s = job.status
+        if s is None:
+            table.add_row(job.id, "missing", str(job.dir))
+            continue
+        progress = f"{s.step}/{s.total_steps}" if s.total_steps else ""
+        loss = f"{s.loss:.4f}" if s.loss is not None else ""
+        table.add_row(job.id, job.state, Path(s.model or "").name, s.method or "", progress, loss,
+                      _elapsed(s.started_at, s.ended_at))
+    Console().print(table if jobs else "no runs yet: start one with `tuner train ... --detach`")
+    return 0
+
+
+def _elapsed(started_at: str, ended_at: str | None) -> str:
+    from datetime import datetime, timezone
+
+    start = datetime.fromisoformat(started_at)
+    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
+    seconds = int((end - start).total_seconds())
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _job_json(job) -> dict:
+    status = dataclasses.asdict(job.status) if job.status else None
+    return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log}
+
+
+def cmd_logs(argv: list[str]) -> int:
+    follow_on = take_flag(argv, "-f", "--follow")
+    from engine.jobs import find_job, follow, process_alive
+
+    job = find_job(argv[0] if argv else None)
+    log_file = job.dir / "train.log"
+    if not log_file.is_file():
+        raise UserError(f"run {job.id} has no train.log in {job.dir}")
+    follow(log_file, sys.stdout, follow_on, alive=lambda: process_alive(job.status.pid))
+    return 0
+
+
+def cmd_stop(argv: list[str]) -> int:
+    from engine.jobs import find_job, stop_job
+
+    job = find_job(argv[0] if argv else None)
+    state = stop_job(job, wait_s=30.0)
+    print(f"run {job.id}: {state}" + (" (a checkpoint was saved; `tuner resume` continues it)"
+                                      if state == "stopped" else ""))
+    return 0
+
+
+def cmd_resume(argv: list[str]) -> int:
+    """Start a stopped or failed run again with its own config; it continues from its last checkpoint."""
+    from engine.jobs import find_job, launch_detached
+
+    job = find_job(argv[0] if argv else None)
+    if job.state in ("running", "queued"):
+        raise UserError(f"run {job.id} is still {job.state}")
+    if job.state == "completed":
+        raise UserError(f"run {job.id} is completed: nothing to resume")
+    config = job.dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"run {job.id} has no config.yaml in {job.dir} to resume with")
+    s = job.status
+    status = launch_detached([str(config)], job.dir, s.name, s.model, s.method or "")
+    print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
+    return 0
+

@@ -1,0 +1,132 @@
+"""Commands that train and use models: train (also the classic --do_predict and --detach), predict, export, chat,
+preview."""
+
+from __future__ import annotations
+
+import json
+
+from engine.cli.args import load_config, take_flag, take_option
+from engine.errors import UserError
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Also the classic entry point: `--do_predict` without `--do_train` predicts, `--export_dir` alone exports."""
+    print_config = take_flag(argv, "--print-config")
+    detach = take_flag(argv, "--detach")
+    detached = take_flag(argv, "--detached")  # set by --detach on the process it starts
+    from engine.config import parse_args
+    from engine.validation import validate
+
+    cfg = parse_args(argv)
+    t = cfg.train
+    command = "predict" if t.do_predict and not t.do_train else "train"
+    validate(cfg, command)
+    if print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if command == "predict":
+        from engine.predict import run_predict
+
+        return run_predict(cfg)
+    if detach:
+        return _detach(argv, cfg)
+    from engine.train import run_training
+
+    code = run_training(cfg, foreground=not detached)
+    if code == 0 and t.do_predict:
+        return run_predict_after_training(cfg)
+    return code
+
+
+def _detach(argv: list[str], cfg) -> int:
+    """Start the run as its own process and return at once with its id and directory."""
+    from pathlib import Path
+
+    from engine.jobs import launch_detached
+    from engine.train import default_output_dir, prepare_run_dir
+
+    model = cfg.model.model_name_or_path
+    output_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_output_dir(
+        model, cfg.finetune.finetuning_type)
+    cfg.train.output_dir = str(output_dir)
+    run = prepare_run_dir(cfg, model)  # the same refusals as a foreground run, before anything starts
+    child_argv = _without(argv, ("output_dir", "overwrite_output_dir"))  # decided here, once
+    status = launch_detached(child_argv, run.path, run.status.name, model, run.status.method)
+    print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
+    print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
+    return 0
+
+
+def _without(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """argv less the given keys in any spelling (--key value, --key=value, key=value, a bare --flag)."""
+    from engine.config import parse_overrides
+
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.lstrip("-").split("=", 1)[0]
+        if name in keys:
+            takes_value = token.startswith("--") and "=" not in token and i + 1 < len(argv) and \
+                parse_overrides(argv[i:i + 2])[1].get(name) == argv[i + 1]
+            i += 2 if takes_value else 1
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def run_predict_after_training(cfg) -> int:
+    """`--do_train --do_predict`: predict with what was just trained, into <output_dir>/predict."""
+    from pathlib import Path
+
+    from engine.predict import run_predict
+    from engine.runs import read_status
+
+    run_dir = read_status(Path(cfg.train.output_dir)).output_dir if cfg.train.output_dir else None
+    if run_dir is None:
+        raise UserError("--do_predict after training needs an output_dir")
+    if cfg.finetune.finetuning_type == "lora":
+        cfg.model.adapter_name_or_path = run_dir
+    else:
+        cfg.model.model_name_or_path = run_dir
+    cfg.train.output_dir = str(Path(run_dir) / "predict")
+    return run_predict(cfg)
+
+
+def cmd_predict(argv: list[str]) -> int:
+    cfg = load_config(argv, "predict")
+    from engine.predict import run_predict
+
+    return run_predict(cfg)
+
+
+def cmd_export(argv: list[str]) -> int:
+    cfg = load_config(argv, "export")
+    from engine.export import run_export
+
+    return run_export(cfg)
+
+
+def cmd_chat(argv: list[str]) -> int:
+    system = take_option(argv, "--system")
+    cfg = load_config(argv, "chat")
+    from engine.chat import run_chat
+
+    return run_chat(cfg, system=system)
+
+
+def cmd_preview(argv: list[str]) -> int:
+    as_json = take_flag(argv, "--json")
+    count = take_option(argv, "-n", "3")
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"-n takes a number of samples, got '{count}'")
+    cfg = load_config(argv, "preview")
+    from engine.preview import build_preview, render_preview
+
+    preview = build_preview(cfg, int(count))
+    if as_json:
+        print(json.dumps(preview.to_json(), ensure_ascii=False, indent=2))
+    else:
+        render_preview(preview)
+    return 0
+
