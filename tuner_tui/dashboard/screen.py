@@ -1,0 +1,172 @@
+"""The run dashboard: a run's state, loss, progress, GPUs, log and checkpoints, updated by two samplers.
+
+The run is a separate process; this screen only reads its directory and, when asked and confirmed, sends it the
+graceful-stop signal. Leaving the screen never touches the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from engine.errors import UserError
+from engine.hardware import HardwareState
+from engine.jobs import load_job, stop_job
+from tuner_tui.confirm import ConfirmScreen
+from tuner_tui.dashboard.sampler import GpuSampler, GpuSnapshot, RunSampler, RunSnapshot
+from tuner_tui.dashboard.widgets import (CheckpointList, ConfigView, GpuPanel, LearningRate, LogView, LossChart,
+                                         ProgressPanel, StateBanner)
+
+RUN_SAMPLER, GPU_SAMPLER, STOP = "run-sampler", "gpu-sampler", "stop"
+
+
+class RunSampled(Message):
+    def __init__(self, snapshot: RunSnapshot):
+        super().__init__()
+        self.snapshot = snapshot
+
+
+class GpusSampled(Message):
+    def __init__(self, snapshot: GpuSnapshot):
+        super().__init__()
+        self.snapshot = snapshot
+
+
+class Sampling(NamedTuple):
+    """One sampler and how the screen runs it: every ``interval_s`` after the previous sample ended."""
+
+    name: str
+    interval_s: float
+    sampler: RunSampler | GpuSampler
+    message: type[RunSampled] | type[GpusSampled]
+
+
+class DashboardScreen(Screen):
+    CSS_PATH = "dashboard.tcss"
+    BINDINGS = [
+        Binding("s", "stop", "Stop run", tooltip="Ask the run to finish its step, save a checkpoint and stop"),
+        Binding("l", "toggle_log_scale", "Log scale", tooltip="Show the loss on a log or a linear scale"),
+    ]
+
+    log_scale: reactive[bool] = reactive(False)
+
+    def __init__(self, run_dir: Path, probe: Callable[[], HardwareState], interval_s: float = 1.0,
+                 gpu_interval_s: float = 2.0):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.run: RunSnapshot | None = None
+        self._samplers = {
+            RUN_SAMPLER: Sampling("reading the run", interval_s, RunSampler(self.run_dir), RunSampled),
+            GPU_SAMPLER: Sampling("reading the GPUs", gpu_interval_s, GpuSampler(probe), GpusSampled),
+        }
+        self._last_failure: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield StateBanner(id="banner")
+        yield ProgressPanel(id="progress")
+        with Horizontal(id="main"):
+            with Vertical(id="charts"):
+                yield LossChart(id="loss").data_bind(DashboardScreen.log_scale)
+                yield LearningRate(id="lr")
+            with VerticalScroll(id="gpus"):
+                yield GpuPanel()
+        with TabbedContent(id="details"):
+            with TabPane("Log", id="log-tab"), VerticalScroll(id="log"):
+                yield LogView()
+            with TabPane("Checkpoints", id="checkpoints-tab"), VerticalScroll():
+                yield CheckpointList()
+            with TabPane("Config", id="config-tab"), VerticalScroll():
+                yield ConfigView()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#gpus").border_title = "GPUs"
+        for group in self._samplers:
+            self._sample(group)
+
+    def _sample(self, group: str) -> None:
+        sampling = self._samplers[group]
+        self.run_worker(lambda: self.post_message(sampling.message(sampling.sampler.sample())), name=sampling.name,
+                        group=group, thread=True, exit_on_error=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place worker failures become messages; a sampler's next round starts when its last one ended."""
+        worker, group = event.worker, event.worker.group
+        if event.state == WorkerState.ERROR:
+            text = str(worker.error) if isinstance(worker.error, UserError) else \
+                f"{type(worker.error).__name__}: {worker.error}"
+            if self._last_failure.get(group) != text:
+                self.notify(text, title=f"{worker.name} failed", severity="error", timeout=8, markup=False)
+            self._last_failure[group] = text
+        elif event.state == WorkerState.SUCCESS:
+            self._last_failure.pop(group, None)
+            if group == STOP:
+                self.notify(worker.result, title="stop requested", markup=False)
+        if group in self._samplers and event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
+            self.set_timer(self._samplers[group].interval_s, partial(self._sample, group))
+
+    def on_run_sampled(self, message: RunSampled) -> None:
+        run = self.run = message.snapshot
+        self.query_one(StateBanner).run = run
+        self.query_one(ProgressPanel).progress = run.progress
+        self.query_one(LossChart).series = run.loss
+        self.query_one(LearningRate).rates = run.learning_rates
+        panel = self.query_one(GpuPanel)
+        panel.estimate_gib, panel.run_pid = run.estimate_gib, run.pid if run.active else None
+        self._follow(self.query_one("#log", VerticalScroll), self.query_one(LogView), run.log_tail)
+        self.query_one(CheckpointList).checkpoints = run.checkpoints
+        self.query_one(ConfigView).text = run.config_text
+
+    def on_gpus_sampled(self, message: GpusSampled) -> None:
+        self.query_one(GpuPanel).gpus = message.snapshot
+
+    @staticmethod
+    def _follow(scroll: VerticalScroll, view: LogView, lines: tuple[str, ...]) -> None:
+        """New log lines keep the view at the end, unless the user scrolled up to read."""
+        at_end = scroll.scroll_y >= scroll.max_scroll_y
+        view.lines = lines
+        if at_end:
+            scroll.call_after_refresh(scroll.scroll_end, animate=False)
+
+    def action_toggle_log_scale(self) -> None:
+        self.log_scale = not self.log_scale
+
+    def action_stop(self) -> None:
+        run = self.run
+        if run is None or not run.active or run.pid is None:
+            why = "not read yet" if run is None else f"{run.state}" if not run.active else "queued, without a process"
+            self.notify(f"the run is {why}: there is nothing to stop", severity="warning", markup=False)
+            return
+        self.app.push_screen(
+            ConfirmScreen(f"Stop run {run.run_id}?",
+                          "It finishes the current step, saves a checkpoint and stops; `tuner resume` continues it.",
+                          yes="Stop run", no="Keep running"),
+            partial(self._stop_answered, run.run_id))
+
+    def _stop_answered(self, run_id: str, yes: bool | None) -> None:
+        if yes:
+            self.run_worker(partial(self._send_stop, run_id), name="stopping the run", group=STOP, thread=True,
+                            exit_on_error=False)
+
+    def _send_stop(self, run_id: str) -> str:
+        job = load_job(run_id, self.run_dir)
+        stop_job(job)
+        return f"run {run_id} (pid {job.status.pid}) is finishing its step and saving a checkpoint"
+
+    def system_commands(self) -> Iterable[SystemCommand]:
+        """The screen's actions for the command palette (the app adds them to its own)."""
+        yield SystemCommand("Stop run", "Ask the run to finish its step, save a checkpoint and stop",
+                            self.action_stop)
+        yield SystemCommand("Toggle log scale", "Show the loss chart on a log or a linear scale",
+                            self.action_toggle_log_scale)

@@ -1,0 +1,260 @@
+"""The dashboard's widgets. Each renders the snapshot (or the part of one) it is handed through a reactive attribute
+and reads nothing itself; equal snapshots do not re-render."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from textual.app import ComposeResult
+from textual.color import Color
+from textual.containers import Horizontal
+from textual.content import Content
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import ProgressBar, Static
+from textual_plotext import PlotextPlot
+
+from tuner_tui.dashboard.sampler import Checkpoint, GpuReading, GpuSnapshot, LossSeries, Progress, RunSnapshot
+
+BARS = "▁▂▃▄▅▆▇█"
+STATE_MARKS = {"running": "●", "queued": "◌", "completed": "✔", "stopped": "■", "failed": "✖", "external": "◇",
+               "missing": "?"}
+
+
+def resample(values: Sequence[float], width: int) -> list[float]:
+    """At most ``width`` values: each column the largest of its bucket, so a spike stays visible."""
+    if width <= 0:
+        return []
+    if len(values) <= width:
+        return list(values)
+    size = len(values) / width
+    return [max(values[int(i * size):max(int((i + 1) * size), int(i * size) + 1)]) for i in range(width)]
+
+
+def spark(values: Sequence[float], width: int, low: float | None = None, high: float | None = None) -> str:
+    """A one-line sparkline of the last values that fit, scaled to [low, high] (the data's range when None)."""
+    values = resample(values, width)
+    if not values:
+        return ""
+    low = min(values) if low is None else low
+    high = max(values) if high is None else high
+    span = high - low
+    if span <= 0:
+        return BARS[0] * len(values)
+    top = len(BARS) - 1
+    return "".join(BARS[min(top, max(0, round((v - low) / span * top)))] for v in values)
+
+
+def thin(xs: Sequence[float], ys: Sequence[float], limit: int) -> tuple[list[float], list[float]]:
+    """Evenly spaced points, the last always kept: a chart never needs more points than it has dots."""
+    if len(xs) <= limit:
+        return list(xs), list(ys)
+    stride = len(xs) / limit
+    picks = sorted({int(i * stride) for i in range(limit)} | {len(xs) - 1})
+    return [xs[i] for i in picks], [ys[i] for i in picks]
+
+
+def duration(seconds: float | None) -> str:
+    return "—" if seconds is None else str(timedelta(seconds=int(seconds)))
+
+
+def number(value: float | None, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{unit}"
+
+
+class StateBanner(Widget):
+    """The run's state first; when it failed, its error."""
+
+    run: reactive[RunSnapshot | None] = reactive(None, layout=True)
+
+    def watch_run(self, run: RunSnapshot | None) -> None:
+        for state in STATE_MARKS:
+            self.set_class(run is not None and run.state == state, f"-{state}")
+
+    def render(self) -> Content:
+        run = self.run
+        if run is None:
+            return Content("reading the run directory…")
+        details = " · ".join(part for part in (
+            run.name if run.name != run.run_id else None, run.model, run.method, run.device,
+            f"pid {run.pid}" if run.pid and run.active else None) if part)
+        head = Content.assemble((f"{STATE_MARKS.get(run.state, '?')} {run.state.upper()}", "bold"), "  ",
+                                (run.run_id, "bold"), f"  {details}" if details else "")
+        lines = [head]
+        if run.error:
+            lines.append(Content.assemble(("error: ", "bold"), run.error))
+        elif run.state == "external":
+            lines.append(Content(f"written by another tool ({run.method}): shown read-only, progress as of its last "
+                                 "log"))
+        elif run.state == "stopped":
+            lines.append(Content(f"stopped at step {run.progress.step} with a checkpoint: "
+                                 f"`tuner resume {run.run_id}` continues it"))
+        return Content("\n").join(lines)
+
+
+class ProgressPanel(Horizontal):
+    """Step / total as a bar, then epoch, loss, elapsed, ETA and tokens/s."""
+
+    progress: reactive[Progress | None] = reactive(None)
+
+    def compose(self) -> ComposeResult:
+        yield ProgressBar(show_eta=False, id="bar")
+        yield Static("", id="stats", markup=False)
+
+    def watch_progress(self, p: Progress | None) -> None:
+        if p is None:
+            return
+        self.query_one(ProgressBar).update(total=p.total_steps, progress=p.step)
+        total = p.total_steps if p.total_steps is not None else "?"
+        fields = [f"step {p.step}/{total}", f"epoch {number(p.epoch, '.2f')}", f"loss {number(p.loss, '.4f')}",
+                  f"{duration(p.elapsed_s)} elapsed", number(p.tokens_per_s, ",.0f", " tok/s")]
+        if p.remaining_s is not None:
+            fields.insert(4, f"ETA {duration(p.remaining_s)}")
+        self.query_one("#stats", Static).update("  ".join(f.replace(" ", "\u00a0") for f in fields))
+
+
+class LossChart(PlotextPlot):
+    """Raw training loss, its EMA and eval points against the step; linear or log scale."""
+
+    series: reactive[LossSeries] = reactive(LossSeries)
+    log_scale: reactive[bool] = reactive(False)
+
+    def watch_log_scale(self, log_scale: bool) -> None:
+        scale = " · log scale" if log_scale else ""
+        self.border_title = f"loss{scale}  [$foreground-muted]raw[/] [$primary]EMA[/] [$warning]• eval[/]"
+
+    def render(self):
+        s, plt = self.series, self.plt
+        plt.clear_data()
+        if not s.steps:
+            return Content.styled("waiting for the first logged step…", "$text-muted")
+        keep = (lambda y: y > 0 and math.isfinite(y)) if self.log_scale else math.isfinite
+        limit = max(self.size.width, 2)
+        for ys, label, colour in ((s.losses, "loss", "foreground-muted"), (s.smoothed, "EMA", "primary"),
+                                  (s.eval_losses, "eval", "warning")):
+            xs = s.eval_steps if label == "eval" else s.steps
+            points = [(x, y) for x, y in zip(*thin(xs, ys, limit)) if keep(y)]
+            if not points:
+                continue
+            px, py = zip(*points)
+            draw = plt.plot if label == "EMA" else plt.scatter
+            draw(px, py, marker="dot" if label == "eval" else "braille", color=self._colour(colour))
+        plt.yscale("log" if self.log_scale else "linear")
+        plt.xlabel("step")
+        plt.frame(False)
+        return super().render()
+
+    def _colour(self, variable: str) -> tuple[int, int, int]:
+        return Color.parse(self.app.theme_variables.get(variable, "white")).rgb
+
+
+class LearningRate(Widget):
+    """The learning-rate schedule so far as a sparkline, with the current value."""
+
+    rates: reactive[tuple[float, ...]] = reactive(tuple)
+
+    def render(self) -> Content:
+        if not self.rates:
+            return Content.styled("lr —", "$text-muted")
+        label = f"lr {self.rates[-1]:.2e} "
+        return Content.assemble((label, "$text-muted"),
+                                (spark(self.rates, self.size.width - len(label), low=0.0), "$accent"))
+
+
+class GpuPanel(Widget):
+    """Per GPU: utilisation, memory against the total (and the run's estimate), temperature and power, with history."""
+
+    gpus: reactive[GpuSnapshot | None] = reactive(None)
+    estimate_gib: reactive[float | None] = reactive(None)
+    run_pid: reactive[int | None] = reactive(None)
+
+    def watch_gpus(self, old: GpuSnapshot | None, new: GpuSnapshot | None) -> None:
+        """Readings change every sample, the panel's height only when the GPUs do: lay out only then."""
+        if _shape(old) != _shape(new):
+            self.refresh(layout=True)
+
+    def watch_estimate_gib(self, old: float | None, new: float | None) -> None:
+        if (old is None) != (new is None):
+            self.refresh(layout=True)
+
+    def render(self) -> Content:
+        snapshot = self.gpus
+        if snapshot is None:
+            return Content.styled("reading the GPUs…", "$text-muted")
+        if not snapshot.gpus:
+            return Content.styled(snapshot.message or "no NVIDIA GPU found", "$text-muted")
+        return Content("\n").join(self._gpu(g) for g in snapshot.gpus)
+
+    def _gpu(self, g: GpuReading) -> Content:
+        width = max(self.size.width - 18, 4)
+        name = (g.name or "unknown GPU").removeprefix("NVIDIA ")
+        ours = self.run_pid is not None and self.run_pid in g.pids
+        memory = f"{number(g.memory_used_gib, '.1f')}/{number(g.memory_total_gib, '.0f')} GiB"
+        rows = [
+            Content.assemble((f"{g.index} {name}", "bold"), ("  ◀ this run" if ours else "", "$text-accent")),
+            self._row("util ", g.utilization_history, 100.0, number(g.utilization_pct, "d", " %"), width),
+            self._row("mem  ", g.memory_history, g.memory_total_gib, memory, width),
+            self._row("power", g.power_history, g.power_limit_w,
+                      f"{number(g.power_w, '.0f')}/{number(g.power_limit_w, '.0f')} W", width),
+            Content(f"      {number(g.temperature_c, 'd', ' °C')}"),
+        ]
+        if self.estimate_gib is not None:
+            rows.insert(3, Content.styled(f"      estimate {self.estimate_gib:.1f} GiB", "$text-muted"))
+        return Content("\n").join(rows)
+
+    @staticmethod
+    def _row(label: str, history: Sequence[float], high: float | None, value: str, width: int) -> Content:
+        return Content.assemble((label, "$text-muted"), " ", (spark(history, width, 0.0, high), "$accent"),
+                                f" {value}")
+
+
+def _shape(snapshot: GpuSnapshot | None) -> tuple:
+    return (None,) if snapshot is None else (snapshot.message, len(snapshot.gpus))
+
+
+class LogView(Widget):
+    """The end of train.log, warnings and errors highlighted."""
+
+    lines: reactive[tuple[str, ...]] = reactive(tuple, layout=True)
+
+    def render(self) -> Content:
+        if not self.lines:
+            return Content.styled("train.log is empty so far", "$text-muted")
+        return Content("\n").join(Content.styled(line, _line_style(line)) for line in self.lines)
+
+
+def _line_style(line: str) -> str:
+    upper = line.upper()
+    if " ERROR " in upper or " CRITICAL " in upper or line.startswith("Traceback") or "Error:" in line:
+        return "$text-error"
+    if " WARNING " in upper or "Warning:" in line:
+        return "$text-warning"
+    return ""
+
+
+class CheckpointList(Widget):
+    """The checkpoints the run saved, newest last; ones removed since (save_total_limit) dimmed."""
+
+    checkpoints: reactive[tuple[Checkpoint, ...]] = reactive(tuple, layout=True)
+
+    def render(self) -> Content:
+        if not self.checkpoints:
+            return Content.styled("no checkpoint yet", "$text-muted")
+        rows = []
+        for c in self.checkpoints:
+            name = c.path.rstrip("/").rsplit("/", 1)[-1] or f"checkpoint-{c.step}"
+            when = datetime.fromtimestamp(c.time).strftime("%H:%M:%S") if c.time else ""
+            row = f"{name:<18} step {c.step:<8} {when}  {c.path}" + ("" if c.exists else "  (removed)")
+            rows.append(Content.styled(row, "" if c.exists else "$text-muted"))
+        return Content("\n").join(rows)
+
+
+class ConfigView(Widget):
+    """The run's config.yaml as it was resolved."""
+
+    text: reactive[str | None] = reactive(None, layout=True)
+
+    def render(self) -> Content:
+        return Content(self.text) if self.text else Content.styled("no config.yaml", "$text-muted")
