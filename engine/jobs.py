@@ -123,6 +123,20 @@ def find_job(ref: str | None) -> Job:
     return matches[0]
 
 
+def gpus_in_use() -> list[str]:
+    """The GPUs a run started now would use (after CUDA_VISIBLE_DEVICES), by UUID."""
+    from engine.hardware import probe
+
+    return [gpu.uuid or f"gpu-{gpu.physical_index}" for gpu in probe().gpus]
+
+
+def gpu_holders(gpus: list[str], except_id: str) -> list[Job]:
+    """Other running runs on this host that hold any of these GPUs."""
+    wanted = set(gpus)
+    return [job for job in list_jobs() if job.id != except_id and job.state == "running"
+            and job.status.host == socket.gethostname() and wanted & set(job.status.gpus)]
+
+
 def job_events(job: Job) -> list[dict]:
     """The run's events: its own events.jsonl, or what another tool's files say."""
     if job.foreign:

@@ -40,6 +40,7 @@ class RunStatus:
     step: int = 0
     total_steps: int | None = None
     loss: float | None = None
+    gpus: list[str] = field(default_factory=list)  # UUIDs of the GPUs the run holds (empty on the CPU)
 
 
 def new_run_id() -> str:

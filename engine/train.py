@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -122,10 +123,46 @@ def setup_logging(run_dir: Path, console) -> None:
     logging.captureWarnings(True)
 
 
-def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
+QUEUE_POLL_S = 10.0
+
+
+def wait_for_gpus(run: RunDir, poll_s: float | None = None) -> str | None:
+    """Wait, state queued, while another run on this host holds one of this run's GPUs.
+
+    Returns the signal's name when the user stopped the run while it waited.
+    """
+    from engine.jobs import gpu_holders, gpus_in_use
+
+    run.status.gpus = gpus_in_use()
+    stopped: list[str] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: stopped.append(signal.Signals(signum).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        announced = None
+        while run.status.gpus and not stopped:
+            holders = gpu_holders(run.status.gpus, run.status.id)
+            if not holders:
+                break
+            if announced != holders[0].id:
+                announced = holders[0].id
+                log.info("queued: run %s holds this run's GPUs; starting when it ends (--force starts at once)",
+                         announced)
+                run.status.state = "queued"
+                write_status(run.path, run.status)
+            time.sleep(QUEUE_POLL_S if poll_s is None else poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    run.status.state = "running"
+    write_status(run.path, run.status)
+    return stopped[0] if stopped else None
+
+
+def run_training(cfg: TunerConfig, foreground: bool = True, wait_for_free_gpus: bool = True) -> int:
     """Train as configured; returns the exit code. The run directory records the outcome whatever happens.
 
-    In the foreground the log also goes to the terminal, with a progress line when it is a terminal.
+    In the foreground the log also goes to the terminal, with a progress line when it is a terminal. A run whose
+    GPUs another run holds waits for them unless ``wait_for_free_gpus`` is False (`--force`).
     """
     from engine.catalog import resolve_model
 
@@ -142,7 +179,11 @@ def run_training(cfg: TunerConfig, foreground: bool = True) -> int:
     write_status(run.path, run.status)
     events = EventWriter(run.path)
     try:
-        stopped_by = _train(cfg, resolved, run, events, console)
+        stopped_by = wait_for_gpus(run) if wait_for_free_gpus else None
+        if stopped_by:
+            events.emit("end", state="stopped", step=0, signal=stopped_by)
+        else:
+            stopped_by = _train(cfg, resolved, run, events, console)
     except BaseException as exc:
         _record_failure(run, events, exc)
         raise

@@ -23,7 +23,7 @@ CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
 
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
-                     f"tuner train {CONFIG_USAGE} [--detach] [--print-config]", takes_config=True),
+                     f"tuner train {CONFIG_USAGE} [--detach] [--force] [--print-config]", takes_config=True),
     "runs": Command(cmd_runs, "List every run on this host: state, progress, loss, directory.",
                     "tuner runs [--json]"),
     "logs": Command(cmd_logs, "Print a run's log (the latest run when none is named); -f follows it.",

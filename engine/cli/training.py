@@ -14,6 +14,7 @@ def cmd_train(argv: list[str]) -> int:
     print_config = take_flag(argv, "--print-config")
     detach = take_flag(argv, "--detach")
     detached = take_flag(argv, "--detached")  # set by --detach on the process it starts
+    force = take_flag(argv, "--force")  # start even while another run holds the same GPUs
     from engine.config import parse_args
     from engine.validation import validate
 
@@ -29,10 +30,10 @@ def cmd_train(argv: list[str]) -> int:
 
         return run_predict(cfg)
     if detach:
-        return _detach(argv, cfg)
+        return _detach(argv + (["--force"] if force else []), cfg)
     from engine.train import run_training
 
-    code = run_training(cfg, foreground=not detached)
+    code = run_training(cfg, foreground=not detached, wait_for_free_gpus=not force)
     if code == 0 and t.do_predict:
         return run_predict_after_training(cfg)
     return code
