@@ -23,7 +23,27 @@ TUI_COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """No arguments open the wizard; `tuner --config run.yaml` opens it prefilled; anything else is a command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "--config" or argv[0].startswith("--config="):
+        return _wizard(argv)
     return engine_main(argv, extra=TUI_COMMANDS)
+
+
+def _wizard(argv: list[str]) -> int:
+    path = argv[0].partition("=")[2] if argv and "=" in argv[0] else (argv[1] if len(argv) > 1 else None)
+    if argv and (not path or len(argv) > (1 if "=" in argv[0] else 2)):
+        print("tuner: error: `tuner --config FILE` takes one config file", file=sys.stderr)
+        return 2
+    from tuner_tui.wizard.app import run_wizard
+
+    try:
+        return run_wizard(path)
+    except UserError as exc:
+        lines = exc.problems if hasattr(exc, "problems") else [str(exc)]
+        for line in lines:
+            print(f"tuner: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

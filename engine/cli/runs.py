@@ -35,7 +35,7 @@ def cmd_runs(argv: list[str]) -> int:
         progress = f"{s.step}/{s.total_steps}" if s.total_steps else ""
         loss = f"{s.loss:.4f}" if s.loss is not None else ""
         table.add_row(job.id, job.state, Path(s.model or "").name, s.method or "", progress, loss,
-                      _elapsed(s.started_at, s.ended_at))
+                      _elapsed(s.started_at, s.ended_at or _last_seen(job)))
     Console().print(table if jobs else "no runs yet: start one with `tuner train ... --detach`")
     return 0
 
@@ -47,6 +47,15 @@ def _elapsed(started_at: str, ended_at: str | None) -> str:
     end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
     seconds = int((end - start).total_seconds())
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _last_seen(job) -> str | None:
+    """When a run that died without an end was last heard of (its last log event), so its clock stops there."""
+    from datetime import datetime, timezone
+
+    if job.state in ("running", "queued") or not job.last_log or "time" not in job.last_log:
+        return None
+    return datetime.fromtimestamp(job.last_log["time"], timezone.utc).isoformat()
 
 
 def _job_json(job) -> dict:
