@@ -1,0 +1,75 @@
+"""`tuner` with no arguments: the wizard app. Quitting (q, Ctrl-C) never touches a run it started."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from engine.hardware import Gpu, HardwareState, probe
+from tuner_tui.dashboard.screen import DashboardScreen
+from tuner_tui.wizard.screens import STEPS, WizardStep
+from tuner_tui.wizard.state import Choices
+
+
+class WizardApp(App):
+    TITLE = "tuner"
+    BINDINGS = [
+        Binding("q", "quit", "Quit", tooltip="Leave the wizard; a started run goes on"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+    ]
+
+    def __init__(self, probe: Callable[[], HardwareState] = probe, choices: Choices | None = None,
+                 state_dir: Path | None = None, dashboard_interval_s: float = 1.0):
+        super().__init__()
+        self.probe = probe
+        self.state_dir = state_dir
+        self.choices = choices if choices is not None else Choices.recalled(state_dir)
+        self.hardware: HardwareState | None = None
+        self.dashboard_interval_s = dashboard_interval_s
+        self.run_dir: Path | None = None
+
+    def on_mount(self) -> None:
+        self.push_screen(STEPS[0]())
+
+    def advance(self, step: WizardStep) -> None:
+        self.remember()
+        index = STEPS.index(type(step))
+        if index + 1 < len(STEPS):
+            self.push_screen(STEPS[index + 1]())
+
+    def remember(self) -> None:
+        try:
+            self.choices.remember(self.state_dir)
+        except OSError as exc:
+            self.notify(f"cannot remember the choices: {exc}", severity="warning", markup=False)
+
+    def chosen_gpus(self) -> list[Gpu]:
+        gpus = self.hardware.gpus if self.hardware else []
+        picked = self.choices.gpus
+        return [g for g in gpus if picked is None or g.index in picked]
+
+    def visible_devices(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES for the run when only some GPUs were chosen; None: leave it as it is."""
+        if not self.hardware or not self.hardware.gpus or self.choices.gpus is None:
+            return None
+        return ",".join(g.uuid or str(g.physical_index) for g in self.chosen_gpus())
+
+    def open_dashboard(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.push_screen(DashboardScreen(self.run_dir, self.probe, self.dashboard_interval_s,
+                                         max(2.0, self.dashboard_interval_s)))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, (WizardStep, DashboardScreen)):
+            yield from screen.system_commands()
+
+
+def run_wizard(config_path: str | None = None) -> int:
+    choices = Choices.from_file(config_path, Choices.recalled()) if config_path else None
+    WizardApp(choices=choices).run()
+    return 0

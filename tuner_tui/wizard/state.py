@@ -1,0 +1,153 @@
+"""What the wizard has chosen so far: flat config keys as typed, the method and the chosen GPUs.
+
+Everything here turns the choices into engine calls' arguments; the checks themselves are the engine's.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.config import TunerConfig, build_config, read_config_file
+from engine.errors import ConfigError, UserError
+from engine.paths import state_dir
+from engine.validation import validate
+
+METHODS = ("full", "freeze", "lora", "qlora-8bit", "qlora-4bit")
+REMEMBERED = "wizard.yaml"
+
+
+def method_keys(method: str) -> dict[str, Any]:
+    """The config keys a method stands for (the inverse of engine.memory.method_of)."""
+    if method.startswith("qlora-"):
+        return {"finetuning_type": "lora", "quantization_bit": int(method[len("qlora-"):-len("bit")])}
+    return {"finetuning_type": method, "quantization_bit": None}
+
+
+@dataclass
+class Choices:
+    """The values typed so far (strings, as entered), the chosen method and GPU indices (None: all)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    method: str | None = None
+    gpus: list[int] | None = None
+
+    def flat(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The flat key/value pairs for build_config: empty strings left out, the method's keys added."""
+        values = {k: v for k, v in self.values.items()
+                  if v not in ("", None) and not k.startswith("_") and (only is None or k in only)}
+        if self.method and only is None:
+            values.update({k: v for k, v in method_keys(self.method).items() if v is not None})
+        return values
+
+    def config(self) -> TunerConfig:
+        return build_config(self.flat())
+
+    def problems(self, keys: tuple[str, ...], command: str = "train") -> dict[str, str]:
+        """Each of ``keys`` with the engine's complaint about it (build_config, then validate), empty when sound."""
+        try:
+            cfg = build_config(self.flat())
+            validate(cfg, command)
+        except ConfigError as exc:
+            found: dict[str, str] = {}
+            for problem in exc.problems:
+                for key in keys:
+                    if problem.startswith(key) or f"'{key}'" in problem:
+                        found.setdefault(key, problem)
+            return found
+        return {}
+
+    def flags(self) -> list[str]:
+        """`tuner train` flags for every value that differs from the default."""
+        cfg, default = self.config().to_dict(), TunerConfig().to_dict()
+        flags = []
+        for key, value in cfg.items():
+            if value != default[key] and value is not None:
+                flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        return flags
+
+    def command_line(self) -> str:
+        return shlex.join(["tuner", "train", *self.flags(), "--detach"])
+
+    def to_yaml(self) -> str:
+        return self.config().to_yaml()
+
+    def remember(self, directory: Path | None = None) -> Path:
+        """Keep these choices for the next launch (state_dir()/wizard.yaml)."""
+        path = (directory or state_dir()) / REMEMBERED
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"values": {k: str(v) for k, v in self.values.items() if v not in ("", None)},
+                                        "method": self.method, "gpus": self.gpus}, sort_keys=False))
+        return path
+
+    @classmethod
+    def recalled(cls, directory: Path | None = None) -> Choices:
+        """The last launch's choices, or none when there are none (or they cannot be read)."""
+        path = (directory or state_dir()) / REMEMBERED
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        values = data.get("values") if isinstance(data.get("values"), dict) else {}
+        method = data.get("method") if data.get("method") in METHODS else None
+        gpus = data.get("gpus") if isinstance(data.get("gpus"), list) else None
+        return cls({str(k): str(v) for k, v in values.items()}, method, gpus)
+
+    @classmethod
+    def from_file(cls, path: str | Path, base: Choices | None = None) -> Choices:
+        """``base`` overlaid with a config file's keys (UserError when it cannot be read)."""
+        data = read_config_file(path)
+        choices = base or cls()
+        cfg = build_config(data)  # the file's own mistakes, reported before the wizard opens
+        values = dict(choices.values)
+        method = choices.method
+        for key, value in data.items():
+            if key in ("finetuning_type", "quantization_bit"):
+                continue
+            values[key] = "" if value is None else str(value)
+        if "finetuning_type" in data or "quantization_bit" in data:
+            from engine.memory import method_of
+
+            method = method_of(cfg.finetune.finetuning_type, cfg.model.quantization_bit)
+        return cls(values, method, choices.gpus)
+
+
+def save_config(choices: Choices, path: str) -> Path:
+    """Write the config YAML to ``path``; UserError when it cannot be written."""
+    target = Path(path).expanduser()
+    if not path.strip():
+        raise UserError("give a path to save the config to")
+    if not target.parent.is_dir():
+        raise UserError(f"cannot save to {target}: the folder {target.parent} does not exist")
+    text = choices.to_yaml()
+    try:
+        target.write_text(text)
+    except OSError as exc:
+        raise UserError(f"cannot save to {target}: {exc.strerror}") from None
+    return target
+
+
+def start_run(choices: Choices, visible_devices: str | None = None) -> Path:
+    """`tuner train <flags> --detach` as a process of its own; the started run's directory (UserError if refused)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "train", *choices.flags(), "--detach"],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+    found = re.search(r"^started run \S+ \(pid \d+\) in (.+)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or not found:
+        errors = [line.removeprefix("tuner: error: ") for line in (done.stderr or done.stdout).splitlines()
+                  if line.strip()]
+        raise UserError("; ".join(errors[-3:]) or f"`tuner train --detach` exited with {done.returncode}")
+    return Path(found.group(1).strip())
