@@ -88,8 +88,12 @@ async def walk_to_review(pilot, app, machine: str) -> None:
         assert app.choices.method == "full"
     first = [str(c) for c in table.get_row_at(0)]
     assert first[0].startswith("Full") and float(first[1]) > 0 and first[3] in ("—", "✔ yes")
+    bits = app.screen.query_one("#qlora-bits", Select)
+    bits.value = 4
+    await until(pilot, lambda: table.cursor_row == 4, "the QLoRA 4-bit row")
+    assert app.choices.method == "qlora-4bit"
     table.move_cursor(row=2)  # LoRA
-    await pilot.pause()
+    await until(pilot, lambda: bits.value is Select.NULL, "the bits cleared")
     assert app.choices.method == "lora"
     await type_into(pilot, app, "lora_rank", "0")
     assert "lora_rank must be at least 1" in await next_blocked(pilot, app, "lora_rank", MethodStep)

@@ -20,7 +20,7 @@ from textual.widgets.option_list import Option
 from textual.worker import Worker, WorkerState
 
 from engine.errors import ConfigError, UserError
-from tuner_tui.wizard.state import Choices, save_config, start_run
+from tuner_tui.wizard.state import Choices, method_keys, save_config, start_run
 
 NEXT = "next"
 PREVIEWING = threading.Lock()
@@ -301,7 +301,10 @@ class MethodStep(WizardStep):
         yield from field_row("LoRA rank", Field("lora_rank", self.choices, "8"))
         yield from field_row("LoRA alpha", Field("lora_alpha", self.choices, "2 x rank"))
         yield from field_row("Freeze layers", Field("freeze_trainable_layers", self.choices, "2"))
-        yield Static("QLoRA bits: pick QLoRA 8-bit or 4-bit in the table.", classes="hint")
+        with Horizontal(classes="row"):
+            yield Label("QLoRA bits", classes="label")
+            yield Select([("4-bit", 4), ("8-bit", 8)], id="qlora-bits", prompt="none: 16-bit weights")
+        yield Static("", classes="error")
 
     def on_mount(self) -> None:
         self._estimate()
@@ -345,8 +348,24 @@ class MethodStep(WizardStep):
         return super().failed(group, text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key.value:
-            self.choices.method = event.row_key.value
+        method = event.row_key.value
+        if method:
+            self.choices.method = method
+            bits = self.query_one("#qlora-bits", Select)
+            wanted = method_keys(method)["quantization_bit"] or Select.NULL
+            if bits.value != wanted:
+                bits.value = wanted
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        """QLoRA bits pick the QLoRA row; clearing them goes back to LoRA."""
+        current = self.choices.method or "lora"
+        method = f"qlora-{event.value}bit" if event.value is not Select.NULL else \
+            "lora" if current.startswith("qlora-") else current
+        if method != current:
+            self.choices.method = method
+            for table in self.query("#methods").results(DataTable):
+                if table.row_count:
+                    table.move_cursor(row=table.get_row_index(method))
 
 
 class DataStep(WizardStep):
@@ -407,7 +426,7 @@ class DataStep(WizardStep):
         return super().failed(group, text)
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        value = None if event.value is Select.BLANK else str(event.value)
+        value = None if event.value is Select.NULL else str(event.value)
         if event.select.id == "template-select":
             if self.choices.values.get("template") != value:
                 self.choices.values["template"] = value or ""
