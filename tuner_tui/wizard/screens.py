@@ -181,9 +181,8 @@ class HardwareStep(WizardStep):
         chosen = self.query_one(SelectionList)
         chosen.clear_options()
         if not state.gpus:
-            why = f" ({state.message})" if state.message else ""
-            info.update(Text(f"no NVIDIA GPU found{why}.\nTraining runs on the CPU: only small models such as the "
-                             "demo models (tiny-llama, tiny-mistral, tiny-mixtral) train in reasonable time.",
+            info.update(Text(f"{state.message or 'no NVIDIA GPU found'}.\nOnly small models such as the demo "
+                             "models (tiny-llama, tiny-mistral, tiny-mixtral) train in reasonable time there.",
                              style="bold"))
             chosen.display = False
             return
