@@ -13,16 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engine.catalog import lookup  # noqa: E402
-from engine.memory import RunShape, estimate, method_of  # noqa: E402
+from engine.config import parse_args  # noqa: E402
+from engine.memory import RunShape, estimate  # noqa: E402
+from engine.recommend import shape_from_config  # noqa: E402
 
 
 def shape_of(row: dict, geometry) -> RunShape:
-    flags = row["flags"].split()
-    given = dict(zip(flags[::2], flags[1::2]))
-    bits = int(given["--quantization_bit"]) if "--quantization_bit" in given else None
-    return RunShape(geometry, method=method_of(given["--finetuning_type"], bits),
-                    batch_size=int(given["--per_device_train_batch_size"]), seq_len=int(given["--cutoff_len"]),
-                    gradient_checkpointing=given.get("--gradient_checkpointing", "true") != "false")
+    """The shape `tuner estimate` would compute for the flags the measured run was started with."""
+    return shape_from_config(parse_args(row["flags"].split()), geometry)
 
 
 def main() -> int:

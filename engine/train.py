@@ -300,14 +300,11 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
 def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None:
     """The VRAM estimate for this run, recorded beside the measured peaks so each GPU run calibrates the estimator."""
-    import json
-
-    from engine.catalog import model_geometry_from_config
     from engine.memory import estimate
-    from engine.recommend import shape_from_config
+    from engine.recommend import model_geometry, shape_from_config
 
     try:
-        geometry = model_geometry_from_config(json.loads((Path(model_path) / "config.json").read_text()))
+        geometry = model_geometry(model_path)
     except (OSError, ValueError, UserError):
         return None
     result = estimate(shape_from_config(cfg, geometry, num_gpus=world_size))

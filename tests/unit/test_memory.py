@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from engine.catalog import lookup
-from engine.memory import GIB, RunShape, estimate, lora_params, method_of
+from engine.config import parse_args
+from engine.memory import GIB, RunShape, estimate, lora_params
+from engine.recommend import shape_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 CALIBRATION = sorted((REPO / "bench" / "results").glob("gpu_memory-*.jsonl"))
@@ -17,12 +19,8 @@ LLAMA2_7B = lookup("llama2-7b").geometry
 
 
 def shape_of_measurement(row: dict) -> RunShape:
-    flags = row["flags"].split()
-    given = dict(zip(flags[::2], flags[1::2]))
-    bits = int(given["--quantization_bit"]) if "--quantization_bit" in given else None
-    return RunShape(lookup(row["geometry"]).geometry, method=method_of(given["--finetuning_type"], bits),
-                    batch_size=int(given["--per_device_train_batch_size"]), seq_len=int(given["--cutoff_len"]),
-                    gradient_checkpointing=given.get("--gradient_checkpointing", "true") != "false")
+    """What `tuner estimate` computes for the flags the measured run was started with."""
+    return shape_from_config(parse_args(row["flags"].split()), lookup(row["geometry"]).geometry)
 
 
 MEASURED = [json.loads(line) for path in CALIBRATION for line in path.read_text().splitlines() if line.strip()]
