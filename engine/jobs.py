@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.errors import UserError
@@ -97,17 +98,47 @@ def list_jobs() -> list[Job]:
     return sorted(jobs, key=lambda job: job.status.started_at if job.status else "", reverse=True)
 
 
+JOB_COLUMNS = ("id", "state", "model", "method", "progress", "loss", "elapsed")
+
+
+def job_row(job: Job) -> dict[str, str]:
+    """A run as one row of text, JOB_COLUMNS as keys (`tuner runs` and the TUI's runs screen)."""
+    s = job.status
+    if s is None:
+        return dict.fromkeys(JOB_COLUMNS, "") | {"id": job.id, "state": "missing", "model": str(job.dir)}
+    return {"id": job.id, "state": job.state, "model": Path(s.model or "").name, "method": s.method or "",
+            "progress": f"{s.step}/{s.total_steps}" if s.total_steps else "",
+            "loss": f"{s.loss:.4f}" if s.loss is not None else "",
+            "elapsed": elapsed(s.started_at, s.ended_at or _last_seen(job))}
+
+
+def elapsed(started_at: str, ended_at: str | None) -> str:
+    """H:MM:SS between two ISO times (now when ``ended_at`` is None)."""
+    start = datetime.fromisoformat(started_at)
+    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
+    seconds = int((end - start).total_seconds())
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _last_seen(job: Job) -> str | None:
+    """When a run that died without an end was last heard of (its last log event), so its clock stops there."""
+    if job.state in ("running", "queued") or not job.last_log or "time" not in job.last_log:
+        return None
+    return datetime.fromtimestamp(job.last_log["time"], timezone.utc).isoformat()
+
+
 def find_job(ref: str | None) -> Job:
     """A run by id, id prefix, name or directory; the newest when ``ref`` is None."""
     if ref and Path(ref).is_dir():
-        status = read_status(Path(ref))
+        path = Path(ref).absolute()
+        status = read_status(path)
         if status:
-            return load_job(status.id, Path(ref))
-        other = foreign_run(Path(ref))
+            return load_job(status.id, path)
+        other = foreign_run(path)
         if other:
             status, events = other
             logs = [e for e in events if e["type"] == "log"]
-            return Job(status.id, Path(ref), status, status.state, logs[-1] if logs else None, foreign=True)
+            return Job(status.id, path, status, status.state, logs[-1] if logs else None, foreign=True)
     jobs = list_jobs()
     if not jobs:
         raise UserError("no runs yet", "start one with `tuner train ... --detach`")
@@ -167,6 +198,15 @@ def launch_detached(argv: list[str], output_dir: Path, name: str, model: str | N
     if current and current.state == "queued":
         write_status(output_dir, status)
     return status
+
+
+def launch_command(command: str, argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start another `tuner` command (predict, export) in its own session, like a run: closing the terminal or the
+    TUI that started it does not stop it. Its output is appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        return subprocess.Popen([sys.executable, "-m", "engine.cli", command, *argv], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_job(job: Job, wait_s: float = 0.0) -> str:

@@ -14,10 +14,10 @@ from textual.screen import Screen
 
 from engine.hardware import HardwareState, probe
 from engine.jobs import find_job
-from tuner_tui.dashboard.screen import DashboardScreen
+from tuner_tui.runs.navigation import RunsNavigation
 
 
-class MonitorApp(App):
+class MonitorApp(RunsNavigation, App):
     TITLE = "tuner monitor"
     BINDINGS = [
         Binding("q", "quit", "Quit", tooltip="Close the dashboard; the run goes on"),
@@ -28,14 +28,14 @@ class MonitorApp(App):
                  gpu_interval_s: float = 2.0):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self._dashboard = DashboardScreen(self.run_dir, probe, interval_s, gpu_interval_s)
+        self.probe, self.dashboard_interval_s, self.gpu_interval_s = probe, interval_s, gpu_interval_s
 
     def on_mount(self) -> None:
-        self.push_screen(self._dashboard)
+        self.push_screen(self.dashboard(self.run_dir))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        if isinstance(screen, DashboardScreen):
+        if hasattr(screen, "system_commands"):
             yield from screen.system_commands()
 
 

@@ -45,11 +45,23 @@ def no_more(argv: list[str], command: str) -> None:
         raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
 
 
-def load_config(argv: list[str], command: str):
+def load_config(argv: list[str], command: str, base: dict | None = None):
+    """The command's config from files and overrides on top of ``base``, validated for ``command``."""
     from engine.config import parse_args
     from engine.validation import validate
 
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, base)
     validate(cfg, command)
     return cfg
+
+
+def load_followup_config(argv: list[str], command: str):
+    """predict, chat and export: with ``--run RUN`` the run's weights and settings come first, argv on top."""
+    run_ref = take_option(argv, "--run")
+    if run_ref is None:
+        return load_config(argv, command)
+    from engine.followup import followup_values
+    from engine.jobs import find_job
+
+    return load_config(argv, command, followup_values(find_job(run_ref), command))
 

@@ -13,9 +13,7 @@ from engine.errors import UserError
 def cmd_runs(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "runs")
-    from pathlib import Path
-
-    from engine.jobs import list_jobs
+    from engine.jobs import JOB_COLUMNS, job_row, list_jobs
 
     jobs = list_jobs()
     if as_json:
@@ -25,37 +23,12 @@ def cmd_runs(argv: list[str]) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("id", "state", "model", "method", "progress", "loss", "elapsed"):
+    for column in JOB_COLUMNS:
         table.add_column(column, no_wrap=column == "id")
-    for job in jobs:
-        s = job.status
-        if s is None:
-            table.add_row(job.id, "missing", str(job.dir))
-            continue
-        progress = f"{s.step}/{s.total_steps}" if s.total_steps else ""
-        loss = f"{s.loss:.4f}" if s.loss is not None else ""
-        table.add_row(job.id, job.state, Path(s.model or "").name, s.method or "", progress, loss,
-                      _elapsed(s.started_at, s.ended_at or _last_seen(job)))
+    for row in map(job_row, jobs):
+        table.add_row(*(row[column] for column in JOB_COLUMNS))
     Console().print(table if jobs else "no runs yet: start one with `tuner train ... --detach`")
     return 0
-
-
-def _elapsed(started_at: str, ended_at: str | None) -> str:
-    from datetime import datetime, timezone
-
-    start = datetime.fromisoformat(started_at)
-    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
-    seconds = int((end - start).total_seconds())
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _last_seen(job) -> str | None:
-    """When a run that died without an end was last heard of (its last log event), so its clock stops there."""
-    from datetime import datetime, timezone
-
-    if job.state in ("running", "queued") or not job.last_log or "time" not in job.last_log:
-        return None
-    return datetime.fromtimestamp(job.last_log["time"], timezone.utc).isoformat()
 
 
 def _job_json(job) -> dict:

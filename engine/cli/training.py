@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from engine.cli.args import load_config, take_flag, take_option
+from engine.cli.args import load_config, load_followup_config, take_flag, take_option
 from engine.errors import UserError
 
 
@@ -95,14 +95,14 @@ def run_predict_after_training(cfg) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    cfg = load_config(argv, "predict")
+    cfg = load_followup_config(argv, "predict")
     from engine.predict import run_predict
 
     return run_predict(cfg)
 
 
 def cmd_export(argv: list[str]) -> int:
-    cfg = load_config(argv, "export")
+    cfg = load_followup_config(argv, "export")
     from engine.export import run_export
 
     return run_export(cfg)
@@ -110,7 +110,7 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_chat(argv: list[str]) -> int:
     system = take_option(argv, "--system")
-    cfg = load_config(argv, "chat")
+    cfg = load_followup_config(argv, "chat")
     from engine.chat import run_chat
 
     return run_chat(cfg, system=system)

@@ -57,7 +57,12 @@ class DashboardScreen(Screen):
     BINDINGS = [
         Binding("s", "stop", "Stop run", tooltip="Ask the run to finish its step, save a checkpoint and stop"),
         Binding("l", "toggle_log_scale", "Log scale", tooltip="Show the loss on a log or a linear scale"),
+        Binding("c", "chat", "Chat", tooltip="Chat with what the run trained (once it has ended)"),
+        Binding("p", "predict", "Predict", tooltip="Generate for a dataset and score it (once the run has ended)"),
+        Binding("e", "export", "Export", tooltip="Merge and export what the run trained (once it has ended)"),
+        Binding("r", "runs", "Runs", tooltip="Every run on this host; this one goes on"),
     ]
+    FOLLOW_UPS = ("chat", "predict", "export")
 
     log_scale: reactive[bool] = reactive(False)
 
@@ -117,7 +122,10 @@ class DashboardScreen(Screen):
             self.set_timer(self._samplers[group].interval_s, partial(self._sample, group))
 
     def on_run_sampled(self, message: RunSampled) -> None:
+        ended = self.run is not None and self._has_ended(self.run)
         run = self.run = message.snapshot
+        if self._has_ended(run) != ended:
+            self.refresh_bindings()
         self.query_one(StateBanner).run = run
         self.query_one(ProgressPanel).progress = run.progress
         self.query_one(LossChart).series = run.loss
@@ -141,6 +149,37 @@ class DashboardScreen(Screen):
 
     def action_toggle_log_scale(self) -> None:
         self.log_scale = not self.log_scale
+
+    @staticmethod
+    def _has_ended(run: RunSnapshot) -> bool:
+        """Ended, and ours: what it trained can be used (another tool's output is only read)."""
+        return run.state in ("completed", "stopped", "failed")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Chat, predict and export are shown dimmed until the run has ended."""
+        if action in self.FOLLOW_UPS:
+            return True if self.run is not None and self._has_ended(self.run) else None
+        return True
+
+    def action_chat(self) -> None:
+        from tuner_tui.followup.chat import ChatScreen
+
+        self.app.push_screen(ChatScreen(self.run_dir))
+
+    def action_predict(self) -> None:
+        from tuner_tui.followup.tasks import PredictScreen
+
+        self.app.push_screen(PredictScreen(self.run_dir))
+
+    def action_export(self) -> None:
+        from tuner_tui.followup.tasks import ExportScreen
+
+        self.app.push_screen(ExportScreen(self.run_dir))
+
+    def action_runs(self) -> None:
+        from tuner_tui.runs.screen import ShowRuns
+
+        self.post_message(ShowRuns())
 
     def action_stop(self) -> None:
         run = self.run
@@ -170,3 +209,9 @@ class DashboardScreen(Screen):
                             self.action_stop)
         yield SystemCommand("Toggle log scale", "Show the loss chart on a log or a linear scale",
                             self.action_toggle_log_scale)
+        yield SystemCommand("Runs", "Every run on this host", self.action_runs)
+        if self.run is not None and self._has_ended(self.run):
+            yield SystemCommand("Chat with this run", "Load what it trained and chat", self.action_chat)
+            yield SystemCommand("Predict with this run", "Generate for a dataset and score it", self.action_predict)
+            yield SystemCommand("Export this run", "Merge it into its base and write safetensors",
+                                self.action_export)

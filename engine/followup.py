@@ -1,0 +1,79 @@
+"""Using what a run trained: the config that points predict, chat and export at a run's weights.
+
+`tuner predict|chat|export --run RUN` and the dashboard's keys start from these values; anything the user gives
+on top (another dataset, max_samples, export_dir, ...) overrides them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.jobs import Job
+
+# What a follow-up inherits from the run as it was trained: how the model was loaded and how prompts look.
+INHERITED = ("model_name_or_path", "template", "trust_remote_code", "model_revision", "cache_dir", "flash_attn",
+             "dataset_dir", "cutoff_len")
+FOLLOW_UPS = ("predict", "chat", "export")
+
+
+def trained_weights(job: Job) -> Path:
+    """The run's final output when it completed, else its newest checkpoint; UserError when it has none yet."""
+    if job.foreign:
+        raise UserError(f"{job.dir} was written by another tool",
+                        "pass its output to --adapter_name_or_path or --model_name_or_path instead")
+    if job.state in ("running", "queued"):
+        raise UserError(f"run {job.id} is still {job.state}", "wait for it to finish, or `tuner stop` it first")
+    if job.state == "completed" and _has_weights(job.dir):
+        return job.dir
+    checkpoints = sorted((p for p in job.dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints and _has_weights(checkpoints[-1]):
+        return checkpoints[-1]
+    raise UserError(f"run {job.id} ({job.state}) saved no weights yet", "`tuner resume` it to train on")
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
+
+
+def run_config_values(job: Job) -> dict[str, Any]:
+    """The flat config the run was started with (its config.yaml)."""
+    from engine.config import read_config_file
+
+    path = job.dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"run {job.id} has no config.yaml in {job.dir}")
+    return {key: value for key, value in read_config_file(path).items() if value is not None}
+
+
+def followup_values(job: Job, command: str) -> dict[str, Any]:
+    """Config keys for ``command`` (predict, chat, export) on the run's weights, before the user's own overrides.
+
+    A LoRA run's weights are an adapter on its base (kept quantized as trained, except for the export, which
+    merges into a 16-bit base); a freeze or full run's weights are a whole model.
+    """
+    if command not in FOLLOW_UPS:
+        raise ValueError(command)
+    weights = trained_weights(job)
+    trained = run_config_values(job)
+    values = {key: trained[key] for key in INHERITED if key in trained}
+    if trained.get("finetuning_type", "lora") == "lora":
+        values["adapter_name_or_path"] = ",".join(p for p in (trained.get("adapter_name_or_path"), str(weights)) if p)
+        if command != "export" and trained.get("quantization_bit"):
+            values["quantization_bit"] = trained["quantization_bit"]
+    else:
+        values["model_name_or_path"] = str(weights)
+    if command == "predict":
+        values["dataset"] = trained.get("eval_dataset") or trained.get("dataset")
+        values["output_dir"] = str(job.dir / f"predict-{datetime.now():%Y%m%d-%H%M%S}")
+    elif command == "export":
+        values["export_dir"] = str(job.dir / "merged")
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def predicts_on_training_data(job: Job) -> bool:
+    """True when the run had no eval_dataset, so a default prediction scores the data it learned from."""
+    return not run_config_values(job).get("eval_dataset")

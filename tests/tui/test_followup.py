@@ -1,0 +1,125 @@
+"""From a finished run's dashboard: chat with it, predict and export it (real processes on the tiny run), and move
+between the runs list and dashboards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from textual.widgets import DataTable, Input, Static
+from tui_helpers import recorded, shown, until
+
+from engine.runs import read_status, write_status
+from tuner_tui.dashboard.screen import DashboardScreen
+from tuner_tui.followup.chat import ChatScreen, Turn
+from tuner_tui.followup.tasks import ExportScreen, PredictScreen
+from tuner_tui.monitor import MonitorApp
+from tuner_tui.runs.screen import RunsScreen
+
+FAST = {"interval_s": 0.1, "gpu_interval_s": 0.1}
+
+
+def monitor(run_dir) -> MonitorApp:
+    return MonitorApp(run_dir, probe=recorded("a100-80gb"), **FAST)
+
+
+def ended(app: MonitorApp):
+    return lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None
+
+
+async def test_chat_with_a_finished_run_streams_a_reply(run_copy, state_home):
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        await pilot.press("c")
+        assert isinstance(app.screen, ChatScreen)
+        await until(pilot, lambda: app.screen.session is not None, "the model to load", timeout=60)
+        assert "template llama2" in shown(app.screen.query_one("#status", Static))
+        prompt = app.screen.query_one("#prompt", Input)
+        assert app.focused is prompt
+        await pilot.press(*"hello", "enter")
+        await until(pilot, lambda: not prompt.disabled and len(app.screen.query(Turn)) == 2, "the reply",
+                    timeout=60)
+        user, answer = app.screen.query(Turn)
+        assert user.text == "hello" and answer.role == "assistant"
+        assert app.screen.session.history[-1] == {"role": "assistant", "content": answer.text}
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert not app.screen.query(Turn) and app.screen.session.history == []
+        await pilot.press("escape")
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, state_home):
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        await pilot.press("p")
+        screen = app.screen
+        assert isinstance(screen, PredictScreen)
+        await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+        assert screen.query_one("#dataset", Input).value == "demo_alpaca"
+        assert "trained on" in shown(screen.query_one("#note", Static))
+        screen.query_one("#max_samples", Input).value = "abc"
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: "max_samples" in shown(screen.query_one("#status", Static)), "the complaint")
+        assert screen.process is None
+        screen.query_one("#max_samples", Input).value = "4"
+        screen.query_one("#max_new_tokens", Input).value = "4"
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: screen.process is not None, "the start")
+        assert os.getsid(screen.process.pid) == screen.process.pid  # its own session: a hangup does not reach it
+        await until(pilot, lambda: "finished" in shown(screen.query_one("#status", Static)), "predict to finish",
+                    timeout=120)
+        assert "4 predictions" in shown(screen.query_one("#result", Static))
+        results = json.loads((screen.target / "predict_results.json").read_text())
+        assert results["predict_samples"] == 4 and screen.target.parent == run_copy
+        await pilot.press("escape")
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_export_merges_into_the_directory_given(run_copy, state_home, tmp_path):
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        await pilot.press("e")
+        screen = app.screen
+        assert isinstance(screen, ExportScreen)
+        await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+        assert screen.query_one("#export_dir", Input).value == str(run_copy / "merged")
+        screen.query_one("#export_dir", Input).value = str(tmp_path / "exported")
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: "finished" in shown(screen.query_one("#status", Static)), "export to finish",
+                    timeout=120)
+        assert shown(screen.query_one("#result", Static)).startswith(f"exported {tmp_path / 'exported'}")
+        assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+async def test_follow_ups_wait_for_the_run_to_end(run_copy, state_home):
+    status = read_status(run_copy)
+    status.state, status.pid = "running", os.getpid()
+    write_status(run_copy, status)
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        assert app.screen.run.state == "running"
+        for key in ("c", "p", "e"):
+            await pilot.press(key)
+            assert isinstance(app.screen, DashboardScreen)
+        assert app.screen.check_action("chat", ()) is None  # shown dimmed in the footer
+
+
+async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
+    app = monitor(finished_run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one(DataTable).row_count,
+                    "the runs list")
+        table = app.screen.query_one(DataTable)
+        row = table.get_row_at(0)
+        assert row[0] == read_status(finished_run).id and row[1] == "completed" and row[4] == "20/20"
+        depth = len(app.screen_stack)
+        await pilot.press("enter")
+        await until(pilot, ended(app), "the dashboard")
+        assert app.screen.run_dir == finished_run and len(app.screen_stack) == depth

@@ -1,0 +1,255 @@
+"""Predict with a run or export it merged: a short form prefilled from the run, then the command started as its own
+process (`tuner predict|export --run RUN ...`, in its own session like a run, so leaving the app or losing SSH
+does not stop it), its log followed and its result shown.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, Static
+from textual.worker import Worker, WorkerState
+
+from tuner_tui.dashboard.tail import LogTail
+from tuner_tui.errors import failure_text
+
+PREPARE, CHECK, POLL = "prepare", "check", "poll"
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What the screen shows while the command runs and after: read off the UI thread."""
+
+    running: bool
+    exit_code: int | None
+    log: tuple[str, ...]
+    done_count: int | None = None  # predictions written so far
+    result: str | None = None
+
+
+class TaskScreen(Screen):
+    """A follow-up command on a run. Subclasses name the command, the fields and how the outcome reads."""
+
+    CSS_PATH = "followup.tcss"
+    BINDINGS = [Binding("escape", "back", "Back", tooltip="Back to the dashboard; a started command goes on"),
+                Binding("ctrl+r", "start", "Start", tooltip="Check the values and start")]
+    COMMAND = ""
+    TITLE = ""
+    FIELDS: tuple[tuple[str, str], ...] = ()  # (config key, label)
+    DEFAULTS: dict[str, str] = {}  # prefilled values that do not come from the run
+    TARGET = ""  # the field naming where the output goes
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.process: subprocess.Popen | None = None
+        self.target: Path | None = None  # where the output goes, fixed at Start
+        self._tail: LogTail | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"{self.TITLE} · run {self.run_dir.name}", id="title", markup=False)
+        with VerticalScroll(id="form"):
+            for key, label in self.FIELDS:
+                with Horizontal(classes="row"):
+                    yield Label(label, classes="label")
+                    yield Input(id=key, disabled=True)
+            yield Static("", id="note", markup=False)
+            yield Button("Start", id="start", variant="primary", disabled=True)
+            yield Static("reading the run…", id="status", markup=False)
+            yield Static("", id="result", markup=False)
+            yield Static("", id="log", markup=False)
+        yield Footer()
+
+    # the form
+    def on_mount(self) -> None:
+        self.run_worker(self.prepare, name="reading the run", group=PREPARE, thread=True, exit_on_error=False)
+
+    def prepare(self) -> tuple[dict[str, str], str]:
+        """The fields' starting values (the run's, then DEFAULTS) and a note for the user."""
+        from engine.followup import followup_values
+        from engine.jobs import find_job
+
+        job = find_job(str(self.run_dir))
+        values = {key: str(value) for key, value in followup_values(job, self.COMMAND).items()}
+        return {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}, self.note(job)
+
+    def note(self, job) -> str:
+        return ""
+
+    def flags(self) -> list[str]:
+        flags = ["--run", str(self.run_dir)]
+        for key, _ in self.FIELDS:
+            value = self.query_one(f"#{key}", Input).value.strip()
+            if value:
+                flags += [f"--{key}", value]
+        return flags
+
+    def check(self, flags: list[str]) -> list[str]:
+        """The command's config from these flags as the command itself will build it; ConfigError/UserError if bad."""
+        from engine.cli.args import load_followup_config
+
+        load_followup_config(list(flags), self.COMMAND)
+        return flags
+
+    # running it
+    def action_start(self) -> None:
+        if self.process is not None or self.query_one("#start", Button).disabled:
+            return
+        flags = self.flags()
+        self.run_worker(lambda: self.check(flags), name="checking the values", group=CHECK, thread=True,
+                        exit_on_error=False)
+
+    def launch(self, flags: list[str]) -> None:
+        from engine.jobs import launch_command
+
+        self.target = Path(self.query_one(f"#{self.TARGET}", Input).value).expanduser().absolute()
+        log_path = self.log_path()
+        self._tail = LogTail(log_path, lines=12)
+        self.process = launch_command(self.COMMAND, flags, log_path)
+        for widget in self.query(Input):
+            widget.disabled = True
+        self.query_one("#start", Button).disabled = True
+        self.query_one("#status", Static).update(f"started (pid {self.process.pid}); output in {log_path}")
+        self.set_timer(POLL_S, self._poll)
+
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    def _poll(self) -> None:
+        self.run_worker(self.read_state, name="following the command", group=POLL, thread=True, exit_on_error=False)
+
+    def read_state(self) -> TaskState:
+        exit_code = self.process.poll()
+        log = self._tail.read()
+        if exit_code is None:
+            return TaskState(True, None, log, self.done_count())
+        return TaskState(False, exit_code, log, self.done_count(), self.outcome() if exit_code == 0 else None)
+
+    def done_count(self) -> int | None:
+        return None
+
+    def outcome(self) -> str:
+        """What the command produced, in words, once it exited 0."""
+        return ""
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place this screen's workers end."""
+        worker = event.worker
+        if event.state == WorkerState.ERROR:
+            text = failure_text(worker.error)
+            self.query_one("#status", Static).update(
+                f"cannot {self.COMMAND} this run: {text}" if worker.group == PREPARE else text)
+            self.query_one("#status").add_class("error")
+            if worker.group == POLL:
+                self.set_timer(POLL_S, self._poll)
+            return
+        if event.state != WorkerState.SUCCESS:
+            return
+        if worker.group == PREPARE:
+            values, note = worker.result
+            for key, value in values.items():
+                field = self.query_one(f"#{key}", Input)
+                field.value, field.disabled = value, False
+            self.query_one("#note", Static).update(note)
+            self.query_one("#start", Button).disabled = False
+            self.query_one("#status", Static).update("Start (Ctrl-R) runs it in the background")
+            self.query_one(Input).focus()
+        elif worker.group == CHECK:
+            self.query_one("#status").remove_class("error")
+            self.launch(worker.result)
+        elif worker.group == POLL:
+            self.show(worker.result)
+
+    def show(self, state: TaskState) -> None:
+        self.query_one("#log", Static).update("\n".join(state.log))
+        status = self.query_one("#status", Static)
+        if state.running:
+            count = f" · {state.done_count} done" if state.done_count is not None else ""
+            status.update(f"running (pid {self.process.pid}){count} · output in {self._tail.path}")
+            self.set_timer(POLL_S, self._poll)
+        elif state.exit_code == 0:
+            status.update("finished")
+            status.add_class("done")
+            self.query_one("#result", Static).update(state.result or "")
+        else:
+            errors = [line for line in state.log if line.startswith("tuner: error")]
+            status.update(f"failed (exit {state.exit_code})" + (f": {errors[-1]}" if errors else ""))
+            status.add_class("error")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_start()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            event.stop()
+            self.action_start()
+
+    def action_back(self) -> None:
+        self.dismiss()
+
+
+class PredictScreen(TaskScreen):
+    COMMAND = "predict"
+    TITLE = "Predict: generate for a dataset's prompts and score them (BLEU-4, ROUGE)"
+    FIELDS = (("dataset", "Dataset"), ("max_samples", "Max samples"), ("max_new_tokens", "Max new tokens"),
+              ("output_dir", "Output dir"))
+    DEFAULTS = {"max_samples": "100", "max_new_tokens": "256"}
+    TARGET = "output_dir"
+
+    def note(self, job) -> str:
+        from engine.followup import predicts_on_training_data
+
+        if predicts_on_training_data(job):
+            return "the run had no eval_dataset: this dataset is the one it trained on, so the scores flatter it"
+        return "the dataset is the run's eval_dataset"
+
+    def log_path(self) -> Path:
+        return self.target / "predict.log"
+
+    def done_count(self) -> int | None:
+        from engine.predict import PREDICTIONS
+
+        path = self.target / PREDICTIONS
+        if not path.is_file():
+            return None
+        with open(path, "rb") as file:
+            return sum(1 for _ in file)
+
+    def outcome(self) -> str:
+        from engine.predict import PREDICTIONS, RESULTS
+
+        out = self.target
+        results = json.loads((out / RESULTS).read_text())
+        scores = "  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
+                           if key.startswith("predict_") and key != "predict_samples")
+        return f"{results['predict_samples']} predictions in {out / PREDICTIONS}\n{scores}"
+
+
+class ExportScreen(TaskScreen):
+    COMMAND = "export"
+    TITLE = "Export: merge the run into its base and write a checked safetensors model"
+    FIELDS = (("export_dir", "Export dir"), ("export_size", "Shard size GB"))
+    DEFAULTS = {"export_size": "5"}
+    TARGET = "export_dir"
+
+    def note(self, job) -> str:
+        return "the merged model is compared with the adapter on a sample before it is moved into place"
+
+    def log_path(self) -> Path:
+        return self.run_dir / f"export-{datetime.now():%Y%m%d-%H%M%S}.log"
+
+    def outcome(self) -> str:
+        """The summary `tuner export` printed last: where, how big, and the logits check."""
+        log = self._tail.read()
+        starts = [i for i, line in enumerate(log) if line.startswith("exported ")]
+        return "\n".join(log[starts[-1]:]) if starts else f"exported to {self.target}"
