@@ -127,6 +127,31 @@ def lora_targets(g: ModelGeometry, lora_target: str) -> list[Linear]:
     return [linear for linear in linears if linear.name in names]
 
 
+# Families whose decoder layers use Llama's Linear names (q/k/v/o_proj, gate/up/down_proj): the names below are theirs.
+NAMED_LIKE_LLAMA = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+def linear_names(g: ModelGeometry) -> list[str]:
+    """The short names LoRA targets can use for this model (what ``lora_target: all`` wraps)."""
+    return [linear.name for linear in decoder_linears(g)]
+
+
+def lora_target_problem(g: ModelGeometry, lora_target: str) -> str | None:
+    """Why ``lora_target`` would be refused for this model, or None: the check engine.modeling makes on the loaded
+    model, made on the geometry so a config can be checked before anything loads."""
+    if lora_target.strip() == "all" or g.model_type not in NAMED_LIKE_LLAMA:
+        return None  # another family's names (phi3's qkv_proj, ...) are checked once the model is loaded
+    available = linear_names(g)
+    asked = [t.strip() for t in lora_target.split(",") if t.strip()]
+    if not asked:
+        return "lora_target is empty: give module names (comma separated) or all"
+    missing = [t for t in asked if t not in available]
+    if missing:
+        return (f"lora_target {', '.join(missing)} not found in this model; its linear layers are: "
+                f"{', '.join(available)}; or use all")
+    return None
+
+
 def lora_params(g: ModelGeometry, rank: int, lora_target: str) -> int:
     return g.num_hidden_layers * sum(rank * (t.in_features + t.out_features) for t in lora_targets(g, lora_target))
 

@@ -1,10 +1,14 @@
-"""``tuner preview``: the first samples exactly as the model will see them, the learned part marked, and length stats."""
+"""``tuner preview``: the first samples exactly as the model will see them, the learned part marked, length stats and
+a histogram cut at cutoff_len, and whether the template matches the model's own chat_template."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from engine.config import TunerConfig
+from engine.data.stats import Bucket
+
+BAR_BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
 @dataclass
@@ -18,28 +22,62 @@ class PreviewSample:
 
 
 @dataclass
+class TemplateCheck:
+    """The template a run would use and how it compares with the tokenizer's own chat_template."""
+
+    template: str
+    has_chat_template: bool
+    warning: str | None  # set when the template renders a sample conversation differently from the chat_template
+
+
+@dataclass
 class Preview:
     template: str
     samples: list[PreviewSample]
     stats: dict
     report: list[str]
+    cutoff_len: int
+    histogram: list[Bucket]
+    template_warning: str | None
 
     def to_json(self) -> dict:
         return {
             "template": self.template,
+            "template_warning": self.template_warning,
             "samples": [{"text": s.text, "prompt": s.prompt, "completion": s.completion, "input_ids": s.input_ids,
                          "labels": s.labels} for s in self.samples],
             "stats": self.stats,
+            "cutoff_len": self.cutoff_len,
+            "histogram": [asdict(bucket) for bucket in self.histogram],
             "report": self.report,
         }
+
+
+def check_template(cfg: TunerConfig) -> TemplateCheck:
+    """Whether the template ``cfg`` chooses renders like the model's own chat_template; loads only the tokenizer."""
+    from engine.catalog import resolve_model
+    from engine.modeling import load_tokenizer
+
+    resolved = resolve_model(cfg.model.model_name_or_path)
+    tokenizer = load_tokenizer(resolved.path, cfg)
+    return _compare_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+
+
+def _compare_template(cfg: TunerConfig, tokenizer, catalog_template: str | None) -> TemplateCheck:
+    from engine.data.tokenize import choose_template
+    from engine.templates import get_template, template_mismatch
+
+    name = choose_template(cfg, tokenizer, catalog_template)
+    return TemplateCheck(name, bool(getattr(tokenizer, "chat_template", None)),
+                         template_mismatch(get_template(name), tokenizer))
 
 
 def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     """Render and tokenize every sample (for the stats) and keep the first ``count`` for display."""
     from engine.catalog import resolve_model
     from engine.data.loaders import load_conversations
-    from engine.data.stats import length_stats
-    from engine.data.tokenize import choose_template, encode_conversations
+    from engine.data.stats import length_histogram, length_stats
+    from engine.data.tokenize import encode_conversations
     from engine.modeling import load_tokenizer
     from engine.templates import get_template, render_segments, render_text
 
@@ -48,7 +86,8 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
-    name = choose_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+    check = _compare_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+    name = check.template
     template = get_template(name)
     encoded = encode_conversations(loaded.train, tokenizer, name, d.cutoff_len, d.train_on_prompt)
     samples = []
@@ -65,7 +104,36 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
         samples.append(PreviewSample(text, prompt, completion, row["input_ids"], row["labels"],
                                      render_segments(template, messages, tokenizer)))
     report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in encoded.dropped.items()]
-    return Preview(name, samples, length_stats(encoded.lengths, d.cutoff_len), report)
+    return Preview(name, samples, length_stats(encoded.lengths, d.cutoff_len), report, d.cutoff_len,
+                   length_histogram(encoded.lengths, d.cutoff_len), check.warning)
+
+
+def histogram_lines(preview: Preview, bar_width: int = 40) -> list[tuple[str, str]]:
+    """The histogram as text lines, each with its kind: "within" or "over" cutoff_len, or "cutoff" for the line that
+    marks it, between the buckets within and those over. Bars are scaled to the fullest bucket."""
+    buckets = preview.histogram
+    if not buckets:
+        return []
+    digits = len(str(buckets[-1].high))
+    fullest = max(bucket.count for bucket in buckets)
+
+    def line(bucket: Bucket) -> tuple[str, str]:
+        bar = _bar(bucket.count / fullest * bar_width)
+        return (f"{bucket.low:>{digits}}–{bucket.high:<{digits}} {bar:<{bar_width}} {bucket.count}",
+                "over" if bucket.over_cutoff else "within")
+
+    s = preview.stats
+    marker = (f"{'┄' * (2 * digits + 1)} cutoff_len {preview.cutoff_len}: {s['over_cutoff']} of {s['count']} longer "
+              "┄┄┄")
+    return ([line(bucket) for bucket in buckets if not bucket.over_cutoff] + [(marker, "cutoff")]
+            + [line(bucket) for bucket in buckets if bucket.over_cutoff])
+
+
+def _bar(cells: float) -> str:
+    """``cells`` character cells of bar in eighths; any count above zero shows at least an eighth."""
+    eighths = max(round(cells * 8), 1 if cells > 0 else 0)
+    full, part = divmod(eighths, 8)
+    return "█" * full + BAR_BLOCKS[part].strip()
 
 
 def render_preview(preview: Preview) -> None:
@@ -77,6 +145,8 @@ def render_preview(preview: Preview) -> None:
     for line in preview.report:
         console.print(Text(line, style="dim"))
     console.print(Text(f"template: {preview.template}   learned text is highlighted", style="bold"))
+    if preview.template_warning:
+        console.print(Text(f"warning: {preview.template_warning}", style="yellow"))
     for index, sample in enumerate(preview.samples):
         console.rule(f"sample {index}  ({len(sample.input_ids)} tokens, "
                      f"{sum(label != -100 for label in sample.labels)} learned)")
@@ -88,3 +158,6 @@ def render_preview(preview: Preview) -> None:
     console.rule("token lengths")
     console.print(f"samples {s['count']}  mean {s['mean']}  p50 {s['p50']}  p95 {s['p95']}  max {s['max']}  "
                   f"over cutoff_len: {s['over_cutoff']}")
+    styles = {"within": "", "over": "yellow", "cutoff": "bold"}
+    for line, kind in histogram_lines(preview):
+        console.print(Text(line, style=styles[kind]))

@@ -12,6 +12,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -377,7 +378,8 @@ def template_mismatch(template: Template, tokenizer) -> str | None:
         ours = render_text(template, probe, tokenizer)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            source = getattr(tokenizer, "name_or_path", "") or "this model"
+            source = str(getattr(tokenizer, "name_or_path", "") or "this model")
+            source = Path(source).name if Path(source).is_absolute() else source  # a directory: its name
             return (
                 f"template {template.name!r} differs from the chat_template of {source} "
                 f"(ours: {ours[at:at + 30]!r}, theirs: {theirs[at:at + 30]!r}); a model trained in one format and "

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Samples whose token length lies in ``low..high`` (both inclusive); ``over_cutoff``: the whole bucket is longer
+    than cutoff_len, as the buckets are cut there."""
+
+    low: int
+    high: int
+    count: int
+    over_cutoff: bool
 
 
 def length_stats(lengths: list[int], cutoff_len: int) -> dict:
@@ -23,3 +35,26 @@ def length_stats(lengths: list[int], cutoff_len: int) -> dict:
 
 def _percentile(ordered: list[int], percent: int) -> int:
     return ordered[max(math.ceil(percent / 100 * len(ordered)), 1) - 1]
+
+
+def length_histogram(lengths: list[int], cutoff_len: int, buckets: int = 10) -> list[Bucket]:
+    """At most ``buckets`` equal-width buckets from the shortest length to the longest, none empty at either end.
+
+    When cutoff_len falls among the lengths a bucket starts right after it, so each bucket lies wholly within or
+    wholly over the cutoff; the first and last buckets are trimmed to the lengths that occur.
+    """
+    if not lengths:
+        return []
+    shortest, longest = min(lengths), max(lengths)
+    span = longest - shortest + 1
+    if shortest <= cutoff_len < longest:
+        width = math.ceil(span / max(buckets - 1, 1))
+        start = cutoff_len + 1 - width * math.ceil((cutoff_len + 1 - shortest) / width)
+    else:
+        width = math.ceil(span / buckets)
+        start = shortest
+    counts = [0] * math.ceil((longest - start + 1) / width)
+    for length in lengths:
+        counts[(length - start) // width] += 1
+    return [Bucket(max(low, shortest), min(low + width - 1, longest), count, low > cutoff_len)
+            for low, count in ((start + i * width, count) for i, count in enumerate(counts))]

@@ -12,9 +12,8 @@ from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.dashboard.widgets import StateBanner
 from tuner_tui.main import main
 from tuner_tui.wizard.app import WizardApp
-from tuner_tui.wizard.screens import (DataStep, HardwareStep, HyperparametersStep, MethodStep, ModelStep,
-                                      ReviewStep)
-from tuner_tui.wizard.screens import LEARNED
+from tuner_tui.wizard.steps import (LEARNED, DataStep, HardwareStep, HyperparametersStep, MethodStep, ModelStep,
+                                    ReviewStep)
 from tuner_tui.wizard.state import Choices
 
 

@@ -20,13 +20,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from engine.errors import UserError
 from engine.hardware import HardwareState
 from engine.jobs import load_job, stop_job
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.sampler import GpuSampler, GpuSnapshot, RunSampler, RunSnapshot
 from tuner_tui.dashboard.widgets import (CheckpointList, ConfigView, GpuPanel, LearningRate, LogView, LossChart,
                                          ProgressPanel, StateBanner)
+from tuner_tui.errors import failure_text
 
 RUN_SAMPLER, GPU_SAMPLER, STOP = "run-sampler", "gpu-sampler", "stop"
 
@@ -109,8 +109,7 @@ class DashboardScreen(Screen):
         """The one place worker failures become messages; a sampler's next round starts when its last one ended."""
         worker, group = event.worker, event.worker.group
         if event.state == WorkerState.ERROR:
-            text = str(worker.error) if isinstance(worker.error, UserError) else \
-                f"{type(worker.error).__name__}: {worker.error}"
+            text = failure_text(worker.error)
             if self._last_failure.get(group) != text:
                 self.notify(text, title=f"{worker.name} failed", severity="error", timeout=8, markup=False)
             self._last_failure[group] = text

@@ -14,8 +14,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import Worker, WorkerState
 
-from engine.errors import UserError
 from engine.jobs import JOB_COLUMNS, job_row, list_jobs
+from tuner_tui.errors import failure_text
 
 REFRESH_S = 2.0
 
@@ -66,9 +66,7 @@ class RunsScreen(Screen):
         if event.state == WorkerState.SUCCESS:
             self._show(event.worker.result)
         else:
-            error = event.worker.error
-            text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            self.query_one("#empty", Static).update(f"cannot read the runs: {text}")
+            self.query_one("#empty", Static).update(f"cannot read the runs: {failure_text(event.worker.error)}")
         self.set_timer(self.refresh_s, self._read)
 
     def _show(self, rows: list[dict[str, str]]) -> None:

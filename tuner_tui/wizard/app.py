@@ -10,12 +10,12 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from engine.hardware import Gpu, HardwareState, probe
-from tuner_tui.dashboard.screen import DashboardScreen
-from tuner_tui.wizard.screens import STEPS, WizardStep
+from tuner_tui.runs.navigation import RunsNavigation
+from tuner_tui.wizard.steps import STEPS, WizardStep
 from tuner_tui.wizard.state import Choices
 
 
-class WizardApp(App):
+class WizardApp(RunsNavigation, App):
     TITLE = "tuner"
     BINDINGS = [
         Binding("q", "quit", "Quit", tooltip="Leave the wizard; a started run goes on"),
@@ -29,7 +29,7 @@ class WizardApp(App):
         self.state_dir = state_dir
         self.choices = choices if choices is not None else Choices.recalled(state_dir)
         self.hardware: HardwareState | None = None
-        self.dashboard_interval_s = dashboard_interval_s
+        self.dashboard_interval_s, self.gpu_interval_s = dashboard_interval_s, max(2.0, dashboard_interval_s)
         self.run_dir: Path | None = None
 
     def on_mount(self) -> None:
@@ -60,12 +60,11 @@ class WizardApp(App):
 
     def open_dashboard(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.push_screen(DashboardScreen(self.run_dir, self.probe, self.dashboard_interval_s,
-                                         max(2.0, self.dashboard_interval_s)))
+        self.push_screen(self.dashboard(self.run_dir))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        if isinstance(screen, (WizardStep, DashboardScreen)):
+        if hasattr(screen, "system_commands"):
             yield from screen.system_commands()
 
 

@@ -12,13 +12,56 @@ from typing import Any
 
 import yaml
 
-from engine.config import TunerConfig, build_config, read_config_file
+from engine.config import FIELDS, TunerConfig, build_config, coerce, read_config_file
 from engine.errors import ConfigError, UserError
 from engine.paths import state_dir
 from engine.validation import validate
 
 METHODS = ("full", "freeze", "lora", "qlora-8bit", "qlora-4bit")
 REMEMBERED = "wizard.yaml"
+
+# What an empty field stands for, where the config's default alone would not say it.
+DEFAULT_NOTES = {
+    "lora_alpha": "2 x rank",
+    "lora_target": "all: every linear layer",
+    "max_steps": "-1: use epochs",
+    "output_dir": "saves/<model>/<method>/<time>",
+    "eval_steps": "none: every logging_steps",
+    "save_total_limit": "none: keep all",
+    "max_samples": "none: all of them",
+    "neftune_noise_alpha": "none: off",
+    "bf16": "auto: when the GPU has it",
+    "fp16": "auto: when the GPU lacks bf16",
+}
+
+
+def default_text(key: str) -> str:
+    """What leaving ``key`` empty means: the config's default, explained where a bare value would not say it."""
+    if key in DEFAULT_NOTES:
+        return DEFAULT_NOTES[key]
+    default = FIELDS[key][1].default
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def help_text(key: str) -> str:
+    return f"{key}: {FIELDS[key][1].metadata['help']}"
+
+
+def kind_of(key: str) -> str:
+    """How the wizard asks for ``key``: "switch" (on or off), "select" (one of a few values; on/off settings that
+    default to a decision at run time offer true and false) or "input"."""
+    f = FIELDS[key][1]
+    if f.metadata.get("choices"):
+        return "select"
+    if str(f.type).startswith("bool"):  # the annotations are strings: "bool", "bool | None"
+        return "select" if f.default is None else "switch"
+    return "input"
+
+
+def options_of(key: str) -> tuple[str, ...]:
+    """The values a "select" setting offers."""
+    choices = FIELDS[key][1].metadata.get("choices")
+    return tuple(str(choice) for choice in choices) if choices else ("true", "false")
 
 
 def method_keys(method: str) -> dict[str, Any]:
@@ -46,6 +89,13 @@ class Choices:
 
     def config(self) -> TunerConfig:
         return build_config(self.flat())
+
+    def is_on(self, key: str) -> bool:
+        """An on/off setting as typed, or its default when it is empty or not a true/false word."""
+        try:
+            return bool(coerce(key, self.values[key]))
+        except (KeyError, ValueError):
+            return bool(FIELDS[key][1].default)
 
     def problems(self, keys: tuple[str, ...], command: str = "train") -> dict[str, str]:
         """Each of ``keys`` with the engine's complaint about it (build_config, then validate), empty when sound."""

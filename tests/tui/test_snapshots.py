@@ -1,0 +1,85 @@
+"""Snapshots (SVG) of every wizard step at 80x24 and 120x40: the A100 recorded state, the tiny Llama, demo data.
+
+The screens show paths, so the model and the data are copied to one fixed place (FIXED) that is the same on every
+machine whatever the checkout's directory.
+
+A step is shot once its workers (probe, estimate, preview) have finished and nothing has run for a moment, so the
+picture does not depend on timing. `pytest tests/tui/test_snapshots.py --snapshot-update` rewrites them after an
+intended change; look at the report (snapshot_report.html) before committing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from textual.worker import WorkerState
+from tui_helpers import recorded
+
+from tuner_tui.wizard.app import WizardApp
+from tuner_tui.wizard.state import Choices
+
+FIXED = Path("/tmp/tuner-tui-snapshots")
+SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+STEPS = ("HardwareStep", "ModelStep", "MethodStep", "DataStep", "HyperparametersStep", "ReviewStep")
+QUIET_S = 0.6
+CHOICES = {"model_name_or_path": str(FIXED / "tiny-llama"), "template": "llama2",
+           "dataset": str(FIXED / "alpaca_demo.json"), "cutoff_len": "256",
+           "max_samples": "200", "learning_rate": "2e-4", "num_train_epochs": "1", "output_dir": "saves/snapshot",
+           "lora_rank": "16"}
+
+
+@pytest.fixture(scope="module")
+def fixed_inputs(tiny_models) -> Path:
+    from engine.paths import PRESETS_DIR
+
+    shutil.copytree(tiny_models["tiny-llama"], FIXED / "tiny-llama", dirs_exist_ok=True)
+    shutil.copy(PRESETS_DIR / "data" / "demo_alpaca.json", FIXED / "alpaca_demo.json")
+    return FIXED
+
+
+async def settled(pilot, timeout: float = 60.0) -> None:
+    """Until no worker has been running for QUIET_S (debounced workers start up to 0.3 s after a change)."""
+    app, deadline, quiet_since = pilot.app, time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        busy = any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers)
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_S:
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the wizard's workers did not settle")
+
+
+def walk_to(step: str):
+    async def run_before(pilot) -> None:
+        app = pilot.app
+        for name in STEPS[:STEPS.index(step) + 1]:
+            deadline = time.monotonic() + 60
+            while type(app.screen).__name__ != name:
+                assert time.monotonic() < deadline, f"the wizard did not reach {name}"
+                await pilot.pause(0.05)
+            await settled(pilot)
+            if name != step:
+                app.screen.action_next()
+        app.screen.set_focus(None)  # no blinking cursor in the picture
+        await pilot.pause()
+
+    return run_before
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("step", STEPS)
+def test_wizard_step(snap_compare, fixed_inputs, tmp_path, step, size):
+    app = WizardApp(probe=recorded("a100-80gb"), choices=Choices(values=dict(CHOICES), method="lora"),
+                    state_dir=tmp_path / "state")
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=walk_to(step))
+
+
+def test_wizard_without_a_gpu(snap_compare, fixed_inputs, tmp_path):
+    app = WizardApp(probe=recorded("none"), choices=Choices(values=dict(CHOICES)), state_dir=tmp_path / "state")
+    assert snap_compare(app, terminal_size=SIZES["80x24"], run_before=walk_to("HardwareStep"))

@@ -1,0 +1,223 @@
+"""Step 4, Template and dataset: the chat template compared with the model's own, and a preview of the data with
+its learned part highlighted and its token lengths."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.content import Content
+from textual.containers import Horizontal
+from textual.widgets import Button, Input, Label, Select, Static
+
+from engine.errors import UserError
+from tuner_tui.wizard.steps.base import Field, WizardStep, field_row
+
+PREVIEWING = threading.Lock()
+LEARNED = "$text-success on $success-muted"
+
+
+class DataStep(WizardStep):
+    TITLE = "Template and dataset"
+    STEP = 4
+    CHECKED = ("dataset", "dataset_dir", "template")
+    BINDINGS = [Binding("ctrl+o", "browse", "Browse", tooltip="Choose a dataset file from a folder tree")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checked: dict | None = None  # the model and template the template note was made for
+        self._previewed: dict | None = None  # the values the preview was built from
+
+    def body(self) -> ComposeResult:
+        with Horizontal(classes="row"):
+            yield Label("Template", classes="label")
+            yield Select([], id="template-select", allow_blank=True, prompt="the model's own")
+        yield Static("", id="template-note")
+        yield Static("", id="err-template", classes="error")
+        yield from field_row("Dataset dir", Field("dataset_dir", self.choices, "optional: a dataset_info.json folder"))
+        with Horizontal(classes="row"):
+            yield Label("Registered", classes="label")
+            yield Select([], id="dataset-select", prompt="a registered dataset")
+        with Horizontal(classes="row", id="row-dataset"):
+            yield Label("Dataset", classes="label")
+            yield Field("dataset", self.choices, "a registered name, a file or folder, or a hub id")
+            yield Button("Browse…", id="browse", tooltip="Choose a dataset file from a folder tree (Ctrl+O)")
+        yield Static("", id="err-dataset", classes="error")
+        yield Static("", id="preview")
+
+    def on_mount(self) -> None:
+        self._names()
+
+    def on_screen_resume(self) -> None:
+        """Shown first, or back from step 5 or the file picker: redo what the values changed since have made stale
+        (a new cutoff_len redraws the histogram)."""
+        self.later("preview", self._refresh)
+
+    def _names(self) -> None:
+        self.work("names", self._read_names, "reading the templates and datasets")
+
+    def _read_names(self) -> tuple[list[str], list[str], str | None]:
+        from engine.catalog import lookup
+        from engine.data.registry import dataset_names
+        from engine.templates import template_names
+
+        spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
+        directory = self.choices.values.get("dataset_dir") or None
+        return template_names(), dataset_names(directory), spec.template if spec else None
+
+    def changed(self, key: str) -> None:
+        if key == "dataset_dir":
+            self.later("names", self._names)
+        self.later("preview", self._refresh)
+
+    def _refresh(self) -> None:
+        """Compare the template with the model's own, and preview the data, each again only when what it reads
+        changed since it last ran."""
+        values = self.choices.flat()
+        template_inputs = {key: values.get(key) for key in ("model_name_or_path", "template")}
+        if template_inputs != self._checked:
+            self._checked = template_inputs
+            self.work("template", partial(self._check_template, values), "comparing the template with the model's own")
+        if values != self._previewed:
+            self._previewed = values
+            if values.get("dataset"):
+                self.work("preview", partial(self._preview, values), "previewing the data")
+            else:
+                self.workers.cancel_group(self, "preview")
+                self.query_one("#preview", Static).update("")
+                self._problem("dataset", "")
+
+    @staticmethod
+    def _check_template(values: dict):
+        from engine.config import build_config
+        from engine.preview import check_template
+
+        with PREVIEWING:  # beside a preview, transformers' first import can fail in one of the two threads
+            return check_template(build_config(values))
+
+    @staticmethod
+    def _preview(values: dict):
+        from engine.config import build_config
+        from engine.preview import build_preview
+
+        with PREVIEWING:  # one at a time: a superseded preview may still be reading the same files
+            return build_preview(build_config(values), 2)
+
+    def done(self, group: str, result: Any) -> None:
+        if group == "names":
+            self._problem("dataset_dir", "")
+            templates, datasets, default = result
+            template = self.query_one("#template-select", Select)
+            template.set_options([(name, name) for name in templates])
+            chosen = self.choices.values.get("template") or default
+            if chosen in templates:
+                template.value = chosen
+            registry = self.query_one("#dataset-select", Select)
+            registry.set_options([(name, name) for name in datasets])
+            if self.choices.values.get("dataset") in datasets:
+                registry.value = self.choices.values["dataset"]
+        elif group == "template":
+            self._problem("template", "")
+            self._show_template_note(result)
+        elif group == "preview":
+            self._problem("dataset", "")
+            self.query_one("#preview", Static).update(render_preview(result))
+
+    def _show_template_note(self, check) -> None:
+        """A warning when the template renders differently from the model's own chat_template, else a muted note."""
+        from engine.templates import AUTO
+
+        if check.warning:
+            text = f"⚠ {check.warning}"
+        elif not check.has_chat_template:
+            text = "the model's tokenizer has no chat_template of its own to compare the template with"
+        elif check.template == AUTO:
+            text = "the model's own chat_template"
+        else:
+            text = f"✔ {check.template} renders like the model's own chat_template"
+        note = self.query_one("#template-note", Static)
+        note.set_class(bool(check.warning), "warning")
+        note.update(Content(text))
+
+    def failed(self, group: str, text: str) -> bool:
+        """Failures show beside the field they concern; a failed comparison or preview runs again on the next change
+        or return to this step."""
+        if group == "template":
+            self._checked = None
+            self.query_one("#template-note", Static).update("")
+            self._problem("template", text)
+            return True
+        if group in ("preview", "names"):
+            self._previewed = None
+            self.query_one("#preview", Static).update("")
+            self._problem("dataset_dir" if group == "names" else "dataset", text)
+            return True
+        return super().failed(group, text)
+
+    def _problem(self, key: str, text: str) -> None:
+        self.query_one(f"#err-{key}", Static).update(Text(text, style="bold"))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        value = None if event.value is Select.NULL else str(event.value)
+        if event.select.id == "template-select":
+            if self.choices.values.get("template") != value:
+                self.choices.values["template"] = value or ""
+                self.changed("template")
+        elif event.select.id == "dataset-select" and value:
+            self.query_one("#dataset", Input).value = value
+
+    def action_browse(self) -> None:
+        from tuner_tui.wizard.files import DatasetPicker, start_folder
+
+        values = self.choices.values
+        self.app.push_screen(DatasetPicker(start_folder(values.get("dataset"), values.get("dataset_dir"))),
+                             self._picked)
+
+    def _picked(self, path: str | None) -> None:
+        field = self.query_one("#dataset", Input)
+        if path:
+            field.value = path
+        field.focus()
+
+    def check(self) -> dict[str, str]:
+        from engine.data.registry import resolve_dataset
+
+        problems = self.choices.problems(self.CHECKED)
+        if problems:
+            return problems
+        directory = self.choices.values.get("dataset_dir") or None
+        try:
+            for name in str(self.choices.values["dataset"]).split(","):
+                resolve_dataset(name.strip(), directory)
+        except UserError as exc:
+            return {"dataset": str(exc)}
+        return {}
+
+    def system_commands(self) -> Iterable[SystemCommand]:
+        yield from super().system_commands()
+        yield SystemCommand("Browse for a dataset file", "Choose a dataset file from a folder tree",
+                            self.action_browse)
+
+
+def render_preview(preview) -> Content:
+    """The first samples, the learned part highlighted, then the token-length stats, their histogram with cutoff_len
+    marked, and the loading report."""
+    from engine.preview import histogram_lines
+
+    bars = {"within": "$text-primary", "over": "$text-warning", "cutoff": "bold $text-error"}
+    parts: list = [(f"template {preview.template} · the learned part highlighted\n", "bold")]
+    for n, sample in enumerate(preview.samples, 1):
+        parts.append((f"── sample {n} ({len(sample.input_ids)} tokens)\n", "$text-muted"))
+        parts += [(segment.text, LEARNED) if segment.learned else segment.text for segment in sample.segments]
+        parts.append("\n")
+    s = preview.stats
+    parts.append((f"tokens: {s['count']} samples · mean {s['mean']:.0f} · p50 {s['p50']} · p95 {s['p95']} · "
+                  f"max {s['max']} · {s['over_cutoff']} over cutoff_len\n", "bold"))
+    parts += [(f"{line}\n", bars[kind]) for line, kind in histogram_lines(preview)]
+    parts += [(f"{line}\n", "$text-muted") for line in preview.report]
+    return Content.assemble(*parts)

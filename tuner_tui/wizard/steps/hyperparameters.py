@@ -1,0 +1,60 @@
+"""Step 5, Hyperparameters: the usual few, and the rest of an SFT recipe in an Advanced section, checked as typed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.widgets import Collapsible
+
+from tuner_tui.wizard.state import method_keys
+from tuner_tui.wizard.steps.base import WizardStep, setting_row
+
+HYPERPARAMETERS = (("learning_rate", "Learning rate"), ("num_train_epochs", "Epochs"), ("max_steps", "Max steps"),
+                   ("per_device_train_batch_size", "Batch per GPU"),
+                   ("gradient_accumulation_steps", "Grad accumulation"), ("cutoff_len", "Cutoff len"),
+                   ("output_dir", "Output dir"))
+# Behind "Advanced": the rest of what a LLaMA-Factory SFT recipe sets.
+ADVANCED = (("lr_scheduler_type", "LR schedule"), ("warmup_ratio", "Warmup ratio"), ("warmup_steps", "Warmup steps"),
+            ("weight_decay", "Weight decay"), ("max_grad_norm", "Max grad norm"), ("lora_dropout", "LoRA dropout"),
+            ("neftune_noise_alpha", "NEFTune alpha"), ("packing", "Packing"), ("train_on_prompt", "Train on prompt"),
+            ("max_samples", "Max samples"), ("val_size", "Validation size"), ("eval_strategy", "Evaluate"),
+            ("eval_steps", "Eval steps"), ("per_device_eval_batch_size", "Eval batch per GPU"),
+            ("logging_steps", "Logging steps"), ("save_strategy", "Save checkpoints"), ("save_steps", "Save steps"),
+            ("save_total_limit", "Keep checkpoints"), ("seed", "Seed"),
+            ("gradient_checkpointing", "Grad checkpointing"), ("bf16", "bf16"), ("fp16", "fp16"),
+            ("flash_attn", "Attention"), ("report_to", "Report to"))
+LORA_ONLY = ("lora_dropout",)
+
+
+class HyperparametersStep(WizardStep):
+    TITLE = "Hyperparameters"
+    STEP = 5
+    CHECKED = tuple(key for key, _ in HYPERPARAMETERS + ADVANCED)
+
+    def body(self) -> ComposeResult:
+        for key, label in HYPERPARAMETERS:
+            yield from setting_row(key, label, self.choices)
+        with Collapsible(title="Advanced", id="advanced"):
+            for key, label in ADVANCED:
+                yield from setting_row(key, label, self.choices)
+
+    def on_mount(self) -> None:
+        """LoRA-only settings show for LoRA (and wherever a value was typed, so it can be seen and fixed)."""
+        lora = method_keys(self.choices.method or "lora")["finetuning_type"] == "lora"
+        for key in LORA_ONLY:
+            if not lora and not self.choices.values.get(key):
+                for widget in self.query(f"#row-{key}, #err-{key}"):
+                    widget.display = False
+
+    def changed(self, key: str) -> None:
+        self.later("validate", lambda: self.work("validate", self.check, "checking the values"))
+
+    def done(self, group: str, result: Any) -> None:
+        self.show_problems(result)
+
+    def show_problems(self, problems: dict[str, str]) -> None:
+        """Messages beside the fields; the advanced ones open their section so they are seen."""
+        super().show_problems(problems)
+        if any(key in problems for key, _ in ADVANCED):
+            self.query_one("#advanced", Collapsible).collapsed = False

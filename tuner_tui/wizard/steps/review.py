@@ -1,0 +1,92 @@
+"""Step 6, Review: the command line and config YAML; save the config to a file or start the run and open its
+dashboard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.widgets import Button, Input, Static
+
+from tuner_tui.wizard.state import save_config, start_run
+from tuner_tui.wizard.steps.base import WizardStep, field_row
+
+
+class ReviewStep(WizardStep):
+    TITLE = "Review: save the config or start the run"
+    STEP = 6
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", tooltip="Write the config YAML to the path given"),
+        Binding("ctrl+r", "start", "Start", tooltip="Start the run detached and open its dashboard"),
+    ]
+
+    def body(self) -> ComposeResult:
+        yield Static("", id="command")
+        yield from field_row("Save to", Input(value=str(self.choices.values.get("_save_path", "run.yaml")),
+                                              id="save_path"))
+        yield Static("", id="err-start", classes="error")
+        yield Static("", id="yaml")
+
+    def nav_buttons(self) -> ComposeResult:
+        yield Button("Save", id="save")
+        yield Button("Start", id="start", variant="success")
+
+    def on_mount(self) -> None:
+        self.work("render", lambda: (self.choices.command_line(), self.choices.to_yaml()), "writing the config")
+
+    def done(self, group: str, result: Any) -> None:
+        if group == "render":
+            command, text = result
+            self.query_one("#command", Static).update(Text(command, style="bold"))
+            self.query_one("#yaml", Static).update(Text(text))
+        elif group == "save":
+            self.query_one("#err-save_path", Static).update("")
+            self.notify(f"saved to {result}", title="config saved", markup=False)
+        elif group == "start":
+            self.query_one("#err-start", Static).update("")
+            self.app.open_dashboard(result)
+
+    def failed(self, group: str, text: str) -> bool:
+        target = {"save": "#err-save_path", "start": "#err-start", "render": "#err-start"}.get(group)
+        if target:
+            self.query_one(target, Static).update(Text(text, style="bold"))
+            return True
+        return False
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.choices.values["_save_path"] = event.value
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter in the path saves; it never starts a run."""
+        event.prevent_default()
+        event.stop()
+        self.action_save()
+
+    def action_next(self) -> None:
+        self.action_start()
+
+    def action_save(self) -> None:
+        path = self.query_one("#save_path", Input).value
+        self.work("save", partial(self._save, path), "saving the config")
+
+    def _save(self, path: str):
+        saved = save_config(self.choices, path)
+        self.app.remember()
+        return saved
+
+    def action_start(self) -> None:
+        self.query_one("#err-start", Static).update("starting the run…")
+        self.work("start", self._start, "starting the run")
+
+    def _start(self):
+        self.app.remember()
+        return start_run(self.choices, self.app.visible_devices())
+
+    def system_commands(self) -> Iterable[SystemCommand]:
+        yield from super().system_commands()
+        yield SystemCommand("Save config", "Write the config YAML to the path given", self.action_save)
+        yield SystemCommand("Start run", "Start the run detached and open its dashboard", self.action_start)
