@@ -143,6 +143,13 @@ async def test_walk_the_wizard_and_save(machine, tiny_models, tmp_path):
         await until(pilot, lambda: shown(command), "the command line")
         assert shown(command).startswith("tuner train ") and "--max_steps 2" in shown(command)
         assert "learning_rate: 0.0002" in shown(app.screen.query_one("#yaml", Static))
+        estimate = app.screen.query_one("#estimate", Static)
+        await until(pilot, lambda: "GiB" in shown(estimate), "the estimate once more")
+        if machine == "none":
+            assert "LoRA (16-bit) needs about" in shown(estimate) and "CPU" in shown(estimate)
+        else:
+            assert shown(estimate).startswith("✔ LoRA (16-bit) needs about")
+            assert "usable on 1 x NVIDIA A100-SXM4-80GB" in shown(estimate)
 
         await type_into(pilot, app, "save_path", str(tmp_path / "no" / "such" / "run.yaml"))
         await pilot.click("#save")

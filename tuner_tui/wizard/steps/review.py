@@ -10,6 +10,7 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.content import Content
 from textual.widgets import Button, Input, Static
 
 from tuner_tui.wizard.state import save_config, start_run
@@ -25,6 +26,7 @@ class ReviewStep(WizardStep):
     ]
 
     def body(self) -> ComposeResult:
+        yield Static("estimating memory…", id="estimate")
         yield Static("", id="command")
         yield from field_row("Save to", Input(value=str(self.choices.values.get("_save_path", "run.yaml")),
                                               id="save_path"))
@@ -37,9 +39,29 @@ class ReviewStep(WizardStep):
 
     def on_mount(self) -> None:
         self.work("render", lambda: (self.choices.command_line(), self.choices.to_yaml()), "writing the config")
+        self.work("estimate", self._estimate, "estimating memory")
+
+    def _estimate(self) -> tuple[str, bool]:
+        """The chosen method's estimate once more, against the chosen GPUs; True when it does not fit."""
+        from engine.recommend import memory_budget, model_geometry, recommend, shape_from_config
+
+        cfg, gpus = self.choices.config(), self.app.chosen_gpus()
+        shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), max(1, len(gpus)))
+        rec = recommend(shape, memory_budget(gpus))
+        row = next(row for row in rec.rows if row.method == shape.method)
+        needs = f"{row.label} needs about {row.estimate.total_gib:g} GiB per GPU"
+        if rec.budget_gib is None:
+            return f"{needs}; no NVIDIA GPU here, so it trains on the CPU", False
+        on = f"{len(gpus)} x {gpus[0].name}" if gpus else "the GPUs"
+        if row.fits:
+            return f"✔ {needs}: it fits in the {rec.budget_gib:g} GiB usable on {on}", False
+        return f"✘ {needs}: more than the {rec.budget_gib:g} GiB usable on {on}; go back to the method step", True
 
     def done(self, group: str, result: Any) -> None:
-        if group == "render":
+        if group == "estimate":
+            text, too_big = result
+            self.query_one("#estimate", Static).update(Content.styled(text, "bold $text-error" if too_big else "bold"))
+        elif group == "render":
             command, text = result
             self.query_one("#command", Static).update(Text(command, style="bold"))
             self.query_one("#yaml", Static).update(Text(text))
@@ -51,7 +73,8 @@ class ReviewStep(WizardStep):
             self.app.open_dashboard(result)
 
     def failed(self, group: str, text: str) -> bool:
-        target = {"save": "#err-save_path", "start": "#err-start", "render": "#err-start"}.get(group)
+        target = {"save": "#err-save_path", "start": "#err-start", "render": "#err-start",
+                  "estimate": "#estimate"}.get(group)
         if target:
             self.query_one(target, Static).update(Text(text, style="bold"))
             return True
