@@ -98,7 +98,8 @@ def list_jobs() -> list[Job]:
     return sorted(jobs, key=lambda job: job.status.started_at if job.status else "", reverse=True)
 
 
-JOB_COLUMNS = ("id", "state", "model", "method", "progress", "loss", "elapsed")
+JOB_COLUMNS = ("id", "name", "state", "model", "method", "progress", "loss", "started", "elapsed")
+FAILED_LOG_LINES = 3
 
 
 def job_row(job: Job) -> dict[str, str]:
@@ -106,10 +107,23 @@ def job_row(job: Job) -> dict[str, str]:
     s = job.status
     if s is None:
         return dict.fromkeys(JOB_COLUMNS, "") | {"id": job.id, "state": "missing", "model": str(job.dir)}
-    return {"id": job.id, "state": job.state, "model": Path(s.model or "").name, "method": s.method or "",
-            "progress": f"{s.step}/{s.total_steps}" if s.total_steps else "",
+    return {"id": job.id, "name": s.name or "", "state": job.state, "model": Path(s.model or "").name,
+            "method": s.method or "", "progress": f"{s.step}/{s.total_steps}" if s.total_steps else "",
             "loss": f"{s.loss:.4f}" if s.loss is not None else "",
+            "started": datetime.fromisoformat(s.started_at).astimezone().strftime("%m-%d %H:%M"),
             "elapsed": elapsed(s.started_at, s.ended_at or _last_seen(job))}
+
+
+def log_tail(job: Job, lines: int = FAILED_LOG_LINES, max_bytes: int = 16 * 1024) -> list[str]:
+    """The last non-empty lines of the run's train.log (what a failed run said last); [] when it has none."""
+    try:
+        with open(job.dir / "train.log", "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - max_bytes))
+            text = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = [row.rsplit("\r", 1)[-1].rstrip() for row in text.splitlines()]
+    return [row for row in rows if row.strip()][-lines:]
 
 
 def elapsed(started_at: str, ended_at: str | None) -> str:

@@ -13,7 +13,7 @@ from engine.errors import UserError
 def cmd_runs(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "runs")
-    from engine.jobs import JOB_COLUMNS, job_row, list_jobs
+    from engine.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
 
     jobs = list_jobs()
     if as_json:
@@ -21,19 +21,53 @@ def cmd_runs(argv: list[str]) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(box=None, header_style="bold")
-    for column in JOB_COLUMNS:
-        table.add_column(column, no_wrap=column == "id")
-    for row in map(job_row, jobs):
-        table.add_row(*(row[column] for column in JOB_COLUMNS))
-    Console().print(table if jobs else "no runs yet: start one with `tuner train ... --detach`")
+    console = Console()
+    if not jobs:
+        console.print("no runs yet: start one with `tuner train ... --detach`")
+        return 0
+    rows = [job_row(job) for job in jobs]
+    columns = fitting_columns(rows, console.width)
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    for column in columns:  # model, method and name give way (…) when the terminal is narrow; the rest never do
+        squeezable = column in ("name", "model", "method")
+        table.add_column(column, no_wrap=True, overflow="ellipsis",
+                         min_width=None if squeezable else max(len(column), *(len(r[column]) for r in rows)))
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    console.print(table)
+    if len(columns) < len(JOB_COLUMNS):
+        console.print(Text(f"({', '.join(c for c in JOB_COLUMNS if c not in columns)} left out to fit "
+                           f"{console.width} columns; --json has everything)", style="dim"))
+    for job in jobs:
+        if job.state == "failed":
+            console.print(Text(f"{job.id} failed; the end of {job.dir / 'train.log'}:", style="bold red"),
+                          soft_wrap=True)
+            for line in log_tail(job):
+                console.print(Text(f"  {line}", style="dim"), soft_wrap=True)
     return 0
 
 
+def fitting_columns(rows: list[dict[str, str]], width: int) -> list[str]:
+    """JOB_COLUMNS, less "started" and then "name" while the table is wider than the terminal."""
+    from engine.jobs import JOB_COLUMNS
+
+    columns = list(JOB_COLUMNS)
+    for optional in ("started", "name"):
+        needed = sum(max(len(c), *(len(r[c]) for r in rows)) for c in columns) + len(columns) - 1
+        if needed <= width:
+            break
+        columns.remove(optional)
+    return columns
+
+
 def _job_json(job) -> dict:
+    from engine.jobs import log_tail
+
     status = dataclasses.asdict(job.status) if job.status else None
-    return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log}
+    return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log,
+            "log_tail": log_tail(job) if job.state == "failed" else []}
 
 
 def cmd_logs(argv: list[str]) -> int:

@@ -96,6 +96,11 @@ def test_kill_9_shows_failed_then_resume_continues_the_step_count(home):
         e["type"] == "log" and e["step"] >= 25 for e in read_events(run_dir)), 120, "a checkpoint and more steps")
     os.kill(read_status(run_dir).pid, signal.SIGKILL)
     wait_for(lambda: runs_json(home)[0]["state"] == "failed", 20, "the dead run to show as failed")
+    last_lines = runs_json(home)[0]["log_tail"]
+    assert len(last_lines) == 3 and "step" in last_lines[-1]  # what the run said last, from its train.log
+    listed = tuner("runs", cwd=home, env={**os.environ, "COLUMNS": "120"}).stdout
+    assert f"{run_id} failed; the end of {run_dir.resolve() / 'train.log'}:" in listed
+    assert last_lines[-1] in listed
 
     result = tuner("resume", run_id, cwd=home)
     assert result.returncode == 0 and result.stdout.startswith(f"resumed run {run_id}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import recorded, shown, until
@@ -21,6 +22,13 @@ FAST = {"interval_s": 0.1, "gpu_interval_s": 0.1}
 
 def monitor(run_dir) -> MonitorApp:
     return MonitorApp(run_dir, probe=recorded("a100-80gb"), **FAST)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def ended(app: MonitorApp):
@@ -118,8 +126,33 @@ async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
                     "the runs list")
         table = app.screen.query_one(DataTable)
         row = table.get_row_at(0)
-        assert row[0] == read_status(finished_run).id and row[1] == "completed" and row[4] == "20/20"
+        assert row[0] == read_status(finished_run).id and row[2] == "completed" and row[5] == "20/20"
+        assert str(finished_run) in shown(app.screen.query_one("#detail", Static))
         depth = len(app.screen_stack)
         await pilot.press("enter")
         await until(pilot, ended(app), "the dashboard")
         assert app.screen.run_dir == finished_run and len(app.screen_stack) == depth
+
+
+async def test_runs_list_shows_what_a_dead_run_said_last(run_copy, state_home):
+    from engine.jobs import register
+
+    status = read_status(run_copy)
+    status.id, status.state, status.pid, status.output_dir = "20990101-000000-dead00", "running", dead_pid(), str(run_copy)
+    write_status(run_copy, status)
+    register(run_copy, status.id)
+    app = monitor(run_copy)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await until(pilot, ended(app), "the run to be read")
+        assert app.screen.run.state == "failed"
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one(DataTable).row_count,
+                    "the runs list")
+        table = app.screen.query_one(DataTable)
+        row = table.get_row_index("20990101-000000-dead00")
+        assert table.get_row_at(row)[1:3] == ["run", "failed"]
+        table.move_cursor(row=row)
+        await pilot.pause()
+        detail = shown(app.screen.query_one("#detail", Static))
+        last = (run_copy / "train.log").read_text().splitlines()[-1]
+        assert "failed; the end of its train.log:" in detail and last.strip() in detail

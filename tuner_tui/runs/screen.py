@@ -14,7 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import Worker, WorkerState
 
-from engine.jobs import JOB_COLUMNS, job_row, list_jobs
+from engine.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
 from tuner_tui.errors import failure_text
 
 REFRESH_S = 2.0
@@ -32,9 +32,10 @@ class ShowRuns(Message):
     """Show the runs list in place of the screen on top."""
 
 
-def read_runs() -> list[dict[str, str]]:
-    """The rows to show, each with the run's directory."""
-    return [job_row(job) | {"dir": str(job.dir)} for job in list_jobs()]
+def read_runs() -> list[dict]:
+    """The rows to show, each with the run's directory and, for a failed run, the last lines of its log."""
+    return [job_row(job) | {"dir": str(job.dir), "tail": log_tail(job) if job.state == "failed" else []}
+            for job in list_jobs()]
 
 
 class RunsScreen(Screen):
@@ -44,7 +45,7 @@ class RunsScreen(Screen):
     def __init__(self, refresh_s: float = REFRESH_S):
         super().__init__()
         self.refresh_s = refresh_s
-        self._dirs: dict[str, str] = {}
+        self._rows: dict[str, dict] = {}
 
     def compose(self) -> ComposeResult:
         yield Static("Runs on this host · Enter opens one", id="title")
@@ -52,6 +53,7 @@ class RunsScreen(Screen):
         table.add_columns(*JOB_COLUMNS)
         yield table
         yield Static("reading the runs…", id="empty")
+        yield Static("", id="detail", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -69,25 +71,40 @@ class RunsScreen(Screen):
             self.query_one("#empty", Static).update(f"cannot read the runs: {failure_text(event.worker.error)}")
         self.set_timer(self.refresh_s, self._read)
 
-    def _show(self, rows: list[dict[str, str]]) -> None:
+    def _show(self, rows: list[dict]) -> None:
         """Rows keyed by run id, so the cursor stays on the same run as the list changes."""
         table = self.query_one(DataTable)
-        current = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value if table.row_count else None
+        current = self._current()
         table.clear()
-        self._dirs = {row["id"]: row["dir"] for row in rows}
+        self._rows = {row["id"]: row for row in rows}
         for row in rows:
             table.add_row(*(row[column] for column in JOB_COLUMNS), key=row["id"])
-        if current in self._dirs:
+        if current in self._rows:
             table.move_cursor(row=table.get_row_index(current))
         self.query_one("#empty", Static).update(
             "" if rows else "no runs yet: start one with `tuner` (the wizard) or `tuner train ... --detach`")
+        self._detail()
+
+    def _current(self) -> str | None:
+        table = self.query_one(DataTable)
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value if table.row_count else None
+
+    def _detail(self) -> None:
+        """The highlighted run's directory, and what a failed run said last."""
+        row = self._rows.get(self._current())
+        if row is None:
+            self.query_one("#detail", Static).update("")
+            return
+        lines = [row["dir"]] + (["failed; the end of its train.log:"] + row["tail"] if row["tail"] else [])
+        self.query_one("#detail", Static).update("\n".join(lines))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._detail()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        self.post_message(OpenRun(Path(self._dirs[event.row_key.value])))
+        self.post_message(OpenRun(Path(self._rows[event.row_key.value]["dir"])))
 
     def action_open(self) -> None:
-        table = self.query_one(DataTable)
-        if table.row_count:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            self.post_message(OpenRun(Path(self._dirs[key])))
+        if self._current() in self._rows:
+            self.post_message(OpenRun(Path(self._rows[self._current()]["dir"])))
