@@ -173,8 +173,10 @@ def _install(build_dir: Path, target: Path, fingerprint: dict) -> None:
 
 def _build(name: str, out: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from engine.modeling import from_transformers
+
+    AutoConfig, AutoModelForCausalLM = from_transformers("AutoConfig", "AutoModelForCausalLM")
     spec = lookup(name)
     geometry = spec.geometry
     tokenizer = _train_tokenizer(geometry.max_position_embeddings)
@@ -210,8 +212,10 @@ def _train_tokenizer(max_length: int | None):
 
     It pads on the right, as training wants; generation pads on the left and sets that itself."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
+    from engine.modeling import from_transformers
+
+    (PreTrainedTokenizerFast,) = from_transformers("PreTrainedTokenizerFast")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

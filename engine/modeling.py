@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import threading
 from dataclasses import dataclass
 
 from engine.config import TunerConfig
@@ -76,9 +77,21 @@ class Hardware:
         )
 
 
+_IMPORTING = threading.Lock()
+
+
+def from_transformers(*names: str) -> tuple:
+    """``from transformers import names``, one thread at a time: transformers' lazy module fails ("cannot import
+    name") when two threads import from it for the first time together, as the TUI's workers may."""
+    with _IMPORTING:
+        import transformers
+
+        return tuple(getattr(transformers, name) for name in names)
+
+
 def load_tokenizer(model_path: str, cfg: TunerConfig):
     """The model's tokenizer, with a pad token (eos when it has none) so batches can be padded."""
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = from_transformers("AutoTokenizer")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -99,7 +112,7 @@ def quantization_config(cfg: TunerConfig, precision: Precision):
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("quantization_bit needs the bitsandbytes package", "pip install bitsandbytes")
-    from transformers import BitsAndBytesConfig
+    (BitsAndBytesConfig,) = from_transformers("BitsAndBytesConfig")
 
     if bits == 4:
         return BitsAndBytesConfig(
@@ -112,7 +125,7 @@ def quantization_config(cfg: TunerConfig, precision: Precision):
 
 def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attention: str, device_map=None):
     """The base model as transformers loads it (safetensors only), quantized when quantization_bit is set."""
-    from transformers import AutoModelForCausalLM
+    (AutoModelForCausalLM,) = from_transformers("AutoModelForCausalLM")
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -78,3 +78,29 @@ def test_kbit_preparation_keeps_fused_experts_16bit(tiny_models):
     assert dtypes[layer + "self_attn.q_proj.lora_A.default.weight"] == "float32"
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_tokenizers_load_from_several_threads_at_first_import(tiny_models):
+    """The TUI's workers may load tokenizers together in a fresh process; transformers' lazy module alone fails
+    then ("cannot import name 'AutoTokenizer'"), engine.modeling imports from it one thread at a time."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading
+from engine.config import TunerConfig
+from engine.modeling import load_tokenizer
+errors = []
+def load():
+    try:
+        load_tokenizer({str(tiny_models['tiny-llama'])!r}, TunerConfig())
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=load) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -97,8 +97,7 @@ class DataStep(WizardStep):
         from engine.config import build_config
         from engine.preview import check_template
 
-        with PREVIEWING:  # beside a preview, transformers' first import can fail in one of the two threads
-            return check_template(build_config(values))
+        return check_template(build_config(values))  # engine.modeling imports transformers one thread at a time
 
     @staticmethod
     def _preview(values: dict):
