@@ -35,6 +35,16 @@ def ended(app: MonitorApp):
     return lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None
 
 
+async def open_form(pilot, app: MonitorApp, key: str, kind: type):
+    """From the dashboard of an ended run, the predict or export form, filled from the run."""
+    await until(pilot, ended(app), "the run to be read")
+    await pilot.press(key)
+    screen = app.screen
+    assert isinstance(screen, kind)
+    await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+    return screen
+
+
 async def test_chat_with_a_finished_run_streams_a_reply(run_copy, state_home):
     app = monitor(run_copy)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -61,11 +71,7 @@ async def test_chat_with_a_finished_run_streams_a_reply(run_copy, state_home):
 async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, state_home):
     app = monitor(run_copy)
     async with app.run_test(size=(100, 30)) as pilot:
-        await until(pilot, ended(app), "the run to be read")
-        await pilot.press("p")
-        screen = app.screen
-        assert isinstance(screen, PredictScreen)
-        await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+        screen = await open_form(pilot, app, "p", PredictScreen)
         assert screen.query_one("#dataset", Input).value == "demo_alpaca"
         assert "trained on" in shown(screen.query_one("#note", Static))
         screen.query_one("#max_samples", Input).value = "abc"
@@ -89,11 +95,7 @@ async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, st
 async def test_export_merges_into_the_directory_given(run_copy, state_home, tmp_path):
     app = monitor(run_copy)
     async with app.run_test(size=(100, 30)) as pilot:
-        await until(pilot, ended(app), "the run to be read")
-        await pilot.press("e")
-        screen = app.screen
-        assert isinstance(screen, ExportScreen)
-        await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+        screen = await open_form(pilot, app, "e", ExportScreen)
         assert screen.query_one("#export_dir", Input).value == str(run_copy / "merged")
         screen.query_one("#export_dir", Input).value = str(tmp_path / "exported")
         await pilot.press("ctrl+r")
