@@ -136,16 +136,21 @@ def linear_names(g: ModelGeometry) -> list[str]:
     return [linear.name for linear in decoder_linears(g)]
 
 
+def asked_targets(lora_target: str, available: list[str]) -> tuple[list[str], list[str]]:
+    """The module names a comma list asks for, and those of them that are not in ``available``."""
+    asked = [t.strip() for t in lora_target.split(",") if t.strip()]
+    return asked, [t for t in asked if t not in available]
+
+
 def lora_target_problem(g: ModelGeometry, lora_target: str) -> str | None:
     """Why ``lora_target`` would be refused for this model, or None: the check engine.modeling makes on the loaded
     model, made on the geometry so a config can be checked before anything loads."""
     if lora_target.strip() == "all" or g.model_type not in NAMED_LIKE_LLAMA:
         return None  # another family's names (phi3's qkv_proj, ...) are checked once the model is loaded
     available = linear_names(g)
-    asked = [t.strip() for t in lora_target.split(",") if t.strip()]
+    asked, missing = asked_targets(lora_target, available)
     if not asked:
         return "lora_target is empty: give module names (comma separated) or all"
-    missing = [t for t in asked if t not in available]
     if missing:
         return (f"lora_target {', '.join(missing)} not found in this model; its linear layers are: "
                 f"{', '.join(available)}; or use all")

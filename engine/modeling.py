@@ -161,8 +161,9 @@ def lora_targets(model, lora_target: str) -> list[str]:
     available = linear_module_names(model)
     if lora_target.strip() == "all":
         return available
-    asked = [t.strip() for t in lora_target.split(",") if t.strip()]
-    missing = [t for t in asked if t not in available]
+    from engine.memory import asked_targets
+
+    asked, missing = asked_targets(lora_target, available)
     if missing:
         raise UserError(f"lora_target {', '.join(missing)} not found in this model",
                         f"its linear layers are: {', '.join(available)}; or use lora_target all")

@@ -111,10 +111,15 @@ def _progress(total: int):
     return bar()
 
 
+def score_line(results: dict) -> str:
+    """The scores and speed of predict_results.json on one line: "bleu-4 12.34  rouge-1 ..."."""
+    return "  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
+                     if key.startswith("predict_") and key != "predict_samples")
+
+
 def _summary(out: Path, results: dict) -> None:
     from rich.console import Console
 
     console = Console()
     console.print(f"{results['predict_samples']} predictions in {out / PREDICTIONS}")
-    console.print("  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
-                            if key.startswith("predict_") and key not in ("predict_samples",)))
+    console.print(score_line(results))

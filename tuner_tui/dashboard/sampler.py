@@ -80,6 +80,12 @@ class RunSnapshot:
     def active(self) -> bool:
         return self.state in ("running", "queued")
 
+    @property
+    def ended(self) -> bool:
+        """Over, and ours: what it trained can be chatted with, predicted with, exported (another tool's is only
+        read)."""
+        return self.state in ("completed", "stopped", "failed")
+
 
 def ema(values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
     """LLaMA-Factory's smoothing: an EMA whose weight grows with the number of points, so short runs stay readable."""

@@ -121,9 +121,9 @@ class DashboardScreen(Screen):
             self.set_timer(self._samplers[group].interval_s, partial(self._sample, group))
 
     def on_run_sampled(self, message: RunSampled) -> None:
-        ended = self.run is not None and self._has_ended(self.run)
+        ended = self.run is not None and self.run.ended
         run = self.run = message.snapshot
-        if self._has_ended(run) != ended:
+        if run.ended != ended:
             self.refresh_bindings()
         self.query_one(StateBanner).run = run
         self.query_one(ProgressPanel).progress = run.progress
@@ -149,15 +149,10 @@ class DashboardScreen(Screen):
     def action_toggle_log_scale(self) -> None:
         self.log_scale = not self.log_scale
 
-    @staticmethod
-    def _has_ended(run: RunSnapshot) -> bool:
-        """Ended, and ours: what it trained can be used (another tool's output is only read)."""
-        return run.state in ("completed", "stopped", "failed")
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Chat, predict and export are shown dimmed until the run has ended."""
         if action in self.FOLLOW_UPS:
-            return True if self.run is not None and self._has_ended(self.run) else None
+            return True if self.run is not None and self.run.ended else None
         return True
 
     def action_chat(self) -> None:
@@ -209,7 +204,7 @@ class DashboardScreen(Screen):
         yield SystemCommand("Toggle log scale", "Show the loss chart on a log or a linear scale",
                             self.action_toggle_log_scale)
         yield SystemCommand("Runs", "Every run on this host", self.action_runs)
-        if self.run is not None and self._has_ended(self.run):
+        if self.run is not None and self.run.ended:
             yield SystemCommand("Chat with this run", "Load what it trained and chat", self.action_chat)
             yield SystemCommand("Predict with this run", "Generate for a dataset and score it", self.action_predict)
             yield SystemCommand("Export this run", "Merge it into its base and write safetensors",

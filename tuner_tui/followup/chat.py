@@ -22,19 +22,13 @@ LOAD, REPLY = "load", "reply"
 
 
 def load_run_chat(run_dir: Path, max_new_tokens: int | None = None):
-    """The chat session on a run's weights (engine.followup's values, validated as `tuner chat` would), and what
-    was loaded, in words."""
+    """The chat session on a run's weights, configured as `tuner chat --run RUN` would be, and what was loaded,
+    in words."""
     from engine.chat import start_chat
-    from engine.config import parse_args
-    from engine.followup import followup_values
-    from engine.jobs import find_job
-    from engine.validation import validate
+    from engine.cli.args import load_followup_config
 
-    values = followup_values(find_job(str(run_dir)), "chat")
-    if max_new_tokens is not None:
-        values["max_new_tokens"] = max_new_tokens
-    cfg = parse_args([], values)
-    validate(cfg, "chat")
+    flags = ["--max_new_tokens", str(max_new_tokens)] if max_new_tokens is not None else []
+    cfg = load_followup_config(["--run", str(run_dir), *flags], "chat")
     weights = cfg.model.adapter_name_or_path or cfg.model.model_name_or_path
     return start_chat(cfg), f"{Path(weights).name} on {Path(cfg.model.model_name_or_path).name}" \
         if cfg.model.adapter_name_or_path else Path(weights).name

@@ -226,13 +226,10 @@ class PredictScreen(TaskScreen):
             return sum(1 for _ in file)
 
     def outcome(self) -> str:
-        from engine.predict import PREDICTIONS, RESULTS
+        from engine.predict import PREDICTIONS, RESULTS, score_line
 
-        out = self.target
-        results = json.loads((out / RESULTS).read_text())
-        scores = "  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
-                           if key.startswith("predict_") and key != "predict_samples")
-        return f"{results['predict_samples']} predictions in {out / PREDICTIONS}\n{scores}"
+        results = json.loads((self.target / RESULTS).read_text())
+        return f"{results['predict_samples']} predictions in {self.target / PREDICTIONS}\n{score_line(results)}"
 
 
 class ExportScreen(TaskScreen):
