@@ -5,34 +5,19 @@ from __future__ import annotations
 import pytest
 import yaml
 from textual.widgets import DataTable, Input, Select, SelectionList, Static
-from tui_helpers import recorded, shown, until
+from tui_helpers import error, on_step, shown, type_into, until, wizard
 
 from engine.runs import read_status
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.dashboard.widgets import StateBanner
 from tuner_tui.main import main
-from tuner_tui.wizard.app import WizardApp
 from tuner_tui.wizard.steps import (LEARNED, DataStep, HardwareStep, HyperparametersStep, MethodStep, ModelStep,
                                     ReviewStep)
 from tuner_tui.wizard.state import Choices
 
 
-def wizard(machine: str, tmp_path, choices: Choices | None = None) -> WizardApp:
-    return WizardApp(probe=recorded(machine), choices=choices, state_dir=tmp_path / "state",
-                     dashboard_interval_s=0.2)
 
 
-def error(app, key: str) -> str:
-    return shown(app.screen.query_one(f"#err-{key}", Static))
-
-
-async def on_step(pilot, app, step) -> None:
-    await until(pilot, lambda: isinstance(app.screen, step), step.__name__)
-
-
-async def type_into(pilot, app, key: str, value: str) -> None:
-    app.screen.query_one(f"#{key}", Input).value = value
-    await pilot.pause()
 
 
 async def next_blocked(pilot, app, key: str, step) -> str:

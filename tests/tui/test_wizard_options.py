@@ -7,9 +7,8 @@ import json
 
 import yaml
 from textual.widgets import Button, Collapsible, DataTable, Input, Select, Static, Switch
-from tui_helpers import recorded, shown, until
+from tui_helpers import error, on_step, shown, type_into, until, wizard
 
-from tuner_tui.wizard.app import WizardApp
 from tuner_tui.wizard.steps import (DataStep, HardwareStep, HyperparametersStep, MethodStep, ModelStep,
                                     ReviewStep)
 from tuner_tui.wizard.state import Choices
@@ -21,17 +20,7 @@ LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11
 READY = {"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "template": "llama2"}
 
 
-def wizard(machine: str, tmp_path, choices: Choices | None = None) -> WizardApp:
-    return WizardApp(probe=recorded(machine), choices=choices or Choices(), state_dir=tmp_path / "state",
-                     dashboard_interval_s=0.2)
 
-
-def error(app, key: str) -> str:
-    return shown(app.screen.query_one(f"#err-{key}", Static))
-
-
-async def on_step(pilot, app, step) -> None:
-    await until(pilot, lambda: isinstance(app.screen, step), step.__name__)
 
 
 async def open_step(pilot, app, step) -> None:
@@ -41,10 +30,6 @@ async def open_step(pilot, app, step) -> None:
     await app.push_screen(step())
     await pilot.pause()
 
-
-async def type_into(pilot, app, key: str, value: str) -> None:
-    app.screen.query_one(f"#{key}", Input).value = value
-    await pilot.pause()
 
 
 def lora_estimate(app) -> str:
