@@ -10,8 +10,13 @@ intended change; look at the report (snapshot_report.html) before committing.
 
 from __future__ import annotations
 
+import difflib
+import html
+import pickle
+import re
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -41,10 +46,11 @@ def fixed_inputs(tiny_models) -> Path:
 
 
 async def settled(pilot, timeout: float = 60.0) -> None:
-    """Until no worker has been running for QUIET_S (debounced workers start up to 0.3 s after a change)."""
+    """Until no worker has been running or due to start (debounced, 0.3 s after a change) for QUIET_S."""
     app, deadline, quiet_since = pilot.app, time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        busy = any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers)
+        busy = getattr(app.screen, "starting", False) or any(
+            w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers)
         if busy:
             quiet_since = None
         elif quiet_since is None:
@@ -67,19 +73,46 @@ def walk_to(step: str):
             if name != step:
                 app.screen.action_next()
         app.screen.set_focus(None)  # no blinking cursor in the picture
-        await pilot.pause()
+        await settled(pilot)  # the footer follows the focus a moment later
 
     return run_before
 
 
+def svg_lines(svg: str) -> list[str]:
+    """The text of a Rich SVG screenshot, one string per terminal row."""
+    styles = dict(re.findall(r"\.(terminal-r\d+) \{ ([^}]*) \}", svg))  # numbered in order of use: compare values
+    rows: dict[float, list[tuple[float, str, str]]] = defaultdict(list)
+    for m in re.finditer(r'<text class="([^"]*)" x="([\d.]+)" y="([\d.]+)"[^>]*>(.*?)</text>', svg):
+        rows[float(m.group(3))].append((float(m.group(2)), html.unescape(m.group(4)), styles.get(m.group(1), "")))
+    lines = []
+    for y in sorted(rows):
+        text = ""
+        for x, chunk, _ in sorted(rows[y]):
+            text = text.ljust(round(x / 12.2)) + chunk
+        looks = " | ".join(style for _, _, style in sorted(rows[y]))
+        lines.append(f"{text.rstrip()}    [{looks}]")
+    return lines
+
+
+def difference(request) -> str:
+    """How the picture differs from the snapshot, in text, for the CI log (the HTML report stays on that machine)."""
+    from pytest_textual_snapshot import node_to_report_path, normalize_svg
+
+    data = pickle.loads(node_to_report_path(request.node).read_bytes())
+    expected, actual = normalize_svg(data[1]), normalize_svg(data[2])
+    diff = difflib.unified_diff(svg_lines(expected), svg_lines(actual), "snapshot", "now", n=1, lineterm="")
+    lines = "\n".join(diff) or "(text and colours match: the difference is in backgrounds or shapes)"
+    return f"the screen differs from the snapshot (each row's text, then its styles):\n{lines}"
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("step", STEPS)
-def test_wizard_step(snap_compare, fixed_inputs, tmp_path, step, size):
+def test_wizard_step(snap_compare, fixed_inputs, tmp_path, request, step, size):
     app = WizardApp(probe=recorded("a100-80gb"), choices=Choices(values=dict(CHOICES), method="lora"),
                     state_dir=tmp_path / "state")
-    assert snap_compare(app, terminal_size=SIZES[size], run_before=walk_to(step))
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=walk_to(step)), difference(request)
 
 
-def test_wizard_without_a_gpu(snap_compare, fixed_inputs, tmp_path):
+def test_wizard_without_a_gpu(snap_compare, fixed_inputs, tmp_path, request):
     app = WizardApp(probe=recorded("none"), choices=Choices(values=dict(CHOICES)), state_dir=tmp_path / "state")
-    assert snap_compare(app, terminal_size=SIZES["80x24"], run_before=walk_to("HardwareStep"))
+    assert snap_compare(app, terminal_size=SIZES["80x24"], run_before=walk_to("HardwareStep")), difference(request)

@@ -112,8 +112,19 @@ class WizardStep(Screen):
     def later(self, group: str, start: Callable[[], None]) -> None:
         """Run ``start`` once typing has paused (a debounce per group)."""
         if group in self._debounce:
-            self._debounce[group].stop()
-        self._debounce[group] = self.set_timer(DEBOUNCE_S, start)
+            self._debounce.pop(group).stop()
+
+        def fire() -> None:
+            if self._debounce.get(group) is timer:
+                del self._debounce[group]
+            start()
+
+        timer = self._debounce[group] = self.set_timer(DEBOUNCE_S, fire)
+
+    @property
+    def starting(self) -> bool:
+        """Whether a debounced start is still due (its worker is not running yet)."""
+        return bool(self._debounce)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         worker = event.worker
