@@ -6,6 +6,7 @@ has, so they test without a GPU; the loaders are the only places that touch tran
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import re
@@ -87,6 +88,12 @@ def from_transformers(*names: str) -> tuple:
         import transformers
 
         return tuple(getattr(transformers, name) for name in names)
+
+
+def transformers_module(name: str):
+    """``import transformers.<name>``, one thread at a time (see from_transformers)."""
+    with _IMPORTING:
+        return importlib.import_module(f"transformers.{name}")
 
 
 def load_tokenizer(model_path: str, cfg: TunerConfig):

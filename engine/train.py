@@ -322,8 +322,22 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    try:
+        args = _sft_config(SFTConfig, cfg, model, precision, hardware, run)
+    except ValueError as exc:  # a combination transformers refuses that our checks did not catch
+        raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,
+        processing_class=tokenizer, callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir):
+    """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start."""
     t, d = cfg.train, cfg.data
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(run.path), per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
@@ -341,12 +355,6 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         ddp_find_unused_parameters=_has_experts(model),
         save_only_model=False,
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,
-        processing_class=tokenizer, callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
 
 
 def _has_experts(model) -> bool:

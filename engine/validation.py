@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from pathlib import Path
 
-from engine.config import REPORTERS, TunerConfig
+from engine.config import REPORTERS, TrainArgs, TunerConfig
 from engine.errors import ConfigError, UserError
 
 # What each command needs before it can start.
@@ -22,6 +24,8 @@ REQUIRED = {
 def validate(cfg: TunerConfig, command: str = "train") -> None:
     """Raise ``ConfigError`` listing every problem found in ``cfg`` for ``command``; return quietly when it is sound."""
     problems = _missing(cfg, command) + _ranges(cfg) + _collisions(cfg) + _names(cfg)
+    if command == "train":
+        problems += _optimizer(cfg) + _trackers(cfg) + _launch(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -82,6 +86,9 @@ def _collisions(cfg: TunerConfig) -> list[str]:
         (t.deepspeed is not None and t.fsdp is not None, "deepspeed and fsdp are both set: choose one"),
         (t.eval_strategy != "no" and not (cfg.data.val_size or cfg.data.eval_dataset),
          f"eval_strategy {t.eval_strategy} needs evaluation data: set val_size or eval_dataset"),
+        (t.lr_scheduler_type == "reduce_lr_on_plateau" and t.eval_strategy == "no",
+         "lr_scheduler_type reduce_lr_on_plateau lowers the rate when the eval loss stops falling: it needs "
+         "eval_strategy steps or epoch, and val_size or eval_dataset"),
     ]
     return [message for failed, message in checks if failed]
 
@@ -103,6 +110,48 @@ def _names(cfg: TunerConfig) -> list[str]:
                 resolve_dataset(name, cfg.data.dataset_dir)
             except UserError as exc:
                 problems.append(f"{key}: {exc}")
+    return problems
+
+
+def _optimizer(cfg: TunerConfig) -> list[str]:
+    """optim must be an optimizer the installed transformers knows, so a typo fails now, not after the model has
+    loaded (the default needs no look-up, and no import)."""
+    if cfg.train.optim == TrainArgs.optim:
+        return []
+    from engine.modeling import transformers_module
+
+    known = [name.value for name in transformers_module("training_args").OptimizerNames]
+    if cfg.train.optim in known:
+        return []
+    close = difflib.get_close_matches(cfg.train.optim, known, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return [f"optim '{cfg.train.optim}' is not an optimizer transformers knows: {hint}known: {', '.join(known)}"]
+
+
+def _trackers(cfg: TunerConfig) -> list[str]:
+    """Each tracker in report_to must be installed (transformers' own look-up); none asked, nothing imported."""
+    asked = [name for name in _split(cfg.train.report_to) if name in REPORTERS and name not in ("none", "all")]
+    if not asked:
+        return []
+    from engine.modeling import transformers_module
+
+    installed = transformers_module("integrations.integration_utils").get_available_reporting_integrations()
+    return [f"report_to {name}: the {name} package is not installed (pip install {name}), or leave it out"
+            for name in asked if name not in installed]
+
+
+def _launch(cfg: TunerConfig) -> list[str]:
+    """DeepSpeed needs its package and its config file; FSDP needs several processes (torchrun sets WORLD_SIZE)."""
+    t, problems = cfg.train, []
+    if t.deepspeed is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"deepspeed {t.deepspeed}: the deepspeed package is not installed (pip install "
+                            "deepspeed), or leave deepspeed out")
+        elif not t.deepspeed.lstrip().startswith("{") and not Path(t.deepspeed).is_file():
+            problems.append(f"deepspeed config file {t.deepspeed} does not exist")
+    if t.fsdp is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        problems.append(f"fsdp {t.fsdp} shards the model across processes and this is one: start the run with "
+                        "torchrun --nproc_per_node N -m engine.cli train ..., or leave fsdp out")
     return problems
 
 

@@ -115,11 +115,20 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
         app.screen.query_one("#bf16", Select).clear()
         await until(pilot, lambda: not error(app, "bf16"), "the message to clear")
 
+        await type_into(pilot, app, "optim", "adamw_8bt")
+        await until(pilot, lambda: error(app, "optim"), "the optimizer look-up")
+        assert error(app, "optim").startswith("optim 'adamw_8bt' is not an optimizer transformers knows: did you "
+                                              "mean adamw_8bit")
+        await type_into(pilot, app, "optim", "paged_adamw_8bit")
+        await until(pilot, lambda: not error(app, "optim"), "the message to clear")
+
         app.screen.query_one("#lr_scheduler_type", Select).value = "cosine"
         app.screen.query_one("#packing", Switch).value = True
+        app.screen.query_one("#use_dora", Switch).value = True
         app.screen.query_one("#gradient_checkpointing", Switch).value = False
         for key, value in (("eval_steps", "5"), ("save_total_limit", "2"), ("neftune_noise_alpha", "5"),
-                           ("lora_dropout", "0.05"), ("max_samples", "100"), ("max_steps", "2")):
+                           ("lora_dropout", "0.05"), ("max_samples", "100"), ("max_steps", "2"),
+                           ("run_name", "dora-try")):
             await type_into(pilot, app, key, value)
         await pilot.press("ctrl+n")
         await on_step(pilot, app, ReviewStep)
@@ -130,10 +139,12 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
     config = yaml.safe_load(saved.read_text())
     assert {key: config[key] for key in ("lr_scheduler_type", "warmup_ratio", "seed", "eval_strategy", "eval_steps",
                                          "val_size", "packing", "gradient_checkpointing", "save_total_limit",
-                                         "neftune_noise_alpha", "lora_dropout", "max_samples", "bf16", "fp16")} == {
+                                         "neftune_noise_alpha", "lora_dropout", "max_samples", "bf16", "fp16",
+                                         "optim", "use_dora", "run_name")} == {
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "seed": 7, "eval_strategy": "steps", "eval_steps": 5,
         "val_size": 0.1, "packing": True, "gradient_checkpointing": False, "save_total_limit": 2,
-        "neftune_noise_alpha": 5.0, "lora_dropout": 0.05, "max_samples": 100, "bf16": None, "fp16": True}
+        "neftune_noise_alpha": 5.0, "lora_dropout": 0.05, "max_samples": 100, "bf16": None, "fp16": True,
+        "optim": "paged_adamw_8bit", "use_dora": True, "run_name": "dora-try"}
 
 
 async def test_a_bad_advanced_value_opens_the_section_and_lora_only_settings_hide_for_full(tmp_path):
@@ -142,7 +153,7 @@ async def test_a_bad_advanced_value_opens_the_section_and_lora_only_settings_hid
         await open_step(pilot, app, HyperparametersStep)
         advanced = app.screen.query_one("#advanced", Collapsible)
         assert advanced.collapsed
-        assert not app.screen.query_one("#row-lora_dropout").display
+        assert not any(app.screen.query_one(f"#row-{key}").display for key in ("lora_dropout", "use_rslora", "use_dora"))
         await pilot.press("enter")
         await until(pilot, lambda: error(app, "weight_decay"), "the message beside the field")
         assert error(app, "weight_decay") == "weight_decay: expected a number, got 'heavy'"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import yaml
 
@@ -162,9 +164,49 @@ def test_null_clears_an_optional_value():
 
 
 def test_report_to_names_a_known_tracker():
-    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "report_to": "tensorboard,wandbb"})
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "report_to": "wandbb"})
     assert problems_of(cfg) == [
         "report_to: wandbb is not one of none, tensorboard, wandb, mlflow, comet_ml, swanlab, trackio, all"]
+
+
+def test_training_settings_that_would_fail_once_the_model_has_loaded_are_refused_first(monkeypatch):
+    """optim, trackers, DeepSpeed and FSDP are checked against what is installed and how the run was launched, so a
+    typo costs a second, not a model load followed by a traceback."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "optim": "adamw_8bt",
+                        "lr_scheduler_type": "reduce_lr_on_plateau", "report_to": "none", "fsdp": "full_shard"})
+    problems = problems_of(cfg)
+    assert problems[0].startswith("lr_scheduler_type reduce_lr_on_plateau lowers the rate when the eval loss stops "
+                                  "falling: it needs eval_strategy steps or epoch")
+    assert problems[1].startswith("optim 'adamw_8bt' is not an optimizer transformers knows: did you mean adamw_8bit")
+    assert "paged_adamw_8bit" in problems[1]
+    assert problems[2].startswith("fsdp full_shard shards the model across processes and this is one: start the run "
+                                  "with torchrun --nproc_per_node N")
+    assert len(problems) == 3
+    deepspeed = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca",
+                              "deepspeed": "/nonexistent/ds_z3.json"})
+    assert problems_of(deepspeed) == [
+        "deepspeed /nonexistent/ds_z3.json: the deepspeed package is not installed (pip install deepspeed), or leave "
+        "deepspeed out" if importlib.util.find_spec("deepspeed") is None
+        else "deepspeed config file /nonexistent/ds_z3.json does not exist"]
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    fine = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "optim": "adamw_8bit",
+                         "lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps", "val_size": 0.1,
+                         "fsdp": "full_shard"})
+    validate(fine)
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_package():
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    missing = [name for name in ("wandb", "tensorboard", "mlflow") if name not in get_available_reporting_integrations()]
+    if not missing:
+        pytest.skip("every tracker is installed here")
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "report_to": missing[0]})
+    assert problems_of(cfg) == [
+        f"report_to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]}), or leave it out"]
+    validate(cfg, "preview")  # only training reports to trackers
 
 
 def test_help_answers_without_loading_the_heavy_libraries():

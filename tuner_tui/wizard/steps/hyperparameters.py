@@ -15,16 +15,17 @@ HYPERPARAMETERS = (("learning_rate", "Learning rate"), ("num_train_epochs", "Epo
                    ("gradient_accumulation_steps", "Grad accumulation"), ("cutoff_len", "Cutoff len"),
                    ("output_dir", "Output dir"))
 # Behind "Advanced": the rest of what a LLaMA-Factory SFT recipe sets.
-ADVANCED = (("lr_scheduler_type", "LR schedule"), ("warmup_ratio", "Warmup ratio"), ("warmup_steps", "Warmup steps"),
-            ("weight_decay", "Weight decay"), ("max_grad_norm", "Max grad norm"), ("lora_dropout", "LoRA dropout"),
+ADVANCED = (("optim", "Optimizer"), ("lr_scheduler_type", "LR schedule"), ("warmup_ratio", "Warmup ratio"),
+            ("warmup_steps", "Warmup steps"), ("weight_decay", "Weight decay"), ("max_grad_norm", "Max grad norm"),
+            ("lora_dropout", "LoRA dropout"), ("use_rslora", "rsLoRA scaling"), ("use_dora", "DoRA"),
             ("neftune_noise_alpha", "NEFTune alpha"), ("packing", "Packing"), ("train_on_prompt", "Train on prompt"),
             ("max_samples", "Max samples"), ("val_size", "Validation size"), ("eval_strategy", "Evaluate"),
             ("eval_steps", "Eval steps"), ("per_device_eval_batch_size", "Eval batch per GPU"),
             ("logging_steps", "Logging steps"), ("save_strategy", "Save checkpoints"), ("save_steps", "Save steps"),
             ("save_total_limit", "Keep checkpoints"), ("seed", "Seed"),
             ("gradient_checkpointing", "Grad checkpointing"), ("bf16", "bf16"), ("fp16", "fp16"),
-            ("flash_attn", "Attention"), ("report_to", "Report to"))
-LORA_ONLY = ("lora_dropout",)
+            ("flash_attn", "Attention"), ("report_to", "Report to"), ("run_name", "Run name"))
+LORA_ONLY = ("lora_dropout", "use_rslora", "use_dora")
 
 
 class HyperparametersStep(WizardStep):
