@@ -319,12 +319,13 @@ def _device_map(cfg: TunerConfig, hardware) -> dict | None:
 
 
 def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks):
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, Trainer
     from trl import SFTConfig, SFTTrainer
 
     try:
         args = _sft_config(SFTConfig, cfg, model, precision, hardware, run)
-    except ValueError as exc:  # a combination transformers refuses that our checks did not catch
+        Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
+    except (ValueError, ImportError) as exc:  # what transformers refuses that engine.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,

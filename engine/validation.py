@@ -123,9 +123,9 @@ def _optimizer(cfg: TunerConfig) -> list[str]:
     known = [name.value for name in transformers_module("training_args").OptimizerNames]
     if cfg.train.optim in known:
         return []
-    close = difflib.get_close_matches(cfg.train.optim, known, n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return [f"optim '{cfg.train.optim}' is not an optimizer transformers knows: {hint}known: {', '.join(known)}"]
+    close = difflib.get_close_matches(cfg.train.optim, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(known)}"
+    return [f"optim '{cfg.train.optim}' is not an optimizer transformers knows: {hint}"]
 
 
 def _trackers(cfg: TunerConfig) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -182,17 +183,28 @@ def test_bad_data_fails_with_one_line_and_leaves_the_run_directory(tiny_models, 
     assert (out / "train.log").is_file() and (out / "config.yaml").is_file()
 
 
-def test_training_arguments_transformers_refuses_end_the_run_in_one_line(tiny_models, tmp_path):
-    """WORLD_SIZE without MASTER_ADDR (a multi-node launch set up by hand, half-way): transformers refuses the
-    arguments after the model has loaded; the run ends failed in one line with its directory kept."""
+REFUSALS = {
+    # WORLD_SIZE without MASTER_ADDR: a multi-node launch set up by hand, half-way
+    "half a distributed launch": ((), {"WORLD_SIZE": "2"}, "MASTER_ADDR"),
+    # an optimizer transformers knows whose package is not installed
+    "an optimizer's missing package": (("--optim", "lomo"), {}, "lomo_optim"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_training_arguments_transformers_refuses_end_the_run_in_one_line(tiny_models, tmp_path, case):
+    """Refused by transformers once the model has loaded: the run ends failed in one line, its directory kept."""
+    flags, env, named = REFUSALS[case]
+    if case == "an optimizer's missing package" and importlib.util.find_spec("lomo_optim"):
+        pytest.skip("lomo_optim is installed here")
     out = tmp_path / "refused"
     proc = tuner("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "1",
-                 "--output_dir", str(out),
-                 env={**{k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}, "WORLD_SIZE": "2"})
+                 "--output_dir", str(out), *flags,
+                 env={**{k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}, **env})
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in output
     last = output.strip().splitlines()[-1]
-    assert last.startswith("tuner: error: transformers refused the training arguments: ") and "MASTER_ADDR" in last
+    assert last.startswith("tuner: error: transformers refused the training arguments: ") and named in last
     assert read_status(out).state == "failed"
     assert (out / "train.log").is_file() and (out / "config.yaml").is_file()
 

@@ -143,6 +143,7 @@ async def test_run_whose_process_died_without_an_end_shows_as_failed(tmp_path):
         await until(pilot, sampled(app), "the first samples")
         banner = shown(app.screen.query_one(StateBanner))
         assert banner.startswith("✖ FAILED") and f"pid {gone.pid}) is gone without writing an end event" in banner
+        assert shown(app.screen.query_one(LossChart)) == "the run ended before it logged a loss (every logging_steps steps)"
 
 
 async def test_stop_asks_first_then_sends_sigterm_to_the_run(tmp_path, sleeper):

@@ -148,16 +148,18 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
 
 
 async def test_a_bad_advanced_value_opens_the_section_and_lora_only_settings_hide_for_full(tmp_path):
+    """A bad value brought in (from --config or remembered) is checked as the step opens, like one typed there."""
     app = wizard("none", tmp_path, Choices({**READY, "weight_decay": "heavy"}, "full"))
     async with app.run_test(size=(120, 40)) as pilot:
         await open_step(pilot, app, HyperparametersStep)
         advanced = app.screen.query_one("#advanced", Collapsible)
-        assert advanced.collapsed
         assert not any(app.screen.query_one(f"#row-{key}").display for key in ("lora_dropout", "use_rslora", "use_dora"))
-        await pilot.press("enter")
         await until(pilot, lambda: error(app, "weight_decay"), "the message beside the field")
         assert error(app, "weight_decay") == "weight_decay: expected a number, got 'heavy'"
-        assert not advanced.collapsed and isinstance(app.screen, HyperparametersStep)
+        assert not advanced.collapsed
+        await pilot.press("enter")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, HyperparametersStep) and error(app, "weight_decay")
 
 
 def focus_shown(app) -> bool:

@@ -127,7 +127,8 @@ class DashboardScreen(Screen):
             self.refresh_bindings()
         self.query_one(StateBanner).run = run
         self.query_one(ProgressPanel).progress = run.progress
-        self.query_one(LossChart).series = run.loss
+        chart = self.query_one(LossChart)
+        chart.series, chart.ended = run.loss, run.ended
         self.query_one(LearningRate).rates = run.learning_rates
         panel = self.query_one(GpuPanel)
         panel.estimate_gib, panel.run_pid = run.estimate_gib, run.pid if run.active else None

@@ -120,6 +120,7 @@ class LossChart(PlotextPlot):
 
     series: reactive[LossSeries] = reactive(LossSeries)
     log_scale: reactive[bool] = reactive(False)
+    ended: reactive[bool] = reactive(False)  # the run is over: no loss to wait for
 
     def watch_log_scale(self, log_scale: bool) -> None:
         scale = " · log scale" if log_scale else ""
@@ -129,7 +130,8 @@ class LossChart(PlotextPlot):
         s, plt = self.series, self.plt
         plt.clear_data()
         if not s.steps:
-            return Content.styled("waiting for the first logged step…", "$text-muted")
+            return Content.styled("the run ended before it logged a loss (every logging_steps steps)" if self.ended
+                                  else "waiting for the first logged step…", "$text-muted")
         keep = (lambda y: y > 0 and math.isfinite(y)) if self.log_scale else math.isfinite
         limit = max(self.size.width, 2)
         for ys, label, colour in ((s.losses, "loss", "foreground-muted"), (s.smoothed, "EMA", "primary"),
