@@ -147,7 +147,7 @@ def _launch(cfg: TunerConfig) -> list[str]:
         if importlib.util.find_spec("deepspeed") is None:
             problems.append(f"deepspeed {t.deepspeed}: the deepspeed package is not installed (pip install "
                             "deepspeed), or leave deepspeed out")
-        elif not t.deepspeed.lstrip().startswith("{") and not Path(t.deepspeed).is_file():
+        elif not Path(t.deepspeed).is_file():
             problems.append(f"deepspeed config file {t.deepspeed} does not exist")
     if t.fsdp is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         problems.append(f"fsdp {t.fsdp} shards the model across processes and this is one: start the run with "
