@@ -119,7 +119,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         os.environ["XDG_STATE_HOME"] = str(home / "state")
-        from engine.jobs import find_job, stop_job
+        from engine.runs.jobs import find_job, stop_job
         from engine.runs import read_status
 
         for name in ("idle", "busy"):

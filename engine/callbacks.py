@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
+import math
 import time
 from datetime import timedelta
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from engine.runs import EventWriter, RunStatus, write_status
+from engine.runs.events import Event, EventWriter
+from engine.runs.files import open_append
+from engine.runs.status import RunStatus, finite, write_status
+from engine.runs.stop import StopRequest
 
 log = logging.getLogger("tuner")
 
@@ -49,7 +52,7 @@ class RunEvents(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.events = events
         self.status = status
-        self.trainer_log = open(self.run_dir / "trainer_log.jsonl", "a", encoding="utf-8")
+        self.trainer_log = open_append(self.run_dir / "trainer_log.jsonl")
         self.start_time = time.time()
         self.start_step = 0
         self.last_time = self.start_time
@@ -68,7 +71,7 @@ class RunEvents(TrainerCallback):
         if "loss" in logs:
             self._log_event(state, logs)
         elif "eval_loss" in logs:
-            self.events.emit("eval", **{**logs, "step": state.global_step, "epoch": state.epoch})
+            self.events.emit(Event.EVAL, **{**logs, "step": state.global_step, "epoch": state.epoch})
             self._trainer_log(state, {"eval_loss": logs["eval_loss"]})
 
     def _log_event(self, state, logs: dict) -> None:
@@ -83,13 +86,13 @@ class RunEvents(TrainerCallback):
         if memory:
             self.peak_memory = memory
         event = self.events.emit(
-            "log", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch, loss=logs.get("loss"),
+            Event.LOG, step=state.global_step, total_steps=state.max_steps, epoch=state.epoch, loss=logs.get("loss"),
             learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_per_s=round(tokens_per_s, 1), tokens_seen=tokens, elapsed_s=round(elapsed, 2),
             remaining_s=None if remaining is None else round(remaining, 1), memory=memory,
         )
         log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tokens/s  %s left", state.global_step,
-                 state.max_steps, state.epoch or 0.0, event["loss"], event["learning_rate"] or 0.0, tokens_per_s,
+                 state.max_steps, state.epoch or 0.0, logs.get("loss"), logs.get("learning_rate") or 0.0, tokens_per_s,
                  "?" if remaining is None else timedelta(seconds=int(remaining)))
         self.status.step, self.status.loss = state.global_step, event["loss"]
         write_status(self.run_dir, self.status)
@@ -106,45 +109,75 @@ class RunEvents(TrainerCallback):
             "elapsed_time": str(timedelta(seconds=int(elapsed))),
             "remaining_time": str(timedelta(seconds=int(remaining or 0))),
         }
-        self.trainer_log.write(json.dumps(line) + "\n")
+        self.trainer_log.write(json.dumps(finite(line), allow_nan=False) + "\n")
         self.trainer_log.flush()
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}"
-        self.events.emit("checkpoint", step=state.global_step, path=str(path))
+        self.events.emit(Event.CHECKPOINT, step=state.global_step, path=str(path))
 
     def close(self) -> None:
         self.trainer_log.close()
 
 
 class GracefulStop(TrainerCallback):
-    """SIGINT / SIGTERM: finish the step, save a checkpoint, stop. A second signal stops at once."""
+    """A stop asked for (engine.runs.stop): finish the step, save a checkpoint, stop."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing this step and saving a checkpoint (again to stop at once)",
-                    self.requested)
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.stop.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+class Divergence(TrainerCallback):
+    """A non-finite loss (any step) or gradient norm (a logged step) ends training without saving what diverged,
+    so the last checkpoint stays the last good one. Under fp16 an infinite gradient norm is the loss scaler's
+    business (it skips that step), not divergence."""
+
+    def __init__(self, grad_norm_may_overflow: bool = False):
+        self.grad_norm_may_overflow = grad_norm_may_overflow
+        self.found: tuple[int, str, float] | None = None  # step, what, value
+
+    def watching(self, trainer_class):
+        """``trainer_class`` with each training step's loss checked (the Trainer syncs on it anyway)."""
+        import torch
+
+        divergence = self
+
+        class Watched(trainer_class):
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                if divergence.found is None and not bool(torch.isfinite(loss).all()):
+                    divergence.found = (self.state.global_step + 1, "loss", float(loss.detach().float().mean()))
+                return loss
+
+        Watched.__name__ = Watched.__qualname__ = trainer_class.__name__
+        return Watched
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._halt(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        grad_norm = (logs or {}).get("grad_norm")
+        if self.found is None and isinstance(grad_norm, float) and not math.isfinite(grad_norm) \
+                and not self.grad_norm_may_overflow:
+            self.found = (state.global_step, "gradient norm", grad_norm)
+        self._halt(control)
+
+    def _halt(self, control) -> None:
+        if self.found is not None:
+            control.should_save = False
+            control.should_training_stop = True
+
+    def message(self, cfg, last_good: Path | None) -> str:
+        step, what, value = self.found
+        kept = f"; {last_good} is the last good checkpoint" if last_good else "; no checkpoint was saved before it"
+        return (f"training diverged at step {step}: the {what} is {value}{kept}. Lower learning_rate "
+                f"({cfg.train.learning_rate:g}), add warmup (warmup_ratio 0.03), keep max_grad_norm at 1.0, or "
+                "prefer bf16 to fp16, then start again with overwrite_output_dir true")
 
 
 class ConsoleProgress(TrainerCallback):

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
-from engine.jobs import Job
+from engine.runs.checkpoints import checkpoints, has_weights, is_complete
+from engine.runs.jobs import Job
 
-# What a follow-up inherits from the run as it was trained: how the model was loaded and how prompts look.
-INHERITED = ("model_name_or_path", "template", "trust_remote_code", "model_revision", "cache_dir", "flash_attn",
-             "dataset_dir", "cutoff_len")
+# What a follow-up inherits from the run as it was trained: how the model was loaded and how prompts look. Never
+# trust_remote_code: a run directory is a file anyone can craft, so running a model's own code is asked for each time.
+INHERITED = ("model_name_or_path", "template", "model_revision", "cache_dir", "flash_attn", "dataset_dir",
+             "cutoff_len")
+NOT_INHERITED_WARNING = ("run {id} was trained with trust_remote_code; it is not carried over from a run's files: "
+                         "add --trust_remote_code true if you trust the code that ships with {model}")
 FOLLOW_UPS = ("predict", "chat", "export")
 
 
@@ -26,17 +30,14 @@ def trained_weights(job: Job) -> Path:
                         "pass its output to --adapter_name_or_path or --model_name_or_path instead")
     if job.state in ("running", "queued"):
         raise UserError(f"run {job.id} is still {job.state}", "wait for it to finish, or `tuner stop` it first")
-    if job.state == "completed" and _has_weights(job.dir):
+    if not job.readable:
+        raise UserError(f"run {job.id} cannot be used: its status.json is unreadable")
+    if job.state == "completed" and has_weights(job.dir):
         return job.dir
-    checkpoints = sorted((p for p in job.dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1]))
-    if checkpoints and _has_weights(checkpoints[-1]):
-        return checkpoints[-1]
+    for checkpoint in reversed(checkpoints(job.dir)):
+        if is_complete(checkpoint) and has_weights(checkpoint):
+            return checkpoint
     raise UserError(f"run {job.id} ({job.state}) saved no weights yet", "`tuner resume` it to train on")
-
-
-def _has_weights(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
 
 
 def run_config_values(job: Job) -> dict[str, Any]:

@@ -62,7 +62,15 @@ def prediction_dir(cfg: TunerConfig) -> Path:
 
 
 def run_predict(cfg: TunerConfig) -> int:
-    """Load model + adapter, generate for every sample in batches, write predictions and metrics."""
+    """Predict as configured and print where the predictions went and how they score."""
+    out, results = predict(cfg)
+    _summary(out, results)
+    return 0
+
+
+def predict(cfg: TunerConfig) -> tuple[Path, dict]:
+    """Load model + adapter, generate for every sample in batches, write predictions and metrics; returns the
+    output directory and the results."""
     from engine.data.loaders import load_conversations
     from engine.inference import generate, generation_kwargs, load_for_inference, prompt_text
 
@@ -92,8 +100,20 @@ def run_predict(cfg: TunerConfig) -> int:
                "predict_samples_per_second": round(len(predictions) / max(runtime, 1e-9), 3),
                "template": inference.template}
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-    _summary(out, results)
-    return 0
+    return out, results
+
+
+def summary_lines(out: Path, results: dict) -> list[str]:
+    return [f"{results['predict_samples']} predictions in {out / PREDICTIONS}", score_line(results)]
+
+
+def predictions_written(out: Path) -> int | None:
+    """How many predictions ``out`` holds so far (the file grows a batch at a time), None before the first."""
+    try:
+        with open(Path(out) / PREDICTIONS, "rb") as file:
+            return sum(1 for _ in file)
+    except OSError:
+        return None
 
 
 def _progress(total: int):
@@ -121,5 +141,5 @@ def _summary(out: Path, results: dict) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(f"{results['predict_samples']} predictions in {out / PREDICTIONS}")
-    console.print(score_line(results))
+    for line in summary_lines(out, results):
+        console.print(line)

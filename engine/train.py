@@ -1,110 +1,45 @@
 """Supervised fine-tuning: the config in, a run directory out (DESIGN.md's contract).
 
-``run_training`` reads top-down: resolve the model, prepare the run directory (or resume in it), load data and model,
-build TRL's SFTTrainer with the callbacks that write the run's files, train, save, and record how it ended.
+``run_training`` reads top-down in a run directory ``engine.runs.launch`` prepared: wait for the GPUs, load data and
+model, build TRL's SFTTrainer with the callbacks that write the run's files, train, save, and record how it ended.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from engine.config import TunerConfig
 from engine.errors import UserError
 from engine.quiet import quiet_libraries
-from engine.jobs import register
-from engine.runs import EventWriter, RunStatus, new_run_id, now_iso, read_status, write_status
+from engine.runs.checkpoints import discard_incomplete, last_complete, newer_incomplete
+from engine.runs.events import Event, EventWriter
+from engine.runs.files import open_append
+from engine.runs.launch import RunDir, is_main_process
+from engine.runs.status import now_iso, write_status
+from engine.runs.stop import StopRequest
 
 log = logging.getLogger("tuner")
 
-RUN_FILES = ("status.json", "events.jsonl", "trainer_log.jsonl", "train.log", "config.yaml")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_MARKERS = ("No space left on device", "StorageFull", "os error 28", "file write failed",
+                     "Disk quota exceeded", "iostream error", "unexpected pos")  # the last two: torch.save's words
+NEARLY_FULL_BYTES = 1 << 20
 
 
-@dataclass
-class RunDir:
-    path: Path
-    resume_from: str | None
-    status: RunStatus
-
-
-def default_output_dir(model_name: str, method: str) -> Path:
-    return Path("saves") / Path(model_name.rstrip("/")).name / method / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _checkpoints(path: Path) -> list[Path]:
-    found = [p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def is_main_process() -> bool:
-    """Under torchrun / accelerate every process trains, but only rank 0 writes the run directory's files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def prepare_run_dir(cfg: TunerConfig, model_name: str) -> RunDir:
-    """Decide where the run writes and whether it resumes: an output_dir with checkpoints resumes from the last one
-    unless overwrite_output_dir; a finished run there is never overwritten by accident."""
-    t = cfg.train
-    path = Path(t.output_dir) if t.output_dir else default_output_dir(model_name, cfg.finetune.finetuning_type)
-    if not is_main_process():
-        resume = None if t.overwrite_output_dir else _resume_point(t.resume_from_checkpoint, _checkpoints(path), path)
-        return RunDir(path, resume, RunStatus(id="", name=path.name))
-    previous = read_status(path) if path.is_dir() else None
-    if t.overwrite_output_dir and path.is_dir():
-        for child in _checkpoints(path):
-            shutil.rmtree(child)
-        for name in RUN_FILES:
-            (path / name).unlink(missing_ok=True)
-        previous = None
-    if previous and previous.state == "completed" and t.resume_from_checkpoint is None:
-        raise UserError(f"output_dir {path} holds a completed run",
-                        "choose another output_dir, or set overwrite_output_dir true to replace it")
-    checkpoints = _checkpoints(path) if path.is_dir() else []
-    resume_from = _resume_point(t.resume_from_checkpoint, checkpoints, path)
-    if resume_from is None and previous is None and not t.overwrite_output_dir and path.is_dir() and any(path.iterdir()):
-        raise UserError(f"output_dir {path} is not empty and holds no run of tuner's",
-                        "choose an empty or new directory, or set overwrite_output_dir true")
-    path.mkdir(parents=True, exist_ok=True)
-    status = RunStatus(
-        id=previous.id if previous else new_run_id(), name=t.run_name or path.name, pid=os.getpid(),
-        output_dir=str(path.resolve()), model=cfg.model.model_name_or_path, method=_method_label(cfg),
-    )
-    if previous and resume_from:  # a resumed run shows where it stands until its first new log
-        status.step, status.total_steps, status.loss = previous.step, previous.total_steps, previous.loss
-    return RunDir(path, resume_from, status)
-
-
-def _resume_point(asked: str | None, checkpoints: list[Path], path: Path) -> str | None:
-    if asked is None or str(asked).lower() == "true":
-        if asked is not None and not checkpoints:
-            raise UserError(f"resume_from_checkpoint true, but {path} has no checkpoint-* directory to resume from")
-        return str(checkpoints[-1]) if checkpoints else None
-    if str(asked).lower() == "false":
-        return None
-    if not Path(asked).is_dir():
-        raise UserError(f"resume_from_checkpoint {asked} is not a directory")
-    return asked
-
-
-def _method_label(cfg: TunerConfig) -> str:
-    bits = cfg.model.quantization_bit
-    return f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
-
-
-def setup_logging(run_dir: Path, console) -> None:
+def setup_logging(run_dir: Path, console) -> list[logging.Handler]:
     """``train.log`` gets tuner's, transformers' and Python's warnings as plain lines (no progress-bar carriage
-    returns); a Rich console, when given, shows the same lines above the progress bar."""
+    returns); a Rich console, when given, shows the same lines above the progress bar. The previous run's handlers
+    in this process are closed; the caller closes these with ``close_logging``."""
     import transformers
 
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
+    handlers: list[logging.Handler] = [RunLogHandler(run_dir / "train.log")]
     if console is not None and not console.is_terminal:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
@@ -116,101 +51,183 @@ def setup_logging(run_dir: Path, console) -> None:
     levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
     for name, level in levels.items():
         logger = logging.getLogger(name)
+        close_logging(logger.handlers)
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = False
     transformers.logging.disable_default_handler()
     logging.captureWarnings(True)
+    return handlers
+
+
+class RunLogHandler(logging.StreamHandler):
+    """Appends to a run's train.log (never through a planted link) and closes it when the run is over."""
+
+    def __init__(self, path: Path):
+        super().__init__(open_append(path))
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        super().close()
+
+
+def close_logging(handlers: list[logging.Handler]) -> None:
+    for handler in list(handlers):
+        if isinstance(handler, RunLogHandler):
+            handler.close()
 
 
 QUEUE_POLL_S = 10.0
 
 
-def wait_for_gpus(run: RunDir, poll_s: float | None = None) -> str | None:
-    """Wait, state queued, while another run on this host holds one of this run's GPUs.
-
-    Returns the signal's name when the user stopped the run while it waited.
-    """
-    from engine.jobs import gpu_holders, gpus_in_use
+def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -> None:
+    """Wait, state queued, while another run on this host holds one of this run's GPUs (or until stopped)."""
+    from engine.runs.jobs import gpu_holders, gpus_in_use
 
     run.status.gpus = gpus_in_use()
-    stopped: list[str] = []
-    previous = {sig: signal.signal(sig, lambda signum, _: stopped.append(signal.Signals(signum).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        announced = None
-        while run.status.gpus and not stopped:
-            holders = gpu_holders(run.status.gpus, run.status.id)
-            if not holders:
-                break
-            if announced != holders[0].id:
-                announced = holders[0].id
-                log.info("queued: run %s holds this run's GPUs; starting when it ends (--force starts at once)",
-                         announced)
-                run.status.state = "queued"
-                write_status(run.path, run.status)
-            time.sleep(QUEUE_POLL_S if poll_s is None else poll_s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    run.status.state = "running"
-    write_status(run.path, run.status)
-    return stopped[0] if stopped else None
+    announced = None
+    while run.status.gpus and not stop.requested:
+        holders = gpu_holders(run.status.gpus, run.status.id)
+        if not holders:
+            break
+        if announced != holders[0].id:
+            announced = holders[0].id
+            log.info("queued: run %s holds this run's GPUs; starting when it ends (--force starts at once)", announced)
+            run.status.state = "queued"
+            write_status(run.path, run.status)
+        _sleep_unless_stopped(stop, QUEUE_POLL_S if poll_s is None else poll_s)
 
 
-def run_training(cfg: TunerConfig, foreground: bool = True, wait_for_free_gpus: bool = True) -> int:
-    """Train as configured; returns the exit code. The run directory records the outcome whatever happens.
+def _sleep_unless_stopped(stop: StopRequest, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop.requested and time.monotonic() < deadline:
+        time.sleep(min(0.1, seconds))
 
-    In the foreground the log also goes to the terminal, with a progress line when it is a terminal. A run whose
-    GPUs another run holds waits for them unless ``wait_for_free_gpus`` is False (`--force`).
-    """
+
+def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foreground: bool = True,
+                 wait_for_free_gpus: bool = True) -> int:
+    """Train in ``run``'s directory (prepared and locked by ``engine.runs.launch``); returns the exit code: 0
+    completed, 128 + the signal's number stopped. The directory records the outcome whatever happens: a failure is
+    raised again, as one line (UserError) when it is the user's to fix."""
     from engine.catalog import resolve_model
 
     quiet_libraries()
-    resolved = resolve_model(cfg.model.model_name_or_path)
-    run = prepare_run_dir(cfg, cfg.model.model_name_or_path)
     if not is_main_process():
-        _train(cfg, resolved, run, events=None, console=None)
+        stop = stop or StopRequest().install()
+        _train(cfg, resolve_model(cfg.model.model_name_or_path), run, None, None, stop)
         return 0
-    register(run.path, run.status.id)
+    stop = stop or StopRequest()
     console = _console() if foreground else None
-    setup_logging(run.path, console)
-    cfg.save(run.path / "config.yaml")
-    write_status(run.path, run.status)
-    events = EventWriter(run.path)
+    handlers, events = [], None
     try:
-        stopped_by = wait_for_gpus(run) if wait_for_free_gpus else None
-        if stopped_by:
-            events.emit("end", state="stopped", step=0, signal=stopped_by)
-        else:
-            stopped_by = _train(cfg, resolved, run, events, console)
+        handlers = setup_logging(run.path, console)
+        events = EventWriter(run.path)
+        run.status.state = "running"
+        write_status(run.path, run.status)
+        if wait_for_free_gpus and not stop.requested:
+            wait_for_gpus(run, stop)
+        run.status.state = "running"
+        write_status(run.path, run.status)
+        ended = {}
+        if not stop.requested:
+            ended = _train(cfg, resolve_model(cfg.model.model_name_or_path), run, events, console, stop)
+        events.emit(Event.END, state="stopped" if stop.requested else "completed", signal=stop.requested,
+                    **{"step": run.status.step, **ended})
+        run.status.state = "stopped" if stop.requested else "completed"
+        run.status.ended_at, run.status.exit_code = now_iso(), stop.exit_code if stop.requested else 0
+        write_status(run.path, run.status)
+        log.info("run %s %s: %s", run.status.id, run.status.state, run.path)
+        if stop.requested:
+            log.info("stopped at step %d; `tuner resume %s` continues from its last checkpoint", run.status.step,
+                     run.status.id)
+        return run.status.exit_code
     except BaseException as exc:
-        _record_failure(run, events, exc)
-        raise
+        failure = _record_failure(run, events, exc, stop)
+        if failure is None:
+            return stop.exit_code
+        if failure is exc:
+            raise
+        raise failure from None
     finally:
-        events.close()
-    run.status.state = "stopped" if stopped_by else "completed"
-    run.status.ended_at, run.status.exit_code = now_iso(), 0
-    write_status(run.path, run.status)
-    log.info("run %s %s: %s", run.status.id, run.status.state, run.path)
-    if stopped_by:
-        log.info("stopped at step %d with a checkpoint; the same command again resumes from it", run.status.step)
-    return 0
+        _close_quietly(events)
+        close_logging(handlers)
 
 
-def _record_failure(run: RunDir, events: EventWriter, exc: BaseException) -> None:
+def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException, stop: StopRequest) -> BaseException | None:
+    """Write how the run ended (as far as the disk lets us); the error to raise, None when it was a stop."""
     interrupted = isinstance(exc, KeyboardInterrupt)
-    message = "interrupted" if interrupted else str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    if not interrupted and not isinstance(exc, UserError):
+    error: BaseException | None = exc
+    if interrupted:
+        message, error = "interrupted", None
+    elif _disk_full(exc, run.path):
+        removed = discard_incomplete(run.path)
+        error = UserError(_disk_full_message(run, exc, removed))
+        message = error.message
+    elif isinstance(exc, UserError):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else f" in {run.path}"
+        error = UserError(f"cannot write{where}: {exc.strerror or exc}")
+        message = error.message
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    if error is exc and not isinstance(exc, UserError):
         log.exception("training failed")
     else:
         log.error("training ended: %s", message)
-    events.emit("error", message=message)
-    events.emit("end", state="stopped" if interrupted else "failed")
+    try:
+        if events is not None:
+            events.emit(Event.ERROR, message=message)
+            events.emit(Event.END, state="stopped" if interrupted else "failed", step=run.status.step)
+    except OSError:
+        pass
     run.status.state = "stopped" if interrupted else "failed"
     run.status.error = None if interrupted else message
-    run.status.ended_at, run.status.exit_code = now_iso(), 130 if interrupted else 1
-    write_status(run.path, run.status)
+    run.status.ended_at = now_iso()
+    run.status.exit_code = stop.exit_code if interrupted else 2 if isinstance(error, UserError) else 1
+    try:
+        write_status(run.path, run.status)
+    except OSError as write_error:
+        log.error("could not record the failure in %s: %s", run.path / "status.json", write_error.strerror)
+    return error
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc`` is a full disk: its errno, the words the writing libraries use, or no space left now."""
+    try:
+        if shutil.disk_usage(path).free < NEARLY_FULL_BYTES:
+            return True
+    except OSError:
+        pass
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(marker in str(exc) for marker in DISK_FULL_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_message(run: RunDir, exc: BaseException, removed: list[Path]) -> str:
+    free = shutil.disk_usage(run.path).free / 1024**2
+    good = last_complete(run.path)
+    kept = f"; {good.name} is whole, and `tuner resume {run.status.id}` continues from it" if good else ""
+    cut = f"; the unfinished {', '.join(p.name for p in removed)} was removed" if removed else ""
+    return (f"disk full: no space left on the device that holds {run.path} ({free:.0f} MiB free now){cut}; free "
+            f"some space or lower save_total_limit{kept}")
+
+
+def _close_quietly(events: EventWriter | None) -> None:
+    try:
+        if events is not None:
+            events.close()
+    except OSError:
+        pass
 
 
 def _console():
@@ -219,14 +236,15 @@ def _console():
     return Console(stderr=True)
 
 
-def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, console) -> str | None:
-    """The training itself; returns the signal name when a graceful stop ended it early.
+def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, console, stop: StopRequest) -> dict:
+    """The training itself; returns what the end event records ({} when a stop came before the first step).
 
-    ``events`` is None in the other processes of a multi-GPU run: they train, rank 0 records.
+    ``events`` is None in the other processes of a multi-GPU run: they train, rank 0 records. A stop is honoured
+    between the slow phases too, so a run stopped while it loads ends "stopped" at once.
     """
     import torch
 
-    from engine.callbacks import ConsoleProgress, GracefulStop, RunEvents, gpu_memory_gib
+    from engine.callbacks import ConsoleProgress, Divergence, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
     from engine.modeling import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
                                  load_model, load_tokenizer)
@@ -245,27 +263,30 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         cfg.save(run.path / "config.yaml")
     for line in datasets.report:
         log.info("data: %s", line)
+    if stop.requested:
+        return {}
 
     device_map = _device_map(cfg, hardware)
     model = load_model(model_path, cfg, precision, attention, device_map)
     model = apply_method(model, cfg, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if stop.requested:
+        return {}
 
-    stop = GracefulStop()
+    divergence = Divergence(grad_norm_may_overflow=precision.name == "fp16")
     run_events = RunEvents(run.path, events, run.status) if events else None
-    callbacks = [stop] + ([run_events] if run_events else [])
+    callbacks = [GracefulStop(stop), divergence] + ([run_events] if run_events else [])
     if console is not None and console.is_terminal:
         callbacks.append(ConsoleProgress(console))
-    trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks)
+    trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence)
     if events is None:
-        stop.install()
         trainer.train(resume_from_checkpoint=run.resume_from)
-        if not stop.requested:
+        if not stop.requested and not divergence.found:
             trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
-        return stop.requested
+        return {}
     events.emit(
-        "start", run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
+        Event.START, run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
         method=run.status.method, template=datasets.template, device=hardware.device_name,
         world_size=trainer.args.world_size, precision=precision.name, precision_reason=precision.reason,
         attention=attention, attention_reason=attention_reason, trainable_params=trainable, total_params=total,
@@ -274,28 +295,30 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         estimate=_estimate(cfg, model_path, trainer.args.world_size) if hardware.on_gpu else None,
     )
     if run.resume_from:
+        own = Path(run.resume_from).parent == run.path
+        for skipped in newer_incomplete(run.path, Path(run.resume_from)) if own else []:
+            log.warning("%s is incomplete (its save was cut short): resuming from %s instead", skipped,
+                        Path(run.resume_from).name)
         log.info("resuming from %s", run.resume_from)
-    stop.install()
     started = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=run.resume_from)
     except torch.OutOfMemoryError:
         raise UserError(_oom_message(cfg)) from None
     finally:
-        stop.uninstall()
         run_events.close()
+    run.status.step = trainer.state.global_step
+    if divergence.found:
+        raise UserError(divergence.message(cfg, last_complete(run.path)))
     if not stop.requested:
         trainer.save_model(str(run.path))
         tokenizer.save_pretrained(str(run.path))
         trainer.save_state()
-    run.status.step = trainer.state.global_step
     memory = gpu_memory_gib()
     if memory:
-        events.emit("memory", **memory)
-    events.emit("end", state="stopped" if stop.requested else "completed", step=trainer.state.global_step,
-                train_loss=result.training_loss, runtime_s=round(time.time() - started, 2),
-                signal=stop.requested)
-    return stop.requested
+        events.emit(Event.MEMORY, **memory)
+    return {"step": trainer.state.global_step, "train_loss": result.training_loss,
+            "runtime_s": round(time.time() - started, 2)}
 
 
 def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None:
@@ -318,7 +341,7 @@ def _device_map(cfg: TunerConfig, hardware) -> dict | None:
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
-def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks):
+def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks, divergence):
     from transformers import PrinterCallback, Trainer
     from trl import SFTConfig, SFTTrainer
 
@@ -327,7 +350,7 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
-    trainer = SFTTrainer(
+    trainer = divergence.watching(SFTTrainer)(
         model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,
         processing_class=tokenizer, callbacks=callbacks,
     )

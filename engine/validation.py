@@ -10,6 +10,13 @@ from pathlib import Path
 from engine.config import REPORTERS, TrainArgs, TunerConfig
 from engine.errors import ConfigError, UserError
 
+# Longest sample accepted (2**20 tokens), far beyond any model's context; a larger one is a typo.
+MAX_CUTOFF_LEN = 1_048_576
+
+# The directory each command writes into, and what it holds (for the message when it names a file).
+TARGETS = {"train": ("output_dir", "the run"), "predict": ("output_dir", "the predictions"),
+           "export": ("export_dir", "the exported model")}
+
 # What each command needs before it can start.
 REQUIRED = {
     "train": ("model_name_or_path", "dataset"),
@@ -23,7 +30,7 @@ REQUIRED = {
 
 def validate(cfg: TunerConfig, command: str = "train") -> None:
     """Raise ``ConfigError`` listing every problem found in ``cfg`` for ``command``; return quietly when it is sound."""
-    problems = _missing(cfg, command) + _ranges(cfg) + _collisions(cfg) + _names(cfg)
+    problems = _missing(cfg, command) + _ranges(cfg) + _targets(cfg, command) + _collisions(cfg) + _names(cfg)
     if command == "train":
         problems += _optimizer(cfg) + _trackers(cfg) + _launch(cfg)
     if problems:
@@ -40,9 +47,12 @@ def _ranges(cfg: TunerConfig) -> list[str]:
     checks = [
         (d.max_samples is not None and d.max_samples < 1, f"max_samples must be at least 1, got {d.max_samples}"),
         (d.cutoff_len < 1, f"cutoff_len must be at least 1, got {d.cutoff_len}"),
+        (d.cutoff_len > MAX_CUTOFF_LEN, f"cutoff_len must be at most {MAX_CUTOFF_LEN} tokens, got {d.cutoff_len}"),
         (d.val_size < 0, f"val_size must be a fraction between 0 and 1 or a number of samples, got {d.val_size}"),
         (d.val_size >= 1 and not float(d.val_size).is_integer(),
          f"val_size {d.val_size} is neither a fraction below 1 nor a whole number of samples"),
+        (d.preprocessing_num_workers is not None and d.preprocessing_num_workers < 1,
+         f"preprocessing_num_workers must be at least 1, got {d.preprocessing_num_workers}"),
         (f.lora_rank < 1, f"lora_rank must be at least 1, got {f.lora_rank}"),
         (f.lora_alpha is not None and f.lora_alpha <= 0, f"lora_alpha must be positive, got {f.lora_alpha}"),
         (not 0 <= f.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {f.lora_dropout}"),
@@ -57,19 +67,47 @@ def _ranges(cfg: TunerConfig) -> list[str]:
          f"gradient_accumulation_steps must be at least 1, got {t.gradient_accumulation_steps}"),
         (t.learning_rate <= 0, f"learning_rate must be positive, got {t.learning_rate}"),
         (not 0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.warmup_steps < 0, f"warmup_steps must be at least 0, got {t.warmup_steps}"),
+        (t.max_steps != -1 and t.max_steps < 1,
+         f"max_steps must be at least 1, or -1 to train for num_train_epochs, got {t.max_steps}"),
         (t.max_steps <= 0 and t.num_train_epochs <= 0,
          "num_train_epochs must be positive when max_steps is not set"),
         (t.logging_steps < 1, f"logging_steps must be at least 1, got {t.logging_steps}"),
         (t.save_steps < 1, f"save_steps must be at least 1, got {t.save_steps}"),
+        (t.save_total_limit is not None and t.save_total_limit < 1,
+         f"save_total_limit must be at least 1, got {t.save_total_limit}"),
+        (t.eval_steps is not None and t.eval_steps < 1, f"eval_steps must be at least 1, got {t.eval_steps}"),
+        (t.weight_decay < 0, f"weight_decay must be at least 0, got {t.weight_decay}"),
+        (not 0 <= t.adam_beta1 < 1, f"adam_beta1 must be in [0, 1), got {t.adam_beta1}"),
+        (not 0 <= t.adam_beta2 < 1, f"adam_beta2 must be in [0, 1), got {t.adam_beta2}"),
+        (t.adam_epsilon <= 0, f"adam_epsilon must be positive, got {t.adam_epsilon}"),
+        (t.max_grad_norm < 0, f"max_grad_norm must be at least 0 (0 turns clipping off), got {t.max_grad_norm}"),
+        (not 0 <= t.seed < 2**32, f"seed must be in [0, 2**32), got {t.seed}"),
+        (t.dataloader_num_workers < 0, f"dataloader_num_workers must be at least 0, got {t.dataloader_num_workers}"),
+        (t.ddp_timeout < 1, f"ddp_timeout must be at least 1 (seconds), got {t.ddp_timeout}"),
         (g.max_new_tokens < 1, f"max_new_tokens must be at least 1, got {g.max_new_tokens}"),
         (g.temperature <= 0, f"temperature must be positive, got {g.temperature}"),
         (not 0 < g.top_p <= 1, f"top_p must be in (0, 1], got {g.top_p}"),
+        (g.top_k < 0, f"top_k must be at least 0, got {g.top_k}"),
+        (g.repetition_penalty <= 0, f"repetition_penalty must be positive, got {g.repetition_penalty}"),
+        (g.num_beams < 1, f"num_beams must be at least 1, got {g.num_beams}"),
         (cfg.export.export_size < 1, f"export_size must be at least 1 (GB), got {cfg.export.export_size}"),
         (bool(set(_split(t.report_to)) - set(REPORTERS)),
          f"report_to: {', '.join(sorted(set(_split(t.report_to)) - set(REPORTERS)))} is not one of "
          f"{', '.join(REPORTERS)}"),
     ]
     return [message for failed, message in checks if failed]
+
+
+def _targets(cfg: TunerConfig, command: str) -> list[str]:
+    """The directory the command writes into must not be an existing file."""
+    if command not in TARGETS:
+        return []
+    key, holds = TARGETS[command]
+    target = cfg.to_dict()[key]
+    if target and os.path.isfile(os.path.expanduser(target)):
+        return [f"{key} {target} is a file, not a directory: choose a directory for {holds}"]
+    return []
 
 
 def _collisions(cfg: TunerConfig) -> list[str]:

@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None)
 
 
 def _fail(exc: UserError) -> int:
+    from engine.runs.files import printable_line
+
     lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
     for line in lines:
-        print(f"tuner: error: {line}", file=sys.stderr)
+        print(f"tuner: error: {printable_line(line)}", file=sys.stderr)
     return EXIT_USER_ERROR
 

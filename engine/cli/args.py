@@ -57,11 +57,23 @@ def load_config(argv: list[str], command: str, base: dict | None = None):
 
 def load_followup_config(argv: list[str], command: str):
     """predict, chat and export: with ``--run RUN`` the run's weights and settings come first, argv on top."""
+    import sys
+
+    from engine.runs.files import printable_line
+
     run_ref = take_option(argv, "--run")
     if run_ref is None:
         return load_config(argv, command)
-    from engine.followup import followup_values
-    from engine.jobs import find_job
+    from engine.followup import NOT_INHERITED_WARNING, followup_values, run_config_values
+    from engine.runs.jobs import find_job
 
-    return load_config(argv, command, followup_values(find_job(run_ref), command))
+    job = find_job(run_ref)
+    cfg = load_config(argv, command, followup_values(job, command))
+    if cfg.model.trust_remote_code:
+        print(f"tuner: warning: trust_remote_code is on: the Python code that ships with "
+              f"{printable_line(cfg.model.model_name_or_path)} will run", file=sys.stderr)
+    elif run_config_values(job).get("trust_remote_code") is True:
+        print("tuner: warning: " + NOT_INHERITED_WARNING.format(id=job.id, model=printable_line(
+            cfg.model.model_name_or_path)), file=sys.stderr)
+    return cfg
 

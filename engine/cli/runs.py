@@ -13,7 +13,8 @@ from engine.errors import UserError
 def cmd_runs(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "runs")
-    from engine.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
+    from engine.runs.files import printable_line
+    from engine.runs.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
 
     jobs = list_jobs()
     if as_json:
@@ -41,9 +42,11 @@ def cmd_runs(argv: list[str]) -> int:
         console.print(Text(f"({', '.join(c for c in JOB_COLUMNS if c not in columns)} left out to fit "
                            f"{console.width} columns; --json has everything)", style="dim"))
     for job in jobs:
-        if job.state == "failed":
-            console.print(Text(f"{job.id} failed; the end of {job.dir / 'train.log'}:", style="bold red"),
-                          soft_wrap=True)
+        if job.state == "unreadable":
+            console.print(Text(f"{job.id}: {printable_line(job.status.error)}", style="bold red"), soft_wrap=True)
+        elif job.state == "failed":
+            console.print(Text(f"{job.id} failed; the end of {printable_line(job.dir / 'train.log')}:",
+                               style="bold red"), soft_wrap=True)
             for line in log_tail(job):
                 console.print(Text(f"  {line}", style="dim"), soft_wrap=True)
     return 0
@@ -51,7 +54,7 @@ def cmd_runs(argv: list[str]) -> int:
 
 def fitting_columns(rows: list[dict[str, str]], width: int) -> list[str]:
     """JOB_COLUMNS, less "started" and then "name" while the table is wider than the terminal."""
-    from engine.jobs import JOB_COLUMNS
+    from engine.runs.jobs import JOB_COLUMNS
 
     columns = list(JOB_COLUMNS)
     for optional in ("started", "name"):
@@ -63,7 +66,7 @@ def fitting_columns(rows: list[dict[str, str]], width: int) -> list[str]:
 
 
 def _job_json(job) -> dict:
-    from engine.jobs import log_tail
+    from engine.runs.jobs import log_tail
 
     status = dataclasses.asdict(job.status) if job.status else None
     return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log,
@@ -72,40 +75,44 @@ def _job_json(job) -> dict:
 
 def cmd_logs(argv: list[str]) -> int:
     follow_on = take_flag(argv, "-f", "--follow")
-    from engine.jobs import find_job, follow, process_alive
+    from engine.runs.jobs import find_job, follow
+    from engine.runs.process import is_run_process
 
     job = find_job(argv[0] if argv else None)
     log_file = job.dir / "train.log"
     if not log_file.is_file():
         raise UserError(f"run {job.id} has no train.log in {job.dir}")
-    follow(log_file, sys.stdout, follow_on, alive=lambda: process_alive(job.status.pid))
+    follow(log_file, sys.stdout, follow_on, alive=lambda: job.status is not None and is_run_process(job.status))
     return 0
 
 
 def cmd_stop(argv: list[str]) -> int:
-    from engine.jobs import find_job, stop_job
+    from engine.runs.jobs import find_job, stop_job
+    from engine.runs.status import read_status
 
     job = find_job(argv[0] if argv else None)
     state = stop_job(job, wait_s=30.0)
-    print(f"run {job.id}: {state}" + (" (a checkpoint was saved; `tuner resume` continues it)"
-                                      if state == "stopped" else ""))
+    status = read_status(job.dir)
+    step = f" at step {status.step}" if status and state == "stopped" else ""
+    print(f"run {job.id}: {state}{step}" + ("; `tuner resume` continues it" if state == "stopped" else ""))
     return 0
 
 
 def cmd_resume(argv: list[str]) -> int:
-    """Start a stopped or failed run again with its own config; it continues from its last checkpoint."""
-    from engine.jobs import find_job, launch_detached
+    """Start a stopped or failed run again with its own config; it continues from its newest whole checkpoint."""
+    force = take_flag(argv, "--force")
+    from engine.runs.jobs import failure_reason, find_job
+    from engine.runs.launch import resume_run
 
     job = find_job(argv[0] if argv else None)
+    if job.foreign:
+        raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
+    if not job.readable:
+        raise UserError(f"run {job.id} cannot be resumed: {failure_reason(job) or 'its directory is gone'}")
     if job.state in ("running", "queued"):
         raise UserError(f"run {job.id} is still {job.state}")
     if job.state == "completed":
         raise UserError(f"run {job.id} is completed: nothing to resume")
-    config = job.dir / "config.yaml"
-    if not config.is_file():
-        raise UserError(f"run {job.id} has no config.yaml in {job.dir} to resume with")
-    s = job.status
-    status = launch_detached([str(config)], job.dir, s.name, s.model, s.method or "")
+    status = resume_run(job.dir, force=force)
     print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
     return 0
-

@@ -13,7 +13,6 @@ def cmd_train(argv: list[str]) -> int:
     """Also the classic entry point: `--do_predict` without `--do_train` predicts, `--export_dir` alone exports."""
     print_config = take_flag(argv, "--print-config")
     detach = take_flag(argv, "--detach")
-    detached = take_flag(argv, "--detached")  # set by --detach on the process it starts
     force = take_flag(argv, "--force")  # start even while another run holds the same GPUs
     from engine.config import parse_args
     from engine.validation import validate
@@ -29,51 +28,17 @@ def cmd_train(argv: list[str]) -> int:
         from engine.predict import run_predict
 
         return run_predict(cfg)
-    if detach:
-        return _detach(argv + (["--force"] if force else []), cfg)
-    from engine.train import run_training
+    from engine.runs.launch import start_run
 
-    code = run_training(cfg, foreground=not detached, wait_for_free_gpus=not force)
+    if detach:
+        status = start_run(cfg, detach=True, force=force)
+        print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
+        print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
+        return 0
+    code = start_run(cfg, detach=False, force=force)
     if code == 0 and t.do_predict:
         return run_predict_after_training(cfg)
     return code
-
-
-def _detach(argv: list[str], cfg) -> int:
-    """Start the run as its own process and return at once with its id and directory."""
-    from pathlib import Path
-
-    from engine.jobs import launch_detached
-    from engine.train import default_output_dir, prepare_run_dir
-
-    model = cfg.model.model_name_or_path
-    output_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else default_output_dir(
-        model, cfg.finetune.finetuning_type)
-    cfg.train.output_dir = str(output_dir)
-    run = prepare_run_dir(cfg, model)  # the same refusals as a foreground run, before anything starts
-    child_argv = _without(argv, ("output_dir", "overwrite_output_dir"))  # decided here, once
-    status = launch_detached(child_argv, run.path, run.status.name, model, run.status.method)
-    print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
-    print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
-    return 0
-
-
-def _without(argv: list[str], keys: tuple[str, ...]) -> list[str]:
-    """argv less the given keys in any spelling (--key value, --key=value, key=value, a bare --flag)."""
-    from engine.config import parse_overrides
-
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        name = token.lstrip("-").split("=", 1)[0]
-        if name in keys:
-            takes_value = token.startswith("--") and "=" not in token and i + 1 < len(argv) and \
-                parse_overrides(argv[i:i + 2])[1].get(name) == argv[i + 1]
-            i += 2 if takes_value else 1
-            continue
-        out.append(token)
-        i += 1
-    return out
 
 
 def run_predict_after_training(cfg) -> int:
@@ -81,7 +46,7 @@ def run_predict_after_training(cfg) -> int:
     from pathlib import Path
 
     from engine.predict import run_predict
-    from engine.runs import read_status
+    from engine.runs.status import read_status
 
     run_dir = read_status(Path(cfg.train.output_dir)).output_dir if cfg.train.output_dir else None
     if run_dir is None:

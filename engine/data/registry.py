@@ -117,13 +117,14 @@ def _read_registry(folder: Path) -> dict[str, DatasetAttr]:
     return {name: _parse_entry(name, entry, folder, path) for name, entry in entries.items()}
 
 
-def _parse_entry(name: str, entry: dict, folder: Path, path: Path) -> DatasetAttr:
+def _parse_entry(name: str, entry: object, folder: Path, path: Path) -> DatasetAttr:
     where = f"{path}: dataset '{name}'"
     if not isinstance(entry, dict):
-        raise UserError(f"{where}: expected an object such as {{\"file_name\": \"data.json\"}}")
+        raise UserError(f"{where}: expected a mapping such as {{\"file_name\": \"data.json\"}}, got {_kind(entry)}")
     source = next((key for key in SOURCE_KEYS if key in entry), None)
     if source is None:
         raise UserError(f"{where} has no source", hint=f"give one of: {', '.join(SOURCE_KEYS)}")
+    _check_types(where, source, entry)
     formatting = entry.get("formatting", "alpaca")
     location = entry[source]
     if source == "file_name":
@@ -138,9 +139,63 @@ def _parse_entry(name: str, entry: dict, folder: Path, path: Path) -> DatasetAtt
         formatting=formatting,
         columns=dict(columns),
         tags={**DEFAULT_TAGS.get(formatting, {}), **{k: v for k, v in entry.get("tags", {}).items() if k in TAG_KEYS}},
-        ranking=bool(entry.get("ranking", False)),
+        ranking=entry.get("ranking", False),
         subset=entry.get("subset"),
         split=entry.get("split", "train"),
         folder=entry.get("folder"),
         num_samples=entry.get("num_samples"),
     )
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_text_or_null(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_count_or_null(value: object) -> bool:
+    return value is None or (type(value) is int and value >= 1)
+
+
+# The fields of an entry besides its source, with the JSON type each must have and how a message describes it.
+ENTRY_FIELDS = {
+    "formatting": (_is_text_or_null, "a string such as alpaca, sharegpt or openai"),
+    "columns": (lambda v: isinstance(v, dict), "a mapping of column roles to column names"),
+    "tags": (lambda v: isinstance(v, dict), 'a mapping such as {"role_tag": "from", "content_tag": "value"}'),
+    "split": (_is_text, "a split name such as train"),
+    "subset": (_is_text_or_null, "a subset name (a string)"),
+    "folder": (_is_text_or_null, "a folder name (a string)"),
+    "ranking": (lambda v: isinstance(v, bool), "true or false"),
+    "num_samples": (_is_count_or_null, "a whole number of at least 1"),
+}
+
+
+def _check_types(where: str, source: str, entry: dict) -> None:
+    """Refuse a field of the wrong JSON type in one line naming the field, before any of it is used."""
+    if not _is_text(entry[source]):
+        what = "a file or folder path" if source == "file_name" else "a hub id or URL"
+        raise UserError(f'{where}: "{source}" must be {what} (a string), got {_kind(entry[source])}')
+    for key, (valid, expected) in ENTRY_FIELDS.items():
+        if key in entry and not valid(entry[key]):
+            raise UserError(f'{where}: "{key}" must be {expected}, got {_kind(entry[key])}')
+    columns, tags = entry.get("columns", {}), entry.get("tags", {})
+    for key in COLUMN_KEYS:
+        if key in columns and not _is_text_or_null(columns[key]):
+            raise UserError(f'{where}: "{key}" in "columns" must be a column name (a string), '
+                            f'got {_kind(columns[key])}')
+    for key in TAG_KEYS:
+        if key in tags and not _is_text(tags[key]):
+            raise UserError(f'{where}: "{key}" in "tags" must be a string, got {_kind(tags[key])}')
+
+
+def _kind(value: object) -> str:
+    """A JSON value as a message names it: a list, a string, a number, true, null."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "an empty string" if value == "" else "a string"
+    return "a mapping" if isinstance(value, dict) else "a list"

@@ -12,8 +12,9 @@ import pytest
 
 from engine.errors import UserError
 from engine.followup import followup_values, trained_weights
-from engine.jobs import find_job
+from engine.runs.jobs import find_job
 from engine.runs import read_status
+from engine.runs.status import pid_start_time
 
 TRAIN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template", "alpaca",
          "--max_samples", "40", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--learning_rate", "1e-3"]
@@ -88,10 +89,13 @@ def test_stopped_run_uses_its_newest_checkpoint(project, tmp_path):
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / "config.yaml").write_text((lora.dir / "config.yaml").read_text())
-    for step in (2, 10):  # 10 sorts after 2 by number, not by text
+    for step in (2, 10, 12):  # 10 sorts after 2 by number, not by text
         checkpoint = stopped / f"checkpoint-{step}"
         checkpoint.mkdir()
         (checkpoint / "adapter_config.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        if step != 12:  # checkpoint-12's save was cut short: it has no trainer_state.json
+            (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     status = read_status(lora.dir)
     status.state, status.output_dir = "stopped", str(stopped)
     from engine.runs import write_status
@@ -105,6 +109,7 @@ def test_a_running_run_or_a_foreign_directory_is_refused_in_one_line(project, tm
     running.mkdir()
     status = read_status(project / "lora-done")
     status.state, status.pid, status.output_dir = "running", os.getpid(), str(running)
+    status.pid_started_at = pid_start_time(os.getpid())
     from engine.runs import write_status
 
     write_status(running, status)

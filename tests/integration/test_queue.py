@@ -15,7 +15,8 @@ import engine.hardware
 import engine.train
 from engine.cli import main
 from engine.hardware import HardwareState
-from engine.jobs import register
+from engine.runs.index import register
+from engine.runs.status import pid_start_time
 from engine.runs import RunStatus, read_status, write_status
 
 A100 = Path(__file__).resolve().parents[1] / "data" / "gpu_states" / "a100-80gb.json"
@@ -34,6 +35,7 @@ def holder(tmp_path, tiny_models, monkeypatch):
     run_dir = tmp_path / "holder"
     run_dir.mkdir()
     write_status(run_dir, RunStatus(id="holder-run", name="holder", state="running", pid=process.pid,
+                                    pid_started_at=pid_start_time(process.pid),
                                     host=socket.gethostname(), gpus=[state.gpus[0].uuid]))
     register(run_dir, "holder-run")
     yield process
@@ -70,6 +72,6 @@ def test_stopping_a_queued_run_marks_it_stopped(holder, tmp_path):
 
     out = tmp_path / "stopped"
     threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-    assert main([*RUN, "--output_dir", str(out)]) == 0
+    assert main([*RUN, "--output_dir", str(out)]) == 128 + signal.SIGTERM
     status = read_status(out)
     assert status.state == "stopped" and status.step == 0

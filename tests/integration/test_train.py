@@ -133,7 +133,7 @@ def test_sigterm_stops_gracefully_and_the_rerun_resumes_the_step_count(tiny_mode
     wait_for(lambda: events_of(out, "log"), 120, "the first log event")
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # stopped, not completed: `&& tuner export` stops here
 
     status = read_status(out)
     assert status.state == "stopped" and status.step < 400

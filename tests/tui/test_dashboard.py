@@ -13,6 +13,7 @@ from textual.widgets import Static
 from tui_helpers import recorded, shown, until
 
 from engine.errors import UserError
+from engine.runs.status import pid_start_time
 from engine.runs import RunStatus, read_status, write_status
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.screen import DashboardScreen
@@ -51,7 +52,8 @@ def log_event(step: int, loss: float, total: int = 30) -> str:
 def running_run(tmp_path: Path, pid: int, run_id: str = "20250101-000000-abcdef") -> Path:
     run_dir = tmp_path / "live"
     run_dir.mkdir()
-    write_status(run_dir, RunStatus(id=run_id, name="live", state="running", pid=pid, output_dir=str(run_dir),
+    write_status(run_dir, RunStatus(id=run_id, name="live", state="running", pid=pid, pid_started_at=pid_start_time(pid),
+                                    output_dir=str(run_dir),
                                     model="tiny-llama", method="lora", total_steps=100))
     return run_dir
 

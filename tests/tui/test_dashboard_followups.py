@@ -77,12 +77,12 @@ async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, st
         screen.query_one("#max_samples", Input).value = "abc"
         await pilot.press("ctrl+r")
         await until(pilot, lambda: "max_samples" in shown(screen.query_one("#status", Static)), "the complaint")
-        assert screen.process is None
+        assert screen.started is None
         screen.query_one("#max_samples", Input).value = "4"
         screen.query_one("#max_new_tokens", Input).value = "4"
         await pilot.press("ctrl+r")
-        await until(pilot, lambda: screen.process is not None, "the start")
-        assert os.getsid(screen.process.pid) == screen.process.pid  # its own session: a hangup does not reach it
+        await until(pilot, lambda: screen.started is not None, "the start")
+        assert os.getsid(screen.started.pid) == screen.started.pid  # its own session: a hangup does not reach it
         await until(pilot, lambda: "finished" in shown(screen.query_one("#status", Static)), "predict to finish",
                     timeout=120)
         assert "4 predictions" in shown(screen.query_one("#result", Static))
@@ -137,7 +137,7 @@ async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
 
 
 async def test_runs_list_shows_what_a_dead_run_said_last(run_copy, state_home):
-    from engine.jobs import register
+    from engine.runs.index import register
 
     status = read_status(run_copy)
     status.id, status.state, status.pid, status.output_dir = "20990101-000000-dead00", "running", dead_pid(), str(run_copy)

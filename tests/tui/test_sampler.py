@@ -8,9 +8,11 @@ import socket
 
 from tui_helpers import recorded
 
+from engine.runs.status import pid_start_time
 from engine.runs import RunStatus, write_status
 from tuner_tui.dashboard.sampler import GpuSampler, RunSampler, ema
-from tuner_tui.dashboard.tail import EventTail, LogTail
+from engine.runs.events import EventReader
+from engine.runs.files import LogTail
 from tuner_tui.dashboard.widgets import resample, spark, thin
 
 
@@ -18,9 +20,9 @@ def line(**event) -> str:
     return json.dumps(event) + "\n"
 
 
-def test_event_tail_keeps_a_torn_line_for_the_next_read_and_skips_garbage(tmp_path):
+def test_event_reader_keeps_a_torn_line_for_the_next_read_and_skips_garbage(tmp_path):
     path = tmp_path / "events.jsonl"
-    tail = EventTail(path)
+    tail = EventReader(path)
     assert tail.read() == ([], False)  # not written yet
     whole = line(type="log", step=5)
     path.write_text(line(type="start") + "not json\n" + whole[:7])
@@ -31,10 +33,10 @@ def test_event_tail_keeps_a_torn_line_for_the_next_read_and_skips_garbage(tmp_pa
     assert tail.read() == ([], False)
 
 
-def test_event_tail_starts_over_when_the_file_is_replaced(tmp_path):
+def test_event_reader_starts_over_when_the_file_is_replaced(tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_text(line(type="start", n=1) + line(type="log", step=1))
-    tail = EventTail(path)
+    tail = EventReader(path)
     assert len(tail.read()[0]) == 2
     path.unlink()
     path.write_text(line(type="start", n=2))
@@ -65,7 +67,8 @@ def test_resumed_run_replaces_the_steps_it_repeats(tmp_path):
 
 
 def test_running_run_counts_elapsed_and_eta_on_between_log_events(tmp_path):
-    write_status(tmp_path, RunStatus(id="r", name="r", state="running", pid=os.getpid(), host=socket.gethostname()))
+    write_status(tmp_path, RunStatus(id="r", name="r", state="running", pid=os.getpid(),
+                                     pid_started_at=pid_start_time(os.getpid()), host=socket.gethostname()))
     (tmp_path / "events.jsonl").write_text(line(type="log", step=10, total_steps=40, loss=1.0, elapsed_s=100.0,
                                                 remaining_s=300.0, time=1000.0))
     now = [1000.0]

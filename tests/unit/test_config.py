@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import yaml
 
+from engine.cli import main
 from engine.config import build_config, parse_args, parse_overrides
 from engine.errors import ConfigError, UserError
 from engine.validation import validate
@@ -99,6 +100,93 @@ def test_bad_values_and_choices_are_all_reported():
         "bf16: expected true or false, got 'maybe'",
         "stage: 'dpo' is not supported; tuner runs supervised fine-tuning (stage sft)",
     ]
+
+
+def test_non_finite_numbers_are_refused_with_the_field_named(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_config({"learning_rate": "nan", "num_train_epochs": "inf", "val_size": "-inf", "max_steps": "inf",
+                      "temperature": float("nan")})
+    assert info.value.problems == [
+        "learning_rate: expected a finite number, got 'nan'",
+        "num_train_epochs: expected a finite number, got 'inf'",
+        "val_size: expected a finite number, got '-inf'",
+        "max_steps: expected a whole number, got 'inf'",
+        "temperature: expected a finite number, got nan",
+    ]
+    path = tmp_path / "run.yaml"
+    path.write_text("max_grad_norm: .inf\n")
+    with pytest.raises(ConfigError, match=r"^max_grad_norm: expected a finite number, got inf$"):
+        parse_args([str(path)])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_learning_rate_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys, value):
+    code = main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--learning_rate", value,
+                 "--output_dir", str(tmp_path / "x")])
+    assert code == 2
+    assert capsys.readouterr().err == f"tuner: error: learning_rate: expected a finite number, got '{value}'\n"
+
+
+def test_numbers_outside_their_valid_range_are_all_reported():
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "max_steps": -5,
+                        "cutoff_len": "1e9", "max_grad_norm": -1, "warmup_steps": -1, "save_total_limit": 0,
+                        "eval_steps": 0, "dataloader_num_workers": -1, "ddp_timeout": 0, "weight_decay": -0.1,
+                        "adam_epsilon": 0, "adam_beta1": 1, "adam_beta2": -0.5, "preprocessing_num_workers": 0,
+                        "top_k": -1, "num_beams": 0, "repetition_penalty": 0, "seed": -1})
+    assert problems_of(cfg) == [
+        "cutoff_len must be at most 1048576 tokens, got 1000000000",
+        "preprocessing_num_workers must be at least 1, got 0",
+        "warmup_steps must be at least 0, got -1",
+        "max_steps must be at least 1, or -1 to train for num_train_epochs, got -5",
+        "save_total_limit must be at least 1, got 0",
+        "eval_steps must be at least 1, got 0",
+        "weight_decay must be at least 0, got -0.1",
+        "adam_beta1 must be in [0, 1), got 1.0",
+        "adam_beta2 must be in [0, 1), got -0.5",
+        "adam_epsilon must be positive, got 0.0",
+        "max_grad_norm must be at least 0 (0 turns clipping off), got -1.0",
+        "seed must be in [0, 2**32), got -1",
+        "dataloader_num_workers must be at least 0, got -1",
+        "ddp_timeout must be at least 1 (seconds), got 0",
+        "top_k must be at least 0, got -1",
+        "repetition_penalty must be positive, got 0.0",
+        "num_beams must be at least 1, got 0",
+    ]
+
+
+def test_the_edges_of_the_valid_ranges_are_accepted():
+    validate(build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "max_steps": -1,
+                           "cutoff_len": 2**20, "max_grad_norm": 0, "warmup_steps": 0, "save_total_limit": 1,
+                           "eval_steps": 1, "adam_beta1": 0, "top_k": 0, "seed": 0}))
+    validate(build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "max_steps": 1}))
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "max_steps": 0})
+    assert problems_of(cfg) == ["max_steps must be at least 1, or -1 to train for num_train_epochs, got 0"]
+
+
+def test_out_of_range_numbers_on_the_command_line_are_one_line_each_and_exit_2(tmp_path, capsys):
+    code = main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "-5",
+                 "--cutoff_len", "1e9", "--max_grad_norm", "-1", "--output_dir", str(tmp_path / "x")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tuner: error: cutoff_len must be at most 1048576 tokens, got 1000000000",
+        "tuner: error: max_steps must be at least 1, or -1 to train for num_train_epochs, got -5",
+        "tuner: error: max_grad_norm must be at least 0 (0 turns clipping off), got -1.0",
+    ]
+
+
+def test_output_dir_that_is_a_file_is_refused_before_the_run_starts(tmp_path, capsys):
+    taken = tmp_path / "f"
+    taken.write_text("")
+    code = main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca",
+                 "--output_dir", str(taken)])
+    assert code == 2
+    assert capsys.readouterr().err == (f"tuner: error: output_dir {taken} is a file, not a directory: "
+                                       "choose a directory for the run\n")
+    export = build_config({"model_name_or_path": "tiny-llama", "export_dir": str(taken), "output_dir": str(taken)})
+    assert problems_of(export, "export") == [
+        f"export_dir {taken} is a file, not a directory: choose a directory for the exported model"]
+    validate(build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca",
+                           "output_dir": str(tmp_path)}))
 
 
 def test_contradictions_name_both_settings():

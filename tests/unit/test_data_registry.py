@@ -13,6 +13,7 @@ from engine.data.registry import BUNDLED_DIR
 from engine.errors import UserError
 
 DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
+COLUMNS_EXPECTED = "a mapping of column roles to column names"
 
 
 def test_reads_llamafactory_registry_as_it_is(shared_data):
@@ -70,6 +71,49 @@ def test_entry_without_a_source_says_which_keys_give_one(tmp_path):
         load_registry(str(tmp_path))
     assert err.value.message == f"{tmp_path / 'dataset_info.json'}: dataset 'a' has no source"
     assert "hf_hub_url" in err.value.hint and "file_name" in err.value.hint
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"file_name": "a.json", "columns": ["a"]}, f'"columns" must be {COLUMNS_EXPECTED}, got a list'),
+    ({"file_name": "a.json", "columns": "x"}, f'"columns" must be {COLUMNS_EXPECTED}, got a string'),
+    ({"file_name": "a.json", "columns": {"prompt": 3}}, '"prompt" in "columns" must be a column name (a string), got a '
+                                                        'number (3)'),
+    ({"file_name": "a.json", "tags": ["from"]}, '"tags" must be a mapping such as {"role_tag": "from", "content_tag": '
+                                                '"value"}, got a list'),
+    ({"file_name": "a.json", "tags": {"role_tag": None}}, '"role_tag" in "tags" must be a string, got null'),
+    (3, 'expected a mapping such as {"file_name": "data.json"}, got a number (3)'),
+    ({"file_name": 5}, '"file_name" must be a file or folder path (a string), got a number (5)'),
+    ({"hf_hub_url": ["org/data"]}, '"hf_hub_url" must be a hub id or URL (a string), got a list'),
+    ({"file_name": "a.json", "split": 1}, '"split" must be a split name such as train, got a number (1)'),
+    ({"file_name": "a.json", "subset": ["en"]}, '"subset" must be a subset name (a string), got a list'),
+    ({"file_name": "a.json", "folder": {}}, '"folder" must be a folder name (a string), got a mapping'),
+    ({"file_name": "a.json", "formatting": True}, '"formatting" must be a string such as alpaca, sharegpt or openai, '
+                                                  'got true'),
+    ({"file_name": "a.json", "ranking": "yes"}, '"ranking" must be true or false, got a string'),
+    ({"file_name": "a.json", "num_samples": "10"}, '"num_samples" must be a whole number of at least 1, got a string'),
+])
+def test_entry_field_of_the_wrong_type_names_file_entry_and_field(tmp_path, entry, problem):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"my_set": entry}))
+    with pytest.raises(UserError) as err:
+        load_registry(str(tmp_path))
+    assert str(err.value) == f"{tmp_path / 'dataset_info.json'}: dataset 'my_set': {problem}"
+
+
+def test_malformed_entry_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
+    from engine.cli import main
+
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"my_set": {"file_name": "a.json", "columns": ["a"]}}))
+    assert main(["datasets", "--dataset_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"tuner: error: {tmp_path / 'dataset_info.json'}: dataset 'my_set': "
+                                       '"columns" must be a mapping of column roles to column names, got a list\n')
+
+
+def test_null_and_empty_optional_fields_keep_their_meaning(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"my_set": {
+        "file_name": "a.json", "formatting": None, "subset": None, "columns": {"prompt": "q", "query": None,
+                                                                                  "response": ""}}}))
+    attr = load_registry(str(tmp_path))["my_set"]
+    assert (attr.formatting, attr.subset, attr.columns) == (None, None, {"prompt": "q"})
 
 
 def test_unknown_name_lists_closest_names_first():

@@ -20,7 +20,7 @@ from tuner_tui.dashboard.sampler import Checkpoint, GpuReading, GpuSnapshot, Los
 
 BARS = "▁▂▃▄▅▆▇█"
 STATE_MARKS = {"running": "●", "queued": "◌", "completed": "✔", "stopped": "■", "failed": "✖", "external": "◇",
-               "missing": "?"}
+               "missing": "?", "unreadable": "?"}
 
 
 def resample(values: Sequence[float], width: int) -> list[float]:

@@ -5,8 +5,6 @@ does not stop it), its log followed and its result shown.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +16,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from tuner_tui.dashboard.tail import LogTail
+from engine.runs.files import LogTail
+from engine.runs.tasks import TaskResult, read_task, result_path_for, start_task
 from tuner_tui.errors import failure_text
 
 PREPARE, CHECK, POLL = "prepare", "check", "poll"
@@ -34,6 +33,7 @@ class TaskState:
     log: tuple[str, ...]
     done_count: int | None = None  # predictions written so far
     result: str | None = None
+    error: str | None = None
 
 
 class TaskScreen(Screen):
@@ -51,7 +51,7 @@ class TaskScreen(Screen):
     def __init__(self, run_dir: Path):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.process: subprocess.Popen | None = None
+        self.started: TaskResult | None = None  # the started command
         self.target: Path | None = None  # where the output goes, fixed at Start
         self._tail: LogTail | None = None
 
@@ -76,7 +76,7 @@ class TaskScreen(Screen):
     def prepare(self) -> tuple[dict[str, str], str]:
         """The fields' starting values (the run's, then DEFAULTS) and a note for the user."""
         from engine.followup import followup_values
-        from engine.jobs import find_job
+        from engine.runs.jobs import find_job
 
         job = find_job(str(self.run_dir))
         values = {key: str(value) for key, value in followup_values(job, self.COMMAND).items()}
@@ -102,23 +102,21 @@ class TaskScreen(Screen):
 
     # running it
     def action_start(self) -> None:
-        if self.process is not None or self.query_one("#start", Button).disabled:
+        if self.started is not None or self.query_one("#start", Button).disabled:
             return
         flags = self.flags()
         self.run_worker(lambda: self.check(flags), name="checking the values", group=CHECK, thread=True,
                         exit_on_error=False)
 
     def launch(self, flags: list[str]) -> None:
-        from engine.jobs import launch_command
-
         self.target = Path(self.query_one(f"#{self.TARGET}", Input).value).expanduser().absolute()
         log_path = self.log_path()
         self._tail = LogTail(log_path, lines=12)
-        self.process = launch_command(self.COMMAND, flags, log_path)
+        self.started = start_task(self.COMMAND, flags, log_path)
         for widget in self.query(Input):
             widget.disabled = True
         self.query_one("#start", Button).disabled = True
-        self.query_one("#status", Static).update(f"started (pid {self.process.pid}); output in {log_path}")
+        self.query_one("#status", Static).update(f"started (pid {self.started.pid}); output in {log_path}")
         self.set_timer(POLL_S, self._poll)
 
     def log_path(self) -> Path:
@@ -128,18 +126,19 @@ class TaskScreen(Screen):
         self.run_worker(self.read_state, name="following the command", group=POLL, thread=True, exit_on_error=False)
 
     def read_state(self) -> TaskState:
-        exit_code = self.process.poll()
+        """The task's own result file says how it stands; a task that died without writing its end failed."""
         log = self._tail.read()
-        if exit_code is None:
+        result = read_task(result_path_for(self._tail.path)) or self.started
+        if result.state == "running" and result.alive:
             return TaskState(True, None, log, self.done_count())
-        return TaskState(False, exit_code, log, self.done_count(), self.outcome() if exit_code == 0 else None)
+        if result.state == "running":
+            return TaskState(False, None, log, self.done_count(),
+                             error=f"its process (pid {result.pid}) ended without writing a result")
+        return TaskState(False, result.exit_code, log, self.done_count(),
+                         "\n".join(result.summary) if result.state == "completed" else None, result.error)
 
     def done_count(self) -> int | None:
         return None
-
-    def outcome(self) -> str:
-        """What the command produced, in words, once it exited 0."""
-        return ""
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place this screen's workers end."""
@@ -174,15 +173,15 @@ class TaskScreen(Screen):
         status = self.query_one("#status", Static)
         if state.running:
             count = f" · {state.done_count} done" if state.done_count is not None else ""
-            status.update(f"running (pid {self.process.pid}){count} · output in {self._tail.path}")
+            status.update(f"running (pid {self.started.pid}){count} · output in {self._tail.path}")
             self.set_timer(POLL_S, self._poll)
         elif state.exit_code == 0:
             status.update("finished")
             status.add_class("done")
             self.query_one("#result", Static).update(state.result or "")
         else:
-            errors = [line for line in state.log if line.startswith("tuner: error")]
-            status.update(f"failed (exit {state.exit_code})" + (f": {errors[-1]}" if errors else ""))
+            code = f" (exit {state.exit_code})" if state.exit_code is not None else ""
+            status.update(f"failed{code}" + (f": {state.error}" if state.error else ""))
             status.add_class("error")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -217,19 +216,9 @@ class PredictScreen(TaskScreen):
         return self.target / "predict.log"
 
     def done_count(self) -> int | None:
-        from engine.predict import PREDICTIONS
+        from engine.predict import predictions_written
 
-        path = self.target / PREDICTIONS
-        if not path.is_file():
-            return None
-        with open(path, "rb") as file:
-            return sum(1 for _ in file)
-
-    def outcome(self) -> str:
-        from engine.predict import PREDICTIONS, RESULTS, score_line
-
-        results = json.loads((self.target / RESULTS).read_text())
-        return f"{results['predict_samples']} predictions in {self.target / PREDICTIONS}\n{score_line(results)}"
+        return predictions_written(self.target)
 
 
 class ExportScreen(TaskScreen):
@@ -244,9 +233,3 @@ class ExportScreen(TaskScreen):
 
     def log_path(self) -> Path:
         return self.run_dir / f"export-{datetime.now():%Y%m%d-%H%M%S}.log"
-
-    def outcome(self) -> str:
-        """The summary `tuner export` printed last: where, how big, and the logits check."""
-        log = self._tail.read()
-        starts = [i for i, line in enumerate(log) if line.startswith("exported ")]
-        return "\n".join(log[starts[-1]:]) if starts else f"exported to {self.target}"

@@ -14,7 +14,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import Worker, WorkerState
 
-from engine.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
+from engine.runs.files import printable_line
+from engine.runs.jobs import JOB_COLUMNS, failure_reason, job_row, list_jobs, log_tail
 from tuner_tui.errors import failure_text
 
 REFRESH_S = 2.0
@@ -34,7 +35,8 @@ class ShowRuns(Message):
 
 def read_runs() -> list[dict]:
     """The rows to show, each with the run's directory and, for a failed run, the last lines of its log."""
-    return [job_row(job) | {"dir": str(job.dir), "tail": log_tail(job) if job.state == "failed" else []}
+    return [job_row(job) | {"dir": printable_line(job.dir), "tail": log_tail(job) if job.state == "failed" else
+                            [failure_reason(job)] if job.state == "unreadable" else []}
             for job in list_jobs()]
 
 
@@ -95,7 +97,8 @@ class RunsScreen(Screen):
         if row is None:
             self.query_one("#detail", Static).update("")
             return
-        lines = [row["dir"]] + (["failed; the end of its train.log:"] + row["tail"] if row["tail"] else [])
+        heading = "failed; the end of its train.log:" if row["state"] == "failed" else f"{row['state']}:"
+        lines = [row["dir"]] + ([heading] + row["tail"] if row["tail"] else [])
         self.query_one("#detail", Static).update("\n".join(lines))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:

@@ -130,7 +130,8 @@ class Choices:
         """Keep these choices for the next launch (state_dir()/wizard.yaml)."""
         path = (directory or state_dir()) / REMEMBERED
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"values": {k: str(v) for k, v in self.values.items() if v not in ("", None)},
+        kept = {k: str(v) for k, v in self.values.items() if v not in ("", None) and not _secret(k)}
+        path.write_text(yaml.safe_dump({"values": kept,
                                         "method": self.method, "gpus": self.gpus}, sort_keys=False))
         return path
 
@@ -168,6 +169,11 @@ class Choices:
         return cls(values, method, choices.gpus)
 
 
+def _secret(key: str) -> bool:
+    """A token and the like: never written to the remembered choices."""
+    return key in FIELDS and bool(FIELDS[key][1].metadata.get("secret"))
+
+
 def save_config(choices: Choices, path: str) -> Path:
     """Write the config YAML to ``path``; UserError when it cannot be written."""
     target = Path(path).expanduser()
@@ -184,20 +190,10 @@ def save_config(choices: Choices, path: str) -> Path:
 
 
 def start_run(choices: Choices, visible_devices: str | None = None) -> Path:
-    """`tuner train <flags> --detach` as a process of its own; the started run's directory (UserError if refused)."""
-    import os
-    import re
-    import subprocess
-    import sys
+    """The run these choices describe, started detached through the engine (as `tuner train --detach` does); its
+    directory. UserError when the engine refuses it."""
+    from engine.runs.launch import start_run as launch
 
-    env = dict(os.environ)
-    if visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "train", *choices.flags(), "--detach"],
-                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
-    found = re.search(r"^started run \S+ \(pid \d+\) in (.+)$", done.stdout, re.MULTILINE)
-    if done.returncode != 0 or not found:
-        errors = [line.removeprefix("tuner: error: ") for line in (done.stderr or done.stdout).splitlines()
-                  if line.strip()]
-        raise UserError("; ".join(errors[-3:]) or f"`tuner train --detach` exited with {done.returncode}")
-    return Path(found.group(1).strip())
+    cfg = choices.config()
+    validate(cfg, "train")
+    return Path(launch(cfg, detach=True, visible_devices=visible_devices).output_dir)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.runs import RunStatus
+from engine.runs.files import read_json
+from engine.runs.checkpoints import checkpoints, step_of
+from engine.runs.status import RunStatus
 
 
 def _latest_trainer_state(run_dir: Path) -> Path | None:
     """The run's own trainer_state.json, else the one in its newest checkpoint."""
     if (run_dir / "trainer_state.json").is_file():
         return run_dir / "trainer_state.json"
-    checkpoints = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1]))
-    for checkpoint in reversed(checkpoints):
+    for checkpoint in reversed(checkpoints(run_dir)):
         if (checkpoint / "trainer_state.json").is_file():
             return checkpoint / "trainer_state.json"
     return None
@@ -26,10 +26,17 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
     path = _latest_trainer_state(run_dir)
     if path is None:
         return None
-    state = json.loads(path.read_text())
+    try:
+        state = read_json(path, max_bytes=64 << 20)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history", []), list):
+        return None
     total = state.get("max_steps")
     events = []
     for entry in state.get("log_history", []):
+        if not isinstance(entry, dict):
+            continue
         if "loss" in entry:
             events.append({"type": "log", "step": entry.get("step"), "total_steps": total, "epoch": entry.get("epoch"),
                            "loss": entry["loss"], "learning_rate": entry.get("learning_rate"),
@@ -37,9 +44,8 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
         elif "eval_loss" in entry:
             events.append({"type": "eval", "step": entry.get("step"), "epoch": entry.get("epoch"),
                            "eval_loss": entry["eval_loss"]})
-    for checkpoint in sorted(run_dir.glob("checkpoint-*")):
-        if checkpoint.name.split("-")[-1].isdigit():
-            events.append({"type": "checkpoint", "step": int(checkpoint.name.split("-")[-1]), "path": str(checkpoint)})
+    for checkpoint in checkpoints(run_dir):
+        events.append({"type": "checkpoint", "step": step_of(checkpoint), "path": str(checkpoint)})
     return events
 
 
@@ -53,6 +59,8 @@ def llamafactory_events(run_dir: Path) -> list[dict] | None:
         try:
             entry = json.loads(line)
         except ValueError:
+            continue
+        if not isinstance(entry, dict):
             continue
         step, total = entry.get("current_steps"), entry.get("total_steps")
         if entry.get("loss") is not None:

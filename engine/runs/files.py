@@ -1,0 +1,123 @@
+"""Files of a run directory as a careful writer and reader treat them: appends that never follow a planted symlink,
+atomic JSON, text made safe for a terminal, and the end of a log read without reading all of it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+
+# Escape sequences (CSI, OSC, DCS/PM/APC and two-byte ones) and every other control character but newline and tab.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: Any) -> str:
+    """``text`` with terminal escape sequences and control characters removed: what came from a file or a run is
+    shown, never obeyed (a crafted run name cannot retitle the terminal or move the cursor)."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", str(text)))
+
+
+def printable_line(text: Any) -> str:
+    """One line of shown text: like ``printable`` with newlines and tabs turned into spaces."""
+    return printable(str(text).replace("\n", " ").replace("\t", " "))
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, refusing to write through a symbolic link planted in its place."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link: tuner does not write through links in a run directory",
+                            "remove the link") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside ``path`` and rename it over, so a reader never sees half a file; the
+    temporary file is removed when the write fails (a full disk), and a planted link is replaced, not followed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, max_bytes: int = 1 << 20) -> Any:
+    """The JSON in ``path``; ValueError when it is not JSON, too big or not UTF-8, OSError when it cannot be read."""
+    with open(path, "rb") as file:
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return printable(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+
+
+class LogTail:
+    """The last ``lines`` lines of a text log as a terminal would show them (carriage-return redraws collapsed, escape
+    codes and control characters removed), reading at most ``max_bytes`` from its end and nothing when it did not
+    change."""
+
+    def __init__(self, path: Path, lines: int = 50, max_bytes: int = 64 * 1024):
+        self.path = Path(path)
+        self.lines = lines
+        self.max_bytes = max_bytes
+        self._seen: tuple[int, int] | None = None
+        self._tail: tuple[str, ...] = ()
+
+    def read(self) -> tuple[str, ...]:
+        try:
+            with open(self.path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                if self._seen == (stat.st_size, stat.st_mtime_ns):
+                    return self._tail
+                start = max(0, stat.st_size - self.max_bytes)
+                file.seek(start)
+                data = file.read(stat.st_size - start)
+        except OSError:
+            return ()
+        rows = data.decode("utf-8", errors="replace").split("\n")
+        if start > 0:
+            rows = rows[1:]  # the first row was cut by the seek
+        if rows and rows[-1] == "":
+            rows.pop()
+        self._tail = tuple(_as_shown(row) for row in rows[-self.lines:])
+        self._seen = (stat.st_size, stat.st_mtime_ns)
+        return self._tail
+
+
+def _as_shown(row: str) -> str:
+    redraws = [part for part in _ESCAPES.sub("", row).rstrip("\r").split("\r") if part]
+    return printable_line(redraws[-1]) if redraws else ""
+
+
+def tail_lines(path: Path, lines: int, max_bytes: int = 16 * 1024) -> list[str]:
+    """The last non-empty lines of a log, as shown; [] when there is none."""
+    return [row for row in LogTail(path, 10 * lines, max_bytes).read() if row.strip()][-lines:]

@@ -1,0 +1,42 @@
+"""The per-user index of runs (``$XDG_STATE_HOME/tuner-tui/runs.jsonl``, a line per run: id and directory), so
+`tuner runs` finds every run from any directory. A line that is not an entry (torn, hostile) is skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.paths import state_dir
+from engine.runs.files import open_append
+
+
+def index_path() -> Path:
+    return state_dir() / "runs.jsonl"
+
+
+def entries() -> list[tuple[str, Path]]:
+    """(id, directory) of every indexed run, oldest first, each id once."""
+    try:
+        data = index_path().read_bytes()
+    except OSError:
+        return []
+    found: dict[str, Path] = {}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("dir"), str) \
+                and entry["id"] and entry["dir"] and "\x00" not in entry["dir"]:
+            found.setdefault(entry["id"], Path(entry["dir"]))
+    return list(found.items())
+
+
+def register(run_dir: Path, run_id: str) -> None:
+    """Add a run to the index (once)."""
+    if any(known == run_id for known, _ in entries()):
+        return
+    path = index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open_append(path) as file:
+        file.write(json.dumps({"id": run_id, "dir": str(Path(run_dir).resolve())}) + "\n")

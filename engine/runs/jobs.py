@@ -1,0 +1,203 @@
+"""Runs as jobs: every indexed run with its state corrected for a process that died without saying so, found by id,
+name or directory, shown as a row, stopped gracefully."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.runs.events import Event, read_events
+from engine.runs.files import printable_line, tail_lines
+from engine.runs.foreign import foreign_run
+from engine.runs.index import entries
+from engine.runs.process import is_run_process, signal_run
+from engine.runs.status import UNREADABLE, RunStatus, read_status
+
+
+@dataclass
+class Job:
+    """A run as `tuner runs` shows it: its status, corrected for a process that died without saying so."""
+
+    id: str
+    dir: Path
+    status: RunStatus | None
+    state: str
+    last_log: dict | None
+    foreign: bool = False  # written by another tool (HF Trainer, LLaMA-Factory): read-only
+
+    @property
+    def missing(self) -> bool:
+        return self.status is None
+
+    @property
+    def readable(self) -> bool:
+        return self.status is not None and self.status.state != UNREADABLE
+
+
+def effective_state(status: RunStatus) -> str:
+    """A queued or running run of this host whose own process is gone ended without writing "end": it failed."""
+    if status.state in ("running", "queued") and status.host == socket.gethostname() and not is_run_process(status):
+        return "failed"
+    return status.state
+
+
+def load_job(run_id: str, run_dir: Path) -> Job:
+    status = read_status(run_dir)
+    if status is None:
+        return Job(run_id, run_dir, None, "missing", None)
+    if status.state == UNREADABLE:
+        return Job(run_id, run_dir, status, UNREADABLE, None)
+    logs = [e for e in read_events(run_dir) if e["type"] == Event.LOG]
+    return Job(run_id, run_dir, status, effective_state(status), logs[-1] if logs else None)
+
+
+def list_jobs() -> list[Job]:
+    """Every indexed run, newest first; runs whose directories were moved or deleted show as missing."""
+    jobs = [load_job(run_id, run_dir) for run_id, run_dir in entries()]
+    return sorted(jobs, key=lambda job: job.status.started_at if job.readable else "", reverse=True)
+
+
+JOB_COLUMNS = ("id", "name", "state", "model", "method", "progress", "loss", "started", "elapsed")
+FAILED_LOG_LINES = 3
+
+
+def job_row(job: Job) -> dict[str, str]:
+    """A run as one row of text, JOB_COLUMNS as keys (`tuner runs` and the TUI's runs screen), safe to print."""
+    s = job.status
+    if s is None or not job.readable:
+        return dict.fromkeys(JOB_COLUMNS, "") | {"id": printable_line(job.id), "state": job.state,
+                                                 "model": printable_line(job.dir)}
+    row = {"id": job.id, "name": s.name or "", "state": job.state, "model": Path(s.model or "").name,
+           "method": s.method or "", "progress": f"{s.step}/{s.total_steps}" if s.total_steps else "",
+           "loss": f"{s.loss:.4f}" if s.loss is not None else "",
+           "started": datetime.fromisoformat(s.started_at).astimezone().strftime("%m-%d %H:%M"),
+           "elapsed": elapsed(s.started_at, s.ended_at or _last_seen(job))}
+    return {key: printable_line(value) for key, value in row.items()}
+
+
+def log_tail(job: Job, lines: int = FAILED_LOG_LINES) -> list[str]:
+    """The last non-empty lines of the run's train.log (what a failed run said last), safe to print."""
+    return tail_lines(job.dir / "train.log", lines)
+
+
+def failure_reason(job: Job) -> str | None:
+    """Why a failed or unreadable run ended, in one line."""
+    if job.state == UNREADABLE:
+        return job.status.error
+    if job.state != "failed" or job.status is None:
+        return None
+    if job.status.error:
+        return printable_line(job.status.error)
+    if job.status.state in ("running", "queued"):
+        return (f"the run's process (pid {job.status.pid}) is gone without writing an end event: killed, or the "
+                "machine restarted")
+    return None
+
+
+def elapsed(started_at: str, ended_at: str | None) -> str:
+    """H:MM:SS between two ISO times (now when ``ended_at`` is None)."""
+    start = datetime.fromisoformat(started_at)
+    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
+    total = max(int((end - start).total_seconds()), 0)
+    return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
+
+
+def _last_seen(job: Job) -> str | None:
+    """When a run that died without an end was last heard of (its last log event), so its clock stops there."""
+    if job.state in ("running", "queued") or not job.last_log:
+        return None
+    when = job.last_log.get("time")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 < when < 1e11:
+        return None
+    return datetime.fromtimestamp(when, timezone.utc).isoformat()
+
+
+def find_job(ref: str | None) -> Job:
+    """A run by id, id prefix, name or directory; the newest when ``ref`` is None."""
+    if ref and Path(ref).is_dir():
+        path = Path(ref).absolute()
+        status = read_status(path)
+        if status:
+            return load_job(status.id, path)
+        other = foreign_run(path)
+        if other:
+            status, events = other
+            logs = [e for e in events if e["type"] == Event.LOG]
+            return Job(status.id, path, status, status.state, logs[-1] if logs else None, foreign=True)
+    jobs = list_jobs()
+    if not jobs:
+        raise UserError("no runs yet", "start one with `tuner train ... --detach`")
+    if ref is None:
+        return jobs[0]
+    matches = [job for job in jobs if job.id == ref or (job.readable and job.status.name == ref)] or \
+              [job for job in jobs if job.id.startswith(ref)]
+    if not matches:
+        raise UserError(f"no run '{printable_line(ref)}'", "`tuner runs` lists them")
+    if len(matches) > 1:
+        raise UserError(f"'{printable_line(ref)}' matches {len(matches)} runs: "
+                        f"{', '.join(j.id for j in matches[:5])}", "give more of the id")
+    return matches[0]
+
+
+def gpus_in_use() -> list[str]:
+    """The GPUs a run started now would use (after CUDA_VISIBLE_DEVICES), by UUID."""
+    from engine.hardware import probe
+
+    return [gpu.uuid or f"gpu-{gpu.physical_index}" for gpu in probe().gpus]
+
+
+def gpu_holders(gpus: list[str], except_id: str) -> list[Job]:
+    """Other running runs on this host that hold any of these GPUs."""
+    wanted = set(gpus)
+    return [job for job in list_jobs() if job.id != except_id and job.state == "running"
+            and job.status.host == socket.gethostname() and wanted & set(job.status.gpus)]
+
+
+def job_events(job: Job) -> list[dict]:
+    """The run's events: its own events.jsonl, or what another tool's files say."""
+    if job.foreign:
+        return foreign_run(job.dir)[1]
+    return read_events(job.dir)
+
+
+def stop_job(job: Job, wait_s: float = 0.0) -> str:
+    """Ask the run's own process (checked by pid and start time) to finish its step, save a checkpoint and stop."""
+    if job.foreign:
+        raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
+    if not job.readable:
+        raise UserError(f"run {job.id} cannot be stopped: {failure_reason(job) or 'its status.json is missing'}")
+    if job.state not in ("running", "queued"):
+        raise UserError(f"run {job.id} is {job.state}, not running")
+    signal_run(job.status, signal.SIGTERM)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and is_run_process(job.status):
+        time.sleep(0.2)
+    if is_run_process(job.status):
+        return "stopping"
+    status = read_status(job.dir)
+    return effective_state(status) if status else "missing"
+
+
+def follow(path: Path, out, follow_on: bool, alive=lambda: True, poll_s: float = 0.5) -> None:
+    """Print a log file, escape codes and control characters removed; with ``follow_on``, keep printing what is
+    appended while ``alive()``."""
+    import codecs
+
+    from engine.runs.files import printable
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(1 << 16)
+            if chunk:
+                out.write(printable(decoder.decode(chunk)))
+                out.flush()
+            elif not follow_on or not alive():
+                return
+            else:
+                time.sleep(poll_s)

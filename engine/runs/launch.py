@@ -1,0 +1,197 @@
+"""One way to start work on a run directory, for the CLI, the wizard and `tuner resume` alike.
+
+``start_run`` takes the directory's lock, decides once whether the run starts afresh or resumes, writes the config the
+run will read (absolute paths, no one-shot keys, no secrets) and its first status, then runs the worker here or as a
+process of its own session (detached: a closed terminal or a dropped SSH never reaches it), which reads only that file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from engine.config import TunerConfig, read_config_file, build_config
+from engine.errors import UserError
+from engine.runs.checkpoints import checkpoints, last_complete
+from engine.runs.files import open_append
+from engine.runs.index import register
+from engine.runs.lock import LOCK_FD_ENV, RunLock
+from engine.runs.status import UNREADABLE, RunStatus, new_run_id, pid_start_time, read_status, write_status
+from engine.runs.stop import blocked_stop_signals
+
+RUN_FILES = ("status.json", "events.jsonl", "trainer_log.jsonl", "train.log", "config.yaml")
+CONFIG_FILE = "config.yaml"
+ONE_SHOT = {"overwrite_output_dir": False, "resume_from_checkpoint": None, "overwrite_cache": False}
+
+
+@dataclass
+class RunDir:
+    path: Path
+    resume_from: str | None
+    status: RunStatus
+
+
+def default_output_dir(model_name: str, method: str) -> Path:
+    return Path("saves") / Path(model_name.rstrip("/")).name / method / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def method_label(cfg: TunerConfig) -> str:
+    bits = cfg.model.quantization_bit
+    return f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate every process trains, but only rank 0 writes the run directory's files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def output_path(cfg: TunerConfig) -> Path:
+    t = cfg.train
+    path = Path(t.output_dir) if t.output_dir else default_output_dir(cfg.model.model_name_or_path,
+                                                                      cfg.finetune.finetuning_type)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {path} is a file, not a directory", "choose a directory for the run")
+    return path.absolute()
+
+
+def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: bool = True,
+              visible_devices: str | None = None):
+    """Start training ``cfg``: detached, the started run's status (its process holds the lock, and sees only
+    ``visible_devices`` when given); else the exit code of the run trained in this process."""
+    from engine.runs.stop import StopRequest
+
+    stop = None if detach or not is_main_process() else StopRequest().install()
+    try:
+        path = output_path(cfg)
+        cfg.train.output_dir = str(path)
+        if not is_main_process():
+            from engine.train import run_training
+
+            return run_training(cfg, RunDir(path, _resume_point(cfg, path), RunStatus(id="", name=path.name)),
+                                stop=None, foreground=False, wait_for_free_gpus=False)
+        path.mkdir(parents=True, exist_ok=True)
+        with RunLock.acquire(path) as lock:
+            run = _claim(cfg, path)
+            saved = saved_config(cfg, path)
+            saved.save(path / CONFIG_FILE)
+            register(path, run.status.id)
+            if detach:
+                return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
+            write_status(path, run.status)
+            from engine.train import run_training
+
+            saved.model.hf_hub_token = cfg.model.hf_hub_token
+            return run_training(saved, run, stop=stop, foreground=foreground, wait_for_free_gpus=not force)
+    finally:
+        if stop is not None:
+            stop.uninstall()
+
+
+def resume_run(run_dir: Path, force: bool = False) -> RunStatus:
+    """Start a stopped or failed run again, detached, from its config.yaml and its newest whole checkpoint."""
+    config = Path(run_dir) / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(f"{run_dir} has no {CONFIG_FILE} to resume with")
+    cfg = build_config(read_config_file(config))
+    cfg.train.output_dir = str(Path(run_dir).absolute())
+    return start_run(cfg, detach=True, force=force)
+
+
+def _claim(cfg: TunerConfig, path: Path) -> RunDir:
+    """Decide, under the lock, whether the run starts afresh or resumes; a finished run is never overwritten by
+    accident, nor a directory another tool wrote."""
+    t = cfg.train
+    previous = read_status(path)
+    if t.overwrite_output_dir:
+        for child in checkpoints(path):
+            shutil.rmtree(child)
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+        previous = None
+    if previous and previous.state == UNREADABLE:
+        raise UserError(f"{previous.error}", "set overwrite_output_dir true to start afresh in this directory")
+    if previous and previous.state == "completed" and t.resume_from_checkpoint is None:
+        raise UserError(f"output_dir {path} holds a completed run",
+                        "choose another output_dir, or set overwrite_output_dir true to replace it")
+    resume_from = _resume_point(cfg, path)
+    if resume_from is None and previous is None and not t.overwrite_output_dir and \
+            any(p.name != ".tuner.lock" for p in path.iterdir()):
+        raise UserError(f"output_dir {path} is not empty and holds no run of tuner's",
+                        "choose an empty or new directory, or set overwrite_output_dir true")
+    status = RunStatus(id=previous.id if previous else new_run_id(), name=t.run_name or path.name, state="queued",
+                       output_dir=str(path), model=cfg.model.model_name_or_path, method=method_label(cfg))
+    status.pid, status.pid_started_at = os.getpid(), pid_start_time(os.getpid())
+    if previous and resume_from:  # a resumed run shows where it stands until its first new log
+        status.step, status.total_steps, status.loss = previous.step, previous.total_steps, previous.loss
+    return RunDir(path, resume_from, status)
+
+
+def _resume_point(cfg: TunerConfig, path: Path) -> str | None:
+    asked = cfg.train.resume_from_checkpoint
+    if asked is not None and str(asked).lower() == "false":
+        return None
+    if asked is None or str(asked).lower() == "true":
+        found = last_complete(path) if path.is_dir() else None
+        if asked is not None and found is None:
+            raise UserError(f"resume_from_checkpoint true, but {path} has no whole checkpoint-* directory to "
+                            "resume from")
+        return str(found) if found else None
+    if not Path(asked).is_dir():
+        raise UserError(f"resume_from_checkpoint {asked} is not a directory")
+    return str(Path(asked).absolute())
+
+
+def saved_config(cfg: TunerConfig, run_dir: Path) -> TunerConfig:
+    """The config a run reads back: one-shot keys reset (a resume never wipes its own checkpoints again), every
+    local path made absolute (a resume starts in any directory), the output_dir the run's own."""
+    from engine.data.registry import load_registry
+
+    saved = copy.deepcopy(cfg)
+    for key, value in ONE_SHOT.items():
+        setattr(saved.train if hasattr(saved.train, key) else saved.data, key, value)
+    m, d, t = saved.model, saved.data, saved.train
+    m.model_name_or_path = _absolute_if_local(m.model_name_or_path)
+    m.adapter_name_or_path = _absolute_list(m.adapter_name_or_path, ())
+    m.cache_dir = _absolute_if_local(m.cache_dir)
+    d.dataset_dir = str(Path(d.dataset_dir).absolute()) if d.dataset_dir else None
+    registered = set(load_registry(d.dataset_dir)) if d.dataset or d.eval_dataset else set()
+    d.dataset = _absolute_list(d.dataset, registered)
+    d.eval_dataset = _absolute_list(d.eval_dataset, registered)
+    t.deepspeed = _absolute_if_local(t.deepspeed)
+    t.output_dir = str(run_dir)
+    return saved
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    return str(Path(value).expanduser().absolute()) if value and Path(value).expanduser().exists() else value
+
+
+def _absolute_list(value: str | None, names) -> str | None:
+    if not value:
+        return value
+    return ",".join(part if part in names else _absolute_if_local(part) for part in
+                    (p.strip() for p in value.split(",")) if part)
+
+
+def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_devices: str | None) -> RunStatus:
+    """The worker as a process of its own session, holding the directory's lock, its output appended to
+    train.log. Stop signals stay blocked until its handlers are in; a token travels in its environment only."""
+    env = dict(os.environ, **{LOCK_FD_ENV: str(lock.fd)})
+    if token:
+        env["HF_TOKEN"] = token
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    argv = [sys.executable, "-m", "engine.runs.worker", str(run.path)] + (["--force"] if force else []) + \
+        (["--resume-from", run.resume_from] if run.resume_from else [])
+    with open_append(run.path / "train.log") as log, blocked_stop_signals():
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, pass_fds=(lock.fd,), env=env, cwd=run.path)
+    run.status.pid, run.status.pid_started_at = process.pid, pid_start_time(process.pid)
+    write_status(run.path, run.status)
+    return run.status

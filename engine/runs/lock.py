@@ -1,0 +1,78 @@
+"""A run owns its directory: an exclusive lock on ``.tuner.lock`` held for the run's life.
+
+The kernel drops the lock when the holding process ends however it ends (kill -9 included), so a stale lock never
+blocks a directory. A launcher takes it and hands the open file to the run's process, which keeps it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from engine.errors import UserError
+
+LOCK_FILE = ".tuner.lock"
+LOCK_FD_ENV = "TUNER_RUN_LOCK_FD"
+
+
+class RunLock:
+    def __init__(self, fd: int, path: Path):
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """The directory's lock, or UserError naming the run that holds it."""
+        path = Path(run_dir) / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{run_dir} is in use by a run that is still alive ({_holder(run_dir)})",
+                            "choose another output_dir, or `tuner stop` that run first") from None
+        return cls(fd, path)
+
+    @classmethod
+    def inherited(cls, run_dir: Path) -> RunLock | None:
+        """The lock a launcher passed down to this process (its fd in TUNER_RUN_LOCK_FD), if any."""
+        fd = os.environ.pop(LOCK_FD_ENV, None)
+        if fd is None or not fd.isdigit():
+            return None
+        os.set_inheritable(int(fd), False)
+        return cls(int(fd), Path(run_dir) / LOCK_FILE)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the directory's lock (probed without taking it for long)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _holder(run_dir: Path) -> str:
+    from engine.runs.status import read_status
+
+    status = read_status(run_dir)
+    return f"run {status.id}, pid {status.pid}" if status and status.pid else "another tuner process"

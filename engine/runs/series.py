@@ -1,0 +1,142 @@
+"""Events folded into what a watcher shows: the loss and learning-rate series, progress with elapsed time and ETA,
+and the checkpoints. Every number is checked on the way in, so a hostile or corrupt event (a string step, 1e308
+seconds) is left out instead of reaching a chart or a clock."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from engine.runs.events import Event
+
+MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run
+MAX_STEP = 2**53
+
+
+def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
+    """``value`` as a float when it is a finite number within [low, high], else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and low <= value <= high else None
+
+
+def step_number(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEP:
+        return None
+    return value
+
+
+def seconds(value: Any) -> float | None:
+    return number(value, 0.0, MAX_SECONDS)
+
+
+@dataclass(frozen=True)
+class LossSeries:
+    """Training loss per logged step (a resumed run's repeated steps replace the old ones), its EMA, eval losses."""
+
+    steps: tuple[int, ...] = ()
+    losses: tuple[float, ...] = ()
+    smoothed: tuple[float, ...] = ()
+    eval_steps: tuple[int, ...] = ()
+    eval_losses: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float | None = None
+    remaining_s: float | None = None  # None: not known yet, or the run is over
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: str
+    time: float | None
+    exists: bool  # False once save_total_limit (or a person) removed it
+
+
+def ema(values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """LLaMA-Factory's smoothing: an EMA whose weight grows with the number of points, so short runs stay readable."""
+    if not values:
+        return ()
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    out, last = [], values[0]
+    for value in values:
+        if math.isfinite(value):
+            last = last * weight + (1 - weight) * value if math.isfinite(last) else value
+        out.append(last)
+    return tuple(out)
+
+
+class History:
+    """Everything folded from a run's events so far; ``version`` changes whenever a series does."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.learning_rates: list[float] = []
+        self.eval_steps: list[int] = []
+        self.eval_losses: list[float] = []
+        self.checkpoints: dict[int, tuple[str, float | None]] = {}
+        self.start: dict[str, Any] | None = None
+        self.last_log: dict[str, Any] | None = None
+        self.end: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.version = 0
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind, step = event.get("type"), step_number(event.get("step"))
+        if kind == Event.START:
+            self.start, self.end, self.error = event, None, None  # a resumed run starts again in the same file
+        elif kind == Event.LOG and step is not None and number(event.get("loss")) is not None:
+            while self.steps and self.steps[-1] >= step:
+                self.steps.pop(), self.losses.pop(), self.learning_rates.pop()
+            self.steps.append(step)
+            self.losses.append(number(event["loss"]))
+            self.learning_rates.append(number(event.get("learning_rate")) or 0.0)
+            self.last_log = event
+            self.version += 1
+        elif kind == Event.EVAL and step is not None and number(event.get("eval_loss")) is not None:
+            self.eval_steps.append(step)
+            self.eval_losses.append(number(event["eval_loss"]))
+            self.version += 1
+        elif kind == Event.CHECKPOINT and step is not None:
+            self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
+        elif kind == Event.END:
+            self.end = event
+        elif kind == Event.ERROR:
+            self.error = event
+
+    def series(self) -> tuple[LossSeries, tuple[float, ...]]:
+        losses = tuple(self.losses)
+        return (LossSeries(tuple(self.steps), losses, ema(losses), tuple(self.eval_steps), tuple(self.eval_losses)),
+                tuple(self.learning_rates))
+
+    def progress(self, status_step: int, status_total: int | None, alive: bool, now: float) -> Progress:
+        """Elapsed and ETA run on between log events while the run is alive; they stop when it ends."""
+        log = self.last_log or {}
+        elapsed, remaining = seconds(log.get("elapsed_s")), seconds(log.get("remaining_s"))
+        logged_at = number(log.get("time"), 0.0)
+        since = min(max(now - logged_at, 0.0), MAX_SECONDS) if alive and logged_at is not None else 0.0
+        if elapsed is not None:
+            elapsed += since
+        elif alive and self.start and number(self.start.get("time"), 0.0) is not None:
+            elapsed = seconds(now - self.start["time"])
+        if self.end and seconds(self.end.get("runtime_s")) is not None:
+            elapsed = seconds(self.end["runtime_s"])
+        remaining = max(0.0, remaining - since) if alive and remaining is not None else None
+        return Progress(
+            step=max(step_number(log.get("step")) or 0, step_number(status_step) or 0),
+            total_steps=step_number(log.get("total_steps")) or step_number(status_total),
+            epoch=number(log.get("epoch"), 0.0, 1e9), loss=number(log.get("loss")),
+            learning_rate=number(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
+            elapsed_s=elapsed, remaining_s=remaining,
+        )

@@ -1,0 +1,137 @@
+"""Predict and export started like a run (their own process and session, so leaving the app or losing SSH does not
+stop them), each writing a result file that whoever started it reads: no one parses another process's output.
+
+``python -m engine.runs.tasks COMMAND RESULT_FILE [ARGS...]`` is that process: it writes RESULT_FILE when it starts
+(state running, its pid and start time) and when it ends (completed with a summary, or failed with the error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.runs.files import open_append, printable, read_json, write_json_atomic
+from engine.runs.status import now_iso, own_identity, pid_start_time
+
+COMMANDS = ("predict", "export")
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    command: str
+    state: str  # running | completed | failed
+    pid: int | None = None
+    pid_started_at: float | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    summary: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def alive(self) -> bool:
+        """Running, and its process (pid and start time) is still there."""
+        from engine.runs.process import is_run_process
+        from engine.runs.status import RunStatus
+
+        if self.state != "running":
+            return False
+        import socket
+
+        return is_run_process(RunStatus(id="", name="", pid=self.pid, pid_started_at=self.pid_started_at,
+                                        host=socket.gethostname()))
+
+
+def result_path_for(log_path: Path) -> Path:
+    return Path(log_path).with_suffix(".result.json")
+
+
+def start_task(command: str, argv: list[str], log_path: Path) -> TaskResult:
+    """Start `tuner COMMAND ARGV` as a task; its output is appended to ``log_path``, its result beside it."""
+    if command not in COMMANDS:
+        raise ValueError(command)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = result_path_for(log_path)
+    with open_append(log_path) as log:
+        process = subprocess.Popen([sys.executable, "-m", "engine.runs.tasks", command, str(result_path), *argv],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    started = TaskResult(command, "running", process.pid, pid_start_time(process.pid), now_iso())
+    if read_task(result_path) is None:
+        _write(result_path, started)
+    return started
+
+
+def read_task(result_path: Path) -> TaskResult | None:
+    """The task's result file; None before it exists, state failed with the reason when it is not one of ours."""
+    try:
+        data = read_json(result_path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return TaskResult("?", "failed", error=f"{result_path} cannot be read: {exc}")
+    known = {f.name for f in dataclasses.fields(TaskResult)}
+    if not isinstance(data, dict) or data.get("state") not in ("running", "completed", "failed"):
+        return TaskResult("?", "failed", error=f"{result_path} is not a task result")
+    try:
+        values = {k: v for k, v in data.items() if k in known}
+        values["summary"] = tuple(printable(line) for line in values.get("summary") or ())
+        if values.get("error") is not None:
+            values["error"] = printable(values["error"])
+        return TaskResult(**values)
+    except TypeError:
+        return TaskResult("?", "failed", error=f"{result_path} is not a task result")
+
+
+def _write(path: Path, result: TaskResult) -> None:
+    write_json_atomic(path, dataclasses.asdict(result))
+
+
+def _run(command: str, argv: list[str]) -> list[str]:
+    from engine.cli.args import load_followup_config
+
+    cfg = load_followup_config(argv, command)
+    if command == "predict":
+        from engine.predict import predict, summary_lines
+
+        return summary_lines(*predict(cfg))
+    from engine.export import export_model, render_summary
+
+    return render_summary(export_model(cfg)).splitlines()
+
+
+def main(argv: list[str]) -> int:
+    from engine.quiet import quiet_libraries
+
+    command, result_path, rest = argv[0], Path(argv[1]), argv[2:]
+    quiet_libraries()
+    pid, started_at = own_identity()
+    result = TaskResult(command, "running", pid, started_at, now_iso())
+    _write(result_path, result)
+    try:
+        summary = _run(command, rest)
+    except UserError as exc:
+        print(f"tuner: error: {exc}", file=sys.stderr, flush=True)
+        _write(result_path, dataclasses.replace(result, state="failed", ended_at=now_iso(), exit_code=2,
+                                                error=str(exc)))
+        return 2
+    except BaseException as exc:
+        traceback.print_exc()
+        _write(result_path, dataclasses.replace(result, state="failed", ended_at=now_iso(), exit_code=1,
+                                                error=f"{type(exc).__name__}: {exc}"))
+        return 1
+    for line in summary:
+        print(line, flush=True)
+    _write(result_path, dataclasses.replace(result, state="completed", ended_at=now_iso(), exit_code=0,
+                                            summary=tuple(summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

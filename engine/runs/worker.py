@@ -1,0 +1,46 @@
+"""The process a detached run is: ``python -m engine.runs.worker RUN_DIR [--force] [--resume-from CHECKPOINT]``.
+
+It installs its stop handlers before anything else (its launcher started it with the stop signals blocked), keeps
+the directory's lock its launcher handed down, and trains from the run's config.yaml and nothing else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    from engine.runs.stop import StopRequest
+
+    stop = StopRequest().install()
+    from engine.config import build_config, read_config_file
+    from engine.errors import UserError
+    from engine.quiet import quiet_libraries
+    from engine.runs.launch import CONFIG_FILE, RunDir, method_label
+    from engine.runs.lock import RunLock
+    from engine.runs.status import own_identity, read_status
+
+    run_dir = Path(argv[0]).absolute()
+    force = "--force" in argv
+    resume_from = argv[argv.index("--resume-from") + 1] if "--resume-from" in argv else None
+    quiet_libraries()
+    lock = RunLock.inherited(run_dir) or RunLock.acquire(run_dir)
+    try:
+        cfg = build_config(read_config_file(run_dir / CONFIG_FILE))
+        status = read_status(run_dir)
+        status.pid, status.pid_started_at = own_identity()
+        status.method = status.method or method_label(cfg)
+        from engine.train import run_training
+
+        return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, foreground=False,
+                            wait_for_free_gpus=not force)
+    except UserError as exc:
+        print(f"tuner: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,210 @@
+"""What a run survives, on the real tiny-model pipeline: a second run into its directory, a half-written checkpoint,
+its own resume, divergence, a full disk, the terminal closing, a stop in its first moments, a crafted run directory,
+and where its secrets (never) go."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.runs import read_events, read_status
+from engine.runs.checkpoints import checkpoints
+from job_helpers import RUN, runs_json, start_detached, tuner, wait_for
+
+
+def logged(run_dir: Path, at_least: int = 1) -> bool:
+    return any(e["type"] == "log" and e["step"] >= at_least for e in read_events(run_dir))
+
+
+def strict_events(run_dir: Path) -> list[dict]:
+    """events.jsonl parsed by a strict JSON parser: NaN or Infinity fail the test."""
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in events.jsonl")) for line in lines]
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused_in_one_line(home):
+    run_dir, run_id = start_detached(home, "owned", "--max_steps", "3000", "--save_steps", "5000")
+    wait_for(lambda: logged(run_dir), 60, "training to start")
+    pid = read_status(run_dir).pid
+    for extra in ((), ("--detach",), ("--overwrite_output_dir",)):
+        second = tuner("train", *RUN, "--output_dir", str(run_dir), "--max_steps", "2", *extra, cwd=home)
+        assert second.returncode == 2
+        assert second.stderr == (f"tuner: error: {run_dir} is in use by a run that is still alive (run {run_id}, pid "
+                                 f"{pid}) (choose another output_dir, or `tuner stop` that run first)\n")
+    status = read_status(run_dir)
+    assert (status.id, status.state, status.pid) == (run_id, "running", pid)
+    assert [e["type"] for e in read_events(run_dir)].count("start") == 1
+    assert tuner("stop", run_id, cwd=home).returncode == 0
+
+
+def test_resume_skips_a_half_written_checkpoint_for_the_last_whole_one(home):
+    run_dir, run_id = start_detached(home, "torn", "--max_steps", "60", "--save_steps", "10")
+    wait_for(lambda: (run_dir / "checkpoint-20" / "trainer_state.json").is_file() and logged(run_dir, 25), 120,
+             "two checkpoints")
+    os.kill(read_status(run_dir).pid, signal.SIGKILL)
+    wait_for(lambda: runs_json(home)[0]["state"] == "failed", 20, "the killed run to show failed")
+    newest = checkpoints(run_dir)[-1]
+    (newest / "trainer_state.json").unlink()  # how a save cut short looks: the Trainer writes this file last
+    previous = checkpoints(run_dir)[-2]
+
+    result = tuner("resume", run_id, cwd=home)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: runs_json(home)[0]["state"] == "completed", 120, "the resumed run to complete")
+    starts = [e for e in read_events(run_dir) if e["type"] == "start"]
+    assert starts[-1]["resumed_from"] == str(previous)
+    assert f"{newest} is incomplete" in (run_dir / "train.log").read_text()
+    assert read_status(run_dir).step == 60
+
+
+def test_a_run_started_with_overwrite_output_dir_resumes_from_elsewhere_and_keeps_its_checkpoints(home):
+    work = home / "project"
+    work.mkdir()
+    records = json.loads((Path(__file__).parents[2] / "presets" / "data" / "demo_alpaca.json").read_text())[:64]
+    (work / "mine.json").write_text(json.dumps(records))
+    (work / "again").mkdir()
+    (work / "again" / "old.txt").write_text("a previous attempt")
+    started = tuner("train", "--model_name_or_path", "tiny-llama", "--dataset", "mine.json", "--output_dir", "again",
+                    "--overwrite_output_dir", "--max_steps", "60", "--save_steps", "10", "--logging_steps", "5",
+                    "--detach", cwd=work)
+    assert started.returncode == 0, started.stderr
+    run_dir, run_id = work / "again", started.stdout.split()[2]
+    wait_for(lambda: (run_dir / "checkpoint-20").is_dir() and logged(run_dir, 25), 120, "two checkpoints")
+    assert tuner("stop", run_id, cwd=home).returncode == 0
+    saved = (run_dir / "config.yaml").read_text()
+    assert "overwrite_output_dir: false" in saved and f"dataset: {work / 'mine.json'}" in saved
+    kept = [p.name for p in checkpoints(run_dir)]
+
+    elsewhere = home / "elsewhere"
+    elsewhere.mkdir()
+    assert tuner("resume", run_id, cwd=elsewhere).returncode == 0
+    wait_for(lambda: runs_json(home)[0]["state"] == "completed", 120, "the resumed run to complete")
+    assert set(kept) <= {p.name for p in checkpoints(run_dir)}, "its own resume deleted nothing"
+    starts = [e for e in read_events(run_dir) if e["type"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"] == str(run_dir / kept[-1])
+
+
+def test_divergence_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(home):
+    result = tuner("train", *RUN, "--finetuning_type", "full", "--learning_rate", "1e4", "--max_steps", "30",
+                   "--save_steps", "1", "--logging_steps", "1", "--output_dir", "diverged", cwd=home)
+    run_dir = home / "diverged"
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("tuner: error: training diverged at step 2: the gradient norm is nan; ")
+    assert f"{run_dir / 'checkpoint-1'} is the last good checkpoint" in message
+    status = read_status(run_dir)
+    assert status.state == "failed" and status.exit_code == 2 and "diverged at step 2" in status.error
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-1"]
+    assert not (run_dir / "model.safetensors").exists(), "no diverged weights saved as the result"
+    events = strict_events(run_dir)
+    assert events[-1] == {"time": events[-1]["time"], "type": "end", "state": "failed", "step": 2}
+    for line in (run_dir / "trainer_log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in trainer_log.jsonl"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 30 MB filesystem of its own (tmpfs), mostly filled: a checkpoint of the tiny model no longer fits."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], check=True)
+    with open(mount / "filler", "wb") as file:
+        file.write(b"\0" * (24 << 20))
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_naming_the_cause_and_the_path(home, small_disk):
+    run_dir = small_disk / "run"
+    result = tuner("train", *RUN, "--finetuning_type", "full", "--max_steps", "30", "--save_steps", "3",
+                   "--output_dir", str(run_dir), cwd=home)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tuner: error: disk full: no space left on the device that holds {run_dir} (")
+    assert "the unfinished checkpoint-3 was removed" in last
+    status = read_status(run_dir)
+    assert status.state == "failed" and status.error.startswith("disk full")
+    assert checkpoints(run_dir) == [] and not list(run_dir.glob(".*.tmp"))
+    assert runs_json(home)[0]["state"] == "failed"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["terminal-closed", "ctrl-c"])
+def test_a_foreground_run_signalled_stops_with_a_checkpoint_and_says_so_in_its_exit_code(home, sig):
+    run_dir = home / "foreground"
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", *RUN, "--max_steps", "3000",
+                                "--save_steps", "5000", "--output_dir", str(run_dir)], cwd=home,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for(lambda: logged(run_dir), 60, "training to start")
+    process.send_signal(sig)
+    process.communicate(timeout=60)
+    assert process.returncode == 128 + sig
+    status = read_status(run_dir)
+    assert status.state == "stopped" and status.exit_code == 128 + sig
+    end = strict_events(run_dir)[-1]
+    assert end["type"] == "end" and end["state"] == "stopped" and end["signal"] == signal.Signals(sig).name
+    assert (run_dir / f"checkpoint-{end['step']}" / "trainer_state.json").is_file()
+
+
+def test_a_stop_in_the_first_moments_of_a_detached_run_is_a_stop(home):
+    run_dir, run_id = start_detached(home, "early", "--max_steps", "3000")
+    result = tuner("stop", run_id, cwd=home)
+    assert result.returncode == 0 and result.stdout.startswith(f"run {run_id}: stopped at step 0")
+    status = read_status(run_dir)
+    assert status.state == "stopped" and status.exit_code == 128 + signal.SIGTERM and status.error is None
+    assert strict_events(run_dir)[-1]["state"] == "stopped"
+
+
+def test_follow_ups_never_inherit_trust_remote_code_from_a_run_directory(home, tiny_models):
+    run_dir = home / "crafted"
+    shutil.copytree(tiny_models["tiny-llama"], run_dir)
+    marker = home / "code-ran"
+    (run_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import LlamaConfig as EvilConfig\n")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "config.yaml").write_text(f"model_name_or_path: {run_dir}\nfinetuning_type: full\n"
+                                         "trust_remote_code: true\ntemplate: llama2\ndataset: demo_alpaca\n")
+    (run_dir / "status.json").write_text(json.dumps({"id": "crafted-run", "name": "crafted", "state": "completed"}))
+    result = tuner("predict", "--run", str(run_dir), "--max_samples", "1", "--max_new_tokens", "2",
+                   "--output_dir", str(home / "predicted"), cwd=home)
+    assert result.returncode == 0, result.stderr
+    assert ("tuner: warning: run crafted-run was trained with trust_remote_code; it is not carried over from a "
+            "run's files") in result.stderr
+    assert not marker.exists(), "the run directory's own Python file ran"
+
+
+def test_a_token_is_never_written_to_disk_nor_to_a_command_line(home):
+    secret = "hf_NeverOnDiskOrInArgv123"
+    run_dir, run_id = start_detached(home, "tokened", "--max_steps", "3000", "--hf_hub_token", secret)
+    pid = read_status(run_dir).pid
+    assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    assert f"HF_TOKEN={secret}" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    wait_for(lambda: logged(run_dir), 60, "training to start")
+    assert tuner("stop", run_id, cwd=home).returncode == 0
+    for path in [*run_dir.rglob("*"), *(home / "state").rglob("*")]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the token is in {path}"
+
+
+def test_a_symlink_planted_in_a_run_directory_is_not_written_through(home):
+    run_dir = home / "linked"
+    run_dir.mkdir()
+    precious = home / "precious.txt"
+    precious.write_text("keep me\n")
+    (run_dir / "train.log").symlink_to(precious)
+    (run_dir / "status.json").write_text(json.dumps({"id": "linked-run", "name": "linked", "state": "stopped"}))
+    result = tuner("train", *RUN, "--max_steps", "2", "--output_dir", str(run_dir), cwd=home)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tuner: error: {run_dir / 'train.log'} is a symbolic link: tuner does not write through links in a run "
+        "directory (remove the link)")
+    assert precious.read_text() == "keep me\n"
+    assert read_status(run_dir).state == "failed"

@@ -1,0 +1,222 @@
+"""The run directory's owner (engine.runs): status read back typed or "unreadable", strict JSON events, the reader
+against torn, hostile and huge input, the index, the newest whole checkpoint, the lock, process identity, text made
+safe for a terminal, and the config a run reads back."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from engine.cli import main
+from engine.config import build_config
+from engine.errors import UserError
+from engine.runs.checkpoints import discard_incomplete, last_complete
+from engine.runs.events import Event, EventReader, EventWriter, read_events
+from engine.runs.files import open_append, printable
+from engine.runs.index import entries, index_path, register
+from engine.runs.jobs import effective_state, find_job, list_jobs, stop_job
+from engine.runs.launch import saved_config
+from engine.runs.lock import RunLock
+from engine.runs.process import is_run_process, signal_run
+from engine.runs.series import History
+from engine.runs.status import RunStatus, pid_start_time, read_status, write_status
+from engine.runs.watch import RunWatcher
+
+OSC_TITLE = "\x1b]2;pwned\x1b\\"
+
+
+@pytest.fixture
+def state_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path
+
+
+@pytest.fixture
+def sleeper():
+    """An unrelated process: nothing of ours may signal it."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def a_run(path, **fields) -> RunStatus:
+    path.mkdir(parents=True, exist_ok=True)
+    status = RunStatus(id=fields.pop("id", path.name), name=fields.pop("name", path.name), output_dir=str(path),
+                       **fields)
+    write_status(path, status)
+    register(path, status.id)
+    return status
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"id": "x", "name": "x", "state": "running", "step": "5"}',
+                                  "not json", '{"id": "x", "name": "x", "state": "exploded"}', "\xff\xfe",
+                                  '{"id": "x", "name": "x", "state": "running", "loss": NaN}', "[" * 100000],
+                         ids=["list", "string-step", "not-json", "unknown-state", "not-utf8", "nan", "deep"])
+def test_a_malformed_status_is_unreadable_for_that_run_alone(state_home, text, capsys):
+    good = a_run(state_home / "good", state="completed", step=3, total_steps=3)
+    bad = state_home / "bad"
+    a_run(bad)
+    (bad / "status.json").write_bytes(text.encode("utf-8", errors="surrogateescape") if text != "\xff\xfe"
+                                      else b"\xff\xfe")
+    assert read_status(bad).state == "unreadable"
+    states = {job.id: job.state for job in list_jobs()}
+    assert states == {good.id: "completed", "bad": "unreadable"}
+    assert main(["runs"]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "bad/status.json" in out
+    assert main(["resume", str(bad)]) == 2
+    assert "cannot be resumed" in capsys.readouterr().err
+
+
+def test_malformed_index_lines_are_skipped(state_home, capsys):
+    a_run(state_home / "one", state="completed")
+    with open(index_path(), "ab") as file:
+        file.write(b"[]\n\xff\xfe garbage\n{\"id\": 3, \"dir\": []}\n" + b"{" * 50000 + b"\n")
+    a_run(state_home / "two", state="completed")
+    assert [run_id for run_id, _ in entries()] == ["one", "two"]
+    assert main(["runs", "--json"]) == 0
+    assert [job["id"] for job in json.loads(capsys.readouterr().out)] in (["one", "two"], ["two", "one"])
+
+
+def test_events_are_strict_json_and_never_hold_nan(tmp_path):
+    writer = EventWriter(tmp_path)
+    writer.emit(Event.LOG, step=1, loss=math.nan, grad_norm=math.inf, nested={"x": -math.inf})
+    writer.close()
+    line = (tmp_path / "events.jsonl").read_text()
+    event = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in events.jsonl"))
+    assert event["loss"] is None and event["grad_norm"] is None and event["nested"] == {"x": None}
+    assert event["type"] == "log"
+
+
+def test_the_reader_survives_torn_hostile_and_huge_lines(tmp_path):
+    path = tmp_path / "events.jsonl"
+    reader = EventReader(path, max_line_bytes=1000)
+    with open(path, "wb") as file:
+        file.write(b'{"type": "start"}\n' + b"x" * 5000)  # a huge line still being written
+    assert reader.read()[0] == [{"type": "start"}]
+    with open(path, "ab") as file:
+        file.write(b"y" * 5000 + b'\n{"type": "log", "loss": NaN}\n[1]\n"text"\n{"no": "type"}\n\xff\n'
+                   b'{"type": "log", "step": 2, "loss": 1.5}\n{"type": "end"')
+    assert reader.read()[0] == [{"type": "log", "step": 2, "loss": 1.5}]
+    with open(path, "ab") as file:
+        file.write(b"}\n")
+    assert reader.read()[0] == [{"type": "end"}]
+    assert [e["type"] for e in read_events(tmp_path)] == ["start", "log", "end"]
+
+
+def test_hostile_numbers_are_folded_out_of_the_series_and_clocks(tmp_path):
+    huge = {"type": "log", "step": 3, "total_steps": 1e308, "loss": 1e308, "epoch": 1e308, "learning_rate": 1e308,
+            "tokens_per_s": 1e308, "elapsed_s": 1e308, "remaining_s": 1e308, "time": 1e308}
+    history = History()
+    for event in ({"type": "start", "time": -1e308}, huge, {"type": "log", "step": "5", "loss": 1.0},
+                  {"type": "log", "step": 2**80, "loss": 1.0}, {"type": "checkpoint", "step": True},
+                  {"type": "end", "runtime_s": 1e308}):
+        history.add(event)
+    progress = history.progress(status_step=3, status_total=None, alive=True, now=100.0)
+    assert history.steps == [3]
+    assert progress.elapsed_s is None and progress.remaining_s is None and progress.total_steps is None
+    assert history.checkpoints == {}
+
+
+def test_printable_removes_escape_sequences_and_control_characters():
+    assert printable(f"run{OSC_TITLE}\x1b[2J\x07\x9b1m name") == "run name"
+    assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"
+
+
+def test_runs_and_logs_never_pass_terminal_escapes_through(state_home, capsys):
+    run = state_home / "escapes"
+    a_run(run, id="esc-run", name=f"evil{OSC_TITLE}", state="failed", model=f"m{OSC_TITLE}")
+    (run / "train.log").write_text(f"role {OSC_TITLE}assistant\x1b[31m is not allowed\n")
+    assert main(["runs"]) == 0
+    assert main(["runs", "--json"]) == 0
+    assert main(["logs", "esc-run"]) == 0
+    shown = capsys.readouterr().out
+    runs_table, logs = shown.split("[", 1)[0], shown.rsplit("}", 1)[-1]
+    assert "\x1b" not in runs_table and "\x1b" not in logs and "\x07" not in logs
+    assert "role assistant is not allowed" in logs
+    snapshot = RunWatcher(run).sample()
+    assert "\x1b" not in snapshot.name and not any("\x1b" in line for line in snapshot.log_tail)
+
+
+def test_stop_never_signals_a_process_that_is_not_the_runs(state_home, sleeper, capsys):
+    here = socket.gethostname()
+    a_run(state_home / "reused", id="reused", state="running", pid=sleeper.pid, host=here,
+          pid_started_at=pid_start_time(sleeper.pid) - 100)
+    a_run(state_home / "everyone", id="everyone", state="running", pid=-1, host=here)
+    a_run(state_home / "legacy", id="legacy", state="running", pid=sleeper.pid, host=here)
+    for run_id in ("reused", "everyone", "legacy"):
+        assert main(["stop", run_id]) == 2
+        assert capsys.readouterr().err == f"tuner: error: run {run_id} is failed, not running\n"
+        assert effective_state(find_job(run_id).status) == "failed"
+        with pytest.raises(UserError, match="is not running: nothing was signalled"):
+            signal_run(find_job(run_id).status)
+    assert sleeper.poll() is None, "the unrelated process was left alone"
+
+
+def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home, sleeper):
+    status = a_run(state_home / "alive", state="running", pid=sleeper.pid, host=socket.gethostname(),
+                   pid_started_at=pid_start_time(sleeper.pid))
+    assert is_run_process(status) and effective_state(status) == "running"
+    assert stop_job(find_job("alive")) == "stopping"
+    assert sleeper.wait(10) == -15
+
+
+def test_the_newest_whole_checkpoint_is_the_one_resumed(tmp_path):
+    for step in (5, 10, 15):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"global_step": 1')  # cut short
+    (tmp_path / "checkpoint-20").mkdir()  # the save had not written its weights yet
+    assert last_complete(tmp_path).name == "checkpoint-10"
+    assert sorted(p.name for p in discard_incomplete(tmp_path)) == ["checkpoint-15", "checkpoint-20"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+
+
+def test_a_directory_is_locked_for_the_life_of_its_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.runs.lock import RunLock\n"
+                               f"lock = RunLock.acquire({str(tmp_path)!r})\nprint('held', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match="is in use by a run that is still alive"):
+            RunLock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock.acquire(tmp_path).release()  # the kernel dropped the lock with its holder
+
+
+def test_no_write_goes_through_a_planted_symlink(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    (tmp_path / "train.log").symlink_to(target)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        open_append(tmp_path / "train.log")
+    (tmp_path / f".status.json.{os.getpid()}.tmp").symlink_to(target)
+    write_status(tmp_path, RunStatus(id="r", name="r"))
+    assert target.read_text() == "precious\n"
+    assert read_status(tmp_path).id == "r"
+
+
+def test_the_saved_config_has_absolute_paths_and_no_one_shot_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("[]")
+    (tmp_path / "model").mkdir()
+    cfg = build_config({"model_name_or_path": "model", "dataset": "demo_alpaca,data.json",
+                        "overwrite_output_dir": True, "resume_from_checkpoint": "true", "overwrite_cache": True,
+                        "hf_hub_token": "hf_secret"})
+    saved = saved_config(cfg, tmp_path / "run")
+    assert saved.model.model_name_or_path == str(tmp_path / "model")
+    assert saved.data.dataset == f"demo_alpaca,{tmp_path / 'data.json'}"
+    assert not saved.train.overwrite_output_dir and saved.train.resume_from_checkpoint is None
+    assert not saved.data.overwrite_cache and saved.train.output_dir == str(tmp_path / "run")
+    assert "hf_secret" not in saved.to_yaml()
