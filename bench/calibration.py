@@ -12,10 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.catalog import lookup  # noqa: E402
-from engine.config import parse_args  # noqa: E402
-from engine.memory import RunShape, estimate  # noqa: E402
-from engine.recommend import shape_from_config  # noqa: E402
+from engine.models.catalog import lookup  # noqa: E402
+from engine.config.schema import parse_args  # noqa: E402
+from engine.memory.estimate import RunShape, estimate  # noqa: E402
+from engine.memory.recommend import shape_from_config  # noqa: E402
 
 
 def shape_of(row: dict, geometry) -> RunShape:

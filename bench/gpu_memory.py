@@ -46,8 +46,8 @@ def build_model(geometry_name: str, model_dir: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.catalog import lookup
-    from engine.demo import demo_model_path
+    from engine.models.catalog import lookup
+    from engine.models.demo import demo_model_path
 
     g = lookup(geometry_name).geometry
     config = LlamaConfig(

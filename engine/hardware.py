@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from rich.console import RenderableType
+from typing import Any
 
 GIB = 1024**3
 PROC = Path("/proc")
@@ -178,28 +175,3 @@ def _gib(n_bytes: int) -> float:
 
 def _watts(milliwatts: int | None) -> float | None:
     return None if milliwatts is None else round(milliwatts / 1000, 1)
-
-
-def render_gpus(state: HardwareState) -> RenderableType:
-    """A table of the GPUs with the driver and CUDA line, or the no-GPU message (``tuner gpus``)."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    if not state.gpus:
-        return Text(state.message or "no NVIDIA GPU found")
-    table = Table("#", "name", "memory GiB", "util", "temp", "power W", "procs", box=None, header_style="bold")
-    for g in state.gpus:
-        index = str(g.index) if g.index == g.physical_index else f"{g.index} (nvidia-smi {g.physical_index})"
-        table.add_row(index, _text(g.name), f"{_text(g.memory_used_gib)} / {_text(g.memory_total_gib)}",
-                      _text(g.utilization_pct, " %"), _text(g.temperature_c, " °C"),
-                      f"{_text(g.power_w)} / {_text(g.power_limit_w)}",
-                      _text(None if g.processes is None else len(g.processes)))
-    line = f"driver {_text(state.driver_version)}, CUDA {_text(state.cuda_version)}"
-    return Group(table, Text(line))
-
-
-def _text(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"

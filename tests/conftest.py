@@ -33,6 +33,6 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """The three demo models (Llama, Mistral, Mixtral architectures), built once and cached on disk."""
-    from engine.demo import DEMO_MODELS, demo_model_path
+    from engine.models.demo import DEMO_MODELS, demo_model_path
 
     return {name: demo_model_path(name) for name in DEMO_MODELS}

@@ -76,7 +76,7 @@ def top_help(commands: dict[str, Command]) -> str:
 def command_help(cmd: Command) -> str:
     lines = [f"usage: {cmd.usage}", "", cmd.summary]
     if cmd.takes_config:
-        from engine.config import ALIASES, SECTIONS
+        from engine.config.schema import ALIASES, SECTIONS
 
         for section, cls in SECTIONS.items():
             lines += ["", f"{section}:"]

@@ -47,8 +47,8 @@ def no_more(argv: list[str], command: str) -> None:
 
 def load_config(argv: list[str], command: str, base: dict | None = None):
     """The command's config from files and overrides on top of ``base``, validated for ``command``."""
-    from engine.config import parse_args
-    from engine.validation import validate
+    from engine.config.schema import parse_args
+    from engine.config.validation import validate
 
     cfg = parse_args(argv, base)
     validate(cfg, command)
@@ -64,7 +64,7 @@ def load_followup_config(argv: list[str], command: str):
     run_ref = take_option(argv, "--run")
     if run_ref is None:
         return load_config(argv, command)
-    from engine.followup import NOT_INHERITED_WARNING, followup_values, run_config_values
+    from engine.infer.followup import NOT_INHERITED_WARNING, followup_values, run_config_values
     from engine.runs.jobs import find_job
 
     job = find_job(run_ref)

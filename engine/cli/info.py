@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 from engine.cli.args import load_config, no_more, take_flag, take_option
 from engine.errors import UserError
@@ -12,7 +13,7 @@ from engine.errors import UserError
 def cmd_models(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "models")
-    from engine.catalog import list_models, param_count
+    from engine.models.catalog import list_models, param_count
 
     models = list_models()
     if as_json:
@@ -66,7 +67,7 @@ def cmd_datasets(argv: list[str]) -> int:
 def cmd_gpus(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "gpus")
-    from engine.hardware import probe, render_gpus
+    from engine.hardware import probe
 
     state = probe()
     if as_json:
@@ -83,8 +84,8 @@ def cmd_estimate(argv: list[str]) -> int:
     num_gpus = take_option(argv, "--num_gpus")
     memory = take_option(argv, "--gpu_memory_gib")
     cfg = load_config(argv, "estimate")
-    from engine.memory import estimate
-    from engine.recommend import model_geometry, recommend, shape_from_config
+    from engine.memory.estimate import estimate
+    from engine.memory.recommend import model_geometry, recommend, shape_from_config
 
     gpus, budget = _gpu_budget(num_gpus, memory)
     shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), num_gpus=gpus)
@@ -93,7 +94,7 @@ def cmd_estimate(argv: list[str]) -> int:
     if as_json:
         print(json.dumps({**result.to_json(), "num_gpus": gpus, "recommendation": advice.to_json()}, indent=2))
         return 0
-    from engine.estimate_view import render_estimate
+    from engine.cli.estimate_view import render_estimate
 
     render_estimate(cfg.model.model_name_or_path, result, advice)
     return 0
@@ -108,7 +109,7 @@ def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | 
         return int(num_gpus), float(memory)
     from engine.hardware import probe
 
-    from engine.recommend import memory_budget
+    from engine.memory.recommend import memory_budget
 
     found = probe().gpus
     count = int(num_gpus) if num_gpus is not None else max(len(found), 1)
@@ -118,3 +119,27 @@ def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | 
 def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
+
+def render_gpus(state):
+    """A table of the GPUs with the driver and CUDA line, or the no-GPU message (``tuner gpus``)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if not state.gpus:
+        return Text(state.message or "no NVIDIA GPU found")
+    table = Table("#", "name", "memory GiB", "util", "temp", "power W", "procs", box=None, header_style="bold")
+    for g in state.gpus:
+        index = str(g.index) if g.index == g.physical_index else f"{g.index} (nvidia-smi {g.physical_index})"
+        table.add_row(index, _text(g.name), f"{_text(g.memory_used_gib)} / {_text(g.memory_total_gib)}",
+                      _text(g.utilization_pct, " %"), _text(g.temperature_c, " °C"),
+                      f"{_text(g.power_w)} / {_text(g.power_limit_w)}",
+                      _text(None if g.processes is None else len(g.processes)))
+    line = f"driver {_text(state.driver_version)}, CUDA {_text(state.cuda_version)}"
+    return Group(table, Text(line))
+
+
+def _text(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"

@@ -14,8 +14,8 @@ def cmd_train(argv: list[str]) -> int:
     print_config = take_flag(argv, "--print-config")
     detach = take_flag(argv, "--detach")
     force = take_flag(argv, "--force")  # start even while another run holds the same GPUs
-    from engine.config import parse_args
-    from engine.validation import validate
+    from engine.config.schema import parse_args
+    from engine.config.validation import validate
 
     cfg = parse_args(argv)
     t = cfg.train
@@ -25,8 +25,6 @@ def cmd_train(argv: list[str]) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if command == "predict":
-        from engine.predict import run_predict
-
         return run_predict(cfg)
     from engine.runs.launch import start_run
 
@@ -45,7 +43,6 @@ def run_predict_after_training(cfg) -> int:
     """`--do_train --do_predict`: predict with what was just trained, into <output_dir>/predict."""
     from pathlib import Path
 
-    from engine.predict import run_predict
     from engine.runs.status import read_status
 
     run_dir = read_status(Path(cfg.train.output_dir)).output_dir if cfg.train.output_dir else None
@@ -61,14 +58,13 @@ def run_predict_after_training(cfg) -> int:
 
 def cmd_predict(argv: list[str]) -> int:
     cfg = load_followup_config(argv, "predict")
-    from engine.predict import run_predict
 
     return run_predict(cfg)
 
 
 def cmd_export(argv: list[str]) -> int:
     cfg = load_followup_config(argv, "export")
-    from engine.export import run_export
+    from engine.infer.export import run_export
 
     return run_export(cfg)
 
@@ -76,7 +72,7 @@ def cmd_export(argv: list[str]) -> int:
 def cmd_chat(argv: list[str]) -> int:
     system = take_option(argv, "--system")
     cfg = load_followup_config(argv, "chat")
-    from engine.chat import run_chat
+    from engine.cli.chat import run_chat
 
     return run_chat(cfg, system=system)
 
@@ -87,7 +83,8 @@ def cmd_preview(argv: list[str]) -> int:
     if not count.isdigit() or int(count) < 1:
         raise UserError(f"-n takes a number of samples, got '{count}'")
     cfg = load_config(argv, "preview")
-    from engine.preview import build_preview, render_preview
+    from engine.cli.preview_view import render_preview
+    from engine.data.preview import build_preview
 
     preview = build_preview(cfg, int(count))
     if as_json:
@@ -96,3 +93,18 @@ def cmd_preview(argv: list[str]) -> int:
         render_preview(preview)
     return 0
 
+
+def run_predict(cfg) -> int:
+    """Predict with a progress bar, then say where the predictions went and how they score."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from engine.infer.predict import predict, summary_lines
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("predicting", total=None)
+        out, results = predict(cfg, lambda done, total: bar.update(task, completed=done, total=total))
+    console = Console()
+    for line in summary_lines(out, results):
+        console.print(line)
+    return 0

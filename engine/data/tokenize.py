@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
 from engine.errors import UserError
 from engine.templates import IGNORE_INDEX, AUTO, NoLearnedTokens, encode, get_template, template_mismatch

@@ -12,29 +12,22 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from engine.config import TunerConfig, read_config_file, build_config
+from engine.config.schema import TunerConfig, read_config_file, build_config
 from engine.errors import UserError
 from engine.runs.checkpoints import checkpoints, last_complete
 from engine.runs.files import open_append
 from engine.runs.index import register
 from engine.runs.lock import LOCK_FD_ENV, RunLock
+from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import UNREADABLE, RunStatus, new_run_id, pid_start_time, read_status, write_status
 from engine.runs.stop import blocked_stop_signals
 
 RUN_FILES = ("status.json", "events.jsonl", "trainer_log.jsonl", "train.log", "config.yaml")
 CONFIG_FILE = "config.yaml"
 ONE_SHOT = {"overwrite_output_dir": False, "resume_from_checkpoint": None, "overwrite_cache": False}
-
-
-@dataclass
-class RunDir:
-    path: Path
-    resume_from: str | None
-    status: RunStatus
 
 
 def default_output_dir(model_name: str, method: str) -> Path:
@@ -44,11 +37,6 @@ def default_output_dir(model_name: str, method: str) -> Path:
 def method_label(cfg: TunerConfig) -> str:
     bits = cfg.model.quantization_bit
     return f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
-
-
-def is_main_process() -> bool:
-    """Under torchrun / accelerate every process trains, but only rank 0 writes the run directory's files."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def output_path(cfg: TunerConfig) -> Path:
@@ -71,7 +59,7 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: b
         path = output_path(cfg)
         cfg.train.output_dir = str(path)
         if not is_main_process():
-            from engine.train import run_training
+            from engine.train.sft import run_training
 
             return run_training(cfg, RunDir(path, _resume_point(cfg, path), RunStatus(id="", name=path.name)),
                                 stop=None, foreground=False, wait_for_free_gpus=False)
@@ -84,7 +72,7 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: b
             if detach:
                 return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
             write_status(path, run.status)
-            from engine.train import run_training
+            from engine.train.sft import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
             return run_training(saved, run, stop=stop, foreground=foreground, wait_for_free_gpus=not force)

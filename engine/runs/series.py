@@ -12,6 +12,7 @@ from engine.runs.events import Event
 
 MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run
 MAX_STEP = 2**53
+MAX_VALUE = 1e9  # a loss or learning rate beyond this is corrupt, and charts cannot scale to it
 
 
 def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
@@ -30,6 +31,11 @@ def step_number(value: Any) -> int | None:
 
 def seconds(value: Any) -> float | None:
     return number(value, 0.0, MAX_SECONDS)
+
+
+def value(value: Any) -> float | None:
+    """A loss or learning rate: finite and within ±MAX_VALUE."""
+    return number(value, -MAX_VALUE, MAX_VALUE)
 
 
 @dataclass(frozen=True)
@@ -96,17 +102,17 @@ class History:
         kind, step = event.get("type"), step_number(event.get("step"))
         if kind == Event.START:
             self.start, self.end, self.error = event, None, None  # a resumed run starts again in the same file
-        elif kind == Event.LOG and step is not None and number(event.get("loss")) is not None:
+        elif kind == Event.LOG and step is not None and value(event.get("loss")) is not None:
             while self.steps and self.steps[-1] >= step:
                 self.steps.pop(), self.losses.pop(), self.learning_rates.pop()
             self.steps.append(step)
-            self.losses.append(number(event["loss"]))
-            self.learning_rates.append(number(event.get("learning_rate")) or 0.0)
+            self.losses.append(value(event["loss"]))
+            self.learning_rates.append(value(event.get("learning_rate")) or 0.0)
             self.last_log = event
             self.version += 1
-        elif kind == Event.EVAL and step is not None and number(event.get("eval_loss")) is not None:
+        elif kind == Event.EVAL and step is not None and value(event.get("eval_loss")) is not None:
             self.eval_steps.append(step)
-            self.eval_losses.append(number(event["eval_loss"]))
+            self.eval_losses.append(value(event["eval_loss"]))
             self.version += 1
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
@@ -136,7 +142,7 @@ class History:
         return Progress(
             step=max(step_number(log.get("step")) or 0, step_number(status_step) or 0),
             total_steps=step_number(log.get("total_steps")) or step_number(status_total),
-            epoch=number(log.get("epoch"), 0.0, 1e9), loss=number(log.get("loss")),
-            learning_rate=number(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
+            epoch=number(log.get("epoch"), 0.0, MAX_VALUE), loss=value(log.get("loss")),
+            learning_rate=value(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
             elapsed_s=elapsed, remaining_s=remaining,
         )

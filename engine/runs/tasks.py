@@ -98,10 +98,10 @@ def _run(command: str, argv: list[str]) -> list[str]:
 
     cfg = load_followup_config(argv, command)
     if command == "predict":
-        from engine.predict import predict, summary_lines
+        from engine.infer.predict import predict, summary_lines
 
         return summary_lines(*predict(cfg))
-    from engine.export import export_model, render_summary
+    from engine.infer.export import export_model, render_summary
 
     return render_summary(export_model(cfg)).splitlines()
 

@@ -14,10 +14,11 @@ def main(argv: list[str]) -> int:
     from engine.runs.stop import StopRequest
 
     stop = StopRequest().install()
-    from engine.config import build_config, read_config_file
+    from engine.config.schema import build_config, read_config_file
     from engine.errors import UserError
     from engine.quiet import quiet_libraries
-    from engine.runs.launch import CONFIG_FILE, RunDir, method_label
+    from engine.runs.launch import CONFIG_FILE, method_label
+    from engine.runs.rundir import RunDir
     from engine.runs.lock import RunLock
     from engine.runs.status import own_identity, read_status
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
         status = read_status(run_dir)
         status.pid, status.pid_started_at = own_identity()
         status.method = status.method or method_label(cfg)
-        from engine.train import run_training
+        from engine.train.sft import run_training
 
         return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, foreground=False,
                             wait_for_free_gpus=not force)

@@ -6,11 +6,12 @@ import io
 
 import pytest
 
-import engine.chat
-from engine.chat import ChatSession, run_chat, settled_text, start_chat
-from engine.config import parse_args
+import engine.cli.chat
+from engine.cli.chat import run_chat
+from engine.infer.chat import ChatSession, settled_text, start_chat
+from engine.config.schema import parse_args
 from engine.errors import UserError
-from engine.inference import generate
+from engine.infer.inference import generate
 
 SYSTEM_IN_LLAMA2 = "<<SYS>>\nAnswer in one word.\n<</SYS>>"
 
@@ -33,8 +34,8 @@ def started(tiny_models, monkeypatch) -> list[ChatSession]:
         sessions.append(real(cfg, system))
         return sessions[-1]
 
-    real = engine.chat.start_chat
-    monkeypatch.setattr(engine.chat, "start_chat", spy)
+    real = engine.cli.chat.start_chat
+    monkeypatch.setattr(engine.cli.chat, "start_chat", spy)
     return sessions
 
 

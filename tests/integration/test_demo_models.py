@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.catalog import list_models, lookup, model_geometry_from_config, param_count, resolve_model
-from engine.demo import DEMO_MODELS, MARKER, SPECIAL_TOKENS, TEXT_MARKERS, demo_model_path
+from engine.models.catalog import list_models, lookup, model_geometry_from_config, param_count
+from engine.models.resolve import resolve_model
+from engine.models.demo import DEMO_MODELS, MARKER, SPECIAL_TOKENS, TEXT_MARKERS, demo_model_path
 from engine.errors import UserError
 
 ARCHITECTURES = {"tiny-llama": "LlamaForCausalLM", "tiny-mistral": "MistralForCausalLM",

@@ -131,9 +131,9 @@ def test_lora_on_a_bf16_base_exports_bf16(bf16_base, lora_run, tmp_path):
 
 
 def test_small_shard_size_writes_shards_and_an_index(lora_run, tmp_path, monkeypatch, capsys):
-    import engine.export
+    import engine.infer.export
 
-    monkeypatch.setattr(engine.export, "max_shard_size", lambda export_size: "1MB")
+    monkeypatch.setattr(engine.infer.export, "max_shard_size", lambda export_size: "1MB")
     out = tmp_path / "sharded"
     assert export("--model_name_or_path", "tiny-llama", "--checkpoint_dir", str(lora_run),
                   "--export_dir", str(out)) == 0

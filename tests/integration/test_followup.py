@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import UserError
-from engine.followup import followup_values, trained_weights
+from engine.infer.followup import followup_values, trained_weights
 from engine.runs.jobs import find_job
 from engine.runs import read_status
 from engine.runs.status import pid_start_time

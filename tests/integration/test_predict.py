@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine.cli import main
-from engine.predict import score
+from engine.infer.predict import score
 
 TRAIN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--save_strategy", "no",
          "--per_device_train_batch_size", "16"]

@@ -6,8 +6,8 @@ import json
 
 from engine.cli import main
 from engine.data import load_conversations
-from engine.modeling import load_tokenizer
-from engine.config import build_config
+from engine.models.loading import load_tokenizer
+from engine.config.schema import build_config
 
 
 def preview_json(capsys, *args: str) -> dict:

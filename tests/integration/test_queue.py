@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import engine.hardware
-import engine.train
+import engine.train.sft
 from engine.cli import main
 from engine.hardware import HardwareState
 from engine.runs.index import register
@@ -30,7 +30,7 @@ def holder(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     state = HardwareState.from_json(json.loads(A100.read_text()))
     monkeypatch.setattr(engine.hardware, "probe", lambda nvml=None: state)
-    monkeypatch.setattr(engine.train, "QUEUE_POLL_S", 0.2)
+    monkeypatch.setattr(engine.train.sft, "QUEUE_POLL_S", 0.2)
     process = subprocess.Popen(["sleep", "60"])
     run_dir = tmp_path / "holder"
     run_dir.mkdir()

@@ -208,3 +208,15 @@ def test_a_symlink_planted_in_a_run_directory_is_not_written_through(home):
         "directory (remove the link)")
     assert precious.read_text() == "keep me\n"
     assert read_status(run_dir).state == "failed"
+
+
+def test_runs_in_one_process_close_their_log_files(home):
+    from engine.cli import main
+
+    for name in ("first", "second"):
+        assert main(["train", *RUN, "--max_steps", "2", "--save_strategy", "no", "--output_dir",
+                     str(home / name)]) == 0
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    for name in ("first", "second"):
+        for file in ("train.log", "events.jsonl", "trainer_log.jsonl", ".tuner.lock"):
+            assert str(home / name / file) not in open_files, f"{name}/{file} is still open"

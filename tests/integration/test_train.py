@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import yaml
 
 from engine.cli import main
 from engine.runs import read_events, read_status
+from job_helpers import wait_for
 
 CLASSIC = (
     "train --stage sft --model_name_or_path {model} --do_train --dataset demo_alpaca --template {template} "
@@ -111,15 +111,6 @@ def test_demo_model_learns_the_bundled_data(tiny_models, tmp_path):
                  "--warmup_ratio", "0.05", "--save_steps", "1000"]) == 0
     losses = logged_losses(out)
     assert losses[-1] <= losses[0] / 2, losses
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 LONG_RUN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "400",

@@ -269,3 +269,24 @@ async def test_a_llama_factory_directory_is_shown_read_only(run_copy):
         assert shown(app.screen.query_one(StateBanner)).startswith(f"✔ COMPLETED  llama-factory:{run_copy.name}")
         assert app.screen.query_one(LossChart).series.steps == (5, 10, 15, 20)
         assert "step 20/20" in stats(app)
+
+
+async def test_hostile_events_and_escapes_are_shown_safely(run_copy):
+    status = read_status(run_copy)
+    status.name = "evil\x1b]2;pwned\x1b\\name"
+    write_status(run_copy, status)
+    huge = dict.fromkeys(("total_steps", "loss", "epoch", "learning_rate", "grad_norm", "tokens_per_s",
+                          "elapsed_s", "remaining_s"), 1e308)
+    append(run_copy / "events.jsonl", json.dumps({"time": 1e308, "type": "log", "step": 26, **huge}) + "\n" +
+           json.dumps({"time": time.time(), "type": "log", "step": 27, "loss": 6.4, "remaining_s": 1e308}) + "\n" +
+           json.dumps({"time": time.time(), "type": "eval", "step": 27, "eval_loss": -1e308}) + "\n")
+    append(run_copy / "train.log", "role \x1b]2;pwned\x1b\\assistant \x1b[2J is unknown\n")
+    app = dashboard(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        chart = app.screen.query_one(LossChart)
+        await until(pilot, lambda: chart.series.steps and chart.series.steps[-1] == 27, "the events")
+        await pilot.pause()
+        assert 1e308 not in chart.series.losses and chart.series.eval_losses == ()
+        assert shown(app.screen.query_one(StateBanner)).split()[3] == "evilname"
+        await until(pilot, lambda: "role assistant  is unknown" in shown(app.screen.query_one(LogView)), "the log")
+        assert not app._notifications

@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Input, Static
 from tui_helpers import recorded, shown, until
 
 from engine.runs import read_status, write_status
+from engine.runs.status import pid_start_time
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.followup.chat import ChatScreen, Turn
 from tuner_tui.followup.tasks import ExportScreen, PredictScreen
@@ -105,9 +106,25 @@ async def test_export_merges_into_the_directory_given(run_copy, state_home, tmp_
         assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+async def test_a_refused_export_shows_the_error_its_result_file_records(run_copy, state_home, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something.txt").write_text("not an export")
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_form(pilot, app, "e", ExportScreen)
+        screen.query_one("#export_dir", Input).value = str(taken)
+        await pilot.press("ctrl+r")
+        status = screen.query_one("#status", Static)
+        await until(pilot, lambda: "failed" in shown(status), "the export to fail", timeout=120)
+        assert shown(status).startswith(f"failed (exit 2): export_dir {taken} is not empty")
+        result = json.loads(next(run_copy.glob("export-*.result.json")).read_text())
+        assert result["state"] == "failed" and result["error"] in shown(status)
+
+
 async def test_follow_ups_wait_for_the_run_to_end(run_copy, state_home):
     status = read_status(run_copy)
-    status.state, status.pid = "running", os.getpid()
+    status.state, status.pid, status.pid_started_at = "running", os.getpid(), pid_start_time(os.getpid())
     write_status(run_copy, status)
     app = monitor(run_copy)
     async with app.run_test(size=(100, 30)) as pilot:

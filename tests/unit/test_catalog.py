@@ -10,14 +10,9 @@ import socket
 
 import pytest
 
-from engine.catalog import (
-    list_models,
-    lookup,
-    model_geometry_from_config,
-    param_count,
-    resolve_model,
-)
 from engine.errors import UserError
+from engine.models.catalog import list_models, lookup, model_geometry_from_config, param_count
+from engine.models.resolve import resolve_model
 from engine.templates import template_names
 
 # Parameter counts as their publishers state them (model cards, papers).

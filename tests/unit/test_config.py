@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from engine.cli import main
-from engine.config import build_config, parse_args, parse_overrides
+from engine.config.schema import build_config, parse_args, parse_overrides
 from engine.errors import ConfigError, UserError
-from engine.validation import validate
+from engine.config.validation import validate
 
 CLASSIC = (
     "--stage sft --model_name_or_path tiny-llama --do_train --dataset demo_alpaca --template llama2 "

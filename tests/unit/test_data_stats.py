@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.data import length_stats
 from engine.data.stats import Bucket, length_histogram
-from engine.preview import Preview, histogram_lines
+from engine.data.preview import Preview, histogram_lines
 
 
 def test_length_stats_exact_values():

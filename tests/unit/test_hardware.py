@@ -15,7 +15,8 @@ import pytest
 from rich.console import Console
 
 from engine import hardware
-from engine.hardware import GIB, HardwareState, probe, render_gpus, visible_devices
+from engine.hardware import GIB, HardwareState, probe, visible_devices
+from engine.cli.info import render_gpus
 
 STATES = Path(__file__).resolve().parent.parent / "data" / "gpu_states"
 MACHINES = ["a100-80gb", "2x-rtx-4090", "8x-h100"]

@@ -1,13 +1,13 @@
-"""LoRA targets checked on a model's geometry, before it loads, the way engine.modeling checks them on the model."""
+"""LoRA targets checked on a model's geometry, before it loads, the way engine.models.loading checks them on the model."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.catalog import lookup
-from engine.config import build_config
-from engine.memory import linear_names, lora_target_problem
-from engine.modeling import Precision, linear_module_names, load_model
+from engine.models.catalog import lookup
+from engine.config.schema import build_config
+from engine.memory.estimate import linear_names, lora_target_problem
+from engine.models.loading import Precision, linear_module_names, load_model
 
 
 @pytest.mark.parametrize("target", ["all", " all ", "q_proj,v_proj", "q_proj, down_proj", "gate_proj"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import lookup
-from engine.config import parse_args
-from engine.memory import GIB, RunShape, estimate, lora_params
-from engine.recommend import shape_from_config
+from engine.models.catalog import lookup
+from engine.config.schema import parse_args
+from engine.memory.estimate import GIB, RunShape, estimate, lora_params
+from engine.memory.recommend import shape_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 CALIBRATION = sorted((REPO / "bench" / "results").glob("gpu_memory-*.jsonl"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import build_config
+from engine.config.schema import build_config
 from engine.errors import UserError
-from engine.modeling import (Precision, apply_lora, choose_attention, choose_precision, freeze_pattern,
+from engine.models.loading import (Precision, apply_lora, choose_attention, choose_precision, freeze_pattern,
                              linear_module_names, load_model, lora_targets)
 
 
@@ -82,14 +82,14 @@ def test_kbit_preparation_keeps_fused_experts_16bit(tiny_models):
 
 def test_tokenizers_load_from_several_threads_at_first_import(tiny_models):
     """The TUI's workers may load tokenizers together in a fresh process; transformers' lazy module alone fails
-    then ("cannot import name 'AutoTokenizer'"), engine.modeling imports from it one thread at a time."""
+    then ("cannot import name 'AutoTokenizer'"), engine.models.loading imports from it one thread at a time."""
     import subprocess
     import sys
 
     script = f"""
 import threading
-from engine.config import TunerConfig
-from engine.modeling import load_tokenizer
+from engine.config.schema import TunerConfig
+from engine.models.loading import load_tokenizer
 errors = []
 def load():
     try:

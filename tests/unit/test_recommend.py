@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import lookup
+from engine.models.catalog import lookup
 from engine.cli import main
 from engine.hardware import HardwareState
-from engine.memory import RunShape
-from engine.recommend import memory_budget, recommend, seed_column, seed_table
+from engine.memory.estimate import RunShape
+from engine.memory.recommend import memory_budget, recommend, seed_column, seed_table
 
 STATES = Path(__file__).resolve().parents[1] / "data" / "gpu_states"
 LLAMA2_7B = RunShape(lookup("llama2-7b").geometry, batch_size=4, seq_len=1024)

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from engine.cli import main
-from engine.config import build_config
+from engine.config.schema import build_config
 from engine.errors import UserError
 from engine.runs.checkpoints import discard_incomplete, last_complete
 from engine.runs.events import Event, EventReader, EventWriter, read_events
@@ -112,17 +112,19 @@ def test_the_reader_survives_torn_hostile_and_huge_lines(tmp_path):
 
 
 def test_hostile_numbers_are_folded_out_of_the_series_and_clocks(tmp_path):
-    huge = {"type": "log", "step": 3, "total_steps": 1e308, "loss": 1e308, "epoch": 1e308, "learning_rate": 1e308,
+    huge = {"type": "log", "step": 3, "total_steps": 1e308, "loss": 2.0, "epoch": 1e308, "learning_rate": 1e308,
             "tokens_per_s": 1e308, "elapsed_s": 1e308, "remaining_s": 1e308, "time": 1e308}
     history = History()
-    for event in ({"type": "start", "time": -1e308}, huge, {"type": "log", "step": "5", "loss": 1.0},
-                  {"type": "log", "step": 2**80, "loss": 1.0}, {"type": "checkpoint", "step": True},
+    for event in ({"type": "start", "time": -1e308}, huge, {"type": "log", "step": 4, "loss": 1e308},
+                  {"type": "log", "step": "5", "loss": 1.0}, {"type": "log", "step": 2**80, "loss": 1.0},
+                  {"type": "eval", "step": 4, "eval_loss": -1e308}, {"type": "checkpoint", "step": True},
                   {"type": "end", "runtime_s": 1e308}):
         history.add(event)
     progress = history.progress(status_step=3, status_total=None, alive=True, now=100.0)
-    assert history.steps == [3]
+    assert history.steps == [3] and history.losses == [2.0] and history.learning_rates == [0.0]
+    assert history.eval_steps == [] and history.checkpoints == {}
     assert progress.elapsed_s is None and progress.remaining_s is None and progress.total_steps is None
-    assert history.checkpoints == {}
+    assert progress.learning_rate is None and progress.epoch is None and progress.tokens_per_s is None
 
 
 def test_printable_removes_escape_sequences_and_control_characters():

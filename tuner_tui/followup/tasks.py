@@ -75,7 +75,7 @@ class TaskScreen(Screen):
 
     def prepare(self) -> tuple[dict[str, str], str]:
         """The fields' starting values (the run's, then DEFAULTS) and a note for the user."""
-        from engine.followup import followup_values
+        from engine.infer.followup import followup_values
         from engine.runs.jobs import find_job
 
         job = find_job(str(self.run_dir))
@@ -206,7 +206,7 @@ class PredictScreen(TaskScreen):
     TARGET = "output_dir"
 
     def note(self, job) -> str:
-        from engine.followup import predicts_on_training_data
+        from engine.infer.followup import predicts_on_training_data
 
         if predicts_on_training_data(job):
             return "the run had no eval_dataset: this dataset is the one it trained on, so the scores flatter it"
@@ -216,7 +216,7 @@ class PredictScreen(TaskScreen):
         return self.target / "predict.log"
 
     def done_count(self) -> int | None:
-        from engine.predict import predictions_written
+        from engine.infer.predict import predictions_written
 
         return predictions_written(self.target)
 

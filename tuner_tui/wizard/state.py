@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from engine.config import FIELDS, TunerConfig, build_config, coerce, read_config_file
+from engine.config.schema import FIELDS, TunerConfig, build_config, coerce, read_config_file
 from engine.errors import ConfigError, UserError
 from engine.paths import state_dir
-from engine.validation import validate
+from engine.config.validation import validate
 
 METHODS = ("full", "freeze", "lora", "qlora-8bit", "qlora-4bit")
 REMEMBERED = "wizard.yaml"
@@ -65,7 +65,7 @@ def options_of(key: str) -> tuple[str, ...]:
 
 
 def method_keys(method: str) -> dict[str, Any]:
-    """The config keys a method stands for (the inverse of engine.memory.method_of)."""
+    """The config keys a method stands for (the inverse of engine.memory.estimate.method_of)."""
     if method.startswith("qlora-"):
         return {"finetuning_type": "lora", "quantization_bit": int(method[len("qlora-"):-len("bit")])}
     return {"finetuning_type": method, "quantization_bit": None}
@@ -163,7 +163,7 @@ class Choices:
                 continue
             values[key] = "" if value is None else str(value)
         if "finetuning_type" in data or "quantization_bit" in data:
-            from engine.memory import method_of
+            from engine.memory.estimate import method_of
 
             method = method_of(cfg.finetune.finetuning_type, cfg.model.quantization_bit)
         return cls(values, method, choices.gpus)

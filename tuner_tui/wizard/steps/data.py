@@ -62,7 +62,7 @@ class DataStep(WizardStep):
         self.work("names", self._read_names, "reading the templates and datasets")
 
     def _read_names(self) -> tuple[list[str], list[str], str | None]:
-        from engine.catalog import lookup
+        from engine.models.catalog import lookup
         from engine.data.registry import dataset_names
         from engine.templates import template_names
 
@@ -94,15 +94,15 @@ class DataStep(WizardStep):
 
     @staticmethod
     def _check_template(values: dict):
-        from engine.config import build_config
-        from engine.preview import check_template
+        from engine.config.schema import build_config
+        from engine.data.preview import check_template
 
-        return check_template(build_config(values))  # engine.modeling imports transformers one thread at a time
+        return check_template(build_config(values))  # engine.models.loading imports transformers one thread at a time
 
     @staticmethod
     def _preview(values: dict):
-        from engine.config import build_config
-        from engine.preview import build_preview
+        from engine.config.schema import build_config
+        from engine.data.preview import build_preview
 
         with PREVIEWING:  # one at a time: a superseded preview may still be reading the same files
             return build_preview(build_config(values), 2)
@@ -206,7 +206,7 @@ class DataStep(WizardStep):
 def render_preview(preview) -> Content:
     """The first samples, the learned part highlighted, then the token-length stats, their histogram with cutoff_len
     marked, and the loading report."""
-    from engine.preview import histogram_lines
+    from engine.data.preview import histogram_lines
 
     bars = {"within": "$text-primary", "over": "$text-warning", "cutoff": "bold $text-error"}
     parts: list = [(f"template {preview.template} · the learned part highlighted\n", "bold")]

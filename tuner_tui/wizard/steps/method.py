@@ -65,8 +65,8 @@ class MethodStep(WizardStep):
         self.work("estimate", self._recommend, "estimating memory")
 
     def _recommend(self):
-        from engine.memory import linear_names
-        from engine.recommend import memory_budget, model_geometry, recommend, shape_from_config
+        from engine.memory.estimate import linear_names
+        from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
 
         geometry = model_geometry(self.choices.values["model_name_or_path"])
         problems, layers = self._problems(geometry), linear_names(geometry)
@@ -82,7 +82,7 @@ class MethodStep(WizardStep):
 
     def _problems(self, geometry) -> dict[str, str]:
         """The engine's complaints, and LoRA targets this model does not have (they would fail once it loads)."""
-        from engine.memory import lora_target_problem
+        from engine.memory.estimate import lora_target_problem
 
         problems = self.choices.problems(self.CHECKED)
         target = lora_target_problem(geometry, str(self.choices.values.get("lora_target") or "all"))
@@ -91,7 +91,7 @@ class MethodStep(WizardStep):
         return problems
 
     def check(self) -> dict[str, str]:
-        from engine.recommend import model_geometry
+        from engine.memory.recommend import model_geometry
 
         return self._problems(model_geometry(self.choices.values["model_name_or_path"]))
 

@@ -19,8 +19,8 @@ WHERE = {"local": "local directory", "demo": "demo model, built on this machine"
 
 def describe(name: str) -> str:
     """The architecture and size in one line (from config.json; the hub's config only, never the weights)."""
-    from engine.catalog import param_count
-    from engine.recommend import model_geometry
+    from engine.models.catalog import param_count
+    from engine.memory.recommend import model_geometry
 
     try:
         g = model_geometry(name)
@@ -53,7 +53,7 @@ class ModelStep(WizardStep):
 
     @staticmethod
     def _catalog() -> list[tuple[str, str]]:
-        from engine.catalog import list_models, param_count
+        from engine.models.catalog import list_models, param_count
 
         rows = []
         for spec in list_models():
@@ -94,7 +94,7 @@ class ModelStep(WizardStep):
         self.later("resolve", lambda: self.work("resolve", self.check, "resolving the model"))
 
     def check(self) -> dict[str, str]:
-        from engine.catalog import resolve_model
+        from engine.models.resolve import resolve_model
 
         name = str(self.choices.values.get("model_name_or_path", "")).strip()
         if not name:

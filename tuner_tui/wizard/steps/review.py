@@ -43,7 +43,7 @@ class ReviewStep(WizardStep):
 
     def _estimate(self) -> tuple[str, bool]:
         """The chosen method's estimate once more, against the chosen GPUs; True when it does not fit."""
-        from engine.recommend import memory_budget, model_geometry, recommend, shape_from_config
+        from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
 
         cfg, gpus = self.choices.config(), self.app.chosen_gpus()
         shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), max(1, len(gpus)))

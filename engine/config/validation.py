@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from engine.config import REPORTERS, TrainArgs, TunerConfig
+from engine.config.schema import REPORTERS, TrainArgs, TunerConfig
 from engine.errors import ConfigError, UserError
 
 # Longest sample accepted (2**20 tokens), far beyond any model's context; a larger one is a typo.
@@ -156,7 +156,7 @@ def _optimizer(cfg: TunerConfig) -> list[str]:
     loaded (the default needs no look-up, and no import)."""
     if cfg.train.optim == TrainArgs.optim:
         return []
-    from engine.modeling import transformers_module
+    from engine.models.loading import transformers_module
 
     known = [name.value for name in transformers_module("training_args").OptimizerNames]
     if cfg.train.optim in known:
@@ -171,7 +171,7 @@ def _trackers(cfg: TunerConfig) -> list[str]:
     asked = [name for name in _split(cfg.train.report_to) if name in REPORTERS and name not in ("none", "all")]
     if not asked:
         return []
-    from engine.modeling import transformers_module
+    from engine.models.loading import transformers_module
 
     installed = transformers_module("integrations.integration_utils").get_available_reporting_integrations()
     return [f"report_to {name}: the {name} package is not installed (pip install {name}), or leave it out"

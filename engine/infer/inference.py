@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
 
 log = logging.getLogger("tuner")
@@ -64,9 +64,9 @@ def load_adapters(model, adapters: str | None, quantized: bool):
 
 def load_for_inference(cfg: TunerConfig) -> Inference:
     """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
     from engine.data.tokenize import choose_template
-    from engine.modeling import Hardware, choose_attention, choose_precision, load_model, load_tokenizer
+    from engine.models.loading import Hardware, choose_attention, choose_precision, load_model, load_tokenizer
 
     resolved = resolve_model(cfg.model.model_name_or_path)
     hardware = Hardware.detect()

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
-from engine.config import TunerConfig
+from engine.models.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.memory import METHODS, Estimate, RunShape, estimate, method_of
+from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of
 from engine.paths import PRESETS_DIR
 
 SAFETY_MARGIN = 0.10  # keep 10% of the GPU's memory free: estimates are within ~15%, and other processes come and go
@@ -42,7 +42,7 @@ def model_geometry(name_or_path: str) -> ModelGeometry:
     spec = lookup(name_or_path)
     if spec:
         return spec.geometry
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
 
     resolved = resolve_model(name_or_path)
     if resolved.spec:

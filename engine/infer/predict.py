@@ -9,12 +9,13 @@ rouge-score (lower-cased, split on non-alphanumerics), each averaged over sample
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import logging
 import time
 from datetime import datetime
 from pathlib import Path
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
 
 log = logging.getLogger("tuner")
@@ -61,18 +62,11 @@ def prediction_dir(cfg: TunerConfig) -> Path:
     return path
 
 
-def run_predict(cfg: TunerConfig) -> int:
-    """Predict as configured and print where the predictions went and how they score."""
-    out, results = predict(cfg)
-    _summary(out, results)
-    return 0
-
-
-def predict(cfg: TunerConfig) -> tuple[Path, dict]:
+def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
     """Load model + adapter, generate for every sample in batches, write predictions and metrics; returns the
-    output directory and the results."""
+    output directory and the results. ``progress(done, total)`` is called after each batch."""
     from engine.data.loaders import load_conversations
-    from engine.inference import generate, generation_kwargs, load_for_inference, prompt_text
+    from engine.infer.inference import generate, generation_kwargs, load_for_inference, prompt_text
 
     out = prediction_dir(cfg)
     d = cfg.data
@@ -83,7 +77,7 @@ def predict(cfg: TunerConfig) -> tuple[Path, dict]:
     batch_size = cfg.train.per_device_eval_batch_size
     predictions, labels = [], []
     started = time.time()
-    with open(out / PREDICTIONS, "w", encoding="utf-8") as file, _progress(len(samples)) as advance:
+    with open(out / PREDICTIONS, "w", encoding="utf-8") as file:
         for start in range(0, len(samples), batch_size):
             batch = [split_prompt(sample["messages"]) for sample in samples[start:start + batch_size]]
             replies = generate(inference, [prompt for prompt, _ in batch], kwargs)
@@ -93,7 +87,8 @@ def predict(cfg: TunerConfig) -> tuple[Path, dict]:
                 predictions.append(reply)
                 labels.append(label)
             file.flush()
-            advance(len(batch))
+            if progress is not None:
+                progress(len(predictions), len(samples))
     runtime = time.time() - started
     results = {**score(predictions, labels), "predict_samples": len(predictions),
                "predict_runtime": round(runtime, 4),
@@ -116,30 +111,7 @@ def predictions_written(out: Path) -> int | None:
         return None
 
 
-def _progress(total: int):
-    """A Rich progress bar over the samples, advanced a batch at a time."""
-    from contextlib import contextmanager
-
-    from rich.progress import Progress
-
-    @contextmanager
-    def bar():
-        with Progress(transient=True) as progress:
-            task = progress.add_task("predicting", total=total)
-            yield lambda n: progress.advance(task, n)
-
-    return bar()
-
-
 def score_line(results: dict) -> str:
     """The scores and speed of predict_results.json on one line: "bleu-4 12.34  rouge-1 ..."."""
     return "  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
                      if key.startswith("predict_") and key != "predict_samples")
-
-
-def _summary(out: Path, results: dict) -> None:
-    from rich.console import Console
-
-    console = Console()
-    for line in summary_lines(out, results):
-        console.print(line)

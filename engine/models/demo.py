@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.catalog import lookup
+from engine.models.catalog import lookup
 from engine.errors import UserError
 from engine.paths import cache_dir
 from engine.templates import get_template, to_chat_template
@@ -174,7 +174,7 @@ def _install(build_dir: Path, target: Path, fingerprint: dict) -> None:
 def _build(name: str, out: Path) -> None:
     import torch
 
-    from engine.modeling import from_transformers
+    from engine.models.loading import from_transformers
 
     AutoConfig, AutoModelForCausalLM = from_transformers("AutoConfig", "AutoModelForCausalLM")
     spec = lookup(name)
@@ -213,7 +213,7 @@ def _train_tokenizer(max_length: int | None):
     It pads on the right, as training wants; generation pads on the left and sets that itself."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from engine.modeling import from_transformers
+    from engine.models.loading import from_transformers
 
     (PreTrainedTokenizerFast,) = from_transformers("PreTrainedTokenizerFast")
     tokenizer = Tokenizer(models.BPE())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.data.stats import Bucket
 
 BAR_BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -55,8 +55,8 @@ class Preview:
 
 def check_template(cfg: TunerConfig) -> TemplateCheck:
     """Whether the template ``cfg`` chooses renders like the model's own chat_template; loads only the tokenizer."""
-    from engine.catalog import resolve_model
-    from engine.modeling import load_tokenizer
+    from engine.models.resolve import resolve_model
+    from engine.models.loading import load_tokenizer
 
     resolved = resolve_model(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(resolved.path, cfg)
@@ -74,11 +74,11 @@ def _compare_template(cfg: TunerConfig, tokenizer, catalog_template: str | None)
 
 def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     """Render and tokenize every sample (for the stats) and keep the first ``count`` for display."""
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
     from engine.data.loaders import load_conversations
     from engine.data.stats import length_histogram, length_stats
     from engine.data.tokenize import encode_conversations
-    from engine.modeling import load_tokenizer
+    from engine.models.loading import load_tokenizer
     from engine.templates import get_template, render_segments, render_text
 
     resolved = resolve_model(cfg.model.model_name_or_path)
@@ -134,30 +134,3 @@ def _bar(cells: float) -> str:
     eighths = max(round(cells * 8), 1 if cells > 0 else 0)
     full, part = divmod(eighths, 8)
     return "█" * full + BAR_BLOCKS[part].strip()
-
-
-def render_preview(preview: Preview) -> None:
-    """Print the samples with the learned text highlighted, then the token-length stats."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console()
-    for line in preview.report:
-        console.print(Text(line, style="dim"))
-    console.print(Text(f"template: {preview.template}   learned text is highlighted", style="bold"))
-    if preview.template_warning:
-        console.print(Text(f"warning: {preview.template_warning}", style="yellow"))
-    for index, sample in enumerate(preview.samples):
-        console.rule(f"sample {index}  ({len(sample.input_ids)} tokens, "
-                     f"{sum(label != -100 for label in sample.labels)} learned)")
-        text = Text()
-        for segment in sample.segments:
-            text.append(segment.text, style="black on green" if segment.learned else "")
-        console.print(text)
-    s = preview.stats
-    console.rule("token lengths")
-    console.print(f"samples {s['count']}  mean {s['mean']}  p50 {s['p50']}  p95 {s['p95']}  max {s['max']}  "
-                  f"over cutoff_len: {s['over_cutoff']}")
-    styles = {"within": "", "over": "yellow", "cutoff": "bold"}
-    for line, kind in histogram_lines(preview):
-        console.print(Text(line, style=styles[kind]))

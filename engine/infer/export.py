@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,7 +52,7 @@ def run_export(cfg: TunerConfig) -> int:
 
 
 def export_model(cfg: TunerConfig) -> ExportSummary:
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
 
     target = Path(cfg.export.export_dir).expanduser().absolute()
     adapters = cfg.model.adapter_name_or_path
@@ -105,7 +105,7 @@ def recorded_dtype(model: str, cfg: TunerConfig) -> str | None:
 def export_dtype(model: str, cfg: TunerConfig) -> str:
     """The dtype to save: the original base's for a tuner full or freeze run (they save fp32 weights), else the
     model's own, else fp32."""
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
 
     run_config = Path(model) / "config.yaml"
     if run_config.is_file() and not (Path(model) / "adapter_config.json").is_file():
@@ -137,8 +137,8 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
     import torch
 
     from engine.data.tokenize import choose_template
-    from engine.inference import load_adapters, trained_template
-    from engine.modeling import Hardware, Precision, load_model, load_tokenizer
+    from engine.infer.inference import load_adapters, trained_template
+    from engine.models.loading import Hardware, Precision, load_model, load_tokenizer
     from engine.templates import get_template, render_text
 
     adapters = cfg.model.adapter_name_or_path

@@ -1,25 +1,14 @@
-"""A conversation with a model: ``ChatSession`` keeps the system prompt and history and streams each reply; ``run_chat``
-is the terminal loop of ``tuner chat`` over it. The TUI drives a ``ChatSession`` the same way."""
+"""A conversation with a model: ``ChatSession`` keeps the system prompt and history and streams each reply. The
+terminal loop of ``tuner chat`` (engine.cli.chat) and the TUI's chat screen drive it the same way."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.inference import Inference, generate, generation_kwargs, load_for_inference, prompt_text
-
-COMMANDS = "/help, /clear, /system <text>, /exit"
-HELP = (
-    "/clear           forget the conversation, keep the system prompt",
-    "/system <text>   set the system prompt and start afresh (/system alone: the template's default)",
-    "/exit            leave (also Ctrl-D or Ctrl-C)",
-    "/help            this list",
-)
-
+from engine.infer.inference import Inference, generate, generation_kwargs, load_for_inference, prompt_text
 
 def settled_text(text: str, stops: list[str]) -> str:
     """The part of a reply still being generated that later tokens cannot change or cut, stripped as replies are.
@@ -109,57 +98,3 @@ def start_chat(cfg: TunerConfig, system: str | None = None) -> ChatSession:
         raise UserError("chat streams its replies, which beam search cannot do", hint="leave num_beams at 1")
     inference = load_for_inference(cfg)
     return ChatSession(inference, generation_kwargs(cfg, inference), system or None)
-
-
-def run_chat(cfg: TunerConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             system: str | None = None) -> int:
-    """Chat in the terminal until /exit, end of input or Ctrl-C at the prompt; Ctrl-C during a reply drops that turn.
-
-    Piped input is echoed after the "user: " prompt, so the output reads as a transcript."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    session = start_chat(cfg, system)
-    echo = not stdin.isatty()
-
-    def say(text: str = "", end: str = "\n") -> None:
-        stdout.write(text + end)
-        stdout.flush()
-
-    say(f"chat with {cfg.model.model_name_or_path} (template {session.inference.template}); /help for commands")
-    while True:
-        say("user: ", end="")
-        try:
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            say()
-            return 0
-        if not line:
-            say()
-            return 0
-        text = line.strip()
-        if echo:
-            say(text)
-        if not text:
-            continue
-        if text.startswith("/"):
-            command, _, argument = text.partition(" ")
-            if command == "/exit":
-                return 0
-            if command == "/clear":
-                session.clear()
-                say("(conversation cleared)")
-            elif command == "/system":
-                session.set_system(argument.strip())
-                say(f"(system prompt {'set' if session.system else 'reset'}; conversation cleared)")
-            elif command == "/help":
-                say("\n".join(HELP))
-            else:
-                say(f"unknown command {command}; commands: {COMMANDS}")
-            continue
-        say("assistant: ", end="")
-        try:
-            session.reply(text, on_token=lambda piece: say(piece, end=""))
-            say()
-        except KeyboardInterrupt:
-            say(" (interrupted; this turn is dropped)")
-        except UserError as exc:
-            say(f"error: {exc}")

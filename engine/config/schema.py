@@ -255,26 +255,18 @@ def coerce(key: str, value: Any) -> Any:
         if text in _FALSE:
             return False
         raise ValueError(f"expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
+    if kind in (int, float):
+        whole = kind is int
+        expected = "a whole number" if whole else "a number"
         try:
-            number = float(value)
+            number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
-            raise ValueError(f"expected a whole number, got {value!r}") from None
-        if not number.is_integer():
-            raise ValueError(f"expected a whole number, got {value!r}")
-        return int(number)
-    if kind is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+            number = None
+        if number is None or (whole and not number.is_integer()):
+            raise ValueError(f"expected {expected}, got {value!r}")
         if not math.isfinite(number):
             raise ValueError(f"expected a finite number, got {value!r}")
-        return number
+        return int(number) if whole else number
     if isinstance(value, bool):  # YAML reads a bare `no` as false: `save_strategy: no` means the choice "no"
         if not value and "no" in (f.metadata.get("choices") or ()):
             return "no"

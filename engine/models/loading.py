@@ -13,7 +13,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
 
 log = logging.getLogger("tuner")
@@ -168,7 +168,7 @@ def lora_targets(model, lora_target: str) -> list[str]:
     available = linear_module_names(model)
     if lora_target.strip() == "all":
         return available
-    from engine.memory import asked_targets
+    from engine.memory.estimate import asked_targets
 
     asked, missing = asked_targets(lora_target, available)
     if missing:

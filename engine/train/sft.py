@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import TunerConfig
+from engine.config.schema import TunerConfig
 from engine.errors import UserError
 from engine.quiet import quiet_libraries
 from engine.runs.checkpoints import discard_incomplete, last_complete, newer_incomplete
 from engine.runs.events import Event, EventWriter
 from engine.runs.files import open_append
-from engine.runs.launch import RunDir, is_main_process
+from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import now_iso, write_status
 from engine.runs.stop import StopRequest
 
@@ -112,7 +112,7 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foregr
     """Train in ``run``'s directory (prepared and locked by ``engine.runs.launch``); returns the exit code: 0
     completed, 128 + the signal's number stopped. The directory records the outcome whatever happens: a failure is
     raised again, as one line (UserError) when it is the user's to fix."""
-    from engine.catalog import resolve_model
+    from engine.models.resolve import resolve_model
 
     quiet_libraries()
     if not is_main_process():
@@ -244,9 +244,9 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     """
     import torch
 
-    from engine.callbacks import ConsoleProgress, Divergence, GracefulStop, RunEvents, gpu_memory_gib
+    from engine.train.callbacks import ConsoleProgress, Divergence, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
-    from engine.modeling import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
+    from engine.models.loading import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
                                  load_model, load_tokenizer)
 
     hardware = Hardware.detect()
@@ -323,8 +323,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
 def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None:
     """The VRAM estimate for this run, recorded beside the measured peaks so each GPU run calibrates the estimator."""
-    from engine.memory import estimate
-    from engine.recommend import model_geometry, shape_from_config
+    from engine.memory.estimate import estimate
+    from engine.memory.recommend import model_geometry, shape_from_config
 
     try:
         geometry = model_geometry(model_path)
@@ -348,7 +348,7 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     try:
         args = _sft_config(SFTConfig, cfg, model, precision, hardware, run)
         Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
-    except (ValueError, ImportError) as exc:  # what transformers refuses that engine.validation did not catch
+    except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
     trainer = divergence.watching(SFTTrainer)(
         model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,

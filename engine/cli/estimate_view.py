@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.memory import Estimate
-from engine.recommend import Recommendation
+from engine.memory.estimate import Estimate
+from engine.memory.recommend import Recommendation
 
 
 def render_estimate(model: str, result: Estimate, advice: Recommendation) -> None:

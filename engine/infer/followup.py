@@ -42,7 +42,7 @@ def trained_weights(job: Job) -> Path:
 
 def run_config_values(job: Job) -> dict[str, Any]:
     """The flat config the run was started with (its config.yaml)."""
-    from engine.config import read_config_file
+    from engine.config.schema import read_config_file
 
     path = job.dir / "config.yaml"
     if not path.is_file():

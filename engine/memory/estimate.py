@@ -1,6 +1,6 @@
 """Peak GPU memory of a fine-tuning run, per component, from the model's geometry alone (no weights loaded).
 
-The estimate models what the engine does (engine/modeling.py, engine/train.py): which weights stay 16-bit, which are
+The estimate models what the engine does (engine/models/loading.py, engine/train/sft.py): which weights stay 16-bit, which are
 quantized or kept in fp32, what the optimizer holds, and what the forward and backward passes keep alive. Four
 constants come from measurement rather than first principles; each says where it was measured, and
 ``tests/unit/test_memory.py`` holds the whole estimate to the measured table in ``bench/results``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from engine.catalog import ModelGeometry
+from engine.models.catalog import ModelGeometry
 
 GIB = 1024**3
 
@@ -143,7 +143,7 @@ def asked_targets(lora_target: str, available: list[str]) -> tuple[list[str], li
 
 
 def lora_target_problem(g: ModelGeometry, lora_target: str) -> str | None:
-    """Why ``lora_target`` would be refused for this model, or None: the check engine.modeling makes on the loaded
+    """Why ``lora_target`` would be refused for this model, or None: the check engine.models.loading makes on the loaded
     model, made on the geometry so a config can be checked before anything loads."""
     if lora_target.strip() == "all" or g.model_type not in NAMED_LIKE_LLAMA:
         return None  # another family's names (phi3's qkv_proj, ...) are checked once the model is loaded

@@ -1,0 +1,1 @@
+"""GPU memory: the estimate per component and the method recommended for the GPUs found."""

@@ -1,0 +1,1 @@
+"""Models: the catalog, the demo models built here, and loading (precision, attention, quantization, method)."""
