@@ -55,22 +55,6 @@ class RunLock:
         self.release()
 
 
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds the directory's lock (probed without taking it for long)."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def _holder(run_dir: Path) -> str:
     from engine.runs.status import read_status
 

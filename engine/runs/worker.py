@@ -20,16 +20,19 @@ def main(argv: list[str]) -> int:
     from engine.runs.launch import CONFIG_FILE, method_label
     from engine.runs.rundir import RunDir
     from engine.runs.lock import RunLock
-    from engine.runs.status import own_identity, read_status
+    from engine.runs.status import UNREADABLE, own_identity, read_status
 
     run_dir = Path(argv[0]).absolute()
     force = "--force" in argv
     resume_from = argv[argv.index("--resume-from") + 1] if "--resume-from" in argv else None
     quiet_libraries()
-    lock = RunLock.inherited(run_dir) or RunLock.acquire(run_dir)
+    lock = RunLock.inherited(run_dir)
     try:
+        lock = lock or RunLock.acquire(run_dir)
         cfg = build_config(read_config_file(run_dir / CONFIG_FILE))
         status = read_status(run_dir)
+        if status is None or status.state == UNREADABLE:
+            raise UserError(f"{run_dir} has no readable status.json: start the run with `tuner train`")
         status.pid, status.pid_started_at = own_identity()
         status.method = status.method or method_label(cfg)
         from engine.train.sft import run_training
@@ -38,9 +41,21 @@ def main(argv: list[str]) -> int:
                             wait_for_free_gpus=not force)
     except UserError as exc:
         print(f"tuner: error: {exc}", file=sys.stderr)
+        _record_refusal(run_dir, str(exc))
         return 2
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _record_refusal(run_dir: Path, message: str) -> None:
+    """A run refused before training could record it (its config unreadable, ...) says so in its status too."""
+    from engine.runs.status import now_iso, read_status, write_status
+
+    status = read_status(run_dir)
+    if status is not None and status.state in ("queued", "running"):
+        status.state, status.error, status.ended_at, status.exit_code = "failed", message, now_iso(), 2
+        write_status(run_dir, status)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,6 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foregr
     try:
         handlers = setup_logging(run.path, console)
         events = EventWriter(run.path)
-        run.status.state = "running"
-        write_status(run.path, run.status)
         if wait_for_free_gpus and not stop.requested:
             wait_for_gpus(run, stop)
         run.status.state = "running"
@@ -156,7 +154,8 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foregr
         close_logging(handlers)
 
 
-def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException, stop: StopRequest) -> BaseException | None:
+def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
+                    stop: StopRequest) -> BaseException | None:
     """Write how the run ended (as far as the disk lets us); the error to raise, None when it was a stop."""
     interrupted = isinstance(exc, KeyboardInterrupt)
     error: BaseException | None = exc

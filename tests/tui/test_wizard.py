@@ -232,3 +232,10 @@ def test_tuner_without_arguments_opens_the_wizard(monkeypatch, capsys):
     assert main([]) == 0 and main(["--config", "run.yaml"]) == 0 and main(["--config=other.yaml"]) == 0
     assert opened == [None, "run.yaml", "other.yaml"]
     assert main(["--help"]) == 0 and "monitor" in capsys.readouterr().out
+
+
+def test_a_token_is_never_remembered(tmp_path):
+    choices = Choices({"model_name_or_path": "tiny-llama", "hf_hub_token": "hf_SecretNeverSaved"}, "lora", None)
+    path = choices.remember(tmp_path)
+    assert "hf_SecretNeverSaved" not in path.read_text()
+    assert Choices.recalled(tmp_path).values == {"model_name_or_path": "tiny-llama"}
