@@ -4,11 +4,13 @@ exception's type and text for anything else (which is then a bug worth reporting
 from __future__ import annotations
 
 from engine.errors import ConfigError, UserError
+from engine.runs.files import printable
 
 
 def failure_text(error: BaseException | None) -> str:
+    """The message, with terminal control sequences removed (it may quote a file: a dataset's role, a run's name)."""
     if isinstance(error, ConfigError):
-        return "; ".join(error.problems)
+        return printable("; ".join(error.problems))
     if isinstance(error, UserError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        return printable(str(error))
+    return printable(f"{type(error).__name__}: {error}")

@@ -8,6 +8,7 @@ from typing import TextIO
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
 from engine.infer.chat import start_chat
+from engine.runs.files import printable_line
 
 COMMANDS = "/help, /clear, /system <text>, /exit"
 HELP = (
@@ -31,7 +32,8 @@ def run_chat(cfg: TunerConfig, stdin: TextIO | None = None, stdout: TextIO | Non
         stdout.write(text + end)
         stdout.flush()
 
-    say(f"chat with {cfg.model.model_name_or_path} (template {session.inference.template}); /help for commands")
+    say(f"chat with {printable_line(cfg.model.model_name_or_path)} (template {session.inference.template}); "
+        "/help for commands")
     while True:
         say("user: ", end="")
         try:

@@ -56,10 +56,14 @@ def cmd_datasets(argv: list[str]) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from engine.runs.files import printable_line
 
     table = Table("name", "source", "formatting", box=None, header_style="bold")
-    for name, attr in registry.items():
-        table.add_row(name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)")
+    for name, attr in registry.items():  # names and paths come from the user's dataset_info.json: shown, not obeyed
+        table.add_row(*(Text(printable_line(cell)) for cell in
+                        (name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)")))
     Console().print(table)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.data.preview import Preview, histogram_lines
+from engine.runs.files import printable
 
 
 def render_preview(preview: Preview) -> None:
@@ -21,7 +22,7 @@ def render_preview(preview: Preview) -> None:
                      f"{sum(label != -100 for label in sample.labels)} learned)")
         text = Text()
         for segment in sample.segments:
-            text.append(segment.text, style="black on green" if segment.learned else "")
+            text.append(printable(segment.text), style="black on green" if segment.learned else "")
         console.print(text)
     s = preview.stats
     console.rule("token lengths")

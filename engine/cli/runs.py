@@ -36,7 +36,7 @@ def cmd_runs(argv: list[str]) -> int:
         table.add_column(column, no_wrap=True, overflow="ellipsis",
                          min_width=None if squeezable else max(len(column), *(len(r[column]) for r in rows)))
     for row in rows:
-        table.add_row(*(row[column] for column in columns))
+        table.add_row(*(Text(row[column]) for column in columns))
     console.print(table)
     if len(columns) < len(JOB_COLUMNS):
         console.print(Text(f"({', '.join(c for c in JOB_COLUMNS if c not in columns)} left out to fit "

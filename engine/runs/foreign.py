@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.runs.files import read_json
 from engine.runs.checkpoints import checkpoints, step_of
+from engine.runs.events import Event
+from engine.runs.files import read_json
 from engine.runs.status import RunStatus
 
 
@@ -38,14 +39,14 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
         if not isinstance(entry, dict):
             continue
         if "loss" in entry:
-            events.append({"type": "log", "step": entry.get("step"), "total_steps": total, "epoch": entry.get("epoch"),
-                           "loss": entry["loss"], "learning_rate": entry.get("learning_rate"),
-                           "grad_norm": entry.get("grad_norm")})
+            events.append({"type": Event.LOG.value, "step": entry.get("step"), "total_steps": total,
+                           "epoch": entry.get("epoch"), "loss": entry["loss"],
+                           "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm")})
         elif "eval_loss" in entry:
-            events.append({"type": "eval", "step": entry.get("step"), "epoch": entry.get("epoch"),
+            events.append({"type": Event.EVAL.value, "step": entry.get("step"), "epoch": entry.get("epoch"),
                            "eval_loss": entry["eval_loss"]})
     for checkpoint in checkpoints(run_dir):
-        events.append({"type": "checkpoint", "step": step_of(checkpoint), "path": str(checkpoint)})
+        events.append({"type": Event.CHECKPOINT.value, "step": step_of(checkpoint), "path": str(checkpoint)})
     return events
 
 
@@ -55,20 +56,25 @@ def llamafactory_events(run_dir: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(entry, dict):
             continue
         step, total = entry.get("current_steps"), entry.get("total_steps")
         if entry.get("loss") is not None:
-            events.append({"type": "log", "step": step, "total_steps": total, "epoch": entry.get("epoch"),
+            events.append({"type": Event.LOG.value, "step": step, "total_steps": total, "epoch": entry.get("epoch"),
                            "loss": entry["loss"], "learning_rate": entry.get("lr"),
                            "tokens_per_s": entry.get("throughput")})
         if entry.get("eval_loss") is not None:
-            events.append({"type": "eval", "step": step, "epoch": entry.get("epoch"), "eval_loss": entry["eval_loss"]})
+            events.append({"type": Event.EVAL.value, "step": step, "epoch": entry.get("epoch"),
+                           "eval_loss": entry["eval_loss"]})
     return events
 
 
@@ -78,7 +84,7 @@ def foreign_run(run_dir: Path) -> tuple[RunStatus, list[dict]] | None:
     for kind, reader in (("llama-factory", llamafactory_events), ("hf-trainer", hf_trainer_events)):
         events = reader(run_dir)
         if events is not None:
-            logs = [e for e in events if e["type"] == "log"]
+            logs = [e for e in events if e["type"] == Event.LOG]
             last = logs[-1] if logs else {}
             total = last.get("total_steps")
             finished = bool(total) and last.get("step") == total

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from engine.paths import state_dir
 from engine.runs.files import open_append
+from engine.runs.status import RUN_ID
 
 
 def index_path() -> Path:
@@ -27,7 +28,7 @@ def entries() -> list[tuple[str, Path]]:
         except (ValueError, RecursionError):
             continue
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("dir"), str) \
-                and entry["id"] and entry["dir"] and "\x00" not in entry["dir"]:
+                and RUN_ID.fullmatch(entry["id"]) and entry["dir"] and "\x00" not in entry["dir"]:
             found.setdefault(entry["id"], Path(entry["dir"]))
     return list(found.items())
 

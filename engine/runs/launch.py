@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from engine.config.schema import TunerConfig, read_config_file, build_config
 from engine.errors import UserError
 from engine.runs.checkpoints import checkpoints, last_complete
-from engine.runs.files import open_append
+from engine.runs.files import open_append, write_text_atomic
 from engine.runs.index import register
 from engine.runs.lock import LOCK_FD_ENV, RunLock
 from engine.runs.rundir import RunDir, is_main_process
@@ -61,17 +62,17 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: b
         if not is_main_process():
             from engine.train.sft import run_training
 
-            return run_training(cfg, RunDir(path, _resume_point(cfg, path), RunStatus(id="", name=path.name)),
+            resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
+            return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
                                 stop=None, foreground=False, wait_for_free_gpus=False)
-        path.mkdir(parents=True, exist_ok=True)
-        with RunLock.acquire(path) as lock:
+        with _writing(path), RunLock.acquire(path) as lock:
             run = _claim(cfg, path)
             saved = saved_config(cfg, path)
-            saved.save(path / CONFIG_FILE)
+            write_text_atomic(path / CONFIG_FILE, saved.to_yaml())
+            write_status(path, run.status)
             register(path, run.status.id)
             if detach:
                 return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
-            write_status(path, run.status)
             from engine.train.sft import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
@@ -169,7 +170,8 @@ def _absolute_list(value: str | None, names) -> str | None:
 
 def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_devices: str | None) -> RunStatus:
     """The worker as a process of its own session, holding the directory's lock, its output appended to
-    train.log. Stop signals stay blocked until its handlers are in; a token travels in its environment only."""
+    train.log, started in / so nothing in the run directory shadows a module. Stop signals stay blocked until its
+    handlers are in; a token travels in its environment only."""
     env = dict(os.environ, **{LOCK_FD_ENV: str(lock.fd)})
     if token:
         env["HF_TOKEN"] = token
@@ -179,7 +181,19 @@ def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_d
         (["--resume-from", run.resume_from] if run.resume_from else [])
     with open_append(run.path / "train.log") as log, blocked_stop_signals():
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, pass_fds=(lock.fd,), env=env, cwd=run.path)
+                                   start_new_session=True, pass_fds=(lock.fd,), env=env, cwd="/")
     run.status.pid, run.status.pid_started_at = process.pid, pid_start_time(process.pid)
-    write_status(run.path, run.status)
+    current = read_status(run.path)
+    if current is not None and current.pid == os.getpid():  # the worker has not written its own yet
+        write_status(run.path, run.status)
     return run.status
+
+
+@contextmanager
+def _writing(path: Path):
+    """The run directory created and written; an OS error (not a directory, read-only, full) is one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {exc.filename or path}: {exc.strerror or exc}") from None

@@ -25,7 +25,11 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         """The directory's lock, or UserError naming the run that holds it."""
         path = Path(run_dir) / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock {path}: {exc.strerror}",
+                            "remove it if it is a link; tuner creates it itself") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

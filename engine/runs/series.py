@@ -19,7 +19,10 @@ def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float 
     """``value`` as a float when it is a finite number within [low, high], else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too big for a float
+        return None
     return value if math.isfinite(value) and low <= value <= high else None
 
 

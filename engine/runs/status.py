@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import socket
 import types
 import typing
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engine.runs.files import read_json, write_json_atomic
+from engine.runs.files import printable_line, read_json, write_json_atomic
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 UNREADABLE = "unreadable"
@@ -67,15 +68,21 @@ def read_status(run_dir: Path) -> RunStatus | None:
     if problem:
         return unreadable(run_dir, f"{path} is not a run status: {problem}")
     known = {f.name for f in dataclasses.fields(RunStatus)}
-    return RunStatus(**{k: v for k, v in data.items() if k in known})
+    status = RunStatus(**{k: v for k, v in data.items() if k in known})
+    status.name = printable_line(status.name)
+    return status
 
 
 def unreadable(run_dir: Path, reason: str) -> RunStatus:
-    return RunStatus(id=Path(run_dir).name, name=Path(run_dir).name, state=UNREADABLE, host="", started_at="",
-                     error=reason, output_dir=str(run_dir))
+    name = printable_line(Path(run_dir).name)
+    return RunStatus(id=name, name=name, state=UNREADABLE, host="", started_at="", error=printable_line(reason),
+                     output_dir=str(run_dir))
 
 
 _HINTS = typing.get_type_hints(RunStatus)
+
+
+RUN_ID = re.compile(r"[\w.:+-]{1,128}")
 
 
 def _type_problem(data) -> str | None:
@@ -84,19 +91,24 @@ def _type_problem(data) -> str | None:
     for name in ("id", "name", "state"):
         if not isinstance(data.get(name), str) or not data[name]:
             return f'"{name}" is missing or not text'
+    if not RUN_ID.fullmatch(data["id"]):
+        return "its id holds characters a run id never has"
     if data["state"] not in STATES:
-        return f'unknown state {data["state"]!r}'
+        return f'unknown state {printable_line(data["state"])[:40]!r}'
     for f in dataclasses.fields(RunStatus):
         if f.name in data and not _fits(data[f.name], _HINTS[f.name]):
-            return f'"{f.name}" is {data[f.name]!r}'
-    if data.get("started_at"):
-        try:
-            datetime.fromisoformat(data["started_at"])
-            if data.get("ended_at"):
-                datetime.fromisoformat(data["ended_at"])
-        except ValueError:
-            return "its times are not ISO dates"
+            return f'"{f.name}" is {printable_line(repr(data[f.name]))[:80]}'
+    for name in ("started_at", "ended_at"):
+        if (data.get(name) is not None or name == "started_at") and not _is_zoned_time(data.get(name)):
+            return f'"{name}" is not a date and time with its zone'
     return None
+
+
+def _is_zoned_time(value) -> bool:
+    try:
+        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def _fits(value, hint) -> bool:
@@ -108,7 +120,10 @@ def _fits(value, hint) -> bool:
         if origin is list:
             return isinstance(value, list) and all(isinstance(v, str) for v in value)
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return math.isfinite(value)
+            try:
+                return math.isfinite(value)
+            except OverflowError:  # an integer too big for a float
+                return False
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return abs(value) < 2**53
         if option is str and isinstance(value, str):

@@ -18,9 +18,14 @@ class StopRequest:
         self.requested: str | None = None
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._terminals: list[int] = []
 
     def install(self) -> StopRequest:
+        """Handle the stop signals; a hangup that was ignored (``nohup``) stays ignored."""
+        self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal may not say
         for sig in STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
@@ -37,7 +42,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGHUP:
-            _drop_terminal()
+            _drop_terminal(self._terminals)
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = signal.Signals(signum).name, signum
@@ -45,10 +50,11 @@ class StopRequest:
                     self.requested)
 
 
-def _drop_terminal() -> None:
-    """The terminal is gone: what would have gone to it goes nowhere, so no write to it fails; train.log goes on."""
+def _drop_terminal(terminals: list[int]) -> None:
+    """The terminal is gone: what would have gone to it goes nowhere, so no write to it fails; train.log (and a
+    detached run's output, which is no terminal) goes on."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
+    for fd in terminals:
         os.dup2(devnull, fd)
     os.close(devnull)
 

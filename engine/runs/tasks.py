@@ -53,6 +53,7 @@ def start_task(command: str, argv: list[str], log_path: Path) -> TaskResult:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     result_path = result_path_for(log_path)
+    result_path.unlink(missing_ok=True)  # an earlier task's result is not this one's
     with open_append(log_path) as log:
         process = subprocess.Popen([sys.executable, "-m", "engine.runs.tasks", command, str(result_path), *argv],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -71,17 +72,24 @@ def read_task(result_path: Path) -> TaskResult | None:
         return None
     except (OSError, ValueError) as exc:
         return TaskResult("?", "failed", error=f"{result_path} cannot be read: {exc}")
-    known = {f.name for f in dataclasses.fields(TaskResult)}
-    if not isinstance(data, dict) or data.get("state") not in ("running", "completed", "failed"):
+    if not _is_result(data):
         return TaskResult("?", "failed", error=f"{result_path} is not a task result")
-    try:
-        values = {k: v for k, v in data.items() if k in known}
-        values["summary"] = tuple(printable(line) for line in values.get("summary") or ())
-        if values.get("error") is not None:
-            values["error"] = printable(values["error"])
-        return TaskResult(**values)
-    except TypeError:
-        return TaskResult("?", "failed", error=f"{result_path} is not a task result")
+    values = {f.name: data[f.name] for f in dataclasses.fields(TaskResult) if f.name in data}
+    values["summary"] = tuple(printable(line) for line in values.get("summary") or ())
+    if values.get("error") is not None:
+        values["error"] = printable(values["error"])
+    return TaskResult(**values)
+
+
+def _is_result(data) -> bool:
+    def optional(key, *kinds):
+        return data.get(key) is None or (isinstance(data[key], kinds) and not isinstance(data[key], bool))
+
+    return (isinstance(data, dict) and data.get("state") in ("running", "completed", "failed")
+            and isinstance(data.get("command"), str) and optional("pid", int) and optional("exit_code", int)
+            and optional("pid_started_at", int, float) and optional("started_at", str) and optional("ended_at", str)
+            and optional("error", str) and isinstance(data.get("summary", []), list)
+            and all(isinstance(line, str) for line in data.get("summary", [])))
 
 
 def _write(path: Path, result: TaskResult) -> None:

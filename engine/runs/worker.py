@@ -55,7 +55,10 @@ def _record_refusal(run_dir: Path, message: str) -> None:
     status = read_status(run_dir)
     if status is not None and status.state in ("queued", "running"):
         status.state, status.error, status.ended_at, status.exit_code = "failed", message, now_iso(), 2
-        write_status(run_dir, status)
+        try:
+            write_status(run_dir, status)
+        except OSError as exc:
+            print(f"tuner: error: could not record it in {run_dir / 'status.json'}: {exc.strerror}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,26 @@ class Divergence(TrainerCallback):
         return Watched
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._agree_across_processes(state)
         self._halt(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._halt(control)  # the Trainer's own flow would save at the end of the epoch otherwise
+
+    def _agree_across_processes(self, state) -> None:
+        """Under several processes one rank's divergence stops them all at the same step (else the others wait in
+        a collective until ddp_timeout)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flag = torch.tensor([0.0 if self.found is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.found is None:
+            self.found = (state.global_step, "loss on another process", math.nan)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         grad_norm = (logs or {}).get("grad_norm")

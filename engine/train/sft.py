@@ -19,7 +19,7 @@ from engine.errors import UserError
 from engine.quiet import quiet_libraries
 from engine.runs.checkpoints import discard_incomplete, last_complete, newer_incomplete
 from engine.runs.events import Event, EventWriter
-from engine.runs.files import open_append
+from engine.runs.files import open_append, write_text_atomic
 from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import now_iso, write_status
 from engine.runs.stop import StopRequest
@@ -30,6 +30,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_MARKERS = ("No space left on device", "StorageFull", "os error 28", "file write failed",
                      "Disk quota exceeded", "iostream error", "unexpected pos")  # the last two: torch.save's words
 NEARLY_FULL_BYTES = 1 << 20
+LOGGERS = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
 
 
 def setup_logging(run_dir: Path, console) -> list[logging.Handler]:
@@ -48,10 +49,9 @@ def setup_logging(run_dir: Path, console) -> list[logging.Handler]:
         from rich.logging import RichHandler
 
         handlers.append(RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S"))
-    levels = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
-    for name, level in levels.items():
+    close_logging([h for name in LOGGERS for h in logging.getLogger(name).handlers])
+    for name, level in LOGGERS.items():
         logger = logging.getLogger(name)
-        close_logging(logger.handlers)
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = False
@@ -75,9 +75,18 @@ class RunLogHandler(logging.StreamHandler):
 
 
 def close_logging(handlers: list[logging.Handler]) -> None:
-    for handler in list(handlers):
+    """Detach a run's handlers from the loggers and close its train.log (a later run, or a prediction after
+    training, in the same process logs through its own)."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(handlers):
+            if handler in logger.handlers:
+                logger.removeHandler(handler)
+    for handler in handlers:
         if isinstance(handler, RunLogHandler):
             handler.close()
+    if handlers:
+        logging.captureWarnings(False)
 
 
 QUEUE_POLL_S = 10.0
@@ -259,7 +268,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     datasets = build_datasets(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
     if events is not None and cfg.model.template != datasets.template:
         cfg.model.template = datasets.template  # config.yaml records the template the run resolved to
-        cfg.save(run.path / "config.yaml")
+        write_text_atomic(run.path / "config.yaml", cfg.to_yaml())
     for line in datasets.report:
         log.info("data: %s", line)
     if stop.requested:
@@ -278,7 +287,12 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     callbacks = [GracefulStop(stop), divergence] + ([run_events] if run_events else [])
     if console is not None and console.is_terminal:
         callbacks.append(ConsoleProgress(console))
-    trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence)
+    try:
+        trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence)
+    except BaseException:
+        if run_events:
+            run_events.close()
+        raise
     if events is None:
         trainer.train(resume_from_checkpoint=run.resume_from)
         if not stop.requested and not divergence.found:

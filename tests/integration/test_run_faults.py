@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,17 +92,20 @@ def test_a_run_started_with_overwrite_output_dir_resumes_from_elsewhere_and_keep
     assert len(starts) == 2 and starts[1]["resumed_from"] == str(run_dir / kept[-1])
 
 
-def test_divergence_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(home):
+@pytest.mark.parametrize("saving", [("--save_steps", "1"), ("--save_strategy", "epoch")], ids=["steps", "epoch"])
+def test_divergence_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(home, saving):
     result = tuner("train", *RUN, "--finetuning_type", "full", "--learning_rate", "1e4", "--max_steps", "30",
-                   "--save_steps", "1", "--logging_steps", "1", "--output_dir", "diverged", cwd=home)
+                   *saving, "--logging_steps", "1", "--output_dir", "diverged", cwd=home)
     run_dir = home / "diverged"
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("tuner: error: training diverged at step 2: the gradient norm is nan; ")
-    assert f"{run_dir / 'checkpoint-1'} is the last good checkpoint" in message
+    kept = ["checkpoint-1"] if saving[0] == "--save_steps" else []
+    assert (f"{run_dir / 'checkpoint-1'} is the last good checkpoint" if kept else
+            "no checkpoint was saved before it") in message
     status = read_status(run_dir)
     assert status.state == "failed" and status.exit_code == 2 and "diverged at step 2" in status.error
-    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints(run_dir)] == kept, "nothing that diverged was saved"
     assert not (run_dir / "model.safetensors").exists(), "no diverged weights saved as the result"
     events = strict_events(run_dir)
     assert events[-1] == {"time": events[-1]["time"], "type": "end", "state": "failed", "step": 2}
@@ -137,19 +142,38 @@ def test_a_full_disk_ends_the_run_in_one_line_naming_the_cause_and_the_path(home
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["terminal-closed", "ctrl-c"])
 def test_a_foreground_run_signalled_stops_with_a_checkpoint_and_says_so_in_its_exit_code(home, sig):
+    """In a real terminal (a pty): closing it hangs up the run, whose writes to it would fail from then on."""
     run_dir = home / "foreground"
+    terminal, run_side = pty.openpty()
+    drained = threading.Thread(target=_drain, args=(terminal,), daemon=True)
+    drained.start()
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", *RUN, "--max_steps", "3000",
                                 "--save_steps", "5000", "--output_dir", str(run_dir)], cwd=home,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                               stdin=subprocess.DEVNULL, stdout=run_side, stderr=run_side, start_new_session=True)
+    os.close(run_side)
     wait_for(lambda: logged(run_dir), 60, "training to start")
+    if sig == signal.SIGHUP:
+        os.close(terminal)
     process.send_signal(sig)
-    process.communicate(timeout=60)
+    process.wait(timeout=60)
+    if sig != signal.SIGHUP:
+        os.close(terminal)
     assert process.returncode == 128 + sig
     status = read_status(run_dir)
     assert status.state == "stopped" and status.exit_code == 128 + sig
     end = strict_events(run_dir)[-1]
     assert end["type"] == "end" and end["state"] == "stopped" and end["signal"] == signal.Signals(sig).name
     assert (run_dir / f"checkpoint-{end['step']}" / "trainer_state.json").is_file()
+
+
+def _drain(fd: int) -> None:
+    """Read what the run shows in its terminal, as a terminal would, until the terminal closes."""
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return
+        except OSError:
+            return
 
 
 def test_a_stop_in_the_first_moments_of_a_detached_run_is_a_stop(home):
@@ -172,7 +196,8 @@ def test_follow_ups_never_inherit_trust_remote_code_from_a_run_directory(home, t
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "config.yaml").write_text(f"model_name_or_path: {run_dir}\nfinetuning_type: full\n"
                                          "trust_remote_code: true\ntemplate: llama2\ndataset: demo_alpaca\n")
-    (run_dir / "status.json").write_text(json.dumps({"id": "crafted-run", "name": "crafted", "state": "completed"}))
+    (run_dir / "status.json").write_text(json.dumps({"id": "crafted-run", "name": "crafted", "state": "completed",
+                                                       "started_at": "2026-01-01T00:00:00+00:00"}))
     result = tuner("predict", "--run", str(run_dir), "--max_samples", "1", "--max_new_tokens", "2",
                    "--output_dir", str(home / "predicted"), cwd=home)
     assert result.returncode == 0, result.stderr
@@ -200,7 +225,8 @@ def test_a_symlink_planted_in_a_run_directory_is_not_written_through(home):
     precious = home / "precious.txt"
     precious.write_text("keep me\n")
     (run_dir / "train.log").symlink_to(precious)
-    (run_dir / "status.json").write_text(json.dumps({"id": "linked-run", "name": "linked", "state": "stopped"}))
+    (run_dir / "status.json").write_text(json.dumps({"id": "linked-run", "name": "linked", "state": "stopped",
+                                                      "started_at": "2026-01-01T00:00:00+00:00"}))
     result = tuner("train", *RUN, "--max_steps", "2", "--output_dir", str(run_dir), cwd=home)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -220,3 +246,28 @@ def test_runs_in_one_process_close_their_log_files(home):
     for name in ("first", "second"):
         for file in ("train.log", "events.jsonl", "trainer_log.jsonl", ".tuner.lock"):
             assert str(home / name / file) not in open_files, f"{name}/{file} is still open"
+    import logging
+
+    from engine.train.sft import LOGGERS, RunLogHandler
+
+    assert not [h for name in LOGGERS for h in logging.getLogger(name).handlers if isinstance(h, RunLogHandler)]
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(home):
+    (home / "a-file").write_text("not a directory")
+    result = tuner("train", *RUN, "--max_steps", "2", "--output_dir", str(home / "a-file" / "run"), cwd=home)
+    assert result.returncode == 2
+    assert result.stderr == (f"tuner: error: cannot write the run directory {home / 'a-file' / 'run'}: "
+                             "Not a directory\n")
+
+
+def test_a_module_planted_in_a_run_directory_is_never_imported_by_its_worker(home):
+    run_dir, run_id = start_detached(home, "planted", "--max_steps", "3000")
+    assert tuner("stop", run_id, cwd=home).returncode == 0
+    marker = home / "planted-code-ran"
+    (run_dir / "engine").mkdir()
+    (run_dir / "engine" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert tuner("resume", run_id, cwd=home).returncode == 0
+    wait_for(lambda: logged(run_dir), 60, "the resumed run to train")
+    assert tuner("stop", run_id, cwd=home).returncode == 0
+    assert not marker.exists()

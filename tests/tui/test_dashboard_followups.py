@@ -144,7 +144,7 @@ async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
         await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one(DataTable).row_count,
                     "the runs list")
         table = app.screen.query_one(DataTable)
-        row = table.get_row_at(0)
+        row = [str(cell) for cell in table.get_row_at(0)]
         assert row[0] == read_status(finished_run).id and row[2] == "completed" and row[5] == "20/20"
         assert str(finished_run) in shown(app.screen.query_one("#detail", Static))
         depth = len(app.screen_stack)
@@ -169,7 +169,7 @@ async def test_runs_list_shows_what_a_dead_run_said_last(run_copy, state_home):
                     "the runs list")
         table = app.screen.query_one(DataTable)
         row = table.get_row_index("20990101-000000-dead00")
-        assert table.get_row_at(row)[1:3] == ["run", "failed"]
+        assert [str(cell) for cell in table.get_row_at(row)[1:3]] == ["run", "failed"]
         table.move_cursor(row=row)
         await pilot.pause()
         detail = shown(app.screen.query_one("#detail", Static))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from engine.runs.lock import RunLock
 from engine.runs.process import is_run_process, signal_run
 from engine.runs.series import History
 from engine.runs.status import RunStatus, pid_start_time, read_status, write_status
+from engine.runs.stop import StopRequest
 from engine.runs.watch import RunWatcher
 
 OSC_TITLE = "\x1b]2;pwned\x1b\\"
@@ -57,8 +59,14 @@ def a_run(path, **fields) -> RunStatus:
 
 @pytest.mark.parametrize("text", ["[1, 2]", '{"id": "x", "name": "x", "state": "running", "step": "5"}',
                                   "not json", '{"id": "x", "name": "x", "state": "exploded"}', "\xff\xfe",
-                                  '{"id": "x", "name": "x", "state": "running", "loss": NaN}', "[" * 100000],
-                         ids=["list", "string-step", "not-json", "unknown-state", "not-utf8", "nan", "deep"])
+                                  '{"id": "x", "name": "x", "state": "running", "loss": NaN}', "[" * 100000,
+                                  '{"id": "x", "name": "x", "state": "running", "loss": 1' + "0" * 400 + "}",
+                                  '{"id": "x", "name": "x", "state": "running", "started_at": ""}',
+                                  '{"id": "x", "name": "x", "state": "running", "started_at": "2024-01-01T00:00:00"}',
+                                  '{"id": "x\u001b]2;t\u0007", "name": "x", "state": "running",'
+                                  ' "started_at": "2024-01-01T00:00:00+00:00"}'],
+                         ids=["list", "string-step", "not-json", "unknown-state", "not-utf8", "nan", "deep", "huge-int",
+                              "no-start", "no-zone", "escape-in-id"])
 def test_a_malformed_status_is_unreadable_for_that_run_alone(state_home, text, capsys):
     good = a_run(state_home / "good", state="completed", step=3, total_steps=3)
     bad = state_home / "bad"
@@ -127,6 +135,17 @@ def test_hostile_numbers_are_folded_out_of_the_series_and_clocks(tmp_path):
     assert progress.learning_rate is None and progress.epoch is None and progress.tokens_per_s is None
 
 
+def test_a_hangup_ignored_by_nohup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = StopRequest().install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_printable_removes_escape_sequences_and_control_characters():
     assert printable(f"run{OSC_TITLE}\x1b[2J\x07\x9b1m name") == "run name"
     assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"
@@ -134,7 +153,7 @@ def test_printable_removes_escape_sequences_and_control_characters():
 
 def test_runs_and_logs_never_pass_terminal_escapes_through(state_home, capsys):
     run = state_home / "escapes"
-    a_run(run, id="esc-run", name=f"evil{OSC_TITLE}", state="failed", model=f"m{OSC_TITLE}")
+    a_run(run, id="esc-run", name=f"evil{OSC_TITLE}[/]", state="failed", model=f"m{OSC_TITLE}[bold]")
     (run / "train.log").write_text(f"role {OSC_TITLE}assistant\x1b[31m is not allowed\n")
     assert main(["runs"]) == 0
     assert main(["runs", "--json"]) == 0

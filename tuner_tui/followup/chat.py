@@ -16,6 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
+from engine.runs.files import printable_line
 from tuner_tui.errors import failure_text
 
 LOAD, REPLY = "load", "reply"
@@ -61,7 +62,7 @@ class ChatScreen(Screen):
         self.session = None
 
     def compose(self) -> ComposeResult:
-        yield Static(f"Chat with run {self.run_dir.name}", id="title", markup=False)
+        yield Static(f"Chat with run {printable_line(self.run_dir.name)}", id="title", markup=False)
         yield Static("loading the model…", id="status", markup=False)
         yield VerticalScroll(id="conversation")
         yield Input(placeholder="loading the model…", id="prompt", disabled=True)

@@ -16,7 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from engine.runs.files import LogTail
+from engine.runs.files import LogTail, printable_line
 from engine.runs.tasks import TaskResult, read_task, result_path_for, start_task
 from tuner_tui.errors import failure_text
 
@@ -56,7 +56,7 @@ class TaskScreen(Screen):
         self._tail: LogTail | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static(f"{self.TITLE} · run {self.run_dir.name}", id="title", markup=False)
+        yield Static(f"{self.TITLE} · run {printable_line(self.run_dir.name)}", id="title", markup=False)
         with VerticalScroll(id="form"):
             for key, label in self.FIELDS:
                 with Horizontal(classes="row"):
@@ -79,7 +79,7 @@ class TaskScreen(Screen):
         from engine.runs.jobs import find_job
 
         job = find_job(str(self.run_dir))
-        values = {key: str(value) for key, value in followup_values(job, self.COMMAND).items()}
+        values = {key: printable_line(value) for key, value in followup_values(job, self.COMMAND).items()}
         return {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}, self.note(job)
 
     def note(self, job) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
@@ -54,7 +55,7 @@ class RunsScreen(Screen):
         table = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
         table.add_columns(*JOB_COLUMNS)
         yield table
-        yield Static("reading the runs…", id="empty")
+        yield Static("reading the runs…", id="empty", markup=False)
         yield Static("", id="detail", markup=False)
         yield Footer()
 
@@ -80,7 +81,7 @@ class RunsScreen(Screen):
         table.clear()
         self._rows = {row["id"]: row for row in rows}
         for row in rows:
-            table.add_row(*(row[column] for column in JOB_COLUMNS), key=row["id"])
+            table.add_row(*(Text(row[column]) for column in JOB_COLUMNS), key=row["id"])
         if current in self._rows:
             table.move_cursor(row=table.get_row_index(current))
         self.query_one("#empty", Static).update(
