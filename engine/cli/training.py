@@ -33,7 +33,9 @@ def cmd_train(argv: list[str]) -> int:
         print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
         print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
         return 0
-    code = start_run(cfg, detach=False, force=force)
+    from engine.cli.train_view import TerminalView
+
+    code = start_run(cfg, detach=False, force=force, view=TerminalView())
     if code == 0 and t.do_predict:
         return run_predict_after_training(cfg)
     return code

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from engine.config.schema import TunerConfig, read_config_file, build_config
+from engine.config.schema import TunerConfig, build_config, read_config_file
 from engine.errors import UserError
 from engine.runs.checkpoints import checkpoints, last_complete
 from engine.runs.files import open_append, write_text_atomic
 from engine.runs.index import register
-from engine.runs.lock import LOCK_FD_ENV, RunLock
+from engine.runs.lock import LOCK_FD_ENV, LOCK_FILE, RunLock
 from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import UNREADABLE, RunStatus, new_run_id, pid_start_time, read_status, write_status
 from engine.runs.stop import blocked_stop_signals
@@ -49,10 +49,10 @@ def output_path(cfg: TunerConfig) -> Path:
     return path.absolute()
 
 
-def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: bool = True,
-              visible_devices: str | None = None):
+def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, visible_devices: str | None = None):
     """Start training ``cfg``: detached, the started run's status (its process holds the lock, and sees only
-    ``visible_devices`` when given); else the exit code of the run trained in this process."""
+    ``visible_devices`` when given); else the exit code of the run trained in this process, shown in ``view``
+    (engine.cli.train_view) when given."""
     from engine.runs.stop import StopRequest
 
     stop = None if detach or not is_main_process() else StopRequest().install()
@@ -64,19 +64,22 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, foreground: b
 
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
             return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
-                                stop=None, foreground=False, wait_for_free_gpus=False)
-        with _writing(path), RunLock.acquire(path) as lock:
-            run = _claim(cfg, path)
-            saved = saved_config(cfg, path)
-            write_text_atomic(path / CONFIG_FILE, saved.to_yaml())
-            write_status(path, run.status)
-            register(path, run.status.id)
-            if detach:
-                return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
+                                stop=None, wait_for_free_gpus=False)
+        with _writing(path):
+            path.mkdir(parents=True, exist_ok=True)
+        with RunLock.acquire(path) as lock:
+            with _writing(path):
+                run = _claim(cfg, path)
+                saved = saved_config(cfg, path)
+                write_text_atomic(path / CONFIG_FILE, saved.to_yaml())
+                write_status(path, run.status)
+                register(path, run.status.id)
+                if detach:
+                    return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
             from engine.train.sft import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
-            return run_training(saved, run, stop=stop, foreground=foreground, wait_for_free_gpus=not force)
+            return run_training(saved, run, stop=stop, view=view, wait_for_free_gpus=not force)
     finally:
         if stop is not None:
             stop.uninstall()
@@ -110,7 +113,7 @@ def _claim(cfg: TunerConfig, path: Path) -> RunDir:
                         "choose another output_dir, or set overwrite_output_dir true to replace it")
     resume_from = _resume_point(cfg, path)
     if resume_from is None and previous is None and not t.overwrite_output_dir and \
-            any(p.name != ".tuner.lock" for p in path.iterdir()):
+            any(p.name != LOCK_FILE for p in path.iterdir()):
         raise UserError(f"output_dir {path} is not empty and holds no run of tuner's",
                         "choose an empty or new directory, or set overwrite_output_dir true")
     status = RunStatus(id=previous.id if previous else new_run_id(), name=t.run_name or path.name, state="queued",
@@ -191,9 +194,8 @@ def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_d
 
 @contextmanager
 def _writing(path: Path):
-    """The run directory created and written; an OS error (not a directory, read-only, full) is one line."""
+    """Preparing the run directory: an OS error (not a directory, read-only, full) is one line naming the path."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
         yield
     except OSError as exc:
         raise UserError(f"cannot write the run directory {exc.filename or path}: {exc.strerror or exc}") from None

@@ -37,8 +37,7 @@ def main(argv: list[str]) -> int:
         status.method = status.method or method_label(cfg)
         from engine.train.sft import run_training
 
-        return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, foreground=False,
-                            wait_for_free_gpus=not force)
+        return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, wait_for_free_gpus=not force)
     except UserError as exc:
         print(f"tuner: error: {exc}", file=sys.stderr)
         _record_refusal(run_dir, str(exc))

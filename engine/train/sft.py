@@ -10,7 +10,6 @@ import errno
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,22 +32,17 @@ NEARLY_FULL_BYTES = 1 << 20
 LOGGERS = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
 
 
-def setup_logging(run_dir: Path, console) -> list[logging.Handler]:
+def setup_logging(run_dir: Path, view=None) -> list[logging.Handler]:
     """``train.log`` gets tuner's, transformers' and Python's warnings as plain lines (no progress-bar carriage
-    returns); a Rich console, when given, shows the same lines above the progress bar. The previous run's handlers
-    in this process are closed; the caller closes these with ``close_logging``."""
+    returns); a terminal ``view`` (engine.cli.train_view) shows the same lines. The previous run's handlers in this
+    process are closed; the caller closes these with ``close_logging``."""
     import transformers
 
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [RunLogHandler(run_dir / "train.log")]
-    if console is not None and not console.is_terminal:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        handler.setFormatter(plain)
-    if console is not None and console.is_terminal:
-        from rich.logging import RichHandler
-
-        handlers.append(RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S"))
+    handlers[0].setFormatter(plain)
+    if view is not None:
+        handlers += view.log_handlers(plain)
     close_logging([h for name in LOGGERS for h in logging.getLogger(name).handlers])
     for name, level in LOGGERS.items():
         logger = logging.getLogger(name)
@@ -116,7 +110,7 @@ def _sleep_unless_stopped(stop: StopRequest, seconds: float) -> None:
         time.sleep(min(0.1, seconds))
 
 
-def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foreground: bool = True,
+def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=None,
                  wait_for_free_gpus: bool = True) -> int:
     """Train in ``run``'s directory (prepared and locked by ``engine.runs.launch``); returns the exit code: 0
     completed, 128 + the signal's number stopped. The directory records the outcome whatever happens: a failure is
@@ -129,10 +123,9 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foregr
         _train(cfg, resolve_model(cfg.model.model_name_or_path), run, None, None, stop)
         return 0
     stop = stop or StopRequest()
-    console = _console() if foreground else None
     handlers, events = [], None
     try:
-        handlers = setup_logging(run.path, console)
+        handlers = setup_logging(run.path, view)
         events = EventWriter(run.path)
         if wait_for_free_gpus and not stop.requested:
             wait_for_gpus(run, stop)
@@ -140,7 +133,7 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, foregr
         write_status(run.path, run.status)
         ended = {}
         if not stop.requested:
-            ended = _train(cfg, resolve_model(cfg.model.model_name_or_path), run, events, console, stop)
+            ended = _train(cfg, resolve_model(cfg.model.model_name_or_path), run, events, view, stop)
         events.emit(Event.END, state="stopped" if stop.requested else "completed", signal=stop.requested,
                     **{"step": run.status.step, **ended})
         run.status.state = "stopped" if stop.requested else "completed"
@@ -238,13 +231,7 @@ def _close_quietly(events: EventWriter | None) -> None:
         pass
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, console, stop: StopRequest) -> dict:
+def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, view, stop: StopRequest) -> dict:
     """The training itself; returns what the end event records ({} when a stop came before the first step).
 
     ``events`` is None in the other processes of a multi-GPU run: they train, rank 0 records. A stop is honoured
@@ -252,7 +239,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     """
     import torch
 
-    from engine.train.callbacks import ConsoleProgress, Divergence, GracefulStop, RunEvents, gpu_memory_gib
+    from engine.train.callbacks import Divergence, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
     from engine.models.loading import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
                                  load_model, load_tokenizer)
@@ -285,8 +272,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     divergence = Divergence(grad_norm_may_overflow=precision.name == "fp16")
     run_events = RunEvents(run.path, events, run.status) if events else None
     callbacks = [GracefulStop(stop), divergence] + ([run_events] if run_events else [])
-    if console is not None and console.is_terminal:
-        callbacks.append(ConsoleProgress(console))
+    if view is not None:
+        callbacks += view.callbacks()
     try:
         trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence)
     except BaseException:
