@@ -115,11 +115,4 @@ def parse_event(line: bytes, max_bytes: int = MAX_LINE_BYTES) -> dict[str, Any] 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete event so far."""
-    reader = EventReader(Path(run_dir) / EVENTS_FILE)
-    events: list[dict[str, Any]] = []
-    while True:
-        offset = reader._offset
-        batch, _ = reader.read()
-        events += batch
-        if reader._offset == offset:
-            return events
+    return EventReader(Path(run_dir) / EVENTS_FILE).read(max_bytes=-1)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.runs.events import Event, read_events
-from engine.runs.files import printable_line, tail_lines
+from engine.runs.files import printable, printable_line, tail_lines
 from engine.runs.foreign import foreign_run
 from engine.runs.index import entries
 from engine.runs.process import is_run_process, signal_run
@@ -87,14 +87,23 @@ def log_tail(job: Job, lines: int = FAILED_LOG_LINES) -> list[str]:
 
 def failure_reason(job: Job) -> str | None:
     """Why a failed or unreadable run ended, in one line."""
-    if job.state == UNREADABLE:
-        return job.status.error
-    if job.state != "failed" or job.status is None:
+    reason = why_failed(job.status, job.state) if job.status is not None else None
+    return printable_line(reason) if reason else None
+
+
+def why_failed(status: RunStatus, state: str, error_event: dict | None = None) -> str | None:
+    """Why a run whose effective state is ``state`` failed (or cannot be read): its recorded error, its error event,
+    or a process that is gone without a word; None when it did not fail."""
+    if state == UNREADABLE:
+        return status.error
+    if state != "failed":
         return None
-    if job.status.error:
-        return printable_line(job.status.error)
-    if job.status.state in ("running", "queued"):
-        return (f"the run's process (pid {job.status.pid}) is gone without writing an end event: killed, or the "
+    if status.error:
+        return printable(status.error)
+    if error_event and error_event.get("message"):
+        return printable(str(error_event["message"]))
+    if status.state in ("running", "queued"):
+        return (f"the run's process (pid {status.pid}) is gone without writing an end event: killed, or the "
                 "machine restarted")
     return None
 

@@ -23,7 +23,8 @@ from engine.runs.files import open_append, write_text_atomic
 from engine.runs.index import register
 from engine.runs.lock import LOCK_FD_ENV, LOCK_FILE, RunLock
 from engine.runs.rundir import RunDir, is_main_process
-from engine.runs.status import UNREADABLE, RunStatus, new_run_id, pid_start_time, read_status, write_status
+from engine.runs.process import pid_start_time
+from engine.runs.status import UNREADABLE, RunStatus, new_run_id, read_status, write_status
 from engine.runs.stop import blocked_stop_signals
 
 RUN_FILES = ("status.json", "events.jsonl", "trainer_log.jsonl", "train.log", "config.yaml")

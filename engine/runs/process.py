@@ -8,22 +8,40 @@ import signal
 import socket
 
 from engine.errors import UserError
-from engine.runs.status import RunStatus, pid_start_time
+from engine.runs.status import RunStatus
 
 START_TIME_TOLERANCE_S = 1.0
 
 
-def is_run_process(status: RunStatus) -> bool:
-    """Whether the process that status.json names is alive and is that run's (same pid, same start time, this host)."""
-    pid = status.pid
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or status.host != socket.gethostname():
+def pid_start_time(pid: int) -> float | None:
+    """When the process ``pid`` started (psutil), or None when there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError, OverflowError):
+        return None
+
+
+def own_identity() -> tuple[int, float | None]:
+    pid = os.getpid()
+    return pid, pid_start_time(pid)
+
+
+def is_alive(pid, started_at, host: str | None = None) -> bool:
+    """Whether the process ``pid`` that started at ``started_at`` (on ``host``, when given) is still there; a
+    recorded start time of None means its process cannot be known, so it is not called alive."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or started_at is None:
+        return False
+    if host is not None and host != socket.gethostname():
         return False
     started = pid_start_time(pid)
-    if started is None:
-        return False
-    if status.pid_started_at is None:  # a status written before start times were recorded: its process is unknown
-        return False
-    return abs(started - status.pid_started_at) <= START_TIME_TOLERANCE_S
+    return started is not None and abs(started - started_at) <= START_TIME_TOLERANCE_S
+
+
+def is_run_process(status: RunStatus) -> bool:
+    """Whether the process that status.json names is alive and is that run's (same pid, same start time, this host)."""
+    return is_alive(status.pid, status.pid_started_at, status.host)
 
 
 def signal_run(status: RunStatus, sig: int = signal.SIGTERM) -> None:

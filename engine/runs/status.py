@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import socket
 import types
@@ -140,18 +139,3 @@ def finite(value):
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
-
-
-def pid_start_time(pid: int) -> float | None:
-    """When the process ``pid`` started (psutil), or None when there is none."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError, OverflowError):
-        return None
-
-
-def own_identity() -> tuple[int, float | None]:
-    pid = os.getpid()
-    return pid, pid_start_time(pid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 log = logging.getLogger("tuner")
 
@@ -19,6 +20,7 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._terminals: list[int] = []
+        self._asked = threading.Event()
 
     def install(self) -> StopRequest:
         """Handle the stop signals; a hangup that was ignored (``nohup``) stays ignored."""
@@ -35,6 +37,10 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking as soon as a stop is asked for; whether one was."""
+        return self._asked.wait(seconds)
+
     @property
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process a signal ended (Ctrl-C: 130)."""
@@ -46,6 +52,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = signal.Signals(signum).name, signum
+        self._asked.set()
         log.warning("%s received: finishing this step and saving a checkpoint (again to stop at once)",
                     self.requested)
 

@@ -8,7 +8,6 @@ stop them), each writing a result file that whoever started it reads: no one par
 from __future__ import annotations
 
 import dataclasses
-import socket
 import subprocess
 import sys
 import traceback
@@ -17,8 +16,8 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.runs.files import open_append, printable, read_json, write_json_atomic
-from engine.runs.process import is_run_process
-from engine.runs.status import RunStatus, now_iso, own_identity, pid_start_time
+from engine.runs.process import is_alive, own_identity, pid_start_time
+from engine.runs.status import now_iso
 
 COMMANDS = ("predict", "export")
 
@@ -38,8 +37,7 @@ class TaskResult:
     @property
     def alive(self) -> bool:
         """Running, and its process (pid and start time) is still there."""
-        return self.state == "running" and is_run_process(
-            RunStatus(id="", name="", pid=self.pid, pid_started_at=self.pid_started_at, host=socket.gethostname()))
+        return self.state == "running" and is_alive(self.pid, self.pid_started_at)
 
 
 def result_path_for(log_path: Path) -> Path:

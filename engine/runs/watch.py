@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.runs.events import EVENTS_FILE, EventReader
-from engine.runs.files import LogTail, printable, printable_line, read_text
+from engine.runs.files import LogTail, printable_line, read_text
 from engine.runs.foreign import foreign_run
-from engine.runs.jobs import effective_state
+from engine.runs.jobs import effective_state, why_failed
 from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
 from engine.runs.status import UNREADABLE, RunStatus, read_status
 
@@ -86,7 +86,7 @@ class RunWatcher:
         loss, learning_rates = self._loss_series()
         return RunSnapshot(
             run_dir=str(self.run_dir), run_id=printable_line(status.id), name=printable_line(status.name),
-            state=state, error=_error(status, state, h.error), pid=status.pid, host=printable_line(status.host),
+            state=state, error=why_failed(status, state, h.error), pid=status.pid, host=printable_line(status.host),
             model=_text(status.model or start.get("model")), method=_text(status.method or start.get("method")),
             device=_text(start.get("device")),
             progress=h.progress(status.step, status.total_steps, state in ("running", "queued"), self._clock()),
@@ -120,16 +120,3 @@ class RunWatcher:
 
 def _text(value) -> str | None:
     return printable_line(value) if isinstance(value, str) else None
-
-
-def _error(status: RunStatus, state: str, error_event: dict | None) -> str | None:
-    if state != "failed":
-        return None
-    if status.error:
-        return printable(status.error)
-    if error_event and error_event.get("message"):
-        return printable(str(error_event["message"]))
-    if status.state in ("running", "queued"):
-        return f"the run's process (pid {status.pid}) is gone without writing an end event: killed, or the machine " \
-               "restarted"
-    return None

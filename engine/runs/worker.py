@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     from engine.runs.launch import CONFIG_FILE, method_label
     from engine.runs.rundir import RunDir
     from engine.runs.lock import RunLock
-    from engine.runs.status import UNREADABLE, own_identity, read_status
+    from engine.runs.process import own_identity
+    from engine.runs.status import UNREADABLE, read_status
 
     run_dir = Path(argv[0]).absolute()
     force = "--force" in argv

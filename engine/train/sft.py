@@ -101,13 +101,7 @@ def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -
             log.info("queued: run %s holds this run's GPUs; starting when it ends (--force starts at once)", announced)
             run.status.state = "queued"
             write_status(run.path, run.status)
-        _sleep_unless_stopped(stop, QUEUE_POLL_S if poll_s is None else poll_s)
-
-
-def _sleep_unless_stopped(stop: StopRequest, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop.requested and time.monotonic() < deadline:
-        time.sleep(min(0.1, seconds))
+        stop.wait(QUEUE_POLL_S if poll_s is None else poll_s)
 
 
 def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=None,

@@ -14,7 +14,7 @@ from engine.errors import UserError
 from engine.infer.followup import followup_values, trained_weights
 from engine.runs.jobs import find_job
 from engine.runs import read_status
-from engine.runs.status import pid_start_time
+from engine.runs.process import pid_start_time
 
 TRAIN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template", "alpaca",
          "--max_samples", "40", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--learning_rate", "1e-3"]

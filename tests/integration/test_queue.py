@@ -16,7 +16,7 @@ import engine.train.sft
 from engine.cli import main
 from engine.hardware import HardwareState
 from engine.runs.index import register
-from engine.runs.status import pid_start_time
+from engine.runs.process import pid_start_time
 from engine.runs import RunStatus, read_status, write_status
 
 A100 = Path(__file__).resolve().parents[1] / "data" / "gpu_states" / "a100-80gb.json"

@@ -13,7 +13,7 @@ from textual.widgets import Static
 from tui_helpers import recorded, shown, until
 
 from engine.errors import UserError
-from engine.runs.status import pid_start_time
+from engine.runs.process import pid_start_time
 from engine.runs import RunStatus, read_status, write_status
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.screen import DashboardScreen

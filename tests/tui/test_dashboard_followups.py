@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Input, Static
 from tui_helpers import recorded, shown, until
 
 from engine.runs import read_status, write_status
-from engine.runs.status import pid_start_time
+from engine.runs.process import pid_start_time
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.followup.chat import ChatScreen, Turn
 from tuner_tui.followup.tasks import ExportScreen, PredictScreen

@@ -8,7 +8,7 @@ import socket
 
 from tui_helpers import recorded
 
-from engine.runs.status import pid_start_time
+from engine.runs.process import pid_start_time
 from engine.runs import RunStatus, write_status
 from tuner_tui.dashboard.sampler import GpuSampler, RunSampler, ema
 from engine.runs.events import EventReader

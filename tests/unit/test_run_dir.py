@@ -26,7 +26,8 @@ from engine.runs.launch import saved_config
 from engine.runs.lock import RunLock
 from engine.runs.process import is_run_process, signal_run
 from engine.runs.series import History
-from engine.runs.status import RunStatus, pid_start_time, read_status, write_status
+from engine.runs.process import pid_start_time
+from engine.runs.status import RunStatus, read_status, write_status
 from engine.runs.stop import StopRequest
 from engine.runs.watch import RunWatcher
 
