@@ -100,7 +100,6 @@ def cmd_stop(argv: list[str]) -> int:
 
 def cmd_resume(argv: list[str]) -> int:
     """Start a stopped or failed run again with its own config; it continues from its newest whole checkpoint."""
-    force = take_flag(argv, "--force")
     from engine.runs.jobs import failure_reason, find_job
     from engine.runs.launch import resume_run
 
@@ -113,6 +112,6 @@ def cmd_resume(argv: list[str]) -> int:
         raise UserError(f"run {job.id} is still {job.state}")
     if job.state == "completed":
         raise UserError(f"run {job.id} is completed: nothing to resume")
-    status = resume_run(job.dir, force=force)
+    status = resume_run(job.dir)
     print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
     return 0

@@ -66,6 +66,9 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
             return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
                                 stop=None, wait_for_free_gpus=False)
+        from engine.models.resolve import resolve_model
+
+        resolve_model(cfg.model.model_name_or_path)  # a model that is nowhere is refused before a directory exists
         with _writing(path):
             path.mkdir(parents=True, exist_ok=True)
         with RunLock.acquire(path) as lock:
@@ -86,14 +89,14 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             stop.uninstall()
 
 
-def resume_run(run_dir: Path, force: bool = False) -> RunStatus:
+def resume_run(run_dir: Path) -> RunStatus:
     """Start a stopped or failed run again, detached, from its config.yaml and its newest whole checkpoint."""
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE} to resume with")
     cfg = build_config(read_config_file(config))
     cfg.train.output_dir = str(Path(run_dir).absolute())
-    return start_run(cfg, detach=True, force=force)
+    return start_run(cfg, detach=True)
 
 
 def _claim(cfg: TunerConfig, path: Path) -> RunDir:
