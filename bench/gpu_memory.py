@@ -41,6 +41,12 @@ CONFIGS = [
 ]
 
 
+# The path the estimator's constants were measured on (padded batches, SDPA, TRL's loss, checkpointing unless a
+# config turns it off): auto-fit and the speed defaults would change the batch under the measurement.
+CLASSIC = ["--auto_fit", "false", "--padding_free", "false", "--flash_attn", "sdpa", "--enable_liger_kernel", "false",
+           "--gradient_checkpointing", "true"]
+
+
 def build_model(geometry_name: str, model_dir: Path) -> None:
     """A randomly initialised model of the catalog geometry, saved as safetensors with the demo tokenizer."""
     import torch
@@ -82,7 +88,7 @@ def measure(name: str, flags: str, model_dir: Path, data: Path, runs: Path, step
     out = runs / name
     cmd = [sys.executable, "-m", "engine.cli", "train", "--model_name_or_path", str(model_dir), "--dataset", str(data),
            "--template", "default", "--output_dir", str(out), "--max_steps", str(steps), "--logging_steps", "1",
-           "--save_strategy", "no", "--learning_rate", "1e-4", "--bf16", *flags.split()]
+           "--save_strategy", "no", "--learning_rate", "1e-4", "--bf16", *CLASSIC, *flags.split()]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     from engine.runs import read_events

@@ -76,6 +76,7 @@ class EncodedSample:
 
     input_ids: list[int]
     labels: list[int]
+    first_learned: int | None = None
 
 
 class NoLearnedTokens(UserError):
@@ -286,6 +287,41 @@ def encode(tokenizer, template: Template, messages: list[dict], cutoff_len: int 
             hint="raise cutoff_len or shorten the prompt",
         )
     return EncodedSample(input_ids[:cutoff_len], labels[:cutoff_len])
+
+
+def encode_many(tokenizer, template: Template, conversations: list[list[dict]]) -> list[EncodedSample | None]:
+    """``encode`` for many conversations at once (no cutoff): every segment of every conversation goes to the
+    tokenizer in one batch call, which a fast tokenizer runs in Rust. None for a conversation with nothing to learn;
+    ``first_learned`` of each sample is the position of its first learned token."""
+    rendered = [render_segments(template, messages, tokenizer) for messages in conversations]
+    ids = iter(tokenize_texts(tokenizer, [segment.text for segments in rendered for segment in segments]))
+    samples: list[EncodedSample | None] = []
+    for segments in rendered:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first = None
+        for segment in segments:
+            piece = next(ids)
+            if segment.learned:
+                if first is None and piece:
+                    first = len(input_ids)
+                labels += piece
+            else:
+                labels += [IGNORE_INDEX] * len(piece)
+            input_ids += piece
+        samples.append(None if first is None else EncodedSample(input_ids, labels, first))
+    return samples
+
+
+def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, special tokens written in it becoming their ids, none added: the Rust tokenizer's own
+    batch call when there is one (the same ids as ``tokenizer.encode(text, add_special_tokens=False)``)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 # --- Hugging Face chat_template ---------------------------------------------------------------------------------

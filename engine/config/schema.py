@@ -63,8 +63,12 @@ class DataArgs:
     cutoff_len: int = _opt(1024, "Maximum tokens per sample; longer samples are truncated.")
     train_on_prompt: bool = _opt(False, "Learn the prompt too, not only the assistant's replies.")
     packing: bool = _opt(False, "Pack several short samples into each sequence of cutoff_len tokens.")
+    padding_free: bool = _opt(True, "Join each micro-batch into one row without padding; samples never attend to "
+                              "each other.")
     overwrite_cache: bool = _opt(False, "Tokenize the dataset again instead of reusing a cached copy.")
-    preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the dataset.")
+    preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the dataset (default: up to 8, "
+                                                 "one per 10,000 conversations).")
+    tokenized_path: str | None = _opt(None, "Save the tokenized dataset here and stop; later runs given it load it.")
 
 
 @dataclass
@@ -112,8 +116,12 @@ class TrainArgs:
     eval_steps: int | None = _opt(None, "Evaluate every N steps (default: logging_steps).")
     bf16: bool | None = _opt(None, "Train in bfloat16 (default: when the GPU supports it).")
     fp16: bool | None = _opt(None, "Train in float16 mixed precision.")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
-    enable_liger_kernel: bool = _opt(False, "Use Liger's fused kernels (needs liger-kernel and a GPU).")
+    gradient_checkpointing: bool | None = _opt(None, "Recompute activations in the backward pass to save memory "
+                                               "(default: auto_fit decides; on without auto_fit).")
+    enable_liger_kernel: bool | None = _opt(None, "Liger's fused kernels (default: on when liger-kernel is installed "
+                                            "and a GPU is present).")
+    auto_fit: bool = _opt(True, "Choose tokens per micro-batch, accumulation and checkpointing for the GPU's free "
+                          "memory, keeping the samples per optimizer step; false keeps the batch settings as given.")
     seed: int = _opt(42, "Random seed.")
     resume_from_checkpoint: str | None = _opt(None, "A checkpoint directory, or true for the last one in output_dir.")
     report_to: str = _opt("none", "Experiment trackers to report to (comma list).")

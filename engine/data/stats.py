@@ -58,3 +58,15 @@ def length_histogram(lengths: list[int], cutoff_len: int, buckets: int = 10) -> 
         counts[(length - start) // width] += 1
     return [Bucket(max(low, shortest), min(low + width - 1, longest), count, low > cutoff_len)
             for low, count in ((start + i * width, count) for i, count in enumerate(counts))]
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths of the training samples, after truncation."""
+
+    mean: float
+    longest: int
+
+    @classmethod
+    def of(cls, lengths: list[int]) -> "Lengths":
+        return cls(sum(lengths) / len(lengths), max(lengths))

@@ -1,17 +1,38 @@
-"""Conversations to token ids and labels through the chosen template: what the trainer and the preview both see."""
+"""Conversations to token ids and labels through the chosen template: what the trainer and the preview both see.
+
+Training data is prepared once: ``build_datasets`` tokenizes with ``datasets.map`` (in ``preprocessing_num_workers``
+processes, every segment of a batch in one fast-tokenizer call) and keeps the result in a cache keyed by the
+conversations, the template, the tokenizer and the cutoff, so a resume, a second run on the same data and the other
+processes of a multi-GPU run load it in seconds. The first process to take the cache entry's lock prepares it; the
+others wait on the lock and load what it wrote.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
+import json
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
+from engine.data.stats import Lengths
 from engine.errors import UserError
-from engine.templates import IGNORE_INDEX, AUTO, NoLearnedTokens, encode, get_template, template_mismatch
+from engine.paths import cache_dir
+from engine.templates import AUTO, encode_many, get_template, template_mismatch
 
 log = logging.getLogger("tuner")
+
+CACHE_FORMAT = 1  # bump when what a cache entry holds, or how it is made, changes
+META = "meta.json"
+SAMPLES_PER_WORKER = 10_000  # below this a worker process costs more than it saves
+MAX_WORKERS = 8
 
 
 def choose_template(cfg: TunerConfig, tokenizer, catalog_template: str | None = None) -> str:
@@ -23,11 +44,24 @@ def choose_template(cfg: TunerConfig, tokenizer, catalog_template: str | None = 
     return AUTO if getattr(tokenizer, "chat_template", None) else "default"
 
 
+# --- one conversation's ids and labels, cut to cutoff_len ------------------------------------------------------------
+
+
+def _cut(sample, cutoff_len: int, train_on_prompt: bool) -> tuple[dict | None, str | None]:
+    """The row kept for training, or the reason it is dropped."""
+    if sample is None:
+        return None, "no reply to learn"
+    if sample.first_learned >= cutoff_len:
+        return None, f"the reply beyond cutoff_len={cutoff_len}"
+    ids = sample.input_ids[:cutoff_len]
+    return {"input_ids": ids, "labels": list(ids) if train_on_prompt else sample.labels[:cutoff_len]}, None
+
+
 @dataclass
 class Encoded:
     rows: list[dict]
     dropped: Counter = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # before truncation, of every sample with a reply
     truncated: int = 0
 
 
@@ -36,22 +70,32 @@ def encode_conversations(conversations: list[dict], tokenizer, template_name: st
     """``{"input_ids", "labels"}`` rows; conversations whose replies lie beyond cutoff_len are dropped and counted."""
     template = get_template(template_name)
     encoded = Encoded(rows=[])
-    for conversation in conversations:
-        try:
-            sample = encode(tokenizer, template, conversation["messages"])
-        except NoLearnedTokens:
-            encoded.dropped["no reply to learn"] += 1
-            continue
-        encoded.lengths.append(len(sample.input_ids))
-        first_learned = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
-        if first_learned >= cutoff_len:
-            encoded.dropped[f"the reply beyond cutoff_len={cutoff_len}"] += 1
+    for sample in encode_many(tokenizer, template, [c["messages"] for c in conversations]):
+        if sample is not None:
+            encoded.lengths.append(len(sample.input_ids))
+        row, dropped = _cut(sample, cutoff_len, train_on_prompt)
+        if row is None:
+            encoded.dropped[dropped] += 1
             continue
         encoded.truncated += len(sample.input_ids) > cutoff_len
-        ids = sample.input_ids[:cutoff_len]
-        labels = list(ids) if train_on_prompt else sample.labels[:cutoff_len]
-        encoded.rows.append({"input_ids": ids, "labels": labels})
+        encoded.rows.append(row)
     return encoded
+
+
+def _encode_batch(batch: dict, tokenizer, template_name: str, cutoff_len: int, train_on_prompt: bool) -> dict:
+    """``datasets.map``'s function: a batch of conversations to columns (dropped rows kept, marked, for counting)."""
+    template = get_template(template_name)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "full_length": [], "dropped": []}
+    for sample in encode_many(tokenizer, template, batch["messages"]):
+        row, dropped = _cut(sample, cutoff_len, train_on_prompt)
+        out["input_ids"].append(row["input_ids"] if row else [])
+        out["labels"].append(row["labels"] if row else [])
+        out["full_length"].append(len(sample.input_ids) if sample is not None else 0)
+        out["dropped"].append(dropped or "")
+    return out
+
+
+# --- the training data, prepared once ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -60,40 +104,169 @@ class TrainingData:
     eval: object | None
     template: str
     report: list[str]
+    lengths: Lengths  # of the training rows, after truncation
+    saved_to: Path | None = None  # tokenized_path written: the run stops there, as in LLaMA-Factory
+    from_cache: bool = False  # loaded as prepared by an earlier run (or another process of this one)
 
 
 def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None) -> TrainingData:
-    """Load, render and tokenize the configured datasets into ``datasets.Dataset`` objects TRL trains on as they are."""
-    from datasets import Dataset
-
+    """Load, render and tokenize the configured datasets into ``datasets.Dataset`` objects TRL trains on as they are,
+    from the cache when the same data was prepared before."""
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
     template = choose_template(cfg, tokenizer, catalog_template)
-    report = list(loaded.report.lines())
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
-    train = encode_conversations(loaded.train, tokenizer, template, d.cutoff_len, d.train_on_prompt)
-    report.append(_summary("train", template, train, d.cutoff_len))
-    if not train.rows:
-        raise UserError(f"no training sample is left after tokenization ({_drops(train)})",
-                        "raise cutoff_len or check the dataset's replies")
-    evaluation = None
-    if loaded.eval:
-        encoded_eval = encode_conversations(loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt)
-        report.append(_summary("eval", template, encoded_eval, d.cutoff_len))
-        evaluation = Dataset.from_list(encoded_eval.rows) if encoded_eval.rows else None
-    return TrainingData(Dataset.from_list(train.rows), evaluation, template, report)
+    key = cache_key(loaded.train, loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt)
+    if d.tokenized_path:
+        return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg)
+    entry = cache_dir() / "tokenized" / key
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(entry.with_suffix(".lock")):
+        if d.overwrite_cache or not (entry / META).is_file():
+            _prepare(entry, key, loaded, tokenizer, template, cfg)
+            how = "prepared"
+        else:
+            how = "loaded from the cache"
+        data = _load(entry, loaded.report.lines())
+    data.from_cache = how != "prepared"
+    log.info("data: tokenized data %s (%s)", how, entry)
+    return data
 
 
-def _summary(split: str, template: str, encoded: Encoded, cutoff_len: int) -> str:
-    text = f"{split}: {len(encoded.rows)} samples tokenized with template {template}"
-    if encoded.truncated:
-        text += f"; {encoded.truncated} longer than cutoff_len={cutoff_len} were truncated"
-    drops = _drops(encoded)
+def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> TrainingData:
+    """LLaMA-Factory's ``tokenized_path``: load it when it exists; otherwise prepare it there and stop."""
+    if (path / META).is_file():
+        data = _load(path, loaded.report.lines())
+        if json.loads((path / META).read_text()).get("key") != key:
+            log.warning("tokenized_path %s was prepared from other data, template, tokenizer or cutoff_len than "
+                        "this run's: training on it as it is", path)
+        return data
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
+                        "give an empty or new directory, or one a previous run prepared")
+    with _locked(path.parent / f".{path.name}.lock"):
+        _prepare(path, key, loaded, tokenizer, template, cfg)
+    data = _load(path, loaded.report.lines())
+    data.saved_to = path
+    return data
+
+
+def cache_key(train: list[dict], evaluation: list[dict] | None, tokenizer, template: str, cutoff_len: int,
+              train_on_prompt: bool) -> str:
+    """What the tokenized data depends on, hashed: the conversations themselves (so any source, file or hub, and
+    any change to it counts), the template's definition, the tokenizer's vocabulary and specials, the cutoff."""
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {"format": CACHE_FORMAT, "template": template, "definition": repr(get_template(template)),
+                "cutoff_len": cutoff_len, "train_on_prompt": train_on_prompt, "tokenizer": _tokenizer_digest(tokenizer)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for split in (train, evaluation or []):
+        digest.update(b"\x00split")
+        digest.update(json.dumps([c["messages"] for c in split], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps({"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+                        "chat_template": getattr(tokenizer, "chat_template", None)}, sort_keys=True, default=str)
+    return hashlib.blake2b((vocab + extra).encode(), digest_size=16).hexdigest()
+
+
+class _locked:
+    """An exclusive lock on ``path`` for the ``with`` block; a second process blocks until the first is done."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
+
+def workers_for(count: int, asked: int | None) -> int:
+    """``preprocessing_num_workers``, else one process per SAMPLES_PER_WORKER conversations, up to the CPUs."""
+    if asked:
+        return asked
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1, count // SAMPLES_PER_WORKER))
+
+
+def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> None:
+    """Tokenize both splits and write them with their report into ``entry`` (whole or not at all)."""
+    d = cfg.data
+    building = entry.with_name(f"{entry.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    summaries, lengths = [], None
+    for split, conversations in (("train", loaded.train), ("eval", loaded.eval)):
+        if not conversations:
+            continue
+        dataset, dropped, truncated = _tokenize(conversations, tokenizer, template, d.cutoff_len, d.train_on_prompt,
+                                                workers_for(len(conversations), d.preprocessing_num_workers))
+        summaries.append(_summary(split, template, len(dataset), dropped, truncated, d.cutoff_len))
+        if split == "train":
+            if not len(dataset):
+                shutil.rmtree(building, ignore_errors=True)
+                raise UserError(f"no training sample is left after tokenization ({_drops(dropped)})",
+                                "raise cutoff_len or check the dataset's replies")
+            lengths = _lengths(dataset)
+        if len(dataset):
+            dataset.save_to_disk(str(building / split))
+    meta = {"key": key, "template": template,
+            "summaries": summaries, "mean_length": lengths.mean, "longest": lengths.longest}
+    (building / META).write_text(json.dumps(meta))
+    if entry.exists():
+        shutil.rmtree(entry)
+    os.rename(building, entry)
+
+
+def _tokenize(conversations: list[dict], tokenizer, template: str, cutoff_len: int, train_on_prompt: bool,
+              workers: int):
+    from datasets import Dataset
+
+    source = Dataset.from_list([{"messages": c["messages"]} for c in conversations])
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, template_name=template, cutoff_len=cutoff_len,
+                               train_on_prompt=train_on_prompt)
+    encoded = source.map(encode, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
+                         remove_columns=source.column_names, desc="tokenizing")
+    reasons = encoded["dropped"]
+    dropped = Counter(reason for reason in reasons if reason)
+    truncated = sum(1 for n, reason in zip(encoded["full_length"], reasons) if not reason and n > cutoff_len)
+    kept = encoded.select([i for i, reason in enumerate(reasons) if not reason]) if dropped else encoded
+    return kept.remove_columns(["full_length", "dropped"]).flatten_indices(), dropped, truncated
+
+
+def _lengths(dataset) -> Lengths:
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids"))
+    return Lengths(pc.mean(lengths).as_py(), pc.max(lengths).as_py())
+
+
+def _load(entry: Path, load_report: list[str]) -> TrainingData:
+    from datasets import load_from_disk
+
+    meta = json.loads((entry / META).read_text())
+    train = load_from_disk(str(entry / "train"))
+    evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+    return TrainingData(train, evaluation, meta["template"], load_report + meta["summaries"],
+                        Lengths(meta["mean_length"], meta["longest"]))
+
+
+def _summary(split: str, template: str, kept: int, dropped: Counter, truncated: int, cutoff_len: int) -> str:
+    text = f"{split}: {kept} samples tokenized with template {template}"
+    if truncated:
+        text += f"; {truncated} longer than cutoff_len={cutoff_len} were truncated"
+    drops = _drops(dropped)
     return text + (f"; {drops}" if drops else "")
 
 
-def _drops(encoded: Encoded) -> str:
-    return "; ".join(f"dropped {count} with {reason}" for reason, count in encoded.dropped.items())
+def _drops(dropped: Counter) -> str:
+    return "; ".join(f"dropped {count} with {reason}" for reason, count in dropped.items())

@@ -8,6 +8,7 @@ constants come from measurement rather than first principles; each says where it
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from engine.models.catalog import ModelGeometry
@@ -44,6 +45,7 @@ class RunShape:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     num_gpus: int = 1
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
+    fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
 
     @property
     def quantization_bit(self) -> int | None:
@@ -285,6 +287,11 @@ def _activation_bytes(shape: RunShape) -> tuple[float, float]:
         per_token = g.num_hidden_layers * residual * g.hidden_size + per_layer  # layer inputs + one layer recomputed
     else:
         per_token = g.num_hidden_layers * per_layer
+    if shape.fused_loss:
+        # Liger's fused linear cross-entropy: chunks of tokens / ceil(vocab / hidden) tokens, each chunk's 16-bit
+        # logits and their fp32 gradient, plus the gradient of the hidden states
+        chunk = math.ceil(tokens / math.ceil(g.vocab_size / g.hidden_size))
+        return tokens * per_token, chunk * 6.0 * g.vocab_size + tokens * 2.0 * g.hidden_size
     return tokens * per_token, tokens * LOGIT_BYTES_PER_VOCAB * g.vocab_size
 
 

@@ -62,7 +62,7 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
     return RunShape(
         geometry=geometry, method=method_of(cfg.finetune.finetuning_type, cfg.model.quantization_bit),
         batch_size=t.per_device_train_batch_size, seq_len=cfg.data.cutoff_len,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=t.gradient_checkpointing is not False,  # unset: auto-fit may turn it off if it fits
         attention="eager" if cfg.model.flash_attn == "eager" else "sdpa",
         lora_rank=cfg.finetune.lora_rank, lora_target=cfg.finetune.lora_target,
         freeze_trainable_layers=cfg.finetune.freeze_trainable_layers, optim=t.optim,

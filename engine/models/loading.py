@@ -46,13 +46,23 @@ def choose_precision(bf16: bool | None, fp16: bool | None, on_gpu: bool, bf16_su
     return Precision("fp16", "this GPU has no bf16 support: fp16 mixed precision instead")
 
 
-def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool) -> tuple[str, str]:
-    """The transformers ``attn_implementation`` for the asked ``flash_attn`` value, and why."""
+def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, padding_free: bool = False,
+                     torch_varlen: bool = False) -> tuple[str, str]:
+    """The transformers ``attn_implementation`` for the asked ``flash_attn`` value, and why. Padding-free rows get
+    an attention that reads the sample boundaries (flash-attention, else engine.models.attention's VARLEN)."""
+    from engine.models.attention import VARLEN
+
     if flash_attn in ("sdpa", "eager"):
-        return flash_attn, f"{flash_attn} as asked"
+        dense = ": padding-free rows use a dense block-diagonal mask" if padding_free else ""
+        return flash_attn, f"{flash_attn} as asked{dense}"
     if on_gpu and flash_attn_installed:
         return "flash_attention_2", "flash-attention-2: installed and a GPU is present"
     missing = "no GPU" if not on_gpu else "the flash-attn package is not installed (pip install flash-attn)"
+    if padding_free:
+        kernel = ("torch's variable-length attention (torch.nn.attention.varlen)" if on_gpu and torch_varlen
+                  else "SDPA per sample, no mask")
+        lead = "flash attention 2 was asked but " if flash_attn == "fa2" else ""
+        return VARLEN, f"{lead}{missing}: padding-free rows through {kernel}"
     if flash_attn == "fa2":
         return "sdpa", f"flash attention 2 was asked but {missing}: using PyTorch SDPA"
     return "sdpa", f"PyTorch SDPA ({missing} for flash-attention-2)"
@@ -133,7 +143,10 @@ def quantization_config(cfg: TunerConfig, precision: Precision):
 def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attention: str, device_map=None):
     """The base model as transformers loads it (safetensors only), quantized when quantization_bit is set."""
     (AutoModelForCausalLM,) = from_transformers("AutoModelForCausalLM")
+    from engine.models.attention import VARLEN, register_varlen_attention
 
+    if attention == VARLEN:
+        register_varlen_attention()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=precision.torch_dtype, attn_implementation=attention,
@@ -143,7 +156,7 @@ def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attentio
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model from {model_path}: {_first_line(exc)}") from None
-    model.config.use_cache = False
+    model.config.use_cache = False  # with a KV cache transformers builds no packed mask: samples would mix
     return model
 
 

@@ -235,14 +235,12 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
     from engine.train.callbacks import Divergence, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
-    from engine.models.loading import (Hardware, apply_method, choose_attention, choose_precision, count_parameters,
-                                 load_model, load_tokenizer)
+    from engine.models.loading import (Hardware, apply_method, choose_precision, count_parameters, load_model,
+                                       load_tokenizer)
 
     hardware = Hardware.detect()
     precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported)
-    attention, attention_reason = choose_attention(cfg.model.flash_attn, hardware.on_gpu, hardware.flash_attn_installed)
     log.info("precision: %s", precision.reason)
-    log.info("attention: %s", attention_reason)
 
     model_path = resolved.path
     tokenizer = load_tokenizer(model_path, cfg)
@@ -252,12 +250,26 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         write_text_atomic(run.path / "config.yaml", cfg.to_yaml())
     for line in datasets.report:
         log.info("data: %s", line)
+    if datasets.saved_to is not None:
+        log.info("tokenized dataset saved to %s; start again with tokenized_path %s to train on it",
+                 datasets.saved_to, datasets.saved_to)
+        return {"tokenized_path": str(datasets.saved_to)}
     if stop.requested:
         return {}
 
+    plan = _plan_speed(cfg, hardware, model_path, datasets, run)
+    for line in plan.lines():
+        log.info("speed: %s", line)
     device_map = _device_map(cfg, hardware)
-    model = load_model(model_path, cfg, precision, attention, device_map)
-    model = apply_method(model, cfg, cfg.train.gradient_checkpointing)
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # LoRA's initial weights too: the same seed trains the same run
+    model = load_model(model_path, cfg, precision, plan.attention, device_map)
+    if plan.liger.on:
+        from engine.models.kernels import apply_liger
+
+        apply_liger(model)
+    model = apply_method(model, cfg, plan.fit.gradient_checkpointing)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if stop.requested:
@@ -269,7 +281,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if view is not None:
         callbacks += view.callbacks()
     try:
-        trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence)
+        trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence,
+                                 plan)
     except BaseException:
         if run_events:
             run_events.close()
@@ -279,15 +292,16 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         if not stop.requested and not divergence.found:
             trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
         return {}
-    events.emit(
-        Event.START, run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
+    start = dict(
+        run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
         method=run.status.method, template=datasets.template, device=hardware.device_name,
         world_size=trainer.args.world_size, precision=precision.name, precision_reason=precision.reason,
-        attention=attention, attention_reason=attention_reason, trainable_params=trainable, total_params=total,
+        attention=plan.attention, attention_reason=plan.attention_why, trainable_params=trainable, total_params=total,
         train_samples=len(datasets.train), eval_samples=len(datasets.eval) if datasets.eval else 0,
         resumed_from=run.resume_from, versions=_versions(),
-        estimate=_estimate(cfg, model_path, trainer.args.world_size) if hardware.on_gpu else None,
     )
+    events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
+                estimate=_estimate(cfg, model_path, trainer.args.world_size) if hardware.on_gpu else None)
     if run.resume_from:
         own = Path(run.resume_from).parent == run.path
         for skipped in newer_incomplete(run.path, Path(run.resume_from)) if own else []:
@@ -296,9 +310,22 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         log.info("resuming from %s", run.resume_from)
     started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=run.resume_from)
-    except torch.OutOfMemoryError:
-        raise UserError(_oom_message(cfg)) from None
+        while True:
+            try:
+                result = trainer.train(resume_from_checkpoint=run.resume_from)
+                break
+            except torch.OutOfMemoryError:
+                smaller = _backoff(plan, trainer)
+                if smaller is None:
+                    raise UserError(_oom_message(cfg)) from None
+                log.warning("out of GPU memory in the first step with %s: going on with %s", plan.fit.describe(),
+                            smaller.fit.describe())
+                _release(trainer, model, smaller)
+                plan = smaller
+                trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks,
+                                         divergence, plan)
+                events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
+                            backed_off=True)
     finally:
         run_events.close()
     run.status.step = trainer.state.global_step
@@ -313,6 +340,121 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         events.emit(Event.MEMORY, **memory)
     return {"step": trainer.state.global_step, "train_loss": result.training_loss,
             "runtime_s": round(time.time() - started, 2)}
+
+
+def _plan_speed(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunDir):
+    """Padding-free batches, attention, Liger and the batch layout for this run (engine.train.speed). A resumed
+    run keeps the layout it trained with, so its steps, schedule and position in the data stay the same."""
+    import psutil
+    import torch
+
+    from engine.memory.recommend import model_geometry, shape_from_config
+    from engine.models.attention import torch_varlen_available
+    from engine.models.kernels import liger_model_types
+    from engine.train.speed import Machine, plan_speed
+
+    free_gib = None
+    if hardware.on_gpu:
+        free_gib = _least_free_gib(torch)
+    machine = Machine(on_gpu=hardware.on_gpu, flash_attn_installed=hardware.flash_attn_installed,
+                      torch_varlen=torch_varlen_available(),
+                      liger_model_types=liger_model_types() if hardware.on_gpu else None, free_gib=free_gib,
+                      available_ram_gib=psutil.virtual_memory().available / 1024**3)
+    try:
+        geometry = model_geometry(model_path)
+        shape = shape_from_config(cfg, geometry, num_gpus=int(os.environ.get("WORLD_SIZE", "1")))
+    except (OSError, ValueError, KeyError, UserError):
+        shape = None
+    model_type = _model_type(model_path)
+    plan = plan_speed(cfg, machine, datasets.lengths, model_type, shape)
+    earlier = _layout_trained_with(run) if run.resume_from and cfg.train.auto_fit else None
+    if earlier is not None:
+        from dataclasses import replace
+
+        plan = replace(plan, fit=earlier)
+    return plan
+
+
+def _layout_trained_with(run: RunDir):
+    """The batch layout of this run's last start event, when it resumes its own checkpoint."""
+    from engine.memory.autofit import Fit
+    from engine.runs.events import read_events
+
+    if Path(run.resume_from).parent != run.path:
+        return None
+    starts = [e for e in read_events(run.path) if e.get("type") == "start" and isinstance(e.get("batch"), dict)]
+    if not starts:
+        return None
+    batch = starts[-1]["batch"]
+    try:
+        return Fit(int(batch["per_device_train_batch_size"]), int(batch["gradient_accumulation_steps"]),
+                   bool(batch["gradient_checkpointing"]),
+                   int(batch["packed_tokens"]) if batch.get("packed_tokens") else None,
+                   reason="resumed: the layout this run trained with, so its steps and schedule stay the same")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _least_free_gib(torch) -> float:
+    """This GPU's free memory; under several processes the least of all ranks', so every rank picks the same
+    layout (the ranks of one step must agree on its micro-batches)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    free = torch.cuda.mem_get_info(local_rank)[0] / 1024**3
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return free
+    from accelerate import PartialState
+
+    PartialState()  # the process group the Trainer would start a moment later
+    least = torch.tensor([free], device=f"cuda:{local_rank}")
+    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    return float(least.item())
+
+
+def _model_type(model_path: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _batch(args, plan) -> dict:
+    """The batch layout the trainer runs with, for the start event."""
+    return {"per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "packed_tokens": plan.packed_tokens, "gradient_checkpointing": plan.fit.gradient_checkpointing}
+
+
+BACKOFF_BEFORE_STEP = 1  # an out-of-memory error before this optimizer step backs off; later ones end the run
+
+
+def _backoff(plan, trainer):
+    """The plan with a smaller layout after an out-of-memory error in the first step, or None (auto_fit off, a
+    later step, several processes, nothing smaller left)."""
+    from dataclasses import replace
+
+    from engine.memory.autofit import backoff
+
+    if not plan.auto_fit or trainer.state.global_step >= BACKOFF_BEFORE_STEP or trainer.args.world_size > 1:
+        return None  # under several processes one rank cannot start over alone: the run fails with the message
+    smaller = backoff(plan.fit, plan.longest_sample)
+    return replace(plan, fit=smaller) if smaller else None
+
+
+def _release(trainer, model, smaller) -> None:
+    """Free what the failed attempt held on the GPU, and ready the model for checkpointing if the next one uses it."""
+    import gc
+
+    import torch
+
+    trainer.optimizer = trainer.lr_scheduler = None
+    model.zero_grad(set_to_none=True)
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    if smaller.fit.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None:
@@ -335,16 +477,18 @@ def _device_map(cfg: TunerConfig, hardware) -> dict | None:
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
-def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks, divergence):
+def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks, divergence, plan):
     from transformers import PrinterCallback, Trainer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from engine.train.loss import trainer_class
 
     try:
-        args = _sft_config(SFTConfig, cfg, model, precision, hardware, run)
+        args = _sft_config(SFTConfig, cfg, model, precision, hardware, run, plan)
         Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
-    trainer = divergence.watching(SFTTrainer)(
+    trainer = divergence.watching(trainer_class(plan.loss))(
         model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,
         processing_class=tokenizer, callbacks=callbacks,
     )
@@ -352,23 +496,27 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     return trainer
 
 
-def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir):
+def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
     """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start."""
-    t, d = cfg.train, cfg.data
+    t, d, fit = cfg.train, cfg.data, plan.fit
+    packing = d.packing or plan.packed_tokens is not None
+    max_length = plan.packed_tokens or (d.cutoff_len if packing or not plan.padding_free else None)
     return SFTConfig(
-        output_dir=str(run.path), per_device_train_batch_size=t.per_device_train_batch_size,
+        output_dir=str(run.path), per_device_train_batch_size=fit.micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        gradient_accumulation_steps=fit.accumulation, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps or t.warmup_ratio,
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, optim=t.optim, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy=t.eval_strategy, eval_steps=t.eval_steps or t.logging_steps,
         bf16=precision.name == "bf16", fp16=precision.name == "fp16", use_cpu=not hardware.on_gpu,
-        **_checkpointing_args(SFTConfig, t.gradient_checkpointing), seed=t.seed, report_to=t.report_to,
+        **_checkpointing_args(SFTConfig, fit.gradient_checkpointing), seed=t.seed, report_to=t.report_to,
         run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, deepspeed=t.deepspeed,
         fsdp=t.fsdp or None, ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
-        packing=d.packing, max_length=d.cutoff_len, dataset_num_proc=d.preprocessing_num_workers,
+        packing=packing, packing_strategy="bfd", eval_packing=False, padding_free=plan.padding_free,
+        max_length=max_length, dataset_num_proc=d.preprocessing_num_workers,
+        dataset_kwargs={"skip_prepare_dataset": not packing},  # tokenized and truncated by engine.data already
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
         ddp_find_unused_parameters=_has_experts(model),
         save_only_model=False,
@@ -394,10 +542,12 @@ def _oom_message(cfg: TunerConfig) -> str:
     import torch
 
     gib = 1024**3
-    peak = torch.cuda.max_memory_allocated() / gib
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib
-    return (f"out of GPU memory: the run needed more than the {total:.1f} GiB this GPU has "
-            f"(peak allocated {peak:.1f} GiB before the failure); lower per_device_train_batch_size "
+    figures = " memory than the GPU has"
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / gib
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib
+        figures = f" than the {total:.1f} GiB this GPU has (peak allocated {peak:.1f} GiB before the failure)"
+    return (f"out of GPU memory: the run needed more{figures}; lower per_device_train_batch_size "
             f"({cfg.train.per_device_train_batch_size}) and raise gradient_accumulation_steps, lower cutoff_len "
             f"({cfg.data.cutoff_len}), keep gradient_checkpointing on, or use quantization_bit 4")
 

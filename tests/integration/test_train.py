@@ -54,7 +54,13 @@ def test_classic_qlora_command_runs_as_written(tiny_models, tmp_path):
 
     start = events_of(out, "start")[0]
     assert start["precision"] == "fp32" and "no GPU" in start["precision_reason"]
-    assert start["attention"] == "sdpa" and "flash attention 2 was asked" in start["attention_reason"]
+    assert start["attention"] == "tuner_varlen" and "flash attention 2 was asked" in start["attention_reason"]
+    speed = {f["feature"]: f for f in start["speed"]}  # every speed feature, on or off, with its reason
+    assert speed["padding-free batches"]["on"] and not speed["liger kernels"]["on"]
+    assert "no GPU" in speed["liger kernels"]["why"] and speed["loss"]["value"] == "the model's own cross-entropy"
+    assert not speed["gradient checkpointing"]["on"] and "CPU" in speed["gradient checkpointing"]["why"]
+    assert start["batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                              "packed_tokens": None, "gradient_checkpointing": False}
     assert start["world_size"] == 1 and start["template"] == "llama2" and start["train_samples"] == 64
     assert 0 < start["trainable_params"] < start["total_params"]
     log = events_of(out, "log")[0]
@@ -137,6 +143,8 @@ def test_sigterm_stops_gracefully_and_the_rerun_resumes_the_step_count(tiny_mode
     assert main([*LONG_RUN, "--output_dir", str(out)]) == 0
     starts = events_of(out, "start")
     assert len(starts) == 2 and starts[1]["resumed_from"] == str(checkpoint)
+    resumed_fit = {f["feature"]: f for f in starts[1]["speed"]}["auto-fit"]
+    assert starts[1]["batch"] == starts[0]["batch"] and "resumed" in resumed_fit["why"], "the same layout resumes"
     steps = [e["step"] for e in events_of(out, "log")]
     assert steps == sorted(steps) and steps[-1] == 400, "the resumed curve continues the same step count"
     assert len(set(steps)) == len(steps)

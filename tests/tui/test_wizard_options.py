@@ -89,7 +89,10 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
                                 "lora_dropout": "0.0"}
         assert app.screen.query_one("#lr_scheduler_type", Select).is_blank()
         assert "weight decay" in str(app.screen.query_one("#weight_decay", Input).tooltip).lower()
-        assert app.screen.query_one("#gradient_checkpointing", Switch).value is True
+        assert app.screen.query_one("#gradient_checkpointing", Select).is_blank()  # auto-fit decides
+        assert app.screen.query_one("#auto_fit", Switch).value is True
+        assert app.screen.query_one("#padding_free", Switch).value is True
+        assert app.screen.query_one("#enable_liger_kernel", Select).is_blank()
 
         await pilot.click("#advanced CollapsibleTitle")
         assert not advanced.collapsed
@@ -125,7 +128,8 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
         app.screen.query_one("#lr_scheduler_type", Select).value = "cosine"
         app.screen.query_one("#packing", Switch).value = True
         app.screen.query_one("#use_dora", Switch).value = True
-        app.screen.query_one("#gradient_checkpointing", Switch).value = False
+        app.screen.query_one("#gradient_checkpointing", Select).value = "false"
+        app.screen.query_one("#auto_fit", Switch).value = False
         for key, value in (("eval_steps", "5"), ("save_total_limit", "2"), ("neftune_noise_alpha", "5"),
                            ("lora_dropout", "0.05"), ("max_samples", "100"), ("max_steps", "2"),
                            ("run_name", "dora-try")):
@@ -140,11 +144,11 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
     assert {key: config[key] for key in ("lr_scheduler_type", "warmup_ratio", "seed", "eval_strategy", "eval_steps",
                                          "val_size", "packing", "gradient_checkpointing", "save_total_limit",
                                          "neftune_noise_alpha", "lora_dropout", "max_samples", "bf16", "fp16",
-                                         "optim", "use_dora", "run_name")} == {
+                                         "optim", "use_dora", "run_name", "auto_fit")} == {
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "seed": 7, "eval_strategy": "steps", "eval_steps": 5,
         "val_size": 0.1, "packing": True, "gradient_checkpointing": False, "save_total_limit": 2,
         "neftune_noise_alpha": 5.0, "lora_dropout": 0.05, "max_samples": 100, "bf16": None, "fp16": True,
-        "optim": "paged_adamw_8bit", "use_dora": True, "run_name": "dora-try"}
+        "optim": "paged_adamw_8bit", "use_dora": True, "run_name": "dora-try", "auto_fit": False}
 
 
 async def test_a_bad_advanced_value_opens_the_section_and_lora_only_settings_hide_for_full(tmp_path):

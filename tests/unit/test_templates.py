@@ -14,6 +14,7 @@ from engine.templates import (
     Segment,
     describe_templates,
     encode,
+    encode_many,
     get_template,
     render_segments,
     render_text,
@@ -253,6 +254,19 @@ def test_learned_tokens_are_exactly_the_replies_and_their_end_tokens(tok, name):
     assert tok.decode(sample.input_ids, clean_up_tokenization_spaces=False) == render_text(
         get_template(name), [SYSTEM, *TWO_TURNS], tok
     )
+
+
+@pytest.mark.parametrize("name", [*NAMED, "auto"])
+def test_the_batch_encoder_gives_what_encode_gives(tok, name):
+    """Training tokenizes through encode_many (one Rust batch call for every segment); the preview through encode."""
+    tok.chat_template = to_chat_template(get_template("chatml"))
+    conversations = list(CONVERSATIONS.values()) + [TWO_TURNS[:1]]
+    batch = encode_many(tok, get_template(name), conversations)
+    for conversation, sample in zip(conversations[:-1], batch):
+        alone = encode(tok, get_template(name), conversation)
+        assert (sample.input_ids, sample.labels) == (alone.input_ids, alone.labels)
+        assert sample.first_learned == next(i for i, label in enumerate(alone.labels) if label != IGNORE_INDEX)
+    assert batch[-1] is None  # nothing to learn
 
 
 def test_special_tokens_in_the_text_become_single_ids(tok):

@@ -23,7 +23,9 @@ ADVANCED = (("optim", "Optimizer"), ("lr_scheduler_type", "LR schedule"), ("warm
             ("eval_steps", "Eval steps"), ("per_device_eval_batch_size", "Eval batch per GPU"),
             ("logging_steps", "Logging steps"), ("save_strategy", "Save checkpoints"), ("save_steps", "Save steps"),
             ("save_total_limit", "Keep checkpoints"), ("seed", "Seed"),
-            ("gradient_checkpointing", "Grad checkpointing"), ("bf16", "bf16"), ("fp16", "fp16"),
+            ("auto_fit", "Auto-fit batch"), ("padding_free", "Padding-free"),
+            ("gradient_checkpointing", "Grad checkpointing"), ("enable_liger_kernel", "Liger kernels"),
+            ("bf16", "bf16"), ("fp16", "fp16"),
             ("flash_attn", "Attention"), ("report_to", "Report to"), ("run_name", "Run name"))
 LORA_ONLY = ("lora_dropout", "use_rslora", "use_dora")
 

@@ -17,6 +17,17 @@ from tuner_tui.wizard.state import save_config, start_run
 from tuner_tui.wizard.steps.base import WizardStep, field_row
 
 
+def auto_fit_line(cfg) -> str:
+    """What auto-fit will do with the batch settings, in one line."""
+    t = cfg.train
+    samples = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if not t.auto_fit:
+        return (f"Auto-fit off: micro-batch {t.per_device_train_batch_size} x accumulation "
+                f"{t.gradient_accumulation_steps} as given")
+    return (f"Auto-fit on: batch layout and checkpointing chosen at the start for the free GPU memory, "
+            f"{samples} samples per step kept")
+
+
 class ReviewStep(WizardStep):
     TITLE = "Review: save the config or start the run"
     STEP = 6
@@ -50,12 +61,14 @@ class ReviewStep(WizardStep):
         rec = recommend(shape, memory_budget(gpus))
         row = next(row for row in rec.rows if row.method == shape.method)
         needs = f"{row.label} needs about {row.estimate.total_gib:g} GiB per GPU"
+        fit = "\n" + auto_fit_line(cfg)
         if rec.budget_gib is None:
-            return f"{needs}; no NVIDIA GPU here, so it trains on the CPU", False
+            return f"{needs}; no NVIDIA GPU here, so it trains on the CPU{fit}", False
         on = f"{len(gpus)} x {gpus[0].name}" if gpus else "the GPUs"
         if row.fits:
-            return f"✔ {needs}: it fits in the {rec.budget_gib:g} GiB usable on {on}", False
-        return f"✘ {needs}: more than the {rec.budget_gib:g} GiB usable on {on}; go back to the method step", True
+            return f"✔ {needs}: it fits in the {rec.budget_gib:g} GiB usable on {on}{fit}", False
+        return (f"✘ {needs}: more than the {rec.budget_gib:g} GiB usable on {on}; go back to the method step{fit}",
+                True)
 
     def done(self, group: str, result: Any) -> None:
         if group == "estimate":

@@ -1,0 +1,113 @@
+"""Attention for padding-free batches: samples joined into one row attend only within themselves, with no dense mask.
+
+TRL's padding-free collator joins a micro-batch into one row and passes the sample boundaries as ``cu_seq_lens_q/k``
+(and ``position_ids`` that restart at 0 for each sample). flash-attention reads those boundaries itself. Without it,
+transformers' SDPA and eager paths turn the ``position_ids`` into a dense block-diagonal mask over the whole row:
+correct, but quadratic in the row and without SDPA's fused kernel. ``VARLEN`` is our own attention name, registered
+with transformers' ``AttentionInterface``, that honours the boundaries directly:
+
+- on CUDA with torch's variable-length attention (``torch.nn.attention.varlen``, torch >= 2.10): one fused call;
+- elsewhere: SDPA per sample (causal, no mask), which is exact and costs only the samples' own lengths.
+
+A batch without ``cu_seq_lens`` (evaluation with padding, generation) goes through transformers' SDPA unchanged.
+The KV cache must be off while training packed rows: with a cache transformers builds no packed mask at all and
+samples would attend to each other (``load_model`` sets ``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+VARLEN = "tuner_varlen"
+_REGISTERED = threading.Lock()
+_done = False
+
+
+def torch_varlen_available() -> bool:
+    """torch's fused variable-length attention: CUDA only, torch >= 2.10."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import torch.nn.attention.varlen as varlen
+    except ImportError:
+        return False
+    return hasattr(varlen, "varlen_attn")
+
+
+def register_varlen_attention() -> str:
+    """Make ``attn_implementation=VARLEN`` known to transformers (idempotent); returns the name."""
+    global _done
+    with _REGISTERED:
+        if _done:
+            return VARLEN
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+        AttentionInterface.register(VARLEN, varlen_attention_forward)
+        # Like flash-attention: no 4-D mask is built; a padded batch passes its 2-D padding mask (or None).
+        AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+        _done = True
+    return VARLEN
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                             **kwargs):
+    """transformers' attention-function signature: ``query`` (batch, heads, tokens, dim), ``key``/``value``
+    (batch, kv_heads, tokens, dim); returns (batch, tokens, heads, dim) and no attention weights."""
+    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return _padded_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    dropout = dropout if module.training else 0.0
+    if query.is_cuda and query.dtype in _half_dtypes() and dropout == 0.0 and torch_varlen_available():
+        return _torch_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
+    return _per_sample_sdpa(query, key, value, cu_seq_lens_q, dropout, scaling)
+
+
+def _half_dtypes():
+    import torch
+
+    return (torch.float16, torch.bfloat16)
+
+
+def _per_sample_sdpa(query, key, value, cu_seq_lens, dropout: float, scaling):
+    import torch
+    import torch.nn.functional as F
+
+    gqa = query.shape[1] != key.shape[1]
+    bounds = cu_seq_lens.tolist()
+    parts = [
+        F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                       dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for start, end in zip(bounds[:-1], bounds[1:]) if end > start
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _torch_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_q, max_k, scaling):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_q = cu_seq_lens_q.to(query.device, non_blocking=True)
+    cu_k = cu_q if cu_seq_lens_k is None else cu_seq_lens_k.to(query.device, non_blocking=True)
+    max_q = int(max_q) if max_q is not None else int(cu_seq_lens_q.diff().max())
+    max_k = int(max_k) if max_k is not None else max_q
+    # (1, heads, tokens, dim) -> (tokens, heads, dim), the layout varlen_attn takes
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=q.shape[1] != k.shape[1])
+    return out.unsqueeze(0), None  # (1, tokens, heads, dim)
+
+
+def _padded_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """A batch that is not a packed row: transformers' SDPA, with the 2-D padding mask made causal and 4-D."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        import torch
+
+        q_len, kv_len = query.shape[2], key.shape[2]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None] & attention_mask[:, None, None, -kv_len:].bool()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)

@@ -1,0 +1,134 @@
+"""The speed features a run uses, decided once at its start from the config, the hardware, the model and the data:
+padding-free batches, the attention kernel, Liger's fused kernels and the auto-fitted batch layout.
+
+``plan_speed`` is a plain function of what it is given (no GPU needed to test it); ``SpeedPlan.features`` is what the
+start event records and the log prints: every feature, on or off, and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config.schema import TunerConfig
+from engine.data.stats import Lengths
+from engine.memory.autofit import Fit, fit_cpu, fit_gpu, user_fit
+from engine.memory.estimate import RunShape
+from engine.models.kernels import LigerChoice, choose_liger
+from engine.models.loading import choose_attention
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the plan needs to know of where it runs."""
+
+    on_gpu: bool
+    flash_attn_installed: bool
+    torch_varlen: bool  # torch's fused variable-length attention (CUDA, torch >= 2.10)
+    liger_model_types: frozenset[str] | None  # engine.models.kernels.liger_model_types
+    free_gib: float | None  # this process's GPU, before the model loads
+    available_ram_gib: float
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    padding_free: bool
+    padding_free_why: str
+    attention: str
+    attention_why: str
+    liger: LigerChoice
+    fit: Fit
+    auto_fit: bool
+    longest_sample: int
+    loss: str  # "liger" (fused linear cross-entropy), "trl" (TRL's tiled LM head) or "model" (the model's own)
+    loss_why: str
+
+    @property
+    def packed_tokens(self) -> int | None:
+        """Rows of at most this many tokens (auto-fit's packing), or None."""
+        return self.fit.tokens
+
+    def features(self) -> list[dict]:
+        return [
+            {"feature": "padding-free batches", "on": self.padding_free, "why": self.padding_free_why},
+            {"feature": "attention", "on": True, "value": self.attention, "why": self.attention_why},
+            {"feature": "liger kernels", "on": self.liger.on, "why": self.liger.why},
+            {"feature": "loss", "on": True, "value": LOSSES[self.loss], "why": self.loss_why},
+            {"feature": "auto-fit", "on": self.auto_fit, "value": self.fit.describe(), "why": self.fit.reason},
+            {"feature": "gradient checkpointing", "on": self.fit.gradient_checkpointing, "why": self.fit.reason},
+        ]
+
+    def lines(self) -> list[str]:
+        lines = []
+        for f in self.features():
+            state = f.get("value") or ("on" if f["on"] else "off")
+            lines.append(f"{f['feature']}: {state} ({f['why']})")
+        return lines
+
+
+def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model_type: str | None,
+               shape: RunShape | None) -> SpeedPlan:
+    """Every speed decision of a run. ``shape`` is the estimator's view of the run (None when the model's geometry
+    is unknown: auto-fit then keeps the batch as given)."""
+    d, t = cfg.data, cfg.train
+    padding_free = d.padding_free or d.packing
+    why = ("packing joins samples into rows" if d.packing else "default: no padding computed, samples kept apart"
+           if padding_free else "padding_free false: each batch padded to its longest sample")
+    attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
+                                                padding_free, machine.torch_varlen)
+    liger = choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model_type)
+    mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
+    if not t.auto_fit:
+        fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
+    elif shape is None:
+        fit = user_fit(mb, ga, gc, "the model's geometry is unknown, so nothing can be estimated: the batch as given")
+    elif machine.on_gpu and machine.free_gib is not None:
+        shape = _with_speed(shape, attention, liger.on)
+        if padding_free and not d.packing:
+            fit = fit_gpu(shape, lengths, mb, ga, gc, machine.free_gib)
+        else:
+            fit = _checkpointing_only(shape, mb, ga, gc, machine.free_gib, d.packing)
+    else:
+        fit = fit_cpu(shape, mb, ga, gc, machine.available_ram_gib)
+    loss, loss_why = _choose_loss(liger.on, machine.on_gpu)
+    return SpeedPlan(padding_free, why, attention, attention_why, liger, fit, t.auto_fit, lengths.longest, loss,
+                     loss_why)
+
+
+LOSSES = {"liger": "Liger's fused linear cross-entropy", "trl": "TRL's tiled LM head",
+          "model": "the model's own cross-entropy"}
+
+
+def _choose_loss(liger: bool, on_gpu: bool) -> tuple[str, str]:
+    """How the loss is computed. TRL's SFTTrainer projects through the LM head in tiles (no full logits in memory)
+    and computes entropy and top-1 accuracy with a host sync at every step: worth it on a GPU without Liger, but on a
+    CPU those metrics are ~40% of a step (bench/speed.py)."""
+    if liger:
+        return "liger", "no full logits in memory, with Liger's kernels"
+    if on_gpu:
+        return "trl", "no full logits in memory (Liger is off)"
+    return "model", "CPU: TRL's per-step entropy and accuracy metrics would cost ~40% of each step"
+
+
+def _with_speed(shape: RunShape, attention: str, liger: bool) -> RunShape:
+    from dataclasses import replace
+
+    return replace(shape, attention="eager" if attention == "eager" else "sdpa", fused_loss=liger)
+
+
+def _checkpointing_only(shape: RunShape, mb: int, ga: int, gc: bool | None, free_gib: float, packing: bool) -> Fit:
+    """The user's own layout (packing as asked, or padded batches): auto-fit only turns checkpointing off when the
+    estimate without it fits."""
+    from dataclasses import replace
+
+    from engine.memory.autofit import MARGIN
+    from engine.memory.estimate import estimate
+
+    layout = "packing as asked" if packing else "padded batches as asked"
+    if gc is not None:
+        return user_fit(mb, ga, gc, f"{layout}: the batch and checkpointing as given")
+    needed = estimate(replace(shape, gradient_checkpointing=False)).total_gib
+    if needed <= free_gib * (1 - MARGIN):
+        return Fit(mb, ga, False, None, needed, f"{layout}: without checkpointing the estimate fits {free_gib:.1f} "
+                   "GiB free")
+    return Fit(mb, ga, True, None, estimate(shape).total_gib,
+               f"{layout}: without checkpointing the estimate ({needed:.1f} GiB) exceeds {free_gib:.1f} GiB free")
