@@ -113,6 +113,9 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     """Load, render and tokenize the configured datasets into ``datasets.Dataset`` objects TRL trains on as they are,
     from the cache when the same data was prepared before."""
     d = cfg.data
+    # whether this launch prepares tokenized_path (and so stops) is decided before anything is read: every process
+    # of a multi-GPU run looks at once, well before the first of them writes it
+    prepares = bool(d.tokenized_path) and not (Path(d.tokenized_path).expanduser() / META).is_file()
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
     template = choose_template(cfg, tokenizer, catalog_template)
@@ -121,7 +124,7 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
         log.warning(warning)
     key = cache_key(loaded.train, loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt)
     if d.tokenized_path:
-        return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg)
+        return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg, prepares)
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
@@ -136,21 +139,28 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     return data
 
 
-def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> TrainingData:
-    """LLaMA-Factory's ``tokenized_path``: load it when it exists; otherwise prepare it there and stop."""
-    if (path / META).is_file():
-        data = _load(path, loaded.report.lines())
-        if json.loads((path / META).read_text()).get("key") != key:
-            log.warning("tokenized_path %s was prepared from other data, template, tokenizer or cutoff_len than "
-                        "this run's: training on it as it is", path)
-        return data
-    if path.exists() and any(path.iterdir()):
-        raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
-                        "give an empty or new directory, or one a previous run prepared")
+def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig,
+                    prepares: bool) -> TrainingData:
+    """LLaMA-Factory's ``tokenized_path``: load it when it holds a tokenized dataset; otherwise prepare it there and
+    stop (the processes of a multi-GPU run prepare it once: the first to take the lock)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"tokenized_path {path} is a file", "give a directory (new, empty, or prepared before)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make tokenized_path's parent {path.parent}: {exc.strerror}") from None
     with _locked(path.parent / f".{path.name}.lock"):
-        _prepare(path, key, loaded, tokenizer, template, cfg)
+        if not (path / META).is_file():
+            if path.exists() and any(path.iterdir()):
+                raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
+                                "give an empty or new directory, or one a previous run prepared")
+            _prepare(path, key, loaded, tokenizer, template, cfg)
     data = _load(path, loaded.report.lines())
-    data.saved_to = path
+    if prepares:
+        data.saved_to = path
+    elif json.loads((path / META).read_text()).get("key") != key:
+        log.warning("tokenized_path %s was prepared from other data, template, tokenizer or cutoff_len than this "
+                    "run's: training on it as it is", path)
     return data
 
 

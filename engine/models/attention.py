@@ -27,8 +27,8 @@ def torch_varlen_available() -> bool:
     """torch's fused variable-length attention: CUDA only, torch >= 2.10."""
     import torch
 
-    if not torch.cuda.is_available():
-        return False
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        return False  # FlashAttention-2 underneath: Ampere or newer
     try:
         import torch.nn.attention.varlen as varlen
     except ImportError:
@@ -60,9 +60,40 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return _padded_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and query.dtype in _half_dtypes() and dropout == 0.0 and torch_varlen_available():
+    longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+    _refuse_what_varlen_cannot_do(kwargs, longest)
+    head_dim = query.shape[-1]
+    if query.is_cuda and query.dtype in _half_dtypes() and dropout == 0.0 and head_dim % 8 == 0 \
+            and head_dim <= 256 and torch_varlen_available():
         return _torch_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
     return _per_sample_sdpa(query, key, value, cu_seq_lens_q, dropout, scaling)
+
+
+def _refuse_what_varlen_cannot_do(kwargs: dict, longest: int) -> None:
+    """engine.train.speed does not give VARLEN to such models (varlen_blocker); one that needs them anyway fails
+    loudly rather than train with the wrong attention. A window no sample reaches changes nothing."""
+    window = kwargs.get("sliding_window")
+    if window is not None and window < longest:
+        raise RuntimeError(f"{VARLEN} attention does not implement a sliding window; use flash_attn sdpa")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"{VARLEN} attention does not implement {name}; use flash_attn sdpa")
+
+
+def varlen_blocker(config: dict, cutoff_len: int) -> str | None:
+    """Why a model (its config.json) cannot use VARLEN, or None: a sliding window that a sample can exceed, logit
+    soft-capping in attention, attention sinks."""
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < cutoff_len:
+        return f"its sliding window ({window} tokens) is shorter than cutoff_len"
+    if config.get("attn_logit_softcapping"):
+        return "its attention soft-caps logits"
+    if config.get("model_type") in SINK_MODELS:
+        return "its attention has sinks"
+    return None
+
+
+SINK_MODELS = ("gpt_oss",)
 
 
 def _half_dtypes():

@@ -47,7 +47,7 @@ def choose_precision(bf16: bool | None, fp16: bool | None, on_gpu: bool, bf16_su
 
 
 def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, padding_free: bool = False,
-                     torch_varlen: bool = False) -> tuple[str, str]:
+                     torch_varlen: bool = False, varlen_blocker: str | None = None) -> tuple[str, str]:
     """The transformers ``attn_implementation`` for the asked ``flash_attn`` value, and why. Padding-free rows get
     an attention that reads the sample boundaries (flash-attention, else engine.models.attention's VARLEN)."""
     from engine.models.attention import VARLEN
@@ -58,6 +58,9 @@ def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, 
     if on_gpu and flash_attn_installed:
         return "flash_attention_2", "flash-attention-2: installed and a GPU is present"
     missing = "no GPU" if not on_gpu else "the flash-attn package is not installed (pip install flash-attn)"
+    if padding_free and varlen_blocker:
+        return "sdpa", f"{missing}, and {VARLEN} cannot serve this model ({varlen_blocker}): padding-free rows use " \
+                       "SDPA with a dense block-diagonal mask"
     if padding_free:
         kernel = ("torch's variable-length attention (torch.nn.attention.varlen)" if on_gpu and torch_varlen
                   else "SDPA per sample, no mask")

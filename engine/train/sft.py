@@ -311,21 +311,23 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     started = time.time()
     try:
         while True:
+            smaller = None
             try:
                 result = trainer.train(resume_from_checkpoint=run.resume_from)
                 break
             except torch.OutOfMemoryError:
                 smaller = _backoff(plan, trainer)
                 if smaller is None:
-                    raise UserError(_oom_message(cfg)) from None
-                log.warning("out of GPU memory in the first step with %s: going on with %s", plan.fit.describe(),
-                            smaller.fit.describe())
-                _release(trainer, model, smaller)
-                plan = smaller
-                trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks,
-                                         divergence, plan)
-                events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
-                            backed_off=True)
+                    raise UserError(_oom_message(cfg, plan)) from None
+            # out of the except block, so the failed attempt's frames (and the activations they hold) are gone
+            log.warning("out of GPU memory in the first step with %s: going on with %s", plan.fit.describe(),
+                        smaller.fit.describe())
+            _release(trainer, model, smaller)
+            plan = smaller
+            trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks,
+                                     divergence, plan)
+            events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
+                        backed_off=True)
     finally:
         run_events.close()
     run.status.step = trainer.state.global_step
@@ -355,7 +357,7 @@ def _plan_speed(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunD
 
     free_gib = None
     if hardware.on_gpu:
-        free_gib = _least_free_gib(torch)
+        free_gib = _memory_for_fit(torch)
     machine = Machine(on_gpu=hardware.on_gpu, flash_attn_installed=hardware.flash_attn_installed,
                       torch_varlen=torch_varlen_available(),
                       liger_model_types=liger_model_types() if hardware.on_gpu else None, free_gib=free_gib,
@@ -365,12 +367,16 @@ def _plan_speed(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunD
         shape = shape_from_config(cfg, geometry, num_gpus=int(os.environ.get("WORLD_SIZE", "1")))
     except (OSError, ValueError, KeyError, UserError):
         shape = None
-    model_type = _model_type(model_path)
-    plan = plan_speed(cfg, machine, datasets.lengths, model_type, shape)
-    earlier = _layout_trained_with(run) if run.resume_from and cfg.train.auto_fit else None
-    if earlier is not None:
+    plan = plan_speed(cfg, machine, datasets.lengths, _model_traits(model_path, cfg), shape)
+    if run.resume_from and cfg.train.auto_fit:
         from dataclasses import replace
 
+        from engine.memory.autofit import user_fit
+
+        t = cfg.train
+        earlier = _layout_trained_with(run) or user_fit(
+            t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing,
+            "resumed from a checkpoint whose layout is not recorded: the batch as given, so the steps line up")
         plan = replace(plan, fit=earlier)
     return plan
 
@@ -395,28 +401,33 @@ def _layout_trained_with(run: RunDir):
         return None
 
 
-def _least_free_gib(torch) -> float:
-    """This GPU's free memory; under several processes the least of all ranks', so every rank picks the same
-    layout (the ranks of one step must agree on its micro-batches)."""
+def _memory_for_fit(torch) -> float:
+    """This GPU's free memory. Under several processes every rank must pick the same layout (the ranks of a step
+    agree on its micro-batches), and free memory differs from rank to rank and moment to moment: there the GPU's
+    total memory counts, which identical cards share (other processes' use is then not seen)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    free = torch.cuda.mem_get_info(local_rank)[0] / 1024**3
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return free
-    from accelerate import PartialState
-
-    PartialState()  # the process group the Trainer would start a moment later
-    least = torch.tensor([free], device=f"cuda:{local_rank}")
-    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
-    return float(least.item())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.cuda.get_device_properties(local_rank).total_memory / 1024**3
+    return torch.cuda.mem_get_info(local_rank)[0] / 1024**3
 
 
-def _model_type(model_path: str) -> str | None:
+def _model_traits(model_path: str, cfg: TunerConfig):
+    """The model's type, whether transformers dispatches its attention (and packed masks) through AttentionInterface,
+    and what would keep VARLEN from serving it, from its config.json."""
     import json
 
+    import transformers
+
+    from engine.models.attention import varlen_blocker
+    from engine.train.speed import ModelTraits
+
     try:
-        return json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return ModelTraits(None, attention_backend=False)
+    classes = [getattr(transformers, name, None) for name in config.get("architectures") or []]
+    backend = bool(classes) and all(getattr(c, "_supports_attention_backend", False) for c in classes)
+    return ModelTraits(config.get("model_type"), backend, varlen_blocker(config, cfg.data.cutoff_len))
 
 
 def _batch(args, plan) -> dict:
@@ -448,9 +459,12 @@ def _release(trainer, model, smaller) -> None:
 
     import torch
 
+    hook = getattr(trainer, "neftune_hook_handle", None)
+    if hook is not None:
+        hook.remove()  # the Trainer removes NEFTune's hook only when train() returns; the next attempt adds its own
+    trainer.accelerator.free_memory()
     trainer.optimizer = trainer.lr_scheduler = None
     model.zero_grad(set_to_none=True)
-    del trainer
     gc.collect()
     torch.cuda.empty_cache()
     if smaller.fit.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -489,18 +503,28 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
     trainer = divergence.watching(trainer_class(plan.loss))(
-        model=model, args=args, train_dataset=datasets.train, eval_dataset=datasets.eval,
+        model=model, args=args, train_dataset=_training_rows(datasets.train, cfg, plan), eval_dataset=datasets.eval,
         processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
+def _training_rows(train, cfg: TunerConfig, plan):
+    """The training set as the trainer takes it: packed into rows of up to T tokens (auto-fit's layout, or
+    cutoff_len with ``packing``) by TRL's best-fit-decreasing packing, each sample whole and kept apart by the
+    padding-free collator; else one sample a row. Evaluation data is never packed, nor cut again."""
+    tokens = plan.packed_tokens or (cfg.data.cutoff_len if cfg.data.packing else None)
+    if tokens is None:
+        return train
+    from trl import pack_dataset
+
+    return pack_dataset(train, tokens, strategy="bfd", map_kwargs={"keep_in_memory": True})  # not into the cache
+
+
 def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
     """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start."""
     t, d, fit = cfg.train, cfg.data, plan.fit
-    packing = d.packing or plan.packed_tokens is not None
-    max_length = plan.packed_tokens or (d.cutoff_len if packing or not plan.padding_free else None)
     return SFTConfig(
         output_dir=str(run.path), per_device_train_batch_size=fit.micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -514,9 +538,9 @@ def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
         **_checkpointing_args(SFTConfig, fit.gradient_checkpointing), seed=t.seed, report_to=t.report_to,
         run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, deepspeed=t.deepspeed,
         fsdp=t.fsdp or None, ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
-        packing=packing, packing_strategy="bfd", eval_packing=False, padding_free=plan.padding_free,
-        max_length=max_length, dataset_num_proc=d.preprocessing_num_workers,
-        dataset_kwargs={"skip_prepare_dataset": not packing},  # tokenized and truncated by engine.data already
+        packing=False, padding_free=plan.padding_free, max_length=None if plan.padding_free else d.cutoff_len,
+        dataset_num_proc=d.preprocessing_num_workers,
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, cut and packed by the engine already
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
         ddp_find_unused_parameters=_has_experts(model),
         save_only_model=False,
@@ -538,7 +562,7 @@ def _checkpointing_args(config_class, enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def _oom_message(cfg: TunerConfig) -> str:
+def _oom_message(cfg: TunerConfig, plan=None) -> str:
     import torch
 
     gib = 1024**3
@@ -547,7 +571,8 @@ def _oom_message(cfg: TunerConfig) -> str:
         peak = torch.cuda.max_memory_allocated() / gib
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib
         figures = f" than the {total:.1f} GiB this GPU has (peak allocated {peak:.1f} GiB before the failure)"
-    return (f"out of GPU memory: the run needed more{figures}; lower per_device_train_batch_size "
+    layout = f" with {plan.fit.describe()}" if plan is not None else ""
+    return (f"out of GPU memory: the run needed more{figures}{layout}; lower per_device_train_batch_size "
             f"({cfg.train.per_device_train_batch_size}) and raise gradient_accumulation_steps, lower cutoff_len "
             f"({cfg.data.cutoff_len}), keep gradient_checkpointing on, or use quantization_bit 4")
 

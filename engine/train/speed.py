@@ -30,6 +30,15 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class ModelTraits:
+    """What the plan needs to know of the model."""
+
+    model_type: str | None
+    attention_backend: bool = True  # dispatches through transformers' AttentionInterface and its packed masks
+    varlen_blocker: str | None = None  # engine.models.attention.varlen_blocker
+
+
+@dataclass(frozen=True)
 class SpeedPlan:
     padding_free: bool
     padding_free_why: str
@@ -65,17 +74,15 @@ class SpeedPlan:
         return lines
 
 
-def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model_type: str | None,
+def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: ModelTraits,
                shape: RunShape | None) -> SpeedPlan:
     """Every speed decision of a run. ``shape`` is the estimator's view of the run (None when the model's geometry
     is unknown: auto-fit then keeps the batch as given)."""
     d, t = cfg.data, cfg.train
-    padding_free = d.padding_free or d.packing
-    why = ("packing joins samples into rows" if d.packing else "default: no padding computed, samples kept apart"
-           if padding_free else "padding_free false: each batch padded to its longest sample")
+    padding_free, why = _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
-                                                padding_free, machine.torch_varlen)
-    liger = choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model_type)
+                                                padding_free, machine.torch_varlen, model.varlen_blocker)
+    liger = choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type)
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
@@ -92,6 +99,21 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model_type:
     loss, loss_why = _choose_loss(liger.on, machine.on_gpu)
     return SpeedPlan(padding_free, why, attention, attention_why, liger, fit, t.auto_fit, lengths.longest, loss,
                      loss_why)
+
+
+def _padding_free(cfg: TunerConfig, model: ModelTraits) -> tuple[bool, str]:
+    d = cfg.data
+    if d.packing:
+        return True, "packing joins samples into rows"
+    if not d.padding_free:
+        return False, "padding_free false: each batch padded to its longest sample"
+    if not model.attention_backend:
+        return False, ("this architecture builds its own attention masks, which would let joined samples see each "
+                       "other: padded batches")
+    if cfg.finetune.neftune_noise_alpha:
+        return False, ("NEFTune scales its noise by the length of the row: padded batches keep what "
+                       "neftune_noise_alpha means")
+    return True, "default: no padding computed, samples kept apart"
 
 
 LOSSES = {"liger": "Liger's fused linear cross-entropy", "trl": "TRL's tiled LM head",

@@ -52,7 +52,7 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
     from engine.train.sft import _build_trainer
     from engine.train.speed import SpeedPlan
 
-    cfg = parse_args([*STEPS, "--output_dir", str(tmp_path / "packed"), "--max_steps", "2"])
+    cfg = parse_args([*STEPS, "--output_dir", str(tmp_path / "packed"), "--max_steps", "2", "--val_size", "6"])
     tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
     data = build_datasets(cfg, tokenizer)
     rows = {tuple(r["input_ids"]): r["labels"] for r in data.train}
@@ -75,6 +75,7 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
             assert batch["labels"][0, start + 1:end].tolist() == rows[ids][1:]
             seen += 1
     assert seen == len(data.train)
+    assert trainer.eval_dataset.to_list() == data.eval.to_list(), "evaluation data is neither packed nor cut again"
     assert trainer.train().global_step == 2
 
 
@@ -134,6 +135,12 @@ def test_tokenized_path_saves_and_stops_then_trains_from_it(tiny_models, tmp_pat
     assert f"tokenized_path {saved}" in (tmp_path / "prepare" / "train.log").read_text()
     assert main(["train", *args, "--output_dir", str(tmp_path / "train")]) == 0
     assert (tmp_path / "train" / "adapter_model.safetensors").is_file() and len(losses(tmp_path / "train")) == 6
+
+
+def test_a_tokenized_path_that_is_a_file_is_refused_in_one_line(tiny_models, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", *STEPS, "--tokenized_path", str(tmp_path / "file"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "tokenized_path" in read_status(tmp_path / "o").error and "is a file" in read_status(tmp_path / "o").error
 
 
 def test_an_out_of_memory_first_step_backs_off_and_the_run_goes_on(tiny_models, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from engine.memory.estimate import RunShape, estimate
 from engine.memory.recommend import shape_from_config
 from engine.models.attention import VARLEN
 from engine.models.catalog import lookup
-from engine.train.speed import Machine, plan_speed
+from engine.train.speed import Machine, ModelTraits, plan_speed
 
 LLAMA2_7B = lookup("llama2-7b").geometry
 ALPACA = Lengths(mean=180.0, longest=1024)  # alpaca-like: median ~180 tokens, a few long ones cut at 1024
@@ -28,9 +28,10 @@ CPU = Machine(on_gpu=False, flash_attn_installed=False, torch_varlen=False, lige
               available_ram_gib=20.0)
 
 
-def plan(flags: str, machine: Machine, lengths: Lengths = ALPACA, model_type: str = "llama"):
+def plan(flags: str, machine: Machine, lengths: Lengths = ALPACA, model_type: str = "llama",
+         traits: ModelTraits | None = None):
     cfg = parse_args(f"--model_name_or_path meta-llama/Llama-2-7b-hf {flags}".split())
-    return plan_speed(cfg, machine, lengths, model_type, shape_from_config(cfg, LLAMA2_7B))
+    return plan_speed(cfg, machine, lengths, traits or ModelTraits(model_type), shape_from_config(cfg, LLAMA2_7B))
 
 
 def samples_per_step(fit: Fit, lengths: Lengths) -> float:
@@ -164,3 +165,25 @@ def test_the_loss_is_liger_where_applied_trl_s_tiled_head_on_a_gpu_without_it_an
     assert plan("", h200()).loss == "liger"
     assert plan("--enable_liger_kernel false", h200()).loss == "trl"
     assert plan("", CPU).loss == "model"
+
+
+def test_padding_free_gives_way_where_it_would_change_what_is_trained():
+    """Architectures that build their own masks would let joined samples see each other; NEFTune's noise is scaled
+    by the row's length. Both train on padded batches, and say why."""
+    legacy = plan("", h200(), traits=ModelTraits("falcon", attention_backend=False))
+    assert not legacy.padding_free and "builds its own attention masks" in legacy.padding_free_why
+    assert legacy.attention != VARLEN and not legacy.fit.tokens
+    neftune = plan("--neftune_noise_alpha 5", h200())
+    assert not neftune.padding_free and "NEFTune" in neftune.padding_free_why and not neftune.fit.tokens
+
+
+def test_a_sliding_window_shorter_than_a_sample_keeps_transformers_masked_sdpa():
+    from engine.models.attention import varlen_blocker
+
+    assert varlen_blocker({"model_type": "mistral", "sliding_window": 4096}, 1024) is None
+    blocker = varlen_blocker({"model_type": "mistral", "sliding_window": 512}, 1024)
+    assert "sliding window (512 tokens)" in blocker
+    assert varlen_blocker({"model_type": "qwen2", "sliding_window": 512, "use_sliding_window": False}, 1024) is None
+    assert varlen_blocker({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, 1024)
+    windowed = plan("", h200(), traits=ModelTraits("mistral", varlen_blocker=blocker))
+    assert windowed.padding_free and windowed.attention == "sdpa" and "dense block-diagonal" in windowed.attention_why
