@@ -54,9 +54,10 @@ def test_classic_qlora_command_runs_as_written(tiny_models, tmp_path):
 
     start = events_of(out, "start")[0]
     assert start["precision"] == "fp32" and "no GPU" in start["precision_reason"]
-    assert start["attention"] == "tuner_varlen" and "flash attention 2 was asked" in start["attention_reason"]
+    assert start["attention"] == "sdpa" and "flash attention 2 was asked" in start["attention_reason"]
     speed = {f["feature"]: f for f in start["speed"]}  # every speed feature, on or off, with its reason
-    assert speed["padding-free batches"]["on"] and not speed["liger kernels"]["on"]
+    assert not speed["padding-free batches"]["on"] and "NEFTune" in speed["padding-free batches"]["why"]
+    assert not speed["liger kernels"]["on"]
     assert "no GPU" in speed["liger kernels"]["why"] and speed["loss"]["value"] == "the model's own cross-entropy"
     assert not speed["gradient checkpointing"]["on"] and "CPU" in speed["gradient checkpointing"]["why"]
     assert start["batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
