@@ -80,9 +80,10 @@ def synthetic_records(tokenizer, samples: int, kind: str, seed: int = 0) -> list
     return records
 
 
-def write_data(work: Path, tokenizer, samples: int, kind: str) -> Path:
+def write_data(work: Path, tokenizer, samples: int, kind: str, real_alpaca: bool) -> Path:
+    """LLaMA-Factory's alpaca demo records (on the demo model), else synthetic ones of controlled lengths."""
     path = work / f"data-{kind}-{samples}.json"
-    if kind == "alpaca" and ALPACA.is_file() and tokenizer is None:
+    if real_alpaca:
         records = json.loads(ALPACA.read_text())[:samples]
     else:
         records = synthetic_records(tokenizer, samples, kind)
@@ -253,7 +254,7 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         real_alpaca = kind == "alpaca" and not args.geometry and ALPACA.is_file()
-        data = write_data(args.work, None if real_alpaca else tokenizer, args.samples, kind)
+        data = write_data(args.work, tokenizer, args.samples, kind, real_alpaca)
         rows, lengths = engine_rows(model, data, flags, args.work / f"rows-{name}.json")
         tokens = sum(lengths) * args.epochs
         ours_runs, plain_runs = [], []

@@ -9,6 +9,7 @@ others wait on the lock and load what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -128,14 +129,12 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
-        if d.overwrite_cache or not (entry / META).is_file():
+        prepare = d.overwrite_cache or not (entry / META).is_file()
+        if prepare:
             _prepare(entry, key, loaded, tokenizer, template, cfg)
-            how = "prepared"
-        else:
-            how = "loaded from the cache"
         data = _load(entry, loaded.report.lines())
-    data.from_cache = how != "prepared"
-    log.info("data: tokenized data %s (%s)", how, entry)
+    data.from_cache = not prepare
+    log.info("data: tokenized data %s (%s)", "prepared" if prepare else "loaded from the cache", entry)
     return data
 
 
@@ -186,19 +185,15 @@ def _tokenizer_digest(tokenizer) -> str:
     return hashlib.blake2b((vocab + extra).encode(), digest_size=16).hexdigest()
 
 
-class _locked:
+@contextlib.contextmanager
+def _locked(path: Path):
     """An exclusive lock on ``path`` for the ``with`` block; a second process blocks until the first is done."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)  # closing releases the lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def workers_for(count: int, asked: int | None) -> int:
@@ -211,8 +206,9 @@ def workers_for(count: int, asked: int | None) -> int:
 def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> None:
     """Tokenize both splits and write them with their report into ``entry`` (whole or not at all)."""
     d = cfg.data
+    for stale in entry.parent.glob(f"{entry.name}.building-*"):  # left by a process killed mid-way (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     building = entry.with_name(f"{entry.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     summaries, lengths = [], None
     for split, conversations in (("train", loaded.train), ("eval", loaded.eval)):

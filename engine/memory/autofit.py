@@ -95,6 +95,20 @@ def _gpu_reason(samples_per_step: int, lengths: Lengths, free_gib: float) -> str
             f"{lengths.longest}), the fastest layout whose estimate fits {free_gib:.1f} GiB free less {MARGIN:.0%}")
 
 
+def fit_checkpointing(shape: RunShape, micro_batch: int, accumulation: int, checkpointing: bool | None,
+                      free_gib: float, layout: str) -> Fit:
+    """The user's own layout (packing as asked, or padded batches) on a GPU: only checkpointing is chosen, off when
+    the estimate without it fits."""
+    if checkpointing is not None:
+        return user_fit(micro_batch, accumulation, checkpointing, f"{layout}: the batch and checkpointing as given")
+    needed = estimate(replace(shape, gradient_checkpointing=False)).total_gib
+    if needed <= free_gib * (1 - MARGIN):
+        return Fit(micro_batch, accumulation, False, None, needed,
+                   f"{layout}: without checkpointing the estimate fits {free_gib:.1f} GiB free")
+    return Fit(micro_batch, accumulation, True, None, estimate(shape).total_gib,
+               f"{layout}: without checkpointing the estimate ({needed:.1f} GiB) exceeds {free_gib:.1f} GiB free")
+
+
 def fit_cpu(shape: RunShape, micro_batch: int, accumulation: int, checkpointing: bool | None,
             available_gib: float) -> Fit:
     """The user's batch; checkpointing off unless asked for, or the activations would crowd the RAM."""

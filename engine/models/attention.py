@@ -16,13 +16,12 @@ samples would attend to each other (``load_model`` sets ``use_cache=False``).
 
 from __future__ import annotations
 
-import threading
+import functools
 
 VARLEN = "tuner_varlen"
-_REGISTERED = threading.Lock()
-_done = False
 
 
+@functools.cache  # asked by every attention call on a GPU: the answer does not change within a process
 def torch_varlen_available() -> bool:
     """torch's fused variable-length attention: CUDA only, torch >= 2.10."""
     import torch
@@ -37,18 +36,14 @@ def torch_varlen_available() -> bool:
 
 
 def register_varlen_attention() -> str:
-    """Make ``attn_implementation=VARLEN`` known to transformers (idempotent); returns the name."""
-    global _done
-    with _REGISTERED:
-        if _done:
-            return VARLEN
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    """Make ``attn_implementation=VARLEN`` known to transformers (registering again changes nothing); returns the
+    name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-        AttentionInterface.register(VARLEN, varlen_attention_forward)
-        # Like flash-attention: no 4-D mask is built; a padded batch passes its 2-D padding mask (or None).
-        AttentionMaskInterface.register(VARLEN, flash_attention_mask)
-        _done = True
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    # Like flash-attention: no 4-D mask is built; a padded batch passes its 2-D padding mask (or None).
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
     return VARLEN
 
 

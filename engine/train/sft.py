@@ -562,7 +562,7 @@ def _checkpointing_args(config_class, enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def _oom_message(cfg: TunerConfig, plan=None) -> str:
+def _oom_message(cfg: TunerConfig, plan) -> str:
     import torch
 
     gib = 1024**3
@@ -571,8 +571,7 @@ def _oom_message(cfg: TunerConfig, plan=None) -> str:
         peak = torch.cuda.max_memory_allocated() / gib
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib
         figures = f" than the {total:.1f} GiB this GPU has (peak allocated {peak:.1f} GiB before the failure)"
-    layout = f" with {plan.fit.describe()}" if plan is not None else ""
-    return (f"out of GPU memory: the run needed more{figures}{layout}; lower per_device_train_batch_size "
+    return (f"out of GPU memory: the run needed more{figures} with {plan.fit.describe()}; lower per_device_train_batch_size "
             f"({cfg.train.per_device_train_batch_size}) and raise gradient_accumulation_steps, lower cutoff_len "
             f"({cfg.data.cutoff_len}), keep gradient_checkpointing on, or use quantization_bit 4")
 

@@ -7,11 +7,11 @@ start event records and the log prints: every feature, on or off, and why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.config.schema import TunerConfig
 from engine.data.stats import Lengths
-from engine.memory.autofit import Fit, fit_cpu, fit_gpu, user_fit
+from engine.memory.autofit import Fit, fit_checkpointing, fit_cpu, fit_gpu, user_fit
 from engine.memory.estimate import RunShape
 from engine.models.kernels import LigerChoice, choose_liger
 from engine.models.loading import choose_attention
@@ -93,7 +93,8 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
         if padding_free and not d.packing:
             fit = fit_gpu(shape, lengths, mb, ga, gc, machine.free_gib)
         else:
-            fit = _checkpointing_only(shape, mb, ga, gc, machine.free_gib, d.packing)
+            fit = fit_checkpointing(shape, mb, ga, gc, machine.free_gib,
+                                    "packing as asked" if d.packing else "padded batches")
     else:
         fit = fit_cpu(shape, mb, ga, gc, machine.available_ram_gib)
     loss, loss_why = _choose_loss(liger.on, machine.on_gpu)
@@ -132,25 +133,4 @@ def _choose_loss(liger: bool, on_gpu: bool) -> tuple[str, str]:
 
 
 def _with_speed(shape: RunShape, attention: str, liger: bool) -> RunShape:
-    from dataclasses import replace
-
     return replace(shape, attention="eager" if attention == "eager" else "sdpa", fused_loss=liger)
-
-
-def _checkpointing_only(shape: RunShape, mb: int, ga: int, gc: bool | None, free_gib: float, packing: bool) -> Fit:
-    """The user's own layout (packing as asked, or padded batches): auto-fit only turns checkpointing off when the
-    estimate without it fits."""
-    from dataclasses import replace
-
-    from engine.memory.autofit import MARGIN
-    from engine.memory.estimate import estimate
-
-    layout = "packing as asked" if packing else "padded batches as asked"
-    if gc is not None:
-        return user_fit(mb, ga, gc, f"{layout}: the batch and checkpointing as given")
-    needed = estimate(replace(shape, gradient_checkpointing=False)).total_gib
-    if needed <= free_gib * (1 - MARGIN):
-        return Fit(mb, ga, False, None, needed, f"{layout}: without checkpointing the estimate fits {free_gib:.1f} "
-                   "GiB free")
-    return Fit(mb, ga, True, None, estimate(shape).total_gib,
-               f"{layout}: without checkpointing the estimate ({needed:.1f} GiB) exceeds {free_gib:.1f} GiB free")
