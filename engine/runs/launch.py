@@ -79,10 +79,11 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
                 write_status(path, run.status)
                 register(path, run.status.id)
                 if detach:
-                    return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices)
+                    return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices, cfg.data.overwrite_cache)
             from engine.train.sft import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
+            saved.data.overwrite_cache = cfg.data.overwrite_cache  # one-shot: this start, never its config.yaml
             return run_training(saved, run, stop=stop, view=view, wait_for_free_gpus=not force)
     finally:
         if stop is not None:
@@ -175,7 +176,8 @@ def _absolute_list(value: str | None, names) -> str | None:
                     (p.strip() for p in value.split(",")) if part)
 
 
-def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_devices: str | None) -> RunStatus:
+def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_devices: str | None,
+           overwrite_cache: bool = False) -> RunStatus:
     """The worker as a process of its own session, holding the directory's lock, its output appended to
     train.log, started in / so nothing in the run directory shadows a module. Stop signals stay blocked until its
     handlers are in; a token travels in its environment only."""
@@ -185,6 +187,7 @@ def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_d
     if visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices
     argv = [sys.executable, "-m", "engine.runs.worker", str(run.path)] + (["--force"] if force else []) + \
+        (["--overwrite-cache"] if overwrite_cache else []) + \
         (["--resume-from", run.resume_from] if run.resume_from else [])
     with open_append(run.path / "train.log") as log, blocked_stop_signals():
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

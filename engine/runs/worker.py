@@ -1,7 +1,9 @@
-"""The process a detached run is: ``python -m engine.runs.worker RUN_DIR [--force] [--resume-from CHECKPOINT]``.
+"""The process a detached run is:
+``python -m engine.runs.worker RUN_DIR [--force] [--overwrite-cache] [--resume-from CHECKPOINT]``.
 
 It installs its stop handlers before anything else (its launcher started it with the stop signals blocked), keeps
-the directory's lock its launcher handed down, and trains from the run's config.yaml and nothing else.
+the directory's lock its launcher handed down, and trains from the run's config.yaml and nothing else (but the
+one-shot choices of this start, which config.yaml never keeps).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main(argv: list[str]) -> int:
     try:
         lock = lock or RunLock.acquire(run_dir)
         cfg = build_config(read_config_file(run_dir / CONFIG_FILE))
+        cfg.data.overwrite_cache = "--overwrite-cache" in argv
         status = read_status(run_dir)
         if status is None or status.state == UNREADABLE:
             raise UserError(f"{run_dir} has no readable status.json: start the run with `tuner train`")

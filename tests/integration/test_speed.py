@@ -177,3 +177,28 @@ def test_an_out_of_memory_first_step_backs_off_and_the_run_goes_on(tiny_models, 
     monkeypatch.setattr(loading, "load_model", load_with_a_memory_limit)
     assert main(["train", *STEPS, "--output_dir", str(tmp_path / "kept"), "--auto_fit", "false"]) == 2
     assert "out of GPU memory" in read_status(tmp_path / "kept").error
+
+
+def test_overwrite_cache_on_the_command_line_prepares_again_in_the_foreground_and_detached(tiny_models, tmp_path):
+    """A one-shot key: it acts for the start it is given to (config.yaml never keeps it, so a resume reuses the
+    cache)."""
+    from job_helpers import tuner as tuner_cli
+    from job_helpers import wait_for
+
+    data = _unique_data(tmp_path, "overwrite")
+    args = ["train", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--template", "alpaca",
+            "--max_steps", "1", "--save_strategy", "no"]
+
+    def prepared(run_dir: Path) -> bool:
+        return "tokenized data prepared" in (run_dir / "train.log").read_text()
+
+    assert main([*args, "--output_dir", str(tmp_path / "first")]) == 0 and prepared(tmp_path / "first")
+    assert main([*args, "--output_dir", str(tmp_path / "cached")]) == 0 and not prepared(tmp_path / "cached")
+    assert main([*args, "--output_dir", str(tmp_path / "again"), "--overwrite_cache", "true"]) == 0
+    assert prepared(tmp_path / "again")
+    result = tuner_cli(*args, "--output_dir", str(tmp_path / "detached"), "--overwrite_cache", "true", "--detach",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: read_status(tmp_path / "detached").state in ("completed", "failed"), 120, "the detached run")
+    assert read_status(tmp_path / "detached").state == "completed" and prepared(tmp_path / "detached")
+    assert "overwrite_cache: false" in (tmp_path / "detached" / "config.yaml").read_text()
