@@ -202,3 +202,38 @@ def test_overwrite_cache_on_the_command_line_prepares_again_in_the_foreground_an
     wait_for(lambda: read_status(tmp_path / "detached").state in ("completed", "failed"), 120, "the detached run")
     assert read_status(tmp_path / "detached").state == "completed" and prepared(tmp_path / "detached")
     assert "overwrite_cache: false" in (tmp_path / "detached" / "config.yaml").read_text()
+
+
+def test_a_second_process_preparing_the_same_data_says_it_waits_and_goes_on_when_the_first_is_done(tmp_path):
+    """The cache entry's lock: flock between two open files, as between two processes."""
+    import logging
+    import threading
+
+    from engine.data.tokenize import _locked
+    from job_helpers import wait_for
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("tuner")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    entered = threading.Event()
+
+    def wait_then_enter():
+        with _locked(tmp_path / "entry.lock"):
+            entered.set()
+
+    try:
+        with _locked(tmp_path / "entry.lock"):
+            second = threading.Thread(target=wait_then_enter)
+            second.start()
+            wait_for(lambda: any("another process is preparing the same data" in line for line in lines), 10,
+                     "the second to say it waits")
+            assert not entered.is_set(), "the second waits while the first holds the entry"
+        second.join(10)
+        assert entered.is_set()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
