@@ -26,7 +26,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, secret: bool = F
     return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
 
 
-ATTENTION_CHOICES = ("auto", "fa2", "sdpa", "eager")
+ATTENTION_CHOICES = ("auto", "fa2", "fa3", "sdpa", "eager")
+ROPE_SCALING = ("linear", "dynamic", "yarn", "llama3")
 FINETUNING_TYPES = ("lora", "freeze", "full")
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -51,17 +52,26 @@ class ModelArgs:
     cache_dir: str | None = _opt(None, "Where hub downloads are cached (default: the Hugging Face cache).")
     hf_hub_token: str | None = _opt(None, "Hub access token for gated models (never written to saved configs).",
                                     secret=True)
+    quantization_method: str = _opt("bnb", "Quantization library for quantization_bit (bitsandbytes).", ("bnb",))
+    rope_scaling: str | None = _opt(None, "Stretch the model's RoPE context to cutoff_len when it is longer than the "
+                                    "model's own.", ROPE_SCALING)
+    infer_backend: str = _opt("huggingface", "Inference engine for chat and predict (transformers' generate).",
+                              ("huggingface",))
 
 
 @dataclass
 class DataArgs:
     dataset: str | None = _opt(None, "Dataset name(s) from the registry, file/folder path(s) or hub id(s), comma separated.")
-    dataset_dir: str | None = _opt(None, "Folder holding dataset_info.json and its files (default: ./data if present).")
+    dataset_dir: str = _opt("data", "Folder holding dataset_info.json and its files; the bundled demo sets are "
+                            "found whatever it is.")
     eval_dataset: str | None = _opt(None, "Separate dataset(s) for evaluation, comma separated.")
     val_size: float = _opt(0.0, "Split this fraction (0-1) or number of samples off the training data for evaluation.")
     max_samples: int | None = _opt(None, "Use at most this many samples of each dataset.")
-    cutoff_len: int = _opt(1024, "Maximum tokens per sample; longer samples are truncated.")
+    cutoff_len: int = _opt(2048, "Maximum tokens per sample; a longer one is cut, prompt and reply in proportion, "
+                           "keeping the reply's end.")
     train_on_prompt: bool = _opt(False, "Learn the prompt too, not only the assistant's replies.")
+    mask_history: bool = _opt(False, "Learn only the last reply of each conversation (earlier turns are context).")
+    default_system: str | None = _opt(None, "System prompt for conversations without one (default: the template's).")
     packing: bool = _opt(False, "Pack several short samples into each sequence of cutoff_len tokens.")
     padding_free: bool = _opt(True, "Join each micro-batch into one row without padding; samples never attend to "
                               "each other.")
@@ -84,6 +94,17 @@ class FinetuneArgs:
     freeze_trainable_layers: int = _opt(2, "freeze: train the last N decoder layers (negative: the first N).")
     freeze_trainable_modules: str = _opt("all", "freeze: which modules of those layers train (comma list or all).")
     neftune_noise_alpha: float | None = _opt(None, "NEFTune: noise added to embeddings while training (e.g. 5).")
+    additional_target: str | None = _opt(None, "lora: modules trained in full and saved with the adapter "
+                                         "(comma list, e.g. embed_tokens,lm_head).")
+    create_new_adapter: bool = _opt(False, "lora: with adapter_name_or_path, train a new adapter on top of the "
+                                    "merged given one instead of training the given one further.")
+    loraplus_lr_ratio: float | None = _opt(None, "LoRA+: the B matrices learn this many times faster than A "
+                                           "(e.g. 16).")
+    loraplus_lr_embedding: float = _opt(1e-6, "LoRA+: learning rate of LoRA on embedding layers.")
+    pissa_init: bool = _opt(False, "lora: initialise the adapter from the weights' principal singular vectors "
+                            "(PiSSA).")
+    pissa_iter: int = _opt(16, "PiSSA: fast-SVD iterations (-1: exact SVD).")
+    pissa_convert: bool = _opt(False, "PiSSA: also save the adapter converted to a plain LoRA one (pissa_converted/).")
 
 
 @dataclass
@@ -120,6 +141,8 @@ class TrainArgs:
                                                "(default: auto_fit decides; on without auto_fit).")
     enable_liger_kernel: bool | None = _opt(None, "Liger's fused kernels (default: on when liger-kernel is installed "
                                             "and a GPU is present).")
+    pure_bf16: bool = _opt(False, "Hold the weights in bfloat16 and train without mixed precision (less memory).")
+    plot_loss: bool = _opt(False, "Draw training_loss.png (and eval_loss.png with evaluation) in output_dir.")
     auto_fit: bool = _opt(True, "Choose tokens per micro-batch, accumulation and checkpointing for the GPU's free "
                           "memory, keeping the samples per optimizer step; false keeps the batch settings as given.")
     seed: int = _opt(42, "Random seed.")
@@ -148,6 +171,10 @@ class GenerateArgs:
 class ExportArgs:
     export_dir: str | None = _opt(None, "Write the merged model here (safetensors).")
     export_size: int = _opt(5, "Largest safetensors shard, in GB.")
+    export_device: str = _opt("cpu", "Where the weights are merged: cpu, or auto (the GPUs when there are).",
+                              ("cpu", "auto"))
+    export_legacy_format: bool = _opt(False, "Write .bin pickles instead of safetensors (refused: tuner writes "
+                                      "safetensors only).")
 
 
 SECTIONS: dict[str, type] = {
