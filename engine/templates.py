@@ -1,8 +1,9 @@
 """Prompt templates as data: turn a conversation into text pieces, token ids and label masks.
 
 A conversation is the OpenAI message form: an optional system message, then user and assistant turns alternating,
-starting with user. The templates themselves live in ``presets/templates.yaml``; ``auto`` means the tokenizer's own
-``chat_template``.
+starting with user; an assistant turn may call tools (``tool_calls``), answered by ``tool`` messages before the next
+assistant turn, with the tools' schemas given beside the messages as a JSON string. The templates themselves live in
+``presets/templates.yaml``; ``auto`` means the tokenizer's own ``chat_template``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import yaml
 
 from engine.errors import UserError
 from engine.paths import PRESETS_DIR
+from engine.tool_formats import TOOL_FORMATS, function_text, parse_tools, tool_calls, tool_prompt
 
 IGNORE_INDEX = -100
 AUTO = "auto"
 _PLACEHOLDER = re.compile(r"\{\{\s*(content|bos_token|eos_token)\s*\}\}")
-_FORMATS = ("prefix", "system", "user", "assistant_prefix", "assistant", "separator")
+_FORMATS = ("prefix", "system", "user", "assistant_prefix", "assistant")
 _EXAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 _PROBES = (
     [
@@ -54,8 +56,12 @@ class Template:
     user: str = "{{content}}"
     assistant_prefix: str = ""
     assistant: str = "{{content}}{{eos_token}}"
-    separator: str = ""
-    trim: bool = True
+    observation: str | None = None
+    function: str | None = None
+    tool_format: str = "default"
+    thought_words: tuple[str, str] | None = None
+    efficient_eos: bool = False
+    trim: bool = False
     stop_words: tuple[str, ...] = ()
     bos_token: str = ""
     eos_token: str = ""
@@ -76,11 +82,10 @@ class EncodedSample:
 
     input_ids: list[int]
     labels: list[int]
-    first_learned: int | None = None
 
 
 class NoLearnedTokens(UserError):
-    """A conversation that would train on nothing: no assistant reply, or its first reply lies beyond cutoff_len.
+    """A conversation that would train on nothing: no assistant reply, or none left within cutoff_len.
 
     The data layer catches it to drop and count the sample.
     """
@@ -96,10 +101,15 @@ def _templates() -> dict[str, Template]:
     templates = {}
     for name, fields in entries.items():
         fields["stop_words"] = tuple(fields.get("stop_words", ()))
+        if "thought_words" in fields:
+            fields["thought_words"] = tuple(fields["thought_words"])
         template = Template(name=name, **fields)
-        for turn in ("system", "user", "assistant"):
-            if _PLACEHOLDER.findall(getattr(template, turn)).count("content") != 1:
+        for turn in ("system", "user", "assistant", "observation", "function"):
+            fmt = getattr(template, turn)
+            if fmt is not None and _PLACEHOLDER.findall(fmt).count("content") != 1:
                 raise ValueError(f"templates.yaml: {name}.{turn} must contain {{{{content}}}} exactly once")
+        if template.tool_format not in TOOL_FORMATS:
+            raise ValueError(f"templates.yaml: {name}.tool_format must be one of {', '.join(TOOL_FORMATS)}")
         templates[name] = template
     return templates
 
@@ -134,37 +144,77 @@ def describe_templates() -> list[tuple[str, str, str]]:
 
 # --- rendering --------------------------------------------------------------------------------------------------
 
+_RULE = (
+    "a conversation is an optional system message, then user and assistant turns alternating, user first; "
+    "an assistant turn that calls tools is followed by one tool message per result, then the assistant again"
+)
+
 
 def check_conversation(messages: list[dict]) -> None:
     """Raise a UserError naming the first message out of place (1-based), so a user can find it in their data."""
-    rule = "a conversation is an optional system message, then user and assistant turns alternating, user first"
     if not messages:
-        raise UserError("the conversation has no messages", hint=rule)
+        raise UserError("the conversation has no messages", hint=_RULE)
     offset = 1 if messages[0].get("role") == "system" else 0
     if len(messages) == offset:
-        raise UserError("the conversation has only a system message", hint=rule)
+        raise UserError("the conversation has only a system message", hint=_RULE)
+    previous = None
     for i, message in enumerate(messages[offset:], start=offset):
-        role = message.get("role")
-        expected = "user" if (i - offset) % 2 == 0 else "assistant"
-        if role != expected:
-            where = f"message {i + 1} of {len(messages)}"
+        where = f"message {i + 1} of {len(messages)}"
+        role, expected = message.get("role"), _expected_roles(previous)
+        if role not in expected:
             if role == "system":
-                raise UserError(f"{where} is a system message: only the first message may be one", hint=rule)
-            raise UserError(f"{where} has role {role!r} where {expected!r} was expected", hint=rule)
-        if not isinstance(message.get("content"), str):
-            raise UserError(f"message {i + 1} of {len(messages)} has no text content")
+                raise UserError(f"{where} is a system message: only the first message may be one", hint=_RULE)
+            wanted = " or ".join(repr(r) for r in expected)
+            raise UserError(f"{where} has role {role!r} where {wanted} was expected", hint=_RULE)
+        if role == "assistant" and message.get("tool_calls"):
+            tool_calls(message, where)
+        elif not isinstance(message.get("content"), str):
+            raise UserError(f"{where} has no text content")
+        previous = message
+
+
+def _expected_roles(previous: dict | None) -> tuple[str, ...]:
+    if previous is None:
+        return ("user",)
+    if previous["role"] == "user":
+        return ("assistant",)
+    if previous["role"] == "tool":
+        return ("tool", "assistant")
+    return ("tool",) if previous.get("tool_calls") else ("user",)
 
 
 def render_segments(
-    template: Template, messages: list[dict], tokenizer=None, *, add_generation_prompt: bool = False
+    template: Template, messages: list[dict], tokenizer=None, *, add_generation_prompt: bool = False,
+    tools: str | None = None,
 ) -> list[Segment]:
     """The whole conversation as text pieces, learned=True for every assistant reply and its end-of-turn tokens.
 
-    With ``add_generation_prompt`` the text ends with the opening of an assistant turn, ready for generation.
+    With ``add_generation_prompt`` the text ends with the opening of an assistant turn, ready for generation;
+    ``tools`` is the JSON list of function schemas the conversation may call.
     """
     check_conversation(messages)
     if template.from_tokenizer:
-        return _tokenizer_segments(tokenizer, messages, add_generation_prompt)
+        return _tokenizer_segments(tokenizer, _with_default_system(template, messages), add_generation_prompt, tools)
+    pieces = _pieces(template, messages, tokenizer, add_generation_prompt, tools)
+    if template.efficient_eos and not add_generation_prompt and messages[-1]["role"] == "assistant":
+        pieces.append(Segment(_token(tokenizer, "eos_token", template), True))
+    return _merge(pieces)
+
+
+def render_text(
+    template: Template, messages: list[dict], tokenizer=None, *, add_generation_prompt: bool = False,
+    tools: str | None = None,
+) -> str:
+    """The conversation as one string, exactly what ``encode`` tokenizes."""
+    segments = render_segments(template, messages, tokenizer, add_generation_prompt=add_generation_prompt,
+                               tools=tools)
+    return "".join(s.text for s in segments)
+
+
+def _pieces(template: Template, messages: list[dict], tokenizer, add_generation_prompt: bool,
+            tools: str | None) -> list[Segment]:
+    """The named template's pieces, as LLaMA-Factory lays them out: the tools' description follows the system
+    prompt, a tool result takes the observation format, a reply that calls tools the function format."""
     values = {attribute: _token(tokenizer, attribute, template) for attribute in ("bos_token", "eos_token")}
 
     def fill(fmt: str, content: str = "") -> str:
@@ -174,30 +224,40 @@ def render_segments(
         return text.strip() if template.trim else text
 
     system, turns = _split_system(template, messages)
+    tool_text = tool_prompt(template.tool_format, parse_tools(tools))
+    system_text = fill(template.system, clean(system or "") + tool_text) if system or tool_text else ""
     pieces = [Segment(fill(template.prefix), False)]
-    if system is not None and not template.system_in_user:
-        pieces.append(Segment(fill(template.system, clean(system)), False))
+    if not template.system_in_user:
+        pieces.append(Segment(system_text, False))
     for i, message in enumerate(turns):
-        if message["role"] == "user":
-            content = message["content"]
-            if i == 0 and system is not None and template.system_in_user:
-                content = fill(template.system, clean(system)) + content
-            pieces.append(Segment(fill(template.user, clean(content)), False))
-        else:
+        if message["role"] == "assistant":
             pieces.append(Segment(fill(template.assistant_prefix), False))
-            pieces.append(Segment(fill(template.assistant, clean(message["content"])), True))
-            pieces.append(Segment(fill(template.separator), False))
+            pieces.append(Segment(_reply(template, message, fill, clean), True))
+        elif message["role"] == "tool":
+            pieces.append(Segment(fill(template.observation or template.user, clean(message["content"])), False))
+        else:
+            content = message["content"]
+            if i == 0 and template.system_in_user:
+                content = system_text + content
+            pieces.append(Segment(fill(template.user, clean(content)), False))
     if add_generation_prompt:
         pieces.append(Segment(fill(template.assistant_prefix), False))
-    return _merge(pieces)
+    return pieces
 
 
-def render_text(
-    template: Template, messages: list[dict], tokenizer=None, *, add_generation_prompt: bool = False
-) -> str:
-    """The conversation as one string, exactly what ``encode`` tokenizes."""
-    segments = render_segments(template, messages, tokenizer, add_generation_prompt=add_generation_prompt)
-    return "".join(s.text for s in segments)
+def _reply(template: Template, message: dict, fill, clean) -> str:
+    """An assistant turn's learned text: its calls in the template's tool format, and for a reasoning template an
+    empty thought in front when the reply has none (LLaMA-Factory's ReasoningTemplate, thinking enabled)."""
+    raw = message.get("content") or ""
+    content, fmt = clean(raw), template.assistant
+    calls = tool_calls(message) if message.get("tool_calls") else []
+    if calls:
+        text = function_text(template.tool_format, calls)
+        content, fmt = (f"{content}\n{text}" if content else text), template.function or template.assistant
+    thought = ""
+    if template.thought_words and not any(word.strip() in raw for word in template.thought_words):
+        thought = "".join(template.thought_words)
+    return thought + fill(fmt, content)
 
 
 def _token(tokenizer, attribute: str, template: Template) -> str:
@@ -206,9 +266,17 @@ def _token(tokenizer, attribute: str, template: Template) -> str:
 
 
 def _split_system(template: Template, messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """The system prompt (an empty one gives way to the default, as in LLaMA-Factory) and the turns after it."""
     if messages[0]["role"] == "system":
-        return messages[0]["content"], messages[1:]
+        return messages[0]["content"] or template.default_system, messages[1:]
     return template.default_system, messages
+
+
+def _with_default_system(template: Template, messages: list[dict]) -> list[dict]:
+    """For ``auto``: a default system prompt given to it (data.default_system) as the conversation's system message."""
+    if template.default_system is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": template.default_system}, *messages]
 
 
 def _merge(pieces: list[Segment]) -> list[Segment]:
@@ -224,11 +292,11 @@ def _merge(pieces: list[Segment]) -> list[Segment]:
     return merged
 
 
-def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
-    """Render with the tokenizer's chat_template; each reply is what rendering up to it adds to its prompt.
-
-    Whitespace after a reply (the newline between turns) is left unlearned, as the named templates' separators are.
-    """
+def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: bool,
+                        tools: str | None) -> list[Segment]:
+    """Render with the tokenizer's chat_template (the messages and tools as they are); each reply is all that
+    rendering up to it adds to its prompt, the whitespace after its end-of-turn token included, as LLaMA-Factory
+    learns it."""
     from jinja2.exceptions import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
@@ -237,10 +305,12 @@ def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: 
             f"template 'auto' means the tokenizer's own chat_template, and {missing}",
             hint=f"choose a named template: {', '.join(n for n in template_names() if n != AUTO)}",
         )
+    schemas = parse_tools(tools) or None
 
     def render(conversation: list[dict], generation_prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(conversation, tools=schemas, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
         except TemplateError as e:
             raise UserError(f"the tokenizer's chat_template rejected the conversation: {e}") from e
 
@@ -256,9 +326,8 @@ def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: 
                 "so its replies cannot be located",
                 hint="choose a named template instead of 'auto'",
             )
-        reply_end = len(prompt) + len(upto[len(prompt):].rstrip())
-        segments += [Segment(full[start:len(prompt)], False), Segment(full[len(prompt):reply_end], True)]
-        start = reply_end
+        segments += [Segment(full[start:len(prompt)], False), Segment(full[len(prompt):len(upto)], True)]
+        start = len(upto)
     segments.append(Segment(full[start:], False))
     return _merge(segments)
 
@@ -266,51 +335,128 @@ def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: 
 # --- tokens and labels ------------------------------------------------------------------------------------------
 
 
-def encode(tokenizer, template: Template, messages: list[dict], cutoff_len: int | None = None) -> EncodedSample:
-    """Token ids and labels, keeping the first ``cutoff_len`` tokens.
+@dataclass
+class EncodedTurns:
+    """A conversation's token ids as (prompt, reply) pairs, one per assistant reply, as LLaMA-Factory's
+    ``encode_multiturn`` gives them (text after the last reply is a last pair with no reply); ``sample`` cuts them
+    to cutoff_len and labels them."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    eos_id: int | None = None  # efficient_eos: one eos closes the conversation, learned
+
+    @property
+    def length(self) -> int:
+        """Tokens before truncation."""
+        return sum(len(source) + len(target) for source, target in self.pairs) + (self.eos_id is not None)
+
+    def sample(self, cutoff_len: int | None = None, *, train_on_prompt: bool = False,
+               mask_history: bool = False) -> EncodedSample:
+        """Ids and labels, cut as LLaMA-Factory's supervised processor cuts: turn by turn, each (prompt, reply) pair
+        gets its share of what is left of cutoff_len (``infer_seqlen``), until none is left. With ``mask_history``
+        only the last reply is learned, and turns are taken from the last back, so it is the one that survives."""
+        if train_on_prompt and self.eos_id is not None:
+            raise UserError("this template (efficient_eos) cannot train on the prompt, as in LLaMA-Factory",
+                            hint="set train_on_prompt: false or choose another template")
+        order = list(enumerate(self.pairs))
+        if mask_history:
+            order.reverse()
+        last = max((i for i, (_, target) in order if target), default=None)
+        total = 1 if self.eos_id is not None else 0
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for turn, (i, (source, target)) in enumerate(order):
+            if cutoff_len is not None:
+                if total >= cutoff_len:
+                    break
+                source_len, target_len = infer_seqlen(len(source), len(target), cutoff_len - total)
+                source, target = source[:source_len], target[:target_len]
+            total += len(source) + len(target)
+            if train_on_prompt:
+                source_labels = list(source)
+            elif self.eos_id is not None and turn != 0 and source:
+                source_labels = [self.eos_id] + [IGNORE_INDEX] * (len(source) - 1)
+            else:
+                source_labels = [IGNORE_INDEX] * len(source)
+            target_labels = [IGNORE_INDEX] * len(target) if mask_history and i != last else list(target)
+            if mask_history:
+                input_ids, labels = source + target + input_ids, source_labels + target_labels + labels
+            else:
+                input_ids, labels = input_ids + source + target, labels + source_labels + target_labels
+        if self.eos_id is not None:
+            input_ids, labels = input_ids + [self.eos_id], labels + [self.eos_id]
+        return EncodedSample(input_ids, labels)
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's share of ``cutoff_len`` for a (prompt, reply) pair: a short reply keeps all its tokens, else
+    a short prompt does, else both shrink in proportion to their lengths."""
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    max_source_len = max(cutoff_len - new_target_len, 0)
+    return min(max_source_len, source_len), new_target_len
+
+
+def encode(tokenizer, template: Template, messages: list[dict], cutoff_len: int | None = None, *,
+           tools: str | None = None, train_on_prompt: bool = False, mask_history: bool = False) -> EncodedSample:
+    """Token ids and labels, cut to ``cutoff_len`` as ``EncodedTurns.sample`` does.
 
     Each segment is tokenized on its own (special tokens written in the text become their ids), so labels align
     exactly with the learned text. Raises NoLearnedTokens when nothing would be learned.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for segment in render_segments(template, messages, tokenizer):
-        ids = tokenizer.encode(segment.text, add_special_tokens=False)
-        input_ids += ids
-        labels += ids if segment.learned else [IGNORE_INDEX] * len(ids)
-    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
-    if first is None:
+    turns = encode_many(tokenizer, template, [messages], [tools])[0]
+    if turns is None:
         raise NoLearnedTokens("the conversation has no assistant reply to learn from")
-    if cutoff_len is not None and first >= cutoff_len:
-        raise NoLearnedTokens(
-            f"the first assistant reply starts at token {first}, beyond cutoff_len={cutoff_len}",
-            hint="raise cutoff_len or shorten the prompt",
-        )
-    return EncodedSample(input_ids[:cutoff_len], labels[:cutoff_len])
+    sample = turns.sample(cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history)
+    if all(label == IGNORE_INDEX for label in sample.labels):
+        raise NoLearnedTokens(f"no reply is left to learn within cutoff_len={cutoff_len}", hint="raise cutoff_len")
+    return sample
 
 
-def encode_many(tokenizer, template: Template, conversations: list[list[dict]]) -> list[EncodedSample | None]:
-    """``encode`` for many conversations at once (no cutoff): every segment of every conversation goes to the
-    tokenizer in one batch call, which a fast tokenizer runs in Rust. None for a conversation with nothing to learn;
-    ``first_learned`` of each sample is the position of its first learned token."""
-    rendered = [render_segments(template, messages, tokenizer) for messages in conversations]
-    ids = iter(tokenize_texts(tokenizer, [segment.text for segments in rendered for segment in segments]))
-    samples: list[EncodedSample | None] = []
-    for segments in rendered:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        first = None
-        for segment in segments:
-            piece = next(ids)
-            if segment.learned:
-                if first is None and piece:
-                    first = len(input_ids)
-                labels += piece
-            else:
-                labels += [IGNORE_INDEX] * len(piece)
-            input_ids += piece
-        samples.append(None if first is None else EncodedSample(input_ids, labels, first))
-    return samples
+def encode_many(tokenizer, template: Template, conversations: list[list[dict]],
+                tools: list[str | None] | None = None) -> list[EncodedTurns | None]:
+    """The (prompt, reply) pairs of many conversations at once: every segment of every conversation goes to the
+    tokenizer in one batch call, which a fast tokenizer runs in Rust. None for a conversation with nothing to learn.
+    ``tools`` holds each conversation's tools (a JSON string, or empty)."""
+    tools = tools or [None] * len(conversations)
+    paired = [_text_pairs(template, messages, tokenizer, t) for messages, t in zip(conversations, tools)]
+    ids = iter(tokenize_texts(tokenizer, [text for pairs in paired for pair in pairs for text in pair]))
+    eos_id = _eos_id(tokenizer, template) if template.efficient_eos else None
+    return [
+        EncodedTurns([(next(ids), next(ids)) for _ in pairs], eos_id) if any(t for _, t in pairs) else None
+        for pairs in paired
+    ]
+
+
+def _text_pairs(template: Template, messages: list[dict], tokenizer, tools: str | None) -> list[tuple[str, str]]:
+    """(prompt text, reply text) per reply; text after the last reply makes a pair with an empty reply."""
+    check_conversation(messages)
+    if template.from_tokenizer:
+        segments = _tokenizer_segments(tokenizer, _with_default_system(template, messages), False, tools)
+    else:
+        segments = _merge(_pieces(template, messages, tokenizer, False, tools))
+    pairs, source = [], ""
+    for segment in segments:
+        if segment.learned:
+            pairs.append((source, segment.text))
+            source = ""
+        else:
+            source += segment.text
+    return pairs + [(source, "")] if source else pairs
+
+
+def _eos_id(tokenizer, template: Template) -> int:
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        return tokenizer.eos_token_id
+    ids = tokenize_texts(tokenizer, [template.eos_token])[0]
+    if len(ids) != 1:
+        raise UserError(f"template {template.name!r} ends each conversation with eos, and this tokenizer has none",
+                        hint="choose a tokenizer with an eos token, or another template")
+    return ids[0]
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -332,15 +478,17 @@ def to_chat_template(template: Template) -> str:
     if template.from_tokenizer:
         raise UserError("template 'auto' has no format of its own: it is the tokenizer's chat_template")
     content = "(content | trim)" if template.trim else "content"
+    system = "(system | trim)" if template.trim else "system"
     default = _literal(template.default_system) if template.default_system is not None else "none"
     lines = [
         f"{{%- set {var} = {var}_token if {var}_token else {_literal(getattr(template, var + '_token'))} -%}}"
         for var in ("bos", "eos")
         if any(f"{var}_token" in _PLACEHOLDER.findall(getattr(template, field)) for field in _FORMATS)
+        or (var == "eos" and template.efficient_eos)
     ]
     lines += [
         "{%- if messages[0]['role'] == 'system' -%}",
-        f"{{%- set system = messages[0]['content']{' | trim' if template.trim else ''} -%}}",
+        f"{{%- set system = messages[0]['content'] or {default} -%}}",
         "{%- set messages = messages[1:] -%}",
         "{%- else -%}",
         f"{{%- set system = {default} -%}}",
@@ -348,7 +496,7 @@ def to_chat_template(template: Template) -> str:
         _output(_parts(template.prefix)),
     ]
     if not template.system_in_user:
-        lines.append(f"{{%- if system is not none -%}}{_output(_parts(template.system, 'system'))}{{%- endif -%}}")
+        lines.append(f"{{%- if system -%}}{_output(_parts(template.system, system))}{{%- endif -%}}")
     lines += [
         "{%- for message in messages -%}",
         "{%- if message['role'] not in ['user', 'assistant'] or "
@@ -358,19 +506,27 @@ def to_chat_template(template: Template) -> str:
         "{%- set content = message['content'] -%}",
     ]
     if template.system_in_user:
-        folded = " + ".join(_parts(template.system, "system") + ["content"])
-        lines.append(f"{{%- if loop.first and system is not none -%}}{{%- set content = {folded} -%}}{{%- endif -%}}")
-    reply = _parts(template.assistant_prefix) + _parts(template.assistant, content) + _parts(template.separator)
+        folded = " + ".join(_parts(template.system, system) + ["content"])
+        lines.append(f"{{%- if loop.first and system -%}}{{%- set content = {folded} -%}}{{%- endif -%}}")
     lines += [
         "{%- if message['role'] == 'user' -%}",
         _output(_parts(template.user, content)),
         "{%- else -%}",
-        _output(reply),
+        _output(_parts(template.assistant_prefix)),
+    ]
+    if template.thought_words:
+        tags = " and ".join(f"{_literal(word.strip())} not in message['content']" for word in template.thought_words)
+        lines.append(f"{{%- if {tags} -%}}{_output([_literal(''.join(template.thought_words))])}{{%- endif -%}}")
+    lines += [
+        _output(_parts(template.assistant, content)),
         "{%- endif -%}",
         "{%- endfor -%}",
     ]
     if template.assistant_prefix:
         lines.append(f"{{%- if add_generation_prompt -%}}{_output(_parts(template.assistant_prefix))}{{%- endif -%}}")
+    if template.efficient_eos:
+        lines.append("{%- if not add_generation_prompt and messages[-1]['role'] == 'assistant' -%}{{- eos -}}"
+                     "{%- endif -%}")
     return "\n".join(line for line in lines if line)
 
 

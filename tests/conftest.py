@@ -26,7 +26,7 @@ def _state_home(tmp_path_factory):
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+        pytest.fail("../shared/data is not beside this checkout: the tests that read real data need it")
     return SHARED_DATA
 
 

@@ -47,7 +47,8 @@ COMMANDS: dict[str, Command] = {
                     "tuner gpus [--json]"),
     "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
     "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
-    "datasets": Command(cmd_datasets, "List the registered datasets (bundled and --dataset_dir's dataset_info.json).",
+    "datasets": Command(cmd_datasets, "List the registered datasets (bundled, and those of --dataset_dir's "
+                        "dataset_info.json: ./data by default).",
                         "tuner datasets [--dataset_dir DIR] [--json]"),
 }
 
@@ -84,10 +85,25 @@ def command_help(cmd: Command) -> str:
                 choices = f.metadata.get("choices")
                 extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
                 lines.append(f"  --{f.name} (default {f.default}){extra}\n      {f.metadata['help']}")
+        lines += _passthrough_help()
         lines += ["", "old spellings accepted: " + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()),
                   "a bare --flash_attn means flash attention 2 (falls back to SDPA when it is not installed)"]
     return "\n".join(lines)
 
+
+
+def _passthrough_help() -> list[str]:
+    """The installed transformers' and TRL's training fields that pass through, read from their source (no import)."""
+    from engine.config.schema import passthrough_fields
+
+    fields = passthrough_fields()
+    if not fields:
+        return []
+    lines = ["", "transformers (TrainingArguments / TRL SFTConfig fields of the installed versions, passed through):"]
+    for f in fields.values():
+        first = f.help.split(". ")[0].rstrip(".")
+        lines.append(f"  --{f.name} (default {f.default})\n      {first}.")
+    return lines
 
 
 def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None) -> int:

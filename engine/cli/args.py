@@ -48,10 +48,14 @@ def no_more(argv: list[str], command: str) -> None:
 def load_config(argv: list[str], command: str, base: dict | None = None):
     """The command's config from files and overrides on top of ``base``, validated for ``command``."""
     from engine.config.schema import parse_args
-    from engine.config.validation import validate
+    from engine.config.validation import problems_in
+    from engine.errors import ConfigError
 
-    cfg = parse_args(argv, base)
-    validate(cfg, command)
+    problems: list[str] = []
+    cfg = parse_args(argv, base, problems, command)
+    problems += problems_in(cfg, command)  # the keys' and the values' problems in one round
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 

@@ -46,7 +46,9 @@ def cmd_templates(argv: list[str]) -> int:
 
 def cmd_datasets(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
-    dataset_dir = take_option(argv, "--dataset_dir")
+    from engine.config.schema import DataArgs
+
+    dataset_dir = take_option(argv, "--dataset_dir", DataArgs.dataset_dir)  # ./data, as `tuner train` reads it
     no_more(argv, "datasets")
     from engine.data import load_registry
 

@@ -15,12 +15,16 @@ def cmd_train(argv: list[str]) -> int:
     detach = take_flag(argv, "--detach")
     force = take_flag(argv, "--force")  # start even while another run holds the same GPUs
     from engine.config.schema import parse_args
-    from engine.config.validation import validate
+    from engine.config.validation import problems_in
+    from engine.errors import ConfigError
 
-    cfg = parse_args(argv)
+    problems: list[str] = []
+    cfg = parse_args(argv, problems=problems)
     t = cfg.train
     command = "predict" if t.do_predict and not t.do_train else "train"
-    validate(cfg, command)
+    problems += problems_in(cfg, command)  # unknown keys and bad values in one round
+    if problems:
+        raise ConfigError(problems)
     if print_config:
         print(cfg.to_yaml(), end="")
         return 0

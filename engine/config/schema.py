@@ -142,7 +142,8 @@ class TrainArgs:
     enable_liger_kernel: bool | None = _opt(None, "Liger's fused kernels (default: on when liger-kernel is installed "
                                             "and a GPU is present).")
     pure_bf16: bool = _opt(False, "Hold the weights in bfloat16 and train without mixed precision (less memory).")
-    plot_loss: bool = _opt(False, "Draw training_loss.png (and eval_loss.png with evaluation) in output_dir.")
+    plot_loss: bool = _opt(False, "Draw training_loss.png (and training_eval_loss.png with evaluation) in output_dir, "
+                          "as LLaMA-Factory does.")
     auto_fit: bool = _opt(True, "Choose tokens per micro-batch, accumulation and checkpointing for the GPU's free "
                           "memory, keeping the samples per optimizer step; false keeps the batch settings as given.")
     seed: int = _opt(42, "Random seed.")
@@ -211,6 +212,8 @@ class TunerConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     export: ExportArgs = field(default_factory=ExportArgs)
+    # TrainingArguments / SFTConfig fields that are not tuner's own, given by the user: passed to SFTConfig as they are
+    passthrough: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
         """The flat ``{key: value}`` form used by YAML files and flags."""
@@ -221,6 +224,7 @@ class TunerConfig:
                 if f.metadata.get("secret") and not include_secrets:
                     continue
                 flat[f.name] = getattr(obj, f.name)
+        flat.update(self.passthrough)
         return flat
 
     def to_yaml(self) -> str:
@@ -230,10 +234,16 @@ class TunerConfig:
         for section, cls in SECTIONS.items():
             keys = {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}
             chunks.append(f"### {section}\n" + yaml.safe_dump(keys, sort_keys=False, default_flow_style=False))
+        if self.passthrough:
+            chunks.append(f"### {PASSTHROUGH_SECTION}\n" + yaml.safe_dump(self.passthrough, sort_keys=False,
+                                                                         default_flow_style=False))
         return "\n".join(chunks)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+PASSTHROUGH_SECTION = "transformers (TrainingArguments / SFTConfig fields, passed through)"
 
 
 def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -247,8 +257,19 @@ def known_keys() -> list[str]:
     return list(FIELDS)
 
 
+def passthrough_fields() -> dict:
+    """The installed transformers' and TRL's training fields that are not tuner's own (engine.config.library)."""
+    from engine.config.library import passthrough_fields as fields
+
+    return fields(set(FIELDS) | set(ALIASES))
+
+
 def closest_key(key: str) -> str | None:
-    matches = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.6)
+    from engine.config.llamafactory import TRANSLATED, UNSUPPORTED
+
+    # LLaMA-Factory's own names are candidates too, so a near miss of one is never pointed at a key of another meaning
+    known = list(FIELDS) + list(ALIASES) + list(passthrough_fields()) + list(TRANSLATED) + list(UNSUPPORTED)
+    matches = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     return ALIASES.get(matches[0], matches[0]) if matches else None
 
 
@@ -274,6 +295,8 @@ _FALSE = {"false", "no", "off", "0"}
 def coerce(key: str, value: Any) -> Any:
     """Turn a value from YAML or the command line into the field's type; raises ValueError with the reason."""
     _, f = FIELDS[key]
+    if key in FLAG_VALUES and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        value = value.lower() in _TRUE  # `--flash_attn true` as a bare `--flash_attn`
     if key in FLAG_VALUES and value in FLAG_VALUES[key]:
         value = FLAG_VALUES[key][value]
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and _is_optional(f.type)):
@@ -311,16 +334,24 @@ def coerce(key: str, value: Any) -> Any:
     return str(value)
 
 
-def build_config(values: dict[str, Any]) -> TunerConfig:
-    """A config from flat ``{key: value}`` pairs (old spellings accepted); all bad keys and values reported at once."""
-    problems: list[str] = []
+def build_config(values: dict[str, Any], problems: list[str] | None = None, command: str = "train") -> TunerConfig:
+    """A config from flat ``{key: value}`` pairs (old spellings and LLaMA-Factory's keys accepted).
+
+    Every bad key and value is reported at once: raised as one ``ConfigError``, or, when a ``problems`` list is given,
+    appended to it and the config built from the rest (so validation can add its findings to the same round).
+    """
+    from engine.config.llamafactory import translate
+
+    collect = problems is not None
+    problems = problems if collect else []
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for raw_key, raw_value in values.items():
+    passthrough: dict[str, Any] = {}
+    for raw_key, raw_value in translate(values, problems).items():
         key = ALIASES.get(raw_key, raw_key)
         if key not in FIELDS:
-            suggestion = closest_key(raw_key)
-            hint = f"did you mean {suggestion}?" if suggestion else "see `tuner train --help` for the known keys"
-            problems.append(f"unknown key '{raw_key}': {hint}")
+            problem = _library_key(key, raw_value, passthrough, command)
+            if problem:
+                problems.append(problem)
             continue
         try:
             value = coerce(key, raw_value)
@@ -329,14 +360,34 @@ def build_config(values: dict[str, Any]) -> TunerConfig:
             continue
         choices = FIELDS[key][1].metadata.get("choices")
         if key == "stage" and value in UNSUPPORTED_STAGES:
-            problems.append(f"stage: '{value}' is not supported; tuner runs supervised fine-tuning (stage sft)")
+            problems.append(f"LLaMA-Factory's stage {value} is not supported by tuner: tuner runs supervised "
+                            "fine-tuning (stage sft) only")
         elif choices and value is not None and value not in choices:
             problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
         else:
             sections[FIELDS[key][0]][key] = value
-    if problems:
+    if problems and not collect:
         raise ConfigError(problems)
-    return TunerConfig(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
+    return TunerConfig(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()},
+                       passthrough=passthrough)
+
+
+def _library_key(key: str, value: Any, passthrough: dict[str, Any], command: str) -> str | None:
+    """A TrainingArguments / SFTConfig field kept in ``passthrough``; else the problem with the key, in one line."""
+    from engine.config.library import ENGINE_SET, coerce_library
+
+    library = passthrough_fields()
+    if key in library:
+        try:
+            passthrough[key] = coerce_library(library[key], value)
+        except ValueError as exc:
+            return f"{key}: {exc}"
+        return None
+    if key in ENGINE_SET:
+        return f"{key} is set by tuner: {ENGINE_SET[key]}"
+    suggestion = closest_key(key)
+    hint = f"did you mean {suggestion}?" if suggestion else f"see `tuner {command} --help` for the known keys"
+    return f"unknown key '{key}': {hint}"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -404,11 +455,13 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return files, overrides
 
 
-def parse_args(argv: list[str], base: dict[str, Any] | None = None) -> TunerConfig:
-    """Files first (later files win), then overrides; unknown keys and bad values raise one ``ConfigError``."""
+def parse_args(argv: list[str], base: dict[str, Any] | None = None, problems: list[str] | None = None,
+               command: str = "train") -> TunerConfig:
+    """Files first (later files win), then overrides; unknown keys and bad values raise one ``ConfigError``, or go
+    into ``problems`` when it is given (see ``build_config``)."""
     files, overrides = parse_overrides(argv)
     values: dict[str, Any] = dict(base or {})
     for path in files:
         values.update(read_config_file(path))
     values.update(overrides)
-    return build_config(values)
+    return build_config(values, problems, command)

@@ -20,7 +20,7 @@ TARGETS = {"train": ("output_dir", "the run"), "predict": ("output_dir", "the pr
 # What each command needs before it can start.
 REQUIRED = {
     "train": ("model_name_or_path", "dataset"),
-    "predict": ("model_name_or_path", "dataset"),
+    "predict": ("model_name_or_path", "dataset|eval_dataset"),
     "export": ("model_name_or_path", "export_dir"),
     "preview": ("model_name_or_path", "dataset"),
     "estimate": ("model_name_or_path",),
@@ -30,16 +30,27 @@ REQUIRED = {
 
 def validate(cfg: TunerConfig, command: str = "train") -> None:
     """Raise ``ConfigError`` listing every problem found in ``cfg`` for ``command``; return quietly when it is sound."""
-    problems = _missing(cfg, command) + _ranges(cfg) + _targets(cfg, command) + _collisions(cfg) + _names(cfg)
-    if command == "train":
-        problems += _optimizer(cfg) + _trackers(cfg) + _launch(cfg)
+    problems = problems_in(cfg, command)
     if problems:
         raise ConfigError(problems)
 
 
+def problems_in(cfg: TunerConfig, command: str = "train") -> list[str]:
+    """Every problem found in ``cfg`` for ``command``, one line each."""
+    problems = _missing(cfg, command) + _ranges(cfg) + _targets(cfg, command) + _collisions(cfg) + _names(cfg)
+    if command == "train":
+        problems += _optimizer(cfg) + _scheduler(cfg) + _trackers(cfg) + _launch(cfg)
+    return problems
+
+
 def _missing(cfg: TunerConfig, command: str) -> list[str]:
     flat = cfg.to_dict()
-    return [f"{key} is required for `tuner {command}`" for key in REQUIRED.get(command, ()) if not flat.get(key)]
+    missing = []
+    for required in REQUIRED.get(command, ()):
+        keys = required.split("|")
+        if not any(flat.get(key) for key in keys):
+            missing.append(f"{' or '.join(keys)} is required for `tuner {command}`")
+    return missing
 
 
 def _ranges(cfg: TunerConfig) -> list[str]:
@@ -92,6 +103,11 @@ def _ranges(cfg: TunerConfig) -> list[str]:
         (g.repetition_penalty <= 0, f"repetition_penalty must be positive, got {g.repetition_penalty}"),
         (g.num_beams < 1, f"num_beams must be at least 1, got {g.num_beams}"),
         (cfg.export.export_size < 1, f"export_size must be at least 1 (GB), got {cfg.export.export_size}"),
+        (f.loraplus_lr_ratio is not None and f.loraplus_lr_ratio <= 0,
+         f"loraplus_lr_ratio must be positive, got {f.loraplus_lr_ratio}"),
+        (f.loraplus_lr_embedding <= 0, f"loraplus_lr_embedding must be positive, got {f.loraplus_lr_embedding}"),
+        (f.pissa_iter < -1 or f.pissa_iter == 0,
+         f"pissa_iter must be at least 1, or -1 for the exact SVD, got {f.pissa_iter}"),
         (bool(set(_split(t.report_to)) - set(REPORTERS)),
          f"report_to: {', '.join(sorted(set(_split(t.report_to)) - set(REPORTERS)))} is not one of "
          f"{', '.join(REPORTERS)}"),
@@ -111,9 +127,34 @@ def _targets(cfg: TunerConfig, command: str) -> list[str]:
 
 
 def _collisions(cfg: TunerConfig) -> list[str]:
-    m, f, t = cfg.model, cfg.finetune, cfg.train
+    m, f, t, d = cfg.model, cfg.finetune, cfg.train, cfg.data
     checks = [
         (t.bf16 and t.fp16, "bf16 and fp16 are both set: choose one precision"),
+        (t.pure_bf16 and t.fp16, "pure_bf16 and fp16 collide: pure_bf16 trains in bfloat16 without mixed precision"),
+        (d.mask_history and d.train_on_prompt,
+         "mask_history and train_on_prompt collide: mask_history learns only the last reply, train_on_prompt "
+         "learns the prompts too"),
+        *[(value and f.finetuning_type != "lora",
+           f"{key} works only with finetuning_type lora, not {f.finetuning_type}")
+          for key, value in (("loraplus_lr_ratio", f.loraplus_lr_ratio is not None), ("pissa_init", f.pissa_init),
+                             ("additional_target", bool(f.additional_target)), ("use_dora", f.use_dora),
+                             ("use_rslora", f.use_rslora), ("create_new_adapter", f.create_new_adapter))],
+        (f.create_new_adapter and f.finetuning_type == "lora" and not m.adapter_name_or_path,
+         "create_new_adapter trains a new adapter over the ones in adapter_name_or_path: give adapter_name_or_path, "
+         "or leave create_new_adapter out"),
+        (f.finetuning_type == "lora" and m.quantization_bit is not None and f.pissa_init,
+         "pissa_init cannot initialise an adapter on a quantized model: leave out quantization_bit, or pissa_init"),
+        (f.finetuning_type == "lora" and m.quantization_bit is not None and f.create_new_adapter
+         and bool(m.adapter_name_or_path),
+         "create_new_adapter merges the given adapter into the base, which cannot be done on a quantized model: "
+         "leave out quantization_bit, or create_new_adapter to train the adapter further"),
+        (f.pissa_convert and not f.pissa_init, "pissa_convert converts a PiSSA adapter, but pissa_init is off: set "
+         "pissa_init true"),
+        (f.loraplus_lr_ratio is not None and t.fsdp is not None,
+         "loraplus_lr_ratio cannot be used with fsdp (the Trainer refuses an optimizer made before FSDP wraps the "
+         "model): leave out fsdp, or loraplus_lr_ratio"),
+        (cfg.export.export_legacy_format,
+         "export_legacy_format true would write .bin pickles: tuner writes safetensors only, leave it false"),
         (m.quantization_bit is not None and f.finetuning_type != "lora",
          f"quantization_bit {m.quantization_bit} works only with finetuning_type lora (QLoRA), "
          f"not {f.finetuning_type}"),
@@ -139,9 +180,6 @@ def _names(cfg: TunerConfig) -> list[str]:
     problems = []
     if cfg.model.template is not None and cfg.model.template not in template_names():
         problems.append(_unknown("template", cfg.model.template, template_names()))
-    if cfg.data.dataset_dir is not None and not Path(cfg.data.dataset_dir).is_dir():
-        problems.append(f"dataset_dir {cfg.data.dataset_dir} is not a directory")
-        return problems
     for key in ("dataset", "eval_dataset"):
         for name in _split(getattr(cfg.data, key)):
             try:
@@ -164,6 +202,46 @@ def _optimizer(cfg: TunerConfig) -> list[str]:
     close = difflib.get_close_matches(cfg.train.optim, known, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(known)}"
     return [f"optim '{cfg.train.optim}' is not an optimizer transformers knows: {hint}"]
+
+
+# Learning-rate schedules whose transformers function needs a keyword that has no default, with what to write.
+SCHEDULER_NEEDS = {
+    "cosine_with_min_lr": (("min_lr", "min_lr_rate"), "lr_scheduler_kwargs: {min_lr_rate: 0.1}"),
+    "warmup_stable_decay": (("num_decay_steps",), "lr_scheduler_kwargs: {num_decay_steps: 100}"),
+}
+
+
+def _scheduler(cfg: TunerConfig) -> list[str]:
+    """The schedule's own keywords (lr_scheduler_kwargs): the ones it cannot start without, and no unknown ones."""
+    kind = cfg.train.lr_scheduler_type
+    kwargs = cfg.passthrough.get("lr_scheduler_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return [f"lr_scheduler_kwargs must be a mapping, got {kwargs!r}"]
+    problems = []
+    if kind in SCHEDULER_NEEDS:
+        needs, example = SCHEDULER_NEEDS[kind]
+        if not any(name in kwargs for name in needs):
+            problems.append(f"lr_scheduler_type {kind} needs {' or '.join(needs)} in lr_scheduler_kwargs: e.g. "
+                            f"{example}")
+    if kwargs and kind != "reduce_lr_on_plateau":
+        accepted = _scheduler_keywords(kind)
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            problems.append(f"lr_scheduler_kwargs: {', '.join(unknown)} not accepted by lr_scheduler_type {kind} "
+                            f"(it takes {', '.join(sorted(accepted)) or 'none'})")
+    return problems
+
+
+def _scheduler_keywords(kind: str) -> set[str]:
+    """The keywords the installed transformers' schedule function takes beyond what the Trainer passes itself."""
+    import inspect
+
+    from engine.models.loading import transformers_module
+
+    optimization = transformers_module("optimization")
+    function = optimization.TYPE_TO_SCHEDULER_FUNCTION[optimization.SchedulerType(kind)]
+    passed = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    return {name for name in inspect.signature(function).parameters if name not in passed}
 
 
 def _trackers(cfg: TunerConfig) -> list[str]:

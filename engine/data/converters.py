@@ -1,4 +1,9 @@
-"""Converters from alpaca / sharegpt / openai records to the project's one form, ``{"messages": [...]}``.
+"""Converters from alpaca / sharegpt / openai records to the project's one form of a conversation.
+
+``{"messages": [...], "tools": "<JSON list of function schemas, or '' when none>"}``; a message is
+``{"role", "content"}``, where an assistant's tool call is ``{"role": "assistant", "content": "", "tool_calls":
+[{"type": "function", "function": {"name": ..., "arguments": "<JSON>"}}]}`` and a tool's result has role "tool".
+Only tool calls carry "tool_calls": after an arrow round trip the other messages hold ``None`` there, read as absent.
 
 A sample with an empty prompt or reply is dropped and counted by reason, so the caller can say what was lost;
 a sample that is malformed (roles out of order, a missing column) is an error naming the sample.
@@ -7,15 +12,20 @@ a sample that is malformed (roles out of order, a missing column) is an error na
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass
 
 from engine.data.registry import DEFAULT_COLUMNS, DEFAULT_TAGS, DatasetAttr
 from engine.errors import UserError
 
-TOOL_TURNS = "tool-call turns (not supported)"
+KTO_REJECTED = "kto_tag false (an undesirable reply)"
 MEDIA_COLUMNS = ("images", "videos", "audios")
-ORDER_HINT = "after an optional system message, turns alternate user, assistant, ... and end with the assistant"
+ORDER_HINT = ("after an optional system message, turns alternate user (or a tool's result), assistant (or its "
+              "tool call), ... and end with the assistant")
+CALL_HINT = ('a function_call turn holds JSON such as {"name": "get_weather", "arguments": {"city": "Paris"}}, '
+             "or a list of them")
+TOOLS_HINT = 'the tools column holds a JSON list of function schemas such as [{"name": ..., "parameters": ...}]'
 
 
 @dataclass
@@ -35,11 +45,11 @@ def convert(records: list[dict], attr: DatasetAttr) -> Converted:
     _check_supported(attr)
     conversations, dropped = [], Counter()
     for index, record in enumerate(records):
-        result = to_messages(record, attr, index)
+        result = KTO_REJECTED if _kto_rejected(record, attr) else to_messages(record, attr, index)
         if isinstance(result, str):
             dropped[result] += 1
         else:
-            conversations.append({"messages": result})
+            conversations.append({"messages": result, "tools": _tools(record, attr, index)})
     return Converted(conversations, dropped)
 
 
@@ -62,17 +72,13 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
             hint="expected instruction/output (alpaca), conversations (sharegpt) or messages with role/content "
                  "(openai); or register it in dataset_info.json with its formatting and columns",
         )
-    if "system" in record:
-        columns["system"] = "system"
+    columns.update({key: key for key in ("system", "tools") if key in record})
     return dataclasses.replace(attr, formatting=formatting, columns=columns, tags=dict(DEFAULT_TAGS[formatting]))
 
 
 def alpaca_messages(record: dict, attr: DatasetAttr, index: int) -> list[dict] | str:
     """Instruction and input joined by a newline as the user turn, output as the reply; history turns before them."""
     columns = attr.columns
-    if "response" not in columns or not ({"prompt", "query"} & set(columns)):
-        raise UserError(f"dataset '{attr.name}' maps no prompt/response columns (it maps: {columns})",
-                        hint='an alpaca dataset needs "columns": {"prompt": ..., "response": ...}')
     prompt_column = columns.get("prompt") or columns["query"]
     prompt = "\n".join(text for text in (_cell(record, attr, index, "prompt"), _cell(record, attr, index, "query"))
                        if text)
@@ -90,7 +96,12 @@ def alpaca_messages(record: dict, attr: DatasetAttr, index: int) -> list[dict] |
 
 
 def chat_messages(record: dict, attr: DatasetAttr, index: int) -> list[dict] | str:
-    """Sharegpt (from/value) or openai (role/content) turns, read through ``attr.tags``; a leading system turn kept."""
+    """Sharegpt (from/value) or openai (role/content) turns, read through ``attr.tags``; a leading system turn kept.
+
+    As in LLaMA-Factory, a tool's result (observation_tag) stands where a user turn may and a tool call
+    (function_tag, or an openai assistant message with tool_calls) where an assistant turn may; openai's parallel
+    calls may be answered by several tool messages in a row.
+    """
     tags, where = attr.tags, f"dataset '{attr.name}', sample {index}"
     column = attr.columns.get("messages")
     if column is None:
@@ -105,36 +116,128 @@ def chat_messages(record: dict, attr: DatasetAttr, index: int) -> list[dict] | s
             raise UserError(f"{where}, message {position}: expected '{tags['role_tag']}' and "
                             f"'{tags['content_tag']}' keys, found: {keys}",
                             hint="set the dataset's role_tag / content_tag in dataset_info.json")
-    roles = [turn[tags["role_tag"]] for turn in turns]
-    if any(role in (tags["observation_tag"], tags["function_tag"]) or turn.get("tool_calls")
-           for role, turn in zip(roles, turns)):
-        return TOOL_TURNS
     system = _cell(record, attr, index, "system")
     start = 0
-    if roles and roles[0] == tags["system_tag"]:
+    if turns and turns[0][tags["role_tag"]] == tags["system_tag"]:
         system, start = _text(turns[0][tags["content_tag"]]), 1
-    expected = [("user", tags["user_tag"]), ("assistant", tags["assistant_tag"])]
-    messages = _system(system)
-    for position in range(start, len(turns)):
-        role, tag = expected[(position - start) % 2]
-        if roles[position] != tag:
-            raise UserError(f"{where}, message {position}: role '{roles[position]}' where the {role} tag "
-                            f"'{tag}' was expected", hint=ORDER_HINT)
-        messages.append({"role": role, "content": _text(turns[position][tags["content_tag"]])})
     if len(turns) == start:
         return "no messages"
-    if messages[-1]["role"] == "user":
-        raise UserError(f"{where} ends with a user message (message {len(turns) - 1}); "
+    messages = []
+    for position in range(start, len(turns)):
+        here = f"{where}, message {position}"
+        message = _turn_message(turns[position], tags, here)
+        _check_order(message, messages[-1] if messages else None, turns[position][tags["role_tag"]], attr, here)
+        messages.append(message)
+    if messages[-1]["role"] != "assistant":
+        what = "a user message" if messages[-1]["role"] == "user" else "a tool's result"
+        raise UserError(f"{where} ends with {what} (message {len(turns) - 1}); "
                         "a training conversation ends with the assistant's reply", hint=ORDER_HINT)
-    if any(not message["content"].strip() for message in messages if message["role"] != "system"):
+    if any(not message["content"].strip() for message in messages if not message.get("tool_calls")):
         return "empty message"
-    return messages
+    return _system(system) + messages
 
 
 CONVERTERS = {"alpaca": alpaca_messages, "sharegpt": chat_messages, "openai": chat_messages}
 
 
+def _turn_message(turn: dict, tags: dict[str, str], where: str) -> dict | None:
+    """One turn in the project's form, by its role tag; None for a role that no tag names."""
+    role, content = turn[tags["role_tag"]], turn[tags["content_tag"]]
+    if role == tags["user_tag"]:
+        return {"role": "user", "content": _text(content)}
+    if role == tags["observation_tag"]:
+        return {"role": "tool", "content": _text(content)}
+    if role == tags["function_tag"]:
+        return _tool_call_message(_function_calls(content, where), where)
+    if role == tags["assistant_tag"]:
+        if turn.get("tool_calls"):
+            return _tool_call_message([call.get("function") if isinstance(call, dict) else call
+                                       for call in turn["tool_calls"]], where)
+        return {"role": "assistant", "content": _text(content)}
+    return None
+
+
+def _check_order(message: dict | None, previous: dict | None, role: str, attr: DatasetAttr, where: str) -> None:
+    """A user turn or a tool's result first and after each reply; a reply or a tool call after each of those.
+
+    Openai's parallel tool calls may be answered by several tool messages in a row.
+    """
+    if (attr.formatting == "openai" and previous is not None and previous["role"] == "tool"
+            and message is not None and message["role"] == "tool"):
+        return
+    wants_reply = previous is not None and previous["role"] != "assistant"
+    if message is not None and (message["role"] == "assistant") == wants_reply:
+        return
+    first, second = ("assistant", "function") if wants_reply else ("user", "observation")
+    raise UserError(f"{where}: role '{role}' where the {first} tag '{attr.tags[first + '_tag']}' or the {second} "
+                    f"tag '{attr.tags[second + '_tag']}' was expected", hint=ORDER_HINT)
+
+
+def _function_calls(value, where: str) -> list:
+    """A function_call turn's value: JSON of {"name", "arguments"} or a list of them (parallel calls)."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: the function call is not valid JSON ({err.msg} at column {err.colno})",
+                        hint=CALL_HINT) from None
+    return calls if isinstance(calls, list) else [calls]
+
+
+def _tool_call_message(calls: list, where: str) -> dict:
+    """An assistant message making ``calls``, each {"name", "arguments"}; arguments that are not text become JSON."""
+    if not calls or not all(isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call
+                            for call in calls):
+        raise UserError(f'{where}: a tool call should have a "name" and "arguments"', hint=CALL_HINT)
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": call["name"], "arguments": _json_text(call["arguments"])}}
+        for call in calls]}
+
+
+def _tools(record: dict, attr: DatasetAttr, index: int) -> str:
+    """The tools column as a JSON list of function schemas; "" when the sample has none (or an empty list)."""
+    column = attr.columns.get("tools")
+    value = record.get(column) if column else None
+    where = f"dataset '{attr.name}', sample {index}: column '{column}'"
+    if isinstance(value, str):
+        if not value.strip():
+            return ""
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where} is not valid JSON ({err.msg} at column {err.colno})", hint=TOOLS_HINT) from None
+    else:
+        value = _without_nulls(value)
+    if isinstance(value, dict) and value:
+        value = [value]
+    if not value:
+        return ""
+    if not (isinstance(value, list) and all(isinstance(tool, dict) for tool in value)):
+        raise UserError(f"{where} should be a list of function schemas", hint=TOOLS_HINT)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _kto_rejected(record: dict, attr: DatasetAttr) -> bool:
+    """LLaMA-Factory's kto_tag false marks an undesirable reply, which supervised training must not learn."""
+    column = attr.columns.get("kto_tag")
+    value = record.get(column) if column else None
+    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
+
+
+def _json_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _without_nulls(value):
+    """Structured tools (from Parquet or the hub) with the nulls arrow fills into keys a schema did not have removed."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
 def _check_supported(attr: DatasetAttr) -> None:
+    """Refuse, from its registry entry alone, a dataset that is not text conversations with replies."""
     if attr.ranking:
         raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward modelling",
                         hint="supervised fine-tuning needs conversations with one reply")
@@ -142,6 +245,21 @@ def _check_supported(attr: DatasetAttr) -> None:
     if media:
         raise UserError(f"dataset '{attr.name}' is multimodal ({', '.join(media)}), which is not supported",
                         hint="use a text-only dataset")
+    if attr.formatting == "alpaca":
+        _check_alpaca_columns(attr)
+
+
+def _check_alpaca_columns(attr: DatasetAttr) -> None:
+    columns, prompts = attr.columns, {"prompt", "query"} & set(attr.columns)
+    mapped = ", ".join(f"{key}={column}" for key, column in columns.items()) or "nothing"
+    if "response" not in columns:
+        what = ": plain text, for pre-training" if prompts else ""
+        raise UserError(f"dataset '{attr.name}' maps no response column (it maps {mapped}){what}",
+                        hint='supervised fine-tuning needs a reply per sample: "columns": {"prompt": ..., '
+                             '"response": ...}')
+    if not prompts:
+        raise UserError(f"dataset '{attr.name}' maps no prompt column (it maps {mapped})",
+                        hint='an alpaca dataset needs "columns": {"prompt": ..., "response": ...}')
 
 
 def _first_message(record: dict) -> dict | None:

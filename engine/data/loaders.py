@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.data.converters import convert, detect_format
 from engine.data.readers import read_records
 from engine.data.registry import resolve_dataset
 from engine.errors import UserError
+
+# LLaMA-Factory's placeholder form, as identity.json ships it ({{name}}, {{author}}) for the user to fill in.
+PLACEHOLDER = re.compile(r"\{\{([a-zA-Z_][a-zA-Z0-9_]*)\}\}")
 
 
 @dataclass
@@ -22,12 +27,17 @@ class DatasetReport:
     records: int
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         drops = "".join(f"; dropped {count} sample{'s' * (count != 1)} with {reason}"
                         for reason, count in self.dropped.items())
         kept = f"{self.kept} conversation{'s' * (self.kept != 1)}"
         return f"{self.name}: {kept} ({self.formatting}, {self.source}){drops}"
+
+    def lines(self, prefix: str = "") -> list[str]:
+        """The summary, then each warning on a line of its own naming the dataset."""
+        return [prefix + self.summary()] + [f"warning: {prefix}{self.name}: {text}" for text in self.warnings]
 
 
 @dataclass
@@ -39,9 +49,9 @@ class LoadReport:
     split: str | None = None
 
     def lines(self) -> list[str]:
-        """One line per dataset (eval ones marked), then the validation split if there was one."""
-        lines = [report.summary() for report in self.train]
-        lines += [f"eval {report.summary()}" for report in self.eval]
+        """One line per dataset (eval ones marked) and its warnings, then the validation split if there was one."""
+        lines = [line for report in self.train for line in report.lines()]
+        lines += [line for report in self.eval for line in report.lines("eval ")]
         return lines + ([self.split] if self.split else [])
 
 
@@ -123,8 +133,22 @@ def load_dataset_conversations(name: str, dataset_dir: str | None, max_samples: 
         reasons = ", ".join(f"{count} with {reason}" for reason, count in converted.dropped.items())
         raise UserError(f"dataset '{name}' has no usable samples: all {len(records)} were dropped ({reasons})")
     report = DatasetReport(name, attr.location, attr.formatting, len(records), len(converted.conversations),
-                           dict(converted.dropped))
+                           dict(converted.dropped), _placeholder_warnings(converted.conversations, attr.location))
     return converted.conversations, report
+
+
+def _placeholder_warnings(conversations: list[dict], location: str) -> list[str]:
+    """One warning naming the {{placeholders}} left in a dataset's messages and how many conversations hold them."""
+    names, holding = Counter(), 0
+    for conversation in conversations:
+        found = {match for message in conversation["messages"] for match in PLACEHOLDER.findall(message["content"])}
+        holding += bool(found)
+        names.update(found)
+    if not holding:
+        return []
+    listed = ", ".join("{{" + name + "}}" for name, _ in names.most_common())
+    return [f"{holding} of {len(conversations)} conversations hold the placeholders {listed}: replace them in "
+            f"{location} with your own text before training"]
 
 
 def _sample(records: list[dict], num_samples: int, seed: int) -> list[dict]:

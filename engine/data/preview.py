@@ -77,9 +77,9 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     from engine.models.resolve import resolve_model
     from engine.data.loaders import load_conversations
     from engine.data.stats import length_histogram, length_stats
-    from engine.data.tokenize import encode_conversations
+    from engine.data.tokenize import encode_conversations, training_template
     from engine.models.loading import load_tokenizer
-    from engine.templates import get_template, render_segments, render_text
+    from engine.templates import render_segments, render_text
 
     resolved = resolve_model(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(resolved.path, cfg)
@@ -88,21 +88,22 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
     check = _compare_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
     name = check.template
-    template = get_template(name)
-    encoded = encode_conversations(loaded.train, tokenizer, name, d.cutoff_len, d.train_on_prompt)
+    template = training_template(name, d.default_system)
+    options = {"mask_history": d.mask_history, "default_system": d.default_system}
+    encoded = encode_conversations(loaded.train, tokenizer, name, d.cutoff_len, d.train_on_prompt, **options)
     samples = []
     for conversation in loaded.train:
         if len(samples) == count:
             break
-        rows = encode_conversations([conversation], tokenizer, name, d.cutoff_len, d.train_on_prompt).rows
+        rows = encode_conversations([conversation], tokenizer, name, d.cutoff_len, d.train_on_prompt, **options).rows
         if not rows:
             continue
-        row, messages = rows[0], conversation["messages"]
-        text = render_text(template, messages, tokenizer)
-        prompt = render_text(template, messages[:-1], tokenizer, add_generation_prompt=True)
+        row, messages, tools = rows[0], conversation["messages"], conversation.get("tools")
+        text = render_text(template, messages, tokenizer, tools=tools)
+        prompt = render_text(template, messages[:-1], tokenizer, add_generation_prompt=True, tools=tools)
         completion = text[len(prompt):] if text.startswith(prompt) else ""
         samples.append(PreviewSample(text, prompt, completion, row["input_ids"], row["labels"],
-                                     render_segments(template, messages, tokenizer)))
+                                     render_segments(template, messages, tokenizer, tools=tools)))
     report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in encoded.dropped.items()]
     return Preview(name, samples, length_stats(encoded.lengths, d.cutoff_len), report, d.cutoff_len,
                    length_histogram(encoded.lengths, d.cutoff_len), check.warning)

@@ -16,6 +16,9 @@ from engine.paths import PRESETS_DIR
 BUNDLED_DIR = PRESETS_DIR / "data"
 REGISTRY_FILE = "dataset_info.json"
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+# LLaMA-Factory's special dataset_dir values: no registry (every name a hub id), and a registry in a hub repository.
+ONLINE = "ONLINE"
+REMOTE = "REMOTE:"
 
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools",
                "images", "videos", "audios", "chosen", "rejected", "kto_tag")
@@ -64,9 +67,14 @@ class DatasetAttr:
 
 
 def load_registry(dataset_dir: str | None) -> dict[str, DatasetAttr]:
-    """The bundled registry merged with ``<dataset_dir>/dataset_info.json``; the user's entries win on a name clash."""
+    """The bundled registry merged with ``<dataset_dir>/dataset_info.json``; the user's entries win on a name clash.
+
+    A dataset_dir without that file (the default "data" where no such folder exists) adds nothing; "ONLINE", as in
+    LLaMA-Factory, reads no registry of the user's: every other name is a hub id.
+    """
     registry = _read_registry(BUNDLED_DIR)
-    if dataset_dir is not None:
+    if dataset_dir is not None and dataset_dir != ONLINE:
+        _refuse_remote(dataset_dir)
         registry.update(_read_registry(Path(dataset_dir)))
     return registry
 
@@ -81,23 +89,50 @@ def resolve_dataset(name: str, dataset_dir: str | None) -> DatasetAttr:
     registry = load_registry(dataset_dir)
     if name in registry:
         return registry[name]
+    folder = None if dataset_dir in (None, ONLINE) else Path(dataset_dir)
     tried = [Path(name).expanduser()]
-    if dataset_dir is not None and not Path(name).is_absolute():
-        tried.append(Path(dataset_dir) / name)
+    if folder is not None and not Path(name).is_absolute():
+        tried.append(folder / name)
     for path in tried:
         if path.is_dir() or (path.is_file() and path.suffix in FILE_TYPES):
             return DatasetAttr(name=name, load_from="file", location=str(path.resolve()), formatting=None, columns={})
     if _looks_like_path(name):
         raise UserError(f"dataset file not found: {name} (tried {', '.join(str(p) for p in tried)})",
                         hint=f"a local dataset is a {'/'.join(FILE_TYPES)} file or a folder of them")
-    if "/" in name:
+    if "/" in name or dataset_dir == ONLINE:
         return DatasetAttr(name=name, load_from="hf_hub", location=name, formatting=None, columns={})
     closest = difflib.get_close_matches(name, list(registry), n=5, cutoff=0)
-    raise UserError(
-        f"unknown dataset '{name}'; closest registered names: {', '.join(closest)} ({len(registry)} registered)",
-        hint=f'register it in {Path(dataset_dir or "<dataset_dir>") / REGISTRY_FILE} as '
-             f'{{"{name}": {{"file_name": "{name}.json"}}}}, or pass a path to a file or folder, or a hub id',
-    )
+    hint = (f'register it in {Path(dataset_dir or "<dataset_dir>") / REGISTRY_FILE} as '
+            f'{{"{name}": {{"file_name": "{name}.json"}}}}, or pass a path to a file or folder, or a hub id')
+    if folder is not None and not folder.is_dir():
+        hint += f"; or set dataset_dir to the folder that holds your {REGISTRY_FILE}"
+    raise UserError(f"unknown dataset '{name}'; closest registered names: {', '.join(closest)} "
+                    f"({len(registry)} registered{_missing_registry(folder)})", hint=hint)
+
+
+def absolute_dataset_dir(dataset_dir: str | None) -> str | None:
+    """dataset_dir as an absolute path, so a run started again from elsewhere reads the same registry; "ONLINE" kept."""
+    if not dataset_dir or dataset_dir == ONLINE:
+        return dataset_dir or None
+    return str(Path(dataset_dir).absolute())
+
+
+def _missing_registry(folder: Path | None) -> str:
+    """Why dataset_dir added no names, when it added none: it is absent, not a folder, or has no dataset_info.json."""
+    if folder is None:
+        return ""
+    if not folder.exists():
+        return f"; dataset_dir {folder} does not exist"
+    if not folder.is_dir():
+        return f"; dataset_dir {folder} is not a folder"
+    return "" if (folder / REGISTRY_FILE).is_file() else f"; dataset_dir {folder} has no {REGISTRY_FILE}"
+
+
+def _refuse_remote(dataset_dir: str) -> None:
+    if dataset_dir.startswith(REMOTE):
+        raise UserError(f"dataset_dir {dataset_dir}: a {REGISTRY_FILE} read from the hub is not supported",
+                        hint=f"download that repository and set dataset_dir to its folder, or use dataset_dir "
+                             f"{ONLINE} to load every dataset by its hub id")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -2,14 +2,15 @@
 
 Training data is prepared once: ``build_datasets`` tokenizes with ``datasets.map`` (in ``preprocessing_num_workers``
 processes, every segment of a batch in one fast-tokenizer call) and keeps the result in a cache keyed by the
-conversations, the template, the tokenizer and the cutoff, so a resume, a second run on the same data and the other
-processes of a multi-GPU run load it in seconds. The first process to take the cache entry's lock prepares it; the
-others wait on the lock and load what it wrote.
+conversations and their tools, the template and default system prompt, the tokenizer, the cutoff and the masking, so
+a resume, a second run on the same data and the other processes of a multi-GPU run load it in seconds. The first
+process to take the cache entry's lock prepares it; the others wait on the lock and load what it wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -26,11 +27,11 @@ from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
 from engine.errors import UserError
 from engine.paths import cache_dir
-from engine.templates import AUTO, encode_many, get_template, template_mismatch
+from engine.templates import AUTO, IGNORE_INDEX, Template, encode_many, get_template, template_mismatch
 
 log = logging.getLogger("tuner")
 
-CACHE_FORMAT = 1  # bump when what a cache entry holds, or how it is made, changes
+CACHE_FORMAT = 2  # bump when what a cache entry holds, or how it is made, changes
 META = "meta.json"
 SAMPLES_PER_WORKER = 10_000  # below this a worker process costs more than it saves
 MAX_WORKERS = 8
@@ -45,17 +46,36 @@ def choose_template(cfg: TunerConfig, tokenizer, catalog_template: str | None = 
     return AUTO if getattr(tokenizer, "chat_template", None) else "default"
 
 
+def training_template(name: str, default_system: str | None = None) -> Template:
+    """The template the data is tokenized with: ``name``'s, with data.default_system in place of its own default
+    (under ``auto``, given to the tokenizer's chat_template as the system message of conversations without one)."""
+    template = get_template(name)
+    if default_system is None:
+        return template
+    return dataclasses.replace(template, default_system=default_system)
+
+
 # --- one conversation's ids and labels, cut to cutoff_len ------------------------------------------------------------
 
 
-def _cut(sample, cutoff_len: int, train_on_prompt: bool) -> tuple[dict | None, str | None]:
+@dataclass(frozen=True)
+class Masking:
+    """How a conversation is cut and which of its tokens are learned (the data section's keys)."""
+
+    cutoff_len: int
+    train_on_prompt: bool = False
+    mask_history: bool = False
+
+
+def _cut(turns, masking: Masking) -> tuple[dict | None, str | None]:
     """The row kept for training, or the reason it is dropped."""
-    if sample is None:
+    if turns is None:
         return None, "no reply to learn"
-    if sample.first_learned >= cutoff_len:
-        return None, f"the reply beyond cutoff_len={cutoff_len}"
-    ids = sample.input_ids[:cutoff_len]
-    return {"input_ids": ids, "labels": list(ids) if train_on_prompt else sample.labels[:cutoff_len]}, None
+    sample = turns.sample(masking.cutoff_len, train_on_prompt=masking.train_on_prompt,
+                          mask_history=masking.mask_history)
+    if all(label == IGNORE_INDEX for label in sample.labels):
+        return None, f"no reply left within cutoff_len={masking.cutoff_len}"
+    return {"input_ids": sample.input_ids, "labels": sample.labels}, None
 
 
 @dataclass
@@ -67,31 +87,35 @@ class Encoded:
 
 
 def encode_conversations(conversations: list[dict], tokenizer, template_name: str, cutoff_len: int,
-                         train_on_prompt: bool = False) -> Encoded:
-    """``{"input_ids", "labels"}`` rows; conversations whose replies lie beyond cutoff_len are dropped and counted."""
-    template = get_template(template_name)
+                         train_on_prompt: bool = False, *, mask_history: bool = False,
+                         default_system: str | None = None) -> Encoded:
+    """``{"input_ids", "labels"}`` rows, each cut to cutoff_len; conversations left with nothing to learn are dropped
+    and counted."""
+    template = training_template(template_name, default_system)
+    masking = Masking(cutoff_len, train_on_prompt, mask_history)
     encoded = Encoded(rows=[])
-    for sample in encode_many(tokenizer, template, [c["messages"] for c in conversations]):
-        if sample is not None:
-            encoded.lengths.append(len(sample.input_ids))
-        row, dropped = _cut(sample, cutoff_len, train_on_prompt)
+    tools = [c.get("tools") for c in conversations]
+    for turns in encode_many(tokenizer, template, [c["messages"] for c in conversations], tools):
+        if turns is not None:
+            encoded.lengths.append(turns.length)
+        row, dropped = _cut(turns, masking)
         if row is None:
             encoded.dropped[dropped] += 1
             continue
-        encoded.truncated += len(sample.input_ids) > cutoff_len
+        encoded.truncated += turns.length > cutoff_len
         encoded.rows.append(row)
     return encoded
 
 
-def _encode_batch(batch: dict, tokenizer, template_name: str, cutoff_len: int, train_on_prompt: bool) -> dict:
+def _encode_batch(batch: dict, tokenizer, template_name: str, default_system: str | None, masking: Masking) -> dict:
     """``datasets.map``'s function: a batch of conversations to columns (dropped rows kept, marked, for counting)."""
-    template = get_template(template_name)
+    template = training_template(template_name, default_system)
     out: dict[str, list] = {"input_ids": [], "labels": [], "full_length": [], "dropped": []}
-    for sample in encode_many(tokenizer, template, batch["messages"]):
-        row, dropped = _cut(sample, cutoff_len, train_on_prompt)
+    for turns in encode_many(tokenizer, template, batch["messages"], batch["tools"]):
+        row, dropped = _cut(turns, masking)
         out["input_ids"].append(row["input_ids"] if row else [])
         out["labels"].append(row["labels"] if row else [])
-        out["full_length"].append(len(sample.input_ids) if sample is not None else 0)
+        out["full_length"].append(turns.length if turns is not None else 0)
         out["dropped"].append(dropped or "")
     return out
 
@@ -123,7 +147,12 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
-    key = cache_key(loaded.train, loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt)
+    if d.train_on_prompt and get_template(template).efficient_eos:
+        raise UserError(f"template {template!r} closes a conversation with one eos (efficient_eos) and so cannot "
+                        "train on the prompt, as in LLaMA-Factory",
+                        "set train_on_prompt: false or choose another template")
+    key = cache_key(loaded.train, loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt,
+                    mask_history=d.mask_history, default_system=d.default_system)
     if d.tokenized_path:
         return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg, prepares)
     entry = cache_dir() / "tokenized" / key
@@ -164,16 +193,20 @@ def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg:
 
 
 def cache_key(train: list[dict], evaluation: list[dict] | None, tokenizer, template: str, cutoff_len: int,
-              train_on_prompt: bool) -> str:
-    """What the tokenized data depends on, hashed: the conversations themselves (so any source, file or hub, and
-    any change to it counts), the template's definition, the tokenizer's vocabulary and specials, the cutoff."""
+              train_on_prompt: bool, *, mask_history: bool = False, default_system: str | None = None) -> str:
+    """What the tokenized data depends on, hashed: the conversations and their tools (so any source, file or hub,
+    and any change to it counts), the template's definition with the default system prompt it is given, the
+    tokenizer's vocabulary and specials, the cutoff and the masking."""
     digest = hashlib.blake2b(digest_size=16)
-    settings = {"format": CACHE_FORMAT, "template": template, "definition": repr(get_template(template)),
-                "cutoff_len": cutoff_len, "train_on_prompt": train_on_prompt, "tokenizer": _tokenizer_digest(tokenizer)}
+    settings = {"format": CACHE_FORMAT, "template": template,
+                "definition": repr(training_template(template, default_system)), "cutoff_len": cutoff_len,
+                "train_on_prompt": train_on_prompt, "mask_history": mask_history,
+                "tokenizer": _tokenizer_digest(tokenizer)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for split in (train, evaluation or []):
         digest.update(b"\x00split")
-        digest.update(json.dumps([c["messages"] for c in split], ensure_ascii=False).encode())
+        rows = [[c["messages"], c.get("tools") or ""] for c in split]
+        digest.update(json.dumps(rows, ensure_ascii=False).encode())
     return digest.hexdigest()
 
 
@@ -218,7 +251,8 @@ def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: Tuner
     for split, conversations in (("train", loaded.train), ("eval", loaded.eval)):
         if not conversations:
             continue
-        dataset, dropped, truncated = _tokenize(conversations, tokenizer, template, d.cutoff_len, d.train_on_prompt,
+        masking = Masking(d.cutoff_len, d.train_on_prompt, d.mask_history)
+        dataset, dropped, truncated = _tokenize(conversations, tokenizer, template, d.default_system, masking,
                                                 workers_for(len(conversations), d.preprocessing_num_workers))
         summaries.append(_summary(split, template, len(dataset), dropped, truncated, d.cutoff_len))
         if split == "train":
@@ -237,18 +271,18 @@ def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: Tuner
     os.rename(building, entry)
 
 
-def _tokenize(conversations: list[dict], tokenizer, template: str, cutoff_len: int, train_on_prompt: bool,
+def _tokenize(conversations: list[dict], tokenizer, template: str, default_system: str | None, masking: Masking,
               workers: int):
     from datasets import Dataset
 
-    source = Dataset.from_list([{"messages": c["messages"]} for c in conversations])
-    encode = functools.partial(_encode_batch, tokenizer=tokenizer, template_name=template, cutoff_len=cutoff_len,
-                               train_on_prompt=train_on_prompt)
+    source = Dataset.from_list([{"messages": c["messages"], "tools": c.get("tools") or ""} for c in conversations])
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, template_name=template,
+                               default_system=default_system, masking=masking)
     encoded = source.map(encode, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
                          remove_columns=source.column_names, desc="tokenizing")
     reasons = encoded["dropped"]
     dropped = Counter(reason for reason in reasons if reason)
-    truncated = sum(1 for n, reason in zip(encoded["full_length"], reasons) if not reason and n > cutoff_len)
+    truncated = sum(1 for n, reason in zip(encoded["full_length"], reasons) if not reason and n > masking.cutoff_len)
     kept = encoded.select([i for i, reason in enumerate(reasons) if not reason]) if dropped else encoded
     return kept.remove_columns(["full_length", "dropped"]).flatten_indices(), dropped, truncated
 

@@ -121,6 +121,11 @@ def export_dtype(model: str, cfg: TunerConfig) -> str:
     return recorded_dtype(model, cfg) or "float32"
 
 
+def merge_device_map(export_device: str, on_gpu: bool):
+    """Where the weights are merged: export_device cpu on the CPU; auto across the GPUs there are (else the CPU)."""
+    return "auto" if export_device == "auto" and on_gpu else None
+
+
 def merge_dtype(save_dtype: str, on_gpu: bool, bf16_supported: bool) -> str:
     """The dtype to load and merge in: the saved one on a GPU that computes in it, else fp32."""
     if not on_gpu or (save_dtype == "bfloat16" and not bf16_supported):
@@ -143,8 +148,9 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
 
     adapters = cfg.model.adapter_name_or_path
     hardware = Hardware.detect()
+    device_map = merge_device_map(cfg.export.export_device, hardware.on_gpu)
     save = export_dtype(resolved.path, cfg)
-    compute = merge_dtype(save, hardware.on_gpu, hardware.bf16_supported)
+    compute = merge_dtype(save, device_map is not None, hardware.bf16_supported)
     template_name = cfg.model.template or trained_template(adapters) or trained_template(resolved.path)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, template=template_name, quantization_bit=None))
     tokenizer = load_tokenizer(resolved.path, cfg)
@@ -152,9 +158,10 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
     text = render_text(template, SAMPLE, tokenizer)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
-    print(f"loading {resolved.path} in {compute}" + (f" with adapter {adapters}" if adapters else ""), flush=True)
+    where = "the GPUs" if device_map else "the CPU"
+    print(f"loading {resolved.path} in {compute} on {where}" + (f" with adapter {adapters}" if adapters else ""),
+          flush=True)
     precision = Precision({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[compute], "export")
-    device_map = {"": 0} if hardware.on_gpu else None
     model = load_adapters(load_model(resolved.path, cfg, precision, "sdpa", device_map), adapters, quantized=False)
     model.eval()
     expected = _logits(model, ids)
@@ -171,7 +178,7 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
     model.save_pretrained(staging, max_shard_size=max_shard_size(cfg.export.export_size))
     tokenizer.save_pretrained(staging)
     del model
-    if hardware.on_gpu:
+    if device_map:
         import gc
 
         gc.collect()

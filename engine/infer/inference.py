@@ -66,11 +66,14 @@ def load_for_inference(cfg: TunerConfig) -> Inference:
     """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
     from engine.models.resolve import resolve_model
     from engine.data.tokenize import choose_template
-    from engine.models.loading import Hardware, choose_attention, choose_precision, load_model, load_tokenizer
+    from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision, load_model,
+                                       load_tokenizer)
 
     resolved = resolve_model(cfg.model.model_name_or_path)
     hardware = Hardware.detect()
-    precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported)
+    check_attention(cfg, hardware)
+    precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported,
+                                 cfg.train.pure_bf16)
     attention, _ = choose_attention(cfg.model.flash_attn, hardware.on_gpu, hardware.flash_attn_installed)
     tokenizer = load_tokenizer(resolved.path, cfg)
     tokenizer.padding_side = "left"

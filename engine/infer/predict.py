@@ -1,17 +1,20 @@
 """``tuner predict``: generate for each sample's prompt, keep every answer as it comes, then score them.
 
 ``generated_predictions.jsonl`` grows a line per sample (prompt, predict, label) while the run goes on, so a long
-predict can be watched and is not lost when interrupted; ``predict_results.json`` holds LLaMA-Factory's metric names:
-BLEU-4 from sacrebleu (its 13a tokenizer, exponential smoothing, per sentence) and ROUGE-1/2/L F1 from Google's
-rouge-score (lower-cased, split on non-alphanumerics), each averaged over samples and scaled to 0-100.
+predict can be watched and is not lost when interrupted; ``trainer_log.jsonl`` gets LLaMA-Factory's progress lines.
+``predict_results.json`` holds LLaMA-Factory's metric names: BLEU-4 from sacrebleu (its 13a tokenizer, exponential
+smoothing, per sentence) and ROUGE-1/2/L F1 from Google's rouge-score (lower-cased, split on non-alphanumerics), each
+averaged over samples and scaled to 0-100.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import logging
+import math
 import time
+from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 
@@ -77,8 +80,9 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
     batch_size = cfg.train.per_device_eval_batch_size
     predictions, labels = [], []
     started = time.time()
-    with open(out / PREDICTIONS, "w", encoding="utf-8") as file:
-        for start in range(0, len(samples), batch_size):
+    with open(out / PREDICTIONS, "w", encoding="utf-8") as file, \
+            closing(_trainer_log(cfg, out, math.ceil(len(samples) / batch_size))) as trainer_log:
+        for step, start in enumerate(range(0, len(samples), batch_size), start=1):
             batch = [split_prompt(sample["messages"]) for sample in samples[start:start + batch_size]]
             replies = generate(inference, [prompt for prompt, _ in batch], kwargs)
             for (prompt, label), reply in zip(batch, replies):
@@ -87,6 +91,7 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
                 predictions.append(reply)
                 labels.append(label)
             file.flush()
+            trainer_log.prediction_step(step)
             if progress is not None:
                 progress(len(predictions), len(samples))
     runtime = time.time() - started
@@ -96,6 +101,19 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
                "template": inference.template}
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return out, results
+
+
+def _trainer_log(cfg: TunerConfig, out: Path, batches: int):
+    """LLaMA-Factory's trainer_log.jsonl for a predict of ``batches`` batches, timed from now; as there, a log
+    already in ``out`` is appended to, or removed first with overwrite_output_dir."""
+    from engine.train.callbacks import TrainerLog
+
+    path = out / "trainer_log.jsonl"
+    if cfg.train.overwrite_output_dir:
+        path.unlink(missing_ok=True)
+    trainer_log = TrainerLog(path)
+    trainer_log.start(total_steps=batches)
+    return trainer_log
 
 
 def summary_lines(out: Path, results: dict) -> list[str]:

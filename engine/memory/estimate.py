@@ -42,7 +42,7 @@ class RunShape:
     freeze_trainable_layers: int = 2
     optim: str = "adamw_torch"
     double_quantization: bool = True
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: str = "bf16"  # bf16 | fp16 | fp32 | pure_bf16 (bfloat16 weights, gradients and states, no autocast)
     num_gpus: int = 1
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
@@ -183,7 +183,11 @@ def estimate(shape: RunShape) -> Estimate:
     linear_params = layers * sum(linear.params for linear in decoder_linears(g))
     other_params = layers * layer_other_params(g) + embedding_params(g)
     w16 = 4.0 if shape.precision == "fp32" else 2.0
-    assumptions = [f"{shape.precision} weights and autocast, {shape.attention} attention, "
+    pure = shape.precision == "pure_bf16"
+    trained = 2.0 if pure else 4.0  # bytes per trained weight and its gradient: fp32 masters, or bf16 with pure_bf16
+    weights = "bfloat16 weights, gradients and optimizer states, no autocast" if pure else \
+        f"{shape.precision} weights and autocast"
+    assumptions = [f"{weights}, {shape.attention} attention, "
                    f"gradient checkpointing {'on' if shape.gradient_checkpointing else 'off'}"]
     components: dict[str, float] = {}
     bits = shape.quantization_bit
@@ -205,14 +209,15 @@ def estimate(shape: RunShape) -> Estimate:
     if shape.finetuning_type == "lora":
         if not bits:
             components["weights_16bit"] = (linear_params + other_params) * w16
-        components["lora_adapters"] = trainable * 4.0
+        components["lora_adapters"] = trainable * trained
     else:
         components["weights_16bit"] = frozen * w16
-        components["weights_trainable_fp32"] = trainable * 4.0
-    components["gradients"] = trainable * 4.0
+        components["weights_trainable_bf16" if pure else "weights_trainable_fp32"] = trainable * trained
+    components["gradients"] = trainable * trained
     kind = _optimizer_kind(shape.optim)
-    components["optimizer_states"] = trainable * OPTIMIZER_STATE_BYTES[kind]
-    assumptions.append(f"optimizer {shape.optim}: {OPTIMIZER_STATE_BYTES[kind]:g} bytes of state per trainable parameter")
+    state_bytes = OPTIMIZER_STATE_BYTES[kind] / 2 if pure and kind == "adamw" else OPTIMIZER_STATE_BYTES[kind]
+    components["optimizer_states"] = trainable * state_bytes
+    assumptions.append(f"optimizer {shape.optim}: {state_bytes:g} bytes of state per trainable parameter")
 
     _shard(shape, components, assumptions, trainable)
 
@@ -223,7 +228,7 @@ def estimate(shape: RunShape) -> Estimate:
         biggest = max(linear.params for linear in decoder_linears(g))
         components["dequantized_layer"] = biggest * 2.0
     components["autocast_weight_copies"] = _autocast_copies(shape, trainable, other_params)
-    optimizer_step = trainable * 4.0 if kind == "adamw" and "fused" not in shape.optim else 0.0
+    optimizer_step = trainable * trained if kind == "adamw" and "fused" not in shape.optim else 0.0
     components["optimizer_step_temporaries"] = optimizer_step
 
     transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "autocast_weight_copies")
@@ -300,6 +305,8 @@ def _autocast_copies(shape: RunShape, trainable: int, other_params: int) -> floa
     upcast head under QLoRA) until the backward pass is done."""
     g = shape.geometry
     copies = 0.0
+    if shape.precision == "pure_bf16":
+        return copies  # the weights are bfloat16 already: nothing to cast
     if shape.finetuning_type in ("full", "freeze"):
         copies += trainable * 2.0
     if shape.quantization_bit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -21,18 +22,23 @@ log = logging.getLogger("tuner")
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # "bf16" | "fp16" | "fp32"
+    name: str  # "bf16" | "fp16" | "fp32" | "pure_bf16" (bfloat16 weights, no mixed precision)
     reason: str
 
     @property
     def torch_dtype(self):
         import torch
 
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+        return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp32": torch.float32}[self.name]
 
 
-def choose_precision(bf16: bool | None, fp16: bool | None, on_gpu: bool, bf16_supported: bool) -> Precision:
-    """What was asked, adjusted to the hardware: never a crash because bf16 was asked where it cannot run."""
+def choose_precision(bf16: bool | None, fp16: bool | None, on_gpu: bool, bf16_supported: bool,
+                     pure_bf16: bool = False) -> Precision:
+    """What was asked, adjusted to the hardware: never a crash because bf16 was asked where it cannot run. Only
+    ``pure_bf16`` is refused where bfloat16 cannot run (a GPU without it), since it changes what is trained."""
+    if pure_bf16:
+        return _pure_bf16(fp16, on_gpu, bf16_supported)
     if not on_gpu:
         asked = "bf16" if bf16 else "fp16" if fp16 else None
         why = f"{asked} was asked but there is no GPU" if asked else "no GPU"
@@ -46,6 +52,17 @@ def choose_precision(bf16: bool | None, fp16: bool | None, on_gpu: bool, bf16_su
     return Precision("fp16", "this GPU has no bf16 support: fp16 mixed precision instead")
 
 
+def _pure_bf16(fp16: bool | None, on_gpu: bool, bf16_supported: bool) -> Precision:
+    if fp16:
+        raise UserError("pure_bf16 and fp16 are both set: pure_bf16 trains in bfloat16 without mixed precision",
+                        "drop fp16, or drop pure_bf16 for fp16 mixed precision")
+    if on_gpu and not bf16_supported:
+        raise UserError("pure_bf16 needs bfloat16, which this GPU does not support",
+                        "drop pure_bf16 (fp16 mixed precision is used instead)")
+    where = "" if on_gpu else " on the CPU"
+    return Precision("pure_bf16", f"pure_bf16: weights and training in bfloat16{where}, no mixed precision")
+
+
 def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, padding_free: bool = False,
                      torch_varlen: bool = False, varlen_blocker: str | None = None) -> tuple[str, str]:
     """The transformers ``attn_implementation`` for the asked ``flash_attn`` value, and why. Padding-free rows get
@@ -55,6 +72,10 @@ def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, 
     if flash_attn in ("sdpa", "eager"):
         dense = ": padding-free rows use a dense block-diagonal mask" if padding_free else ""
         return flash_attn, f"{flash_attn} as asked{dense}"
+    if flash_attn == "fa3":  # check_requests has refused it where the package is missing
+        if not on_gpu:
+            raise flash_attention_3_refusal(on_gpu=False, installed=False)
+        return "flash_attention_3", "flash-attention-3 as asked"
     if on_gpu and flash_attn_installed:
         return "flash_attention_2", "flash-attention-2: installed and a GPU is present"
     missing = "no GPU" if not on_gpu else "the flash-attn package is not installed (pip install flash-attn)"
@@ -71,12 +92,24 @@ def choose_attention(flash_attn: str, on_gpu: bool, flash_attn_installed: bool, 
     return "sdpa", f"PyTorch SDPA ({missing} for flash-attention-2)"
 
 
+def flash_attention_3_refusal(on_gpu: bool, installed: bool) -> UserError | None:
+    """Why ``flash_attn fa3`` cannot run here, or None: it needs a GPU and the FlashAttention-3 package."""
+    if not on_gpu:
+        return UserError("flash_attn fa3 needs a GPU, and there is none", "use flash_attn sdpa (or auto)")
+    if not installed:
+        return UserError("flash_attn fa3 needs FlashAttention-3 (the flash_attn_interface module), which is not "
+                         "installed", "build it from flash-attention's hopper/ directory for a Hopper GPU, or use "
+                         "flash_attn fa2 (pip install flash-attn) or sdpa")
+    return None
+
+
 @dataclass(frozen=True)
 class Hardware:
     on_gpu: bool
     bf16_supported: bool
     flash_attn_installed: bool
     device_name: str
+    flash_attn3_installed: bool = False
 
     @classmethod
     def detect(cls) -> "Hardware":
@@ -88,7 +121,21 @@ class Hardware:
             bf16_supported=on_gpu and torch.cuda.is_bf16_supported(),
             flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
             device_name=torch.cuda.get_device_name() if on_gpu else "cpu",
+            flash_attn3_installed=importlib.util.find_spec("flash_attn_interface") is not None,
         )
+
+
+def check_attention(cfg: TunerConfig, hardware: Hardware) -> None:
+    """Refuse flash_attn fa3 where it cannot run, before any model loads."""
+    if cfg.model.flash_attn == "fa3":
+        refusal = flash_attention_3_refusal(hardware.on_gpu, hardware.flash_attn3_installed)
+        if refusal:
+            raise refusal
+
+
+def check_requests(cfg: TunerConfig, hardware: Hardware) -> None:
+    """Refuse, before any model loads, what this machine cannot do (the config's own collisions are validation's)."""
+    check_attention(cfg, hardware)
 
 
 _IMPORTING = threading.Lock()
@@ -143,16 +190,67 @@ def quantization_config(cfg: TunerConfig, precision: Precision):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def rope_parameters(rope_scaling: str, current: dict, cutoff_len: int,
+                    max_positions: int | None) -> tuple[dict, int] | None:
+    """LLaMA-Factory's RoPE stretch: the model config's new ``rope_parameters`` and ``max_position_embeddings`` for
+    samples of ``cutoff_len`` tokens, factor ceil(cutoff_len / max_position_embeddings); None when they fit. Dynamic
+    NTK keeps the model's length, from which it scales at run time."""
+    if not max_positions or cutoff_len <= max_positions:
+        return None
+    params = {**current, "rope_type": rope_scaling, "factor": float(math.ceil(cutoff_len / max_positions))}
+    if rope_scaling in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = max_positions
+    if rope_scaling == "llama3":
+        params.update(LLAMA3_ROPE)
+    return params, max_positions if rope_scaling == "dynamic" else cutoff_len
+
+
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's own values
+
+
+def model_config(model_path: str, cfg: TunerConfig):
+    """The model's config with ``rope_scaling`` applied (transformers 5's ``rope_parameters``); None when nothing
+    changes, so the model loads its own."""
+    if cfg.model.rope_scaling is None:
+        return None
+    (AutoConfig,) = from_transformers("AutoConfig")
+    m = cfg.model
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=m.trust_remote_code,
+                                            revision=m.model_revision, token=m.hf_hub_token, cache_dir=m.cache_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model's config from {model_path}: {_first_line(exc)}") from None
+    current = getattr(config, "rope_parameters", None)
+    if not isinstance(current, dict) or not current or "rope_type" not in current:
+        log.warning("rope_scaling %s ignored: this model's config has no single RoPE setting to stretch",
+                    m.rope_scaling)
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    stretched = rope_parameters(m.rope_scaling, current, cfg.data.cutoff_len, positions)
+    if stretched is None:
+        log.info("rope scaling: none needed, cutoff_len %d fits the model's %s positions", cfg.data.cutoff_len,
+                 positions)
+        return None
+    config.rope_parameters, config.max_position_embeddings = stretched
+    config.validate_rope()
+    log.info("rope scaling: %s, factor %s, for cutoff_len %d over the model's %d positions%s", m.rope_scaling,
+             config.rope_parameters["factor"], cfg.data.cutoff_len, positions,
+             " (dynamic NTK may not suit fine-tuning: transformers PR 24653)" if m.rope_scaling == "dynamic" else "")
+    return config
+
+
 def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attention: str, device_map=None):
-    """The base model as transformers loads it (safetensors only), quantized when quantization_bit is set."""
+    """The base model as transformers loads it (safetensors only), quantized when quantization_bit is set, its RoPE
+    stretched when rope_scaling asks for it."""
     (AutoModelForCausalLM,) = from_transformers("AutoModelForCausalLM")
     from engine.models.attention import VARLEN, register_varlen_attention
 
     if attention == VARLEN:
         register_varlen_attention()
+    config = model_config(model_path, cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=precision.torch_dtype, attn_implementation=attention,
+            model_path, config=config, dtype=precision.torch_dtype, attn_implementation=attention,
             quantization_config=quantization_config(cfg, precision), device_map=device_map,
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
             token=cfg.model.hf_hub_token, cache_dir=cfg.model.cache_dir, use_safetensors=True,
@@ -208,22 +306,67 @@ def prepare_kbit_model(model) -> None:
 
 
 def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
-    """Wrap the model with PEFT LoRA (after k-bit preparation for QLoRA), or load an adapter to keep training it."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    """Wrap the model with PEFT LoRA (after k-bit preparation for QLoRA). With adapter_name_or_path, as in
+    LLaMA-Factory: all but the last given adapter are merged into the base and the last trains further, or, with
+    create_new_adapter, all are merged and a new adapter trains on top."""
+    from peft import PeftModel, get_peft_model
 
-    f = cfg.finetune
     if cfg.model.quantization_bit is not None:
         prepare_kbit_model(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    if cfg.model.adapter_name_or_path:
-        return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
-    config = LoraConfig(
+    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    resume = adapters.pop() if adapters and not cfg.finetune.create_new_adapter else None
+    if adapters:
+        model = _merge_adapters(model, adapters, cfg.model.quantization_bit is not None)
+    if resume:
+        log.info("training the adapter %s further (create_new_adapter false)", resume)
+        return PeftModel.from_pretrained(model, resume, is_trainable=True)
+    if adapters:
+        log.info("training a new adapter over the merged %s: predict and export with adapter_name_or_path "
+                 "%s,<this run>", ",".join(adapters), ",".join(adapters))
+    return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=not cfg.train.pure_bf16)
+
+
+def _merge_adapters(model, adapters: list[str], quantized: bool):
+    from engine.infer.inference import load_adapters
+
+    merged = load_adapters(model, ",".join(adapters), quantized).merge_and_unload()
+    log.info("merged %d adapter(s) into the base: %s", len(adapters), ",".join(adapters))
+    return merged
+
+
+def lora_config(model, cfg: TunerConfig):
+    """PEFT's LoraConfig from our keys: PiSSA initialisation and fully trained extra modules included."""
+    from peft import LoraConfig
+
+    f = cfg.finetune
+    return LoraConfig(
         r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank, lora_dropout=f.lora_dropout,
         target_modules=lora_targets(model, f.lora_target), use_rslora=f.use_rslora, use_dora=f.use_dora,
+        modules_to_save=additional_targets(model, f.additional_target), init_lora_weights=lora_init(f),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def lora_init(f) -> bool | str:
+    """PEFT's ``init_lora_weights``: the default, or PiSSA by exact SVD (pissa_iter -1) or N fast-SVD iterations."""
+    if not f.pissa_init:
+        return True
+    return "pissa" if f.pissa_iter == -1 else f"pissa_niter_{f.pissa_iter}"
+
+
+def additional_targets(model, additional_target: str | None) -> list[str] | None:
+    """The modules trained in full and saved with the adapter (PEFT's modules_to_save), checked against the model."""
+    asked = [name.strip() for name in (additional_target or "").split(",") if name.strip()]
+    if not asked:
+        return None
+    available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    missing = [name for name in asked if name not in available]
+    if missing:
+        raise UserError(f"additional_target {', '.join(missing)} not found in this model",
+                        "name modules as the model does, e.g. embed_tokens,lm_head")
+    return asked
 
 
 def freeze_pattern(num_layers: int, trainable_layers: int, modules: str) -> re.Pattern:
@@ -237,7 +380,8 @@ def freeze_pattern(num_layers: int, trainable_layers: int, modules: str) -> re.P
 
 
 def apply_freeze(model, cfg: TunerConfig, gradient_checkpointing: bool):
-    """Train only the chosen layers; trainable weights kept in fp32 so the optimizer updates are not lost to rounding."""
+    """Train only the chosen layers; trainable weights kept in fp32 so the optimizer updates are not lost to rounding
+    (in bfloat16 under pure_bf16)."""
     import torch
 
     pattern = freeze_pattern(model.config.num_hidden_layers, cfg.finetune.freeze_trainable_layers,
@@ -246,7 +390,8 @@ def apply_freeze(model, cfg: TunerConfig, gradient_checkpointing: bool):
     for name, param in model.named_parameters():
         param.requires_grad = bool(pattern.search(name))
         if param.requires_grad:
-            param.data = param.data.to(torch.float32)
+            if not cfg.train.pure_bf16:
+                param.data = param.data.to(torch.float32)
             trainable += 1
     if trainable == 0:
         raise UserError(f"freeze_trainable_modules {cfg.finetune.freeze_trainable_modules} matches no parameter "
@@ -257,12 +402,14 @@ def apply_freeze(model, cfg: TunerConfig, gradient_checkpointing: bool):
     return model
 
 
-def apply_full(model):
+def apply_full(model, pure_bf16: bool = False):
+    """Train every weight, in fp32 (in bfloat16 under pure_bf16)."""
     import torch
 
     for param in model.parameters():
         param.requires_grad = True
-        param.data = param.data.to(torch.float32)
+        if not pure_bf16:
+            param.data = param.data.to(torch.float32)
     return model
 
 
@@ -272,7 +419,7 @@ def apply_method(model, cfg: TunerConfig, gradient_checkpointing: bool):
         return apply_lora(model, cfg, gradient_checkpointing)
     if method == "freeze":
         return apply_freeze(model, cfg, gradient_checkpointing)
-    return apply_full(model)
+    return apply_full(model, cfg.train.pure_bf16)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -147,7 +147,7 @@ def _resume_point(cfg: TunerConfig, path: Path) -> str | None:
 def saved_config(cfg: TunerConfig, run_dir: Path) -> TunerConfig:
     """The config a run reads back: one-shot keys reset (a resume never wipes its own checkpoints again), every
     local path made absolute (a resume starts in any directory), the output_dir the run's own."""
-    from engine.data.registry import load_registry
+    from engine.data.registry import absolute_dataset_dir, load_registry
 
     saved = copy.deepcopy(cfg)
     for key, value in ONE_SHOT.items():
@@ -156,7 +156,7 @@ def saved_config(cfg: TunerConfig, run_dir: Path) -> TunerConfig:
     m.model_name_or_path = _absolute_if_local(m.model_name_or_path)
     m.adapter_name_or_path = _absolute_list(m.adapter_name_or_path, ())
     m.cache_dir = _absolute_if_local(m.cache_dir)
-    d.dataset_dir = str(Path(d.dataset_dir).absolute()) if d.dataset_dir else None
+    d.dataset_dir = absolute_dataset_dir(d.dataset_dir)
     registered = set(load_registry(d.dataset_dir)) if d.dataset or d.eval_dataset else set()
     d.dataset = _absolute_list(d.dataset, registered)
     d.eval_dataset = _absolute_list(d.eval_dataset, registered)

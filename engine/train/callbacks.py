@@ -44,15 +44,66 @@ def gpu_memory_gib() -> dict[str, float] | None:
     return memory
 
 
+class TrainerLog:
+    """LLaMA-Factory's ``trainer_log.jsonl``, as its LogCallback writes it (keys, their order, rounding, times),
+    for LlamaBoard and users' scripts: a line per Trainer log in training (each logging step, each evaluation, the
+    closing summary) and, in predict, one every ``PREDICT_EVERY`` batches. Speed and remaining time count from
+    ``start`` (on resume: this session's steps and tokens, as transformers' own train_tokens_per_second does)."""
+
+    PREDICT_EVERY = 5
+
+    def __init__(self, path: Path):
+        self.file = open_append(path)
+        self.start(total_steps=0)
+
+    def start(self, total_steps: int, step: int = 0, tokens_seen: int = 0) -> None:
+        self.start_time = time.time()
+        self.total_steps, self.start_step, self.start_tokens = total_steps, step, tokens_seen
+
+    def training(self, step: int, logs: dict, tokens_seen: int) -> None:
+        """The line for one of the Trainer's logs (``logs`` as on_log gets them)."""
+        elapsed = time.time() - self.start_time
+        line = {
+            "current_steps": step, "total_steps": self.total_steps, "loss": logs.get("loss"),
+            "eval_loss": logs.get("eval_loss"), "predict_loss": logs.get("predict_loss"), "reward": logs.get("reward"),
+            "accuracy": logs.get("rewards/accuracies"), "lr": logs.get("learning_rate"), "epoch": logs.get("epoch"),
+            **self._progress(step, elapsed),
+        }
+        if tokens_seen:
+            line["throughput"] = round((tokens_seen - self.start_tokens) / max(elapsed, 1e-9), 2)
+            line["total_tokens"] = tokens_seen
+        self._write({key: value for key, value in line.items() if value is not None})
+
+    def prediction_step(self, step: int) -> None:
+        """After predict's ``step``-th batch of ``total_steps``."""
+        if step % self.PREDICT_EVERY == 0:
+            self._write({"current_steps": step, "total_steps": self.total_steps,
+                         **self._progress(step, time.time() - self.start_time)})
+
+    def _progress(self, step: int, elapsed: float) -> dict:
+        done = step - self.start_step
+        remaining = (self.total_steps - step) * elapsed / done if done > 0 else 0
+        return {"percentage": round(step / self.total_steps * 100, 2) if self.total_steps else 100,
+                "elapsed_time": str(timedelta(seconds=int(elapsed))),
+                "remaining_time": str(timedelta(seconds=int(remaining)))}
+
+    def _write(self, line: dict) -> None:
+        self.file.write(json.dumps(finite(line), allow_nan=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class RunEvents(TrainerCallback):
     """Writes a ``log`` event per logging step (step, loss, lr, grad norm, tokens/s, elapsed, remaining), ``eval``,
-    ``checkpoint`` events, ``status.json`` progress and ``trainer_log.jsonl`` in LLaMA-Factory's line format."""
+    ``checkpoint`` events, ``status.json`` progress and ``trainer_log.jsonl`` (TrainerLog)."""
 
     def __init__(self, run_dir: Path, events: EventWriter, status: RunStatus):
         self.run_dir = Path(run_dir)
         self.events = events
         self.status = status
-        self.trainer_log = open_append(self.run_dir / "trainer_log.jsonl")
+        self.trainer_log = TrainerLog(self.run_dir / "trainer_log.jsonl")
         self.start_time = time.time()
         self.start_step = 0
         self.last_time = self.start_time
@@ -63,6 +114,7 @@ class RunEvents(TrainerCallback):
         self.start_time = self.last_time = time.time()
         self.start_step = state.global_step
         self.last_tokens = state.num_input_tokens_seen
+        self.trainer_log.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
         self.status.total_steps = state.max_steps
         write_status(self.run_dir, self.status)
 
@@ -72,7 +124,7 @@ class RunEvents(TrainerCallback):
             self._log_event(state, logs)
         elif "eval_loss" in logs:
             self.events.emit(Event.EVAL, **{**logs, "step": state.global_step, "epoch": state.epoch})
-            self._trainer_log(state, {"eval_loss": logs["eval_loss"]})
+        self.trainer_log.training(state.global_step, logs, state.num_input_tokens_seen)
 
     def _log_event(self, state, logs: dict) -> None:
         now = time.time()
@@ -96,21 +148,6 @@ class RunEvents(TrainerCallback):
                  "?" if remaining is None else timedelta(seconds=int(remaining)))
         self.status.step, self.status.loss = state.global_step, event["loss"]
         write_status(self.run_dir, self.status)
-        self._trainer_log(state, {"loss": event["loss"], "lr": event["learning_rate"],
-                                  "throughput": event["tokens_per_s"], "total_tokens": tokens},
-                          elapsed=elapsed, remaining=remaining)
-
-    def _trainer_log(self, state, values: dict, elapsed: float | None = None, remaining: float | None = None):
-        elapsed = time.time() - self.start_time if elapsed is None else elapsed
-        line = {
-            "current_steps": state.global_step, "total_steps": state.max_steps, **values,
-            "epoch": round(state.epoch or 0.0, 2),
-            "percentage": round(100 * state.global_step / state.max_steps, 2) if state.max_steps else 0.0,
-            "elapsed_time": str(timedelta(seconds=int(elapsed))),
-            "remaining_time": str(timedelta(seconds=int(remaining or 0))),
-        }
-        self.trainer_log.write(json.dumps(finite(line), allow_nan=False) + "\n")
-        self.trainer_log.flush()
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}"

@@ -235,11 +235,13 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
     from engine.train.callbacks import Divergence, GracefulStop, RunEvents, gpu_memory_gib
     from engine.data.tokenize import build_datasets
-    from engine.models.loading import (Hardware, apply_method, choose_precision, count_parameters, load_model,
-                                       load_tokenizer)
+    from engine.models.loading import (Hardware, apply_method, check_requests, choose_precision, count_parameters,
+                                       load_model, load_tokenizer)
 
     hardware = Hardware.detect()
-    precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported)
+    check_requests(cfg, hardware)
+    precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported,
+                                 cfg.train.pure_bf16)
     log.info("precision: %s", precision.reason)
 
     model_path = resolved.path
@@ -270,6 +272,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
         apply_liger(model)
     model = apply_method(model, cfg, plan.fit.gradient_checkpointing)
+    if events is not None and cfg.finetune.pissa_convert:
+        _save_pissa_init(model, run)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if stop.requested:
@@ -337,11 +341,41 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         trainer.save_model(str(run.path))
         tokenizer.save_pretrained(str(run.path))
         trainer.save_state()
+        if cfg.finetune.pissa_convert:
+            _save_pissa_converted(model, run)
+        if cfg.train.plot_loss:
+            from engine.train.plots import plot_loss
+
+            plot_loss(run.path)
     memory = gpu_memory_gib()
     if memory:
         events.emit(Event.MEMORY, **memory)
     return {"step": trainer.state.global_step, "train_loss": result.training_loss,
             "runtime_s": round(time.time() - started, 2)}
+
+
+PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"
+
+
+def _save_pissa_init(model, run: RunDir) -> None:
+    """The PiSSA adapter before training, which pissa_convert subtracts at the end (LLaMA-Factory's layout). A resumed
+    run keeps the one its first start wrote."""
+    target = run.path / PISSA_INIT
+    if (target / "adapter_config.json").is_file():
+        return
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # reloads as a plain adapter, no second SVD
+    try:
+        model.save_pretrained(str(target))
+    finally:
+        config.init_lora_weights = init
+
+
+def _save_pissa_converted(model, run: RunDir) -> None:
+    """The trained PiSSA adapter as a plain LoRA one (rank doubled) that applies to the original base model."""
+    target = run.path / PISSA_CONVERTED
+    model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(run.path / PISSA_INIT))
+    log.info("PiSSA adapter converted to a plain LoRA adapter for the original base: %s", target)
 
 
 def _plan_speed(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunDir):
@@ -504,10 +538,28 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
     trainer = divergence.watching(trainer_class(plan.loss))(
         model=model, args=args, train_dataset=_training_rows(datasets.train, cfg, plan), eval_dataset=datasets.eval,
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer, callbacks=callbacks, optimizers=_optimizers(cfg, model, args, Trainer),
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _optimizers(cfg: TunerConfig, model, args, Trainer) -> tuple:
+    """(optimizer, scheduler) for the Trainer: LoRA+ (PEFT's create_loraplus_optimizer, the lora_B matrices at
+    learning_rate x loraplus_lr_ratio) with the optim asked for; else (None, None), the Trainer's own."""
+    ratio = cfg.finetune.loraplus_lr_ratio
+    if not ratio or cfg.finetune.finetuning_type != "lora":
+        return None, None
+    from peft.optimizers import create_loraplus_optimizer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=ratio,
+                                          loraplus_lr_embedding=cfg.finetune.loraplus_lr_embedding,
+                                          loraplus_weight_decay=args.weight_decay, **kwargs)
+    log.info("LoRA+: lora_B matrices learn at %g (learning_rate %g x loraplus_lr_ratio %g), %s", args.learning_rate
+             * ratio, args.learning_rate, ratio, optimizer_cls.__name__)
+    return optimizer, None
 
 
 def _training_rows(train, cfg: TunerConfig, plan):
@@ -525,7 +577,7 @@ def _training_rows(train, cfg: TunerConfig, plan):
 def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
     """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start."""
     t, d, fit = cfg.train, cfg.data, plan.fit
-    return SFTConfig(
+    chosen = dict(
         output_dir=str(run.path), per_device_train_batch_size=fit.micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=fit.accumulation, learning_rate=t.learning_rate,
@@ -543,8 +595,27 @@ def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, cut and packed by the engine already
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
         ddp_find_unused_parameters=_has_experts(model),
-        save_only_model=False,
     )
+    chosen.update(_passthrough(SFTConfig, cfg))
+    try:
+        return SFTConfig(**chosen)
+    except ValueError as exc:  # TrainingArguments' own checks of the fields passed through (load_best_model_at_end ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"transformers refused the training arguments: {first}") from None
+
+
+def _passthrough(config_class, cfg: TunerConfig) -> dict:
+    """The TrainingArguments / SFTConfig fields the user gave that are not tuner's own, as given; the checkpointing
+    keywords under whichever name this transformers uses."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    fields = dict(cfg.passthrough)
+    for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+        if name in fields and name not in known:
+            other = "activation_checkpointing_kwargs" if name.startswith("gradient") else "gradient_checkpointing_kwargs"
+            fields[other] = fields.pop(name)
+    return fields
 
 
 def _has_experts(model) -> bool:

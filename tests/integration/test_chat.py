@@ -56,7 +56,7 @@ def test_streamed_pieces_join_into_the_reply_that_generate_gives(session):
 
 def test_streaming_with_a_template_that_has_stop_words(tiny_models):
     session = start_chat(chat_config("--template", "chatml"))
-    assert session.kwargs["stop_strings"] == ["<|im_end|>"]
+    assert session.kwargs["stop_strings"] == ["<|im_end|>", "<|im_start|>"]  # LLaMA-Factory's chatml stop words
     pieces: list[str] = []
     reply = session.reply("hello", on_token=pieces.append)
     assert "".join(pieces) == reply and "<|im_end|>" not in reply

@@ -98,7 +98,7 @@ def test_bad_values_and_choices_are_all_reported():
         "cutoff_len: expected a whole number, got 'long'",
         "finetuning_type: 'qlora' is not one of lora, freeze, full",
         "bf16: expected true or false, got 'maybe'",
-        "stage: 'dpo' is not supported; tuner runs supervised fine-tuning (stage sft)",
+        "LLaMA-Factory's stage dpo is not supported by tuner: tuner runs supervised fine-tuning (stage sft) only",
     ]
 
 

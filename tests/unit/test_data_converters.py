@@ -20,8 +20,8 @@ def attr(formatting: str | None = "alpaca", columns: dict | None = None, tags: d
     return base
 
 
-def messages(*pairs: tuple[str, str]) -> dict:
-    return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+def messages(*pairs: tuple[str, str], tools: str = "") -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in pairs], "tools": tools}
 
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
@@ -93,7 +93,8 @@ def test_sharegpt_role_out_of_order_names_sample_and_position():
     with pytest.raises(UserError) as err:
         convert([good, bad], attr("sharegpt", {"messages": "conversations"}))
     assert err.value.message == ("dataset 't', sample 1, message 2: "
-                                 "role 'gpt' where the user tag 'human' was expected")
+                                 "role 'gpt' where the user tag 'human' or the observation tag 'observation' was "
+                                 "expected")
 
 
 def test_sharegpt_ending_with_user_is_an_error_naming_the_sample():
@@ -111,17 +112,17 @@ def test_sharegpt_wrong_tags_list_the_keys_found():
                                  "expected 'from' and 'value' keys, found: role, content")
 
 
-def test_sharegpt_drops_empty_turns_and_tool_calls():
+def test_sharegpt_drops_empty_turns():
     records = [
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "{}"},
-                           {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "b"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": '{"name": "f", '
+                           '"arguments": {}}'}, {"from": "observation", "value": " "}, {"from": "gpt", "value": "b"}]},
         {"conversations": []},
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
     ]
     result = convert(records, attr("sharegpt", {"messages": "conversations"}))
     assert result.conversations == [messages(("user", "a"), ("assistant", "b"))]
-    assert result.dropped == Counter({"empty message": 1, "tool-call turns (not supported)": 1, "no messages": 1})
+    assert result.dropped == Counter({"empty message": 2, "no messages": 1})
 
 
 def test_openai_messages_with_system_and_content_parts():
@@ -138,13 +139,6 @@ def test_openai_honours_custom_tags():
                        {"role": "model", "content": "a"}]}
     assert convert([record], attr("openai", {"messages": "chat"}, tags)).conversations == [
         messages(("system", "D"), ("user", "q"), ("assistant", "a"))]
-
-
-def test_openai_drops_assistant_tool_calls():
-    record = {"messages": [{"role": "user", "content": "q"},
-                           {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}
-    assert convert([record], attr("openai", {"messages": "messages"})).dropped == Counter(
-        {"tool-call turns (not supported)": 1})
 
 
 def test_unknown_formatting_lists_the_valid_ones():

@@ -11,14 +11,24 @@ import pytest
 from engine.data import load_conversations, split_eval
 from engine.errors import UserError
 
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
 ALPACA = [{"instruction": "Reverse: ab", "input": "", "output": "ba"},
           {"instruction": "Add", "input": "1 2", "output": "3"}]
 ALPACA_MESSAGES = [
-    {"messages": [{"role": "user", "content": "Reverse: ab"}, {"role": "assistant", "content": "ba"}]},
-    {"messages": [{"role": "user", "content": "Add\n1 2"}, {"role": "assistant", "content": "3"}]},
+    {"messages": [{"role": "user", "content": "Reverse: ab"}, {"role": "assistant", "content": "ba"}], "tools": ""},
+    {"messages": [{"role": "user", "content": "Add\n1 2"}, {"role": "assistant", "content": "3"}], "tools": ""},
 ]
 SHAREGPT = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "system": "S"}]
 OPENAI = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+OPENAI_MESSAGES = [{**OPENAI[0], "tools": ""}]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, whose real LLaMA-Factory files these tests read: missing, they fail rather than skip."""
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: these tests read LLaMA-Factory's real files from it"
+    return SHARED_DATA
 
 
 def write_json(path: Path, records: list[dict]) -> Path:
@@ -60,8 +70,8 @@ def test_alpaca_from_every_file_type(tmp_path, writer):
 def test_sharegpt_and_openai_from_parquet_keep_nested_messages(tmp_path):
     sharegpt = load_conversations(str(write_parquet(tmp_path / "s.parquet", SHAREGPT)), None)
     assert sharegpt.train == [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "hello"}]}]
-    assert load_conversations(str(write_parquet(tmp_path / "o.parquet", OPENAI)), None).train == OPENAI
+                                            {"role": "assistant", "content": "hello"}], "tools": ""}]
+    assert load_conversations(str(write_parquet(tmp_path / "o.parquet", OPENAI)), None).train == OPENAI_MESSAGES
 
 
 def test_json_lines_inside_a_json_file(tmp_path):
@@ -86,14 +96,14 @@ def test_registered_local_dataset_with_columns_and_tags(tmp_path):
         "file_name": "chat.json", "formatting": "sharegpt", "columns": {"messages": "dialog"},
         "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}}}))
     assert load_conversations("chat", str(tmp_path)).train == [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": ""}]
 
 
 def test_several_datasets_by_comma_each_capped_by_max_samples(tmp_path):
     write_json(tmp_path / "a.json", ALPACA)
     write_jsonl(tmp_path / "o.jsonl", OPENAI * 3)
     loaded = load_conversations("a.json, o.jsonl", str(tmp_path), max_samples=1)
-    assert loaded.train == ALPACA_MESSAGES[:1] + OPENAI
+    assert loaded.train == ALPACA_MESSAGES[:1] + OPENAI_MESSAGES
     assert [report.records for report in loaded.report.train] == [1, 1]
 
 
@@ -101,7 +111,7 @@ def test_eval_dataset_is_loaded_separately(tmp_path):
     write_json(tmp_path / "a.json", ALPACA)
     write_jsonl(tmp_path / "o.jsonl", OPENAI)
     loaded = load_conversations("a.json", str(tmp_path), eval_dataset="o.jsonl")
-    assert (loaded.train, loaded.eval) == (ALPACA_MESSAGES, OPENAI)
+    assert (loaded.train, loaded.eval) == (ALPACA_MESSAGES, OPENAI_MESSAGES)
     assert loaded.report.lines()[1] == f"eval o.jsonl: 1 conversation (openai, {tmp_path / 'o.jsonl'})"
     with pytest.raises(UserError, match="either val_size or eval_dataset"):
         load_conversations("a.json", str(tmp_path), eval_dataset="o.jsonl", val_size=0.5)
@@ -137,6 +147,32 @@ def test_llamafactory_alpaca_demo(shared_data):
     assert split.report.split == "split off 100 of 999 for evaluation (val_size=0.1, seed=7)"
     counted = load_conversations("alpaca_en_demo", dataset_dir, max_samples=100, val_size=25)
     assert (len(counted.train), len(counted.eval)) == (75, 25)
+
+
+def test_llamafactory_identity_warns_once_about_its_placeholders(shared_data):
+    path = shared_data / "llamafactory" / "identity.json"
+    records = json.loads(path.read_text())
+    loaded = load_conversations("identity", str(shared_data / "llamafactory"))
+    assert len(loaded.train) == len(records) == 91
+    assert loaded.train[0] == {"messages": [
+        {"role": "user", "content": records[0]["instruction"]},
+        {"role": "assistant", "content": records[0]["output"]}], "tools": ""}
+    holding = sum("{{" in record["instruction"] + record["output"] for record in records)
+    assert loaded.report.lines() == [
+        f"identity: 91 conversations (alpaca, {path.resolve()})",
+        f"warning: identity: {holding} of 91 conversations hold the placeholders {{{{name}}}}, {{{{author}}}}: "
+        f"replace them in {path.resolve()} with your own text before training"]
+
+
+def test_placeholder_warning_follows_its_dataset_also_for_eval(tmp_path):
+    write_json(tmp_path / "a.json", ALPACA)
+    write_json(tmp_path / "p.json", [{"instruction": "Who are you?", "output": "I am {{name}}, by {{ author }}."}])
+    loaded = load_conversations("a.json", str(tmp_path), eval_dataset="p.json")
+    assert loaded.report.lines()[1:] == [
+        f"eval p.json: 1 conversation (alpaca, {tmp_path / 'p.json'})",
+        f"warning: eval p.json: 1 of 1 conversations hold the placeholders {{{{name}}}}: replace them in "
+        f"{tmp_path / 'p.json'} with your own text before training"]
+    assert len(load_conversations("a.json", str(tmp_path)).report.lines()) == 1
 
 
 def test_split_eval_is_deterministic_by_seed_and_keeps_order():
@@ -212,7 +248,8 @@ def test_sharegpt_turn_order_error_from_a_file(tmp_path):
     with pytest.raises(UserError) as err:
         load_conversations(str(write_json(tmp_path / "s.json", SHAREGPT + bad)), None)
     assert err.value.message == (f"dataset '{tmp_path / 's.json'}', sample 1, message 1: "
-                                 "role 'human' where the assistant tag 'gpt' was expected")
+                                 "role 'human' where the assistant tag 'gpt' or the function tag 'function_call' "
+                                 "was expected")
 
 
 def test_unknown_formatting_in_registry_lists_valid_ones(tmp_path):

@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from engine.data import dataset_names, load_conversations, load_registry, resolve_dataset
-from engine.data.registry import BUNDLED_DIR
+from engine.data import convert, dataset_names, load_conversations, load_registry, resolve_dataset
+from engine.data.registry import BUNDLED_DIR, absolute_dataset_dir
 from engine.errors import UserError
 
 DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
 COLUMNS_EXPECTED = "a mapping of column roles to column names"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, whose real LLaMA-Factory files these tests read: missing, they fail rather than skip."""
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: these tests read LLaMA-Factory's real files from it"
+    return SHARED_DATA
 
 
 def test_reads_llamafactory_registry_as_it_is(shared_data):
@@ -178,3 +188,96 @@ def test_registered_file_that_is_absent_names_the_path(shared_data):
         load_conversations("alpaca_zh_demo", str(shared_data / "llamafactory"))
     assert err.value.message == ("dataset 'alpaca_zh_demo': file not found: "
                                  f"{(shared_data / 'llamafactory' / 'alpaca_zh_demo.json').resolve()}")
+
+
+def _refusal(attr) -> str:
+    """What the entry alone says about a dataset: understood, or the reason it is refused when used."""
+    try:
+        convert([], attr)
+    except UserError as err:
+        return err.message.removeprefix(f"dataset '{attr.name}' ")
+    return "understood"
+
+
+def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_data):
+    registry = load_registry(str(shared_data / "llamafactory"))
+    refusals = {name: _refusal(attr) for name, attr in registry.items()}
+    kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in refusals.values())
+    assert kinds == {"understood": 68, "is a preference": 12, "is multimodal": 10, "maps no response column": 17}
+    assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
+    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
+    assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
+    for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrafeedback_kto", "ultrachat_200k", "alpaca_en"):
+        assert refusals[name] == "understood"
+    assert set(registry["glaive_toolcall_en"].columns) == {"messages", "tools"}
+    assert registry["kto_mix_en"].columns["kto_tag"] == "label"
+
+
+def test_llamafactory_text_sft_files_that_are_present_load_end_to_end(shared_data):
+    loaded = load_conversations("alpaca_en_demo,identity", str(shared_data / "llamafactory"))
+    assert [(report.name, report.records, report.kept, report.dropped) for report in loaded.report.train] == [
+        ("alpaca_en_demo", 999, 999, {}), ("identity", 91, 91, {})]
+    assert len(loaded.train) == 999 + 91
+    assert all(conversation["tools"] == "" and [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
+               for conversation in loaded.train)
+
+
+def test_default_dataset_dir_that_does_not_exist_still_finds_demos_files_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    assert dataset_names("data") == DEMOS
+    assert len(load_conversations("demo_alpaca", "data").train) == 400
+    assert load_conversations(str(tmp_path / "mine.jsonl"), "data").train[0]["messages"][1]["content"] == "b"
+    assert load_conversations("mine.jsonl", "data").report.train[0].kept == 1
+    assert resolve_dataset("someone/some_data", "data").load_from == "hf_hub"
+
+
+def test_unknown_name_says_when_dataset_dir_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        resolve_dataset("my_set", "data")
+    assert err.value.message == ("unknown dataset 'my_set'; closest registered names: demo_sharegpt, demo_openai, "
+                                 "demo_alpaca (3 registered; dataset_dir data does not exist)")
+    assert err.value.hint.endswith("; or set dataset_dir to the folder that holds your dataset_info.json")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "file").write_text("")
+    for dataset_dir, why in (("data", "has no dataset_info.json"), ("file", "is not a folder")):
+        with pytest.raises(UserError) as err:
+            resolve_dataset("my_set", dataset_dir)
+        assert err.value.message.endswith(f"(3 registered; dataset_dir {dataset_dir} {why})")
+
+
+def test_config_with_the_default_dataset_dir_validates_where_there_is_no_data_folder(tmp_path, monkeypatch):
+    from engine.config.schema import build_config
+    from engine.config.validation import validate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca,demo_openai"})
+    assert cfg.data.dataset_dir == "data"
+    validate(cfg)
+
+
+def test_online_dataset_dir_reads_no_registry_and_takes_names_as_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ONLINE").mkdir()
+    (tmp_path / "ONLINE" / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+    assert dataset_names("ONLINE") == DEMOS
+    assert resolve_dataset("demo_openai", "ONLINE").load_from == "file"
+    for name in ("mine", "someone/some_data"):
+        resolved = resolve_dataset(name, "ONLINE")
+        assert (resolved.load_from, resolved.location, resolved.formatting) == ("hf_hub", name, None)
+    assert absolute_dataset_dir("ONLINE") == "ONLINE"
+
+
+def test_remote_dataset_dir_is_refused_in_one_line():
+    with pytest.raises(UserError) as err:
+        load_registry("REMOTE:someone/registry")
+    assert err.value.message == ("dataset_dir REMOTE:someone/registry: a dataset_info.json read from the hub is not "
+                                 "supported")
+    assert "ONLINE" in err.value.hint
+
+
+def test_absolute_dataset_dir_for_a_saved_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_dataset_dir("data") == str(tmp_path / "data")
+    assert (absolute_dataset_dir(None), absolute_dataset_dir("")) == (None, None)

@@ -93,6 +93,19 @@ def test_zero3_shards_weights_and_states_across_gpus():
     assert ddp.components["ddp_gradient_buckets"] == ddp.components["gradients"]
 
 
+def test_pure_bf16_holds_weights_gradients_and_states_in_bfloat16():
+    mixed = estimate(RunShape(LLAMA2_7B, method="full"))
+    pure = estimate(RunShape(LLAMA2_7B, method="full", precision="pure_bf16"))
+    assert pure.components["weights_trainable_bf16"] == pytest.approx(mixed.components["weights_trainable_fp32"] / 2,
+                                                                      abs=1e-3)
+    for key in ("gradients", "optimizer_states"):
+        assert pure.components[key] == pytest.approx(mixed.components[key] / 2, abs=1e-3)
+    assert pure.components["autocast_weight_copies"] == 0 < mixed.components["autocast_weight_copies"]
+    assert "no autocast" in pure.assumptions[0]
+    shape = shape_from_config(parse_args(["--pure_bf16"]), LLAMA2_7B)
+    assert shape.precision == "pure_bf16"
+
+
 def test_mixtral_experts_stay_16bit_under_qlora_and_say_so():
     mixtral = lookup("mixtral-8x7b").geometry
     result = estimate(RunShape(mixtral, method="qlora-4bit"))

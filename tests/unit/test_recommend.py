@@ -69,7 +69,7 @@ def test_seed_table_is_the_familiar_one():
 
 def test_estimate_json_for_a_catalog_model(capsys):
     assert main(["estimate", "--model_name_or_path", "llama2-7b", "--per_device_train_batch_size", "4",
-                 "--gpu_memory_gib", "24", "--num_gpus", "1", "--json"]) == 0
+                 "--gpu_memory_gib", "24", "--num_gpus", "1", "--cutoff_len", "1024", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"peak_allocated_gib", "total_gib", "components", "assumptions", "recommendation"} <= set(data)
     assert data["recommendation"]["method"] == "lora"

@@ -97,19 +97,21 @@ def published(shared_data, name: str) -> str:
     return text.replace("    ", "").replace("\n", "")
 
 
+def with_default_system(template, conversation):
+    if template.default_system is None or conversation[0]["role"] == "system":
+        return conversation
+    return [{"role": "system", "content": template.default_system}, *conversation]
+
+
 def hf_render(tokenizer, chat_template: str, messages, add_generation_prompt=False) -> str:
     tokenizer.chat_template = chat_template
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def learned_texts(tokenizer, sample) -> list[str]:
-    """The decoded runs of consecutive learned tokens."""
-    runs = itertools.groupby(zip(sample.input_ids, sample.labels), key=lambda pair: pair[1] != IGNORE_INDEX)
-    return [
-        tokenizer.decode([token for token, _ in run], clean_up_tokenization_spaces=False)
-        for learned, run in runs
-        if learned
-    ]
+    """The decoded runs of consecutive labels that are learned."""
+    runs = itertools.groupby(sample.labels, key=lambda label: label != IGNORE_INDEX)
+    return [tokenizer.decode(list(run), clean_up_tokenization_spaces=False) for learned, run in runs if learned]
 
 
 # --- the registry -----------------------------------------------------------------------------------------------
@@ -117,8 +119,10 @@ def learned_texts(tokenizer, sample) -> list[str]:
 
 def test_template_names_are_the_shipped_set_with_auto():
     assert template_names() == [
-        "auto", "alpaca", "llama2", "mistral", "llama3", "chatml", "qwen", "vicuna", "zephyr", "gemma", "default",
-        "empty",
+        "auto", "alpaca", "llama2", "mistral", "ministral", "ministral3", "mistral_small", "llama3", "skywork_o1",
+        "openchat-3.6", "llama4", "chatml", "qwen", "qwen3", "qwen3_nothink", "yi", "intern2", "phi", "phi_small",
+        "phi4", "gemma", "gemma2", "gemma3", "deepseek", "deepseek3", "glm4", "chatglm3", "baichuan2", "cohere",
+        "falcon", "olmo", "solar", "openchat", "vicuna", "zephyr", "default", "empty",
     ]  # fmt: skip
 
 
@@ -133,7 +137,7 @@ def test_unknown_template_lists_known_names_closest_first():
 def test_describe_templates_gives_a_one_line_example_per_template():
     rows = {name: (description, example) for name, description, example in describe_templates()}
     assert list(rows) == template_names()
-    assert all(description and "\n" not in example for description, example in rows.values())
+    assert all(description and "\n" not in description + example for description, example in rows.values())
     assert rows["llama2"][1] == "<s>[INST] Hi [/INST] Hello! </s>"
     assert rows["chatml"][1] == "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n"
 
@@ -166,13 +170,15 @@ def test_chatml_generation_prompt_opens_an_assistant_turn(tok):
 
 
 def test_default_and_empty_render_exact_strings(tok):
+    # Changed on purpose: `default` and `empty` are LLaMA-Factory's (eos after every turn, no space after
+    # "Assistant:"; `empty` adds nothing, not even eos), so a LLaMA-Factory config naming them trains the same text.
     assert render_text(get_template("default"), [SYSTEM, *TWO_TURNS], tok) == (
-        "<s>System: Be brief.\nHuman: Hi\nAssistant: Hello!</s>\nHuman: What is 2+2?\nAssistant: It is 4.</s>\n"
+        "System: Be brief.</s>\nHuman: Hi</s>\nAssistant:Hello!</s>\nHuman: What is 2+2?</s>\nAssistant:It is 4.</s>\n"
     )
     assert render_text(get_template("default"), TWO_TURNS[:3], tok, add_generation_prompt=True) == (
-        "<s>Human: Hi\nAssistant: Hello!</s>\nHuman: What is 2+2?\nAssistant:"
+        "Human: Hi</s>\nAssistant:Hello!</s>\nHuman: What is 2+2?</s>\nAssistant:"
     )
-    assert render_text(get_template("empty"), [SYSTEM, *PADDED], tok) == "Be brief.  Hi\n Hello! </s>"
+    assert render_text(get_template("empty"), [SYSTEM, *PADDED], tok) == "Be brief.  Hi\n Hello! "
 
 
 def test_missing_bos_and_eos_fall_back_to_the_templates_literals(bare_tok):
@@ -181,13 +187,13 @@ def test_missing_bos_and_eos_fall_back_to_the_templates_literals(bare_tok):
     assert render_text(get_template("chatml"), ONE_TURN, bare_tok).startswith("<|im_start|>user\n")
 
 
-def test_segments_mark_only_the_replies_as_learned(tok):
+def test_segments_mark_the_replies_and_what_follows_them_as_learned(tok):
+    # Changed on purpose: the newline after a reply's end token is learned, as LLaMA-Factory learns it.
     assert render_segments(get_template("vicuna"), [SYSTEM, *TWO_TURNS], tok) == [
         Segment("<s>Be brief.\n\nUSER: Hi\nASSISTANT:", False),
-        Segment(" Hello!</s>", True),
-        Segment("\nUSER: What is 2+2?\nASSISTANT:", False),
-        Segment(" It is 4.</s>", True),
-        Segment("\n", False),
+        Segment(" Hello!</s>\n", True),
+        Segment("USER: What is 2+2?\nASSISTANT:", False),
+        Segment(" It is 4.</s>\n", True),
     ]
 
 
@@ -197,10 +203,13 @@ def test_segments_mark_only_the_replies_as_learned(tok):
 @pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
 @pytest.mark.parametrize("name", ["alpaca", "llama2", "llama3", "chatml", "qwen", "vicuna", "zephyr"])
 def test_render_equals_the_published_template(shared_data, tok, name, conversation):
+    # The published files carry no default system prompt; ours carry LLaMA-Factory's (Alpaca's preamble, Vicuna's,
+    # Zephyr's), so the published file is given it as the system message (a deliberate change for those three).
     template, jinja = get_template(name), published(shared_data, name)
-    assert render_text(template, conversation, tok) == hf_render(tok, jinja, conversation)
+    theirs = with_default_system(template, conversation) if name != "qwen" else conversation
+    assert render_text(template, conversation, tok) == hf_render(tok, jinja, theirs)
     prompt = conversation[:-1]
-    assert render_text(template, prompt, tok, add_generation_prompt=True) == hf_render(tok, jinja, prompt, True)
+    assert render_text(template, prompt, tok, add_generation_prompt=True) == hf_render(tok, jinja, theirs[:-1], True)
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
@@ -230,27 +239,40 @@ def test_gemma_adds_bos_to_the_published_file(shared_data, tok, conversation):
 
 # --- token ids and labels ---------------------------------------------------------------------------------------
 
+# Changed on purpose: the whitespace after a reply's end token is learned too (LLaMA-Factory's format_assistant).
 LEARNED = {
-    "alpaca": ["Hello!</s>", "It is 4.</s>"],
+    "alpaca": ["Hello!</s>\n\n", "It is 4.</s>\n\n"],
     "llama2": [" Hello! </s>", " It is 4. </s>"],
     "mistral": [" Hello!</s>", " It is 4.</s>"],
     "llama3": ["Hello!<|eot_id|>", "It is 4.<|eot_id|>"],
-    "chatml": ["Hello!<|im_end|>", "It is 4.<|im_end|>"],
-    "qwen": ["Hello!<|im_end|>", "It is 4.<|im_end|>"],
-    "vicuna": [" Hello!</s>", " It is 4.</s>"],
-    "zephyr": ["Hello!</s>", "It is 4.</s>"],
-    "gemma": ["Hello!<end_of_turn>", "It is 4.<end_of_turn>"],
-    "default": [" Hello!</s>", " It is 4.</s>"],
-    "empty": ["Hello!</s>", "It is 4.</s>"],
+    "chatml": ["Hello!<|im_end|>\n", "It is 4.<|im_end|>\n"],
+    "qwen": ["Hello!<|im_end|>\n", "It is 4.<|im_end|>\n"],
+    "qwen3": ["<think>\n\n</think>\n\nHello!<|im_end|>\n", "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"],
+    "vicuna": [" Hello!</s>\n", " It is 4.</s>\n"],
+    "zephyr": ["Hello!</s>\n", "It is 4.</s>\n"],
+    "gemma": ["Hello!<end_of_turn>\n", "It is 4.<end_of_turn>\n"],
+    # efficient_eos: the token after an earlier reply is labelled eos, and one eos ends the conversation
+    "gemma2": ["Hello!<end_of_turn>\n</s>", "It is 4.<end_of_turn>\n</s>"],
+    "glm4": ["\nHello!</s>", "\nIt is 4.</s>"],
+    "chatglm3": ["\nHello!</s>", "\nIt is 4.</s>"],
+    "baichuan2": ["Hello!</s>", "It is 4.</s>"],
+    "falcon": ["Hello!\n</s>", "It is 4.\n</s>"],
+    "solar": ["Hello!</s>", "It is 4.</s>"],
+    "default": ["Hello!</s>\n", "It is 4.</s>\n"],
+    "empty": ["Hello!", "It is 4."],
 }
 
 
 @pytest.mark.parametrize("name", NAMED)
 def test_learned_tokens_are_exactly_the_replies_and_their_end_tokens(tok, name):
-    sample = encode(tok, get_template(name), [SYSTEM, *TWO_TURNS])
+    template = get_template(name)
+    sample = encode(tok, template, [SYSTEM, *TWO_TURNS])
     assert len(sample.input_ids) == len(sample.labels)
-    assert all(label in (token, IGNORE_INDEX) for token, label in zip(sample.input_ids, sample.labels))
-    assert learned_texts(tok, sample) == LEARNED[name]
+    for position, (token, label) in enumerate(zip(sample.input_ids, sample.labels)):
+        # efficient_eos: the token after an earlier reply is labelled eos, so the model learns to stop there
+        assert label in (token, IGNORE_INDEX) or (template.efficient_eos and label == tok.eos_token_id), position
+    expected = LEARNED.get(name) or [render_segments(template, [SYSTEM, *TWO_TURNS], tok)[i].text for i in (1, 3)]
+    assert learned_texts(tok, sample) == expected
     assert tok.decode(sample.input_ids, clean_up_tokenization_spaces=False) == render_text(
         get_template(name), [SYSTEM, *TWO_TURNS], tok
     )
@@ -262,10 +284,10 @@ def test_the_batch_encoder_gives_what_encode_gives(tok, name):
     tok.chat_template = to_chat_template(get_template("chatml"))
     conversations = list(CONVERSATIONS.values()) + [TWO_TURNS[:1]]
     batch = encode_many(tok, get_template(name), conversations)
-    for conversation, sample in zip(conversations[:-1], batch):
+    for conversation, turns in zip(conversations[:-1], batch):
         alone = encode(tok, get_template(name), conversation)
-        assert (sample.input_ids, sample.labels) == (alone.input_ids, alone.labels)
-        assert sample.first_learned == next(i for i, label in enumerate(alone.labels) if label != IGNORE_INDEX)
+        assert turns.sample() == alone
+        assert turns.length == len(alone.input_ids)
     assert batch[-1] is None  # nothing to learn
 
 
@@ -279,19 +301,14 @@ def test_special_tokens_in_the_text_become_single_ids(tok):
     assert chatml.labels.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2
 
 
-def test_cutoff_keeps_the_beginning(tok):
-    full = encode(tok, get_template("chatml"), TWO_TURNS)
-    first_reply = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
-    cut = encode(tok, get_template("chatml"), TWO_TURNS, cutoff_len=first_reply + 2)
-    assert cut.input_ids == full.input_ids[: first_reply + 2]
-    assert cut.labels == full.labels[: first_reply + 2]
-
-
-def test_a_sample_whose_first_reply_lies_beyond_cutoff_raises_no_learned_tokens(tok):
+def test_a_cutoff_shorter_than_the_prompt_still_learns_the_start_of_the_reply(tok):
+    # Changed on purpose: LLaMA-Factory's infer_seqlen shares cutoff_len between prompt and reply, so a reply that
+    # starts beyond cutoff_len is cut with its prompt instead of dropping the sample (tests/unit/test_truncation.py).
     full = encode(tok, get_template("chatml"), TWO_TURNS)
     first_reply = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
-    with pytest.raises(NoLearnedTokens, match=f"starts at token {first_reply}, beyond cutoff_len={first_reply}"):
-        encode(tok, get_template("chatml"), TWO_TURNS, cutoff_len=first_reply)
+    cut = encode(tok, get_template("chatml"), TWO_TURNS, cutoff_len=first_reply)
+    assert len(cut.input_ids) == first_reply
+    assert any(label != IGNORE_INDEX for label in cut.labels)
     with pytest.raises(NoLearnedTokens, match="no assistant reply"):
         encode(tok, get_template("chatml"), TWO_TURNS[:1])
 
@@ -303,6 +320,11 @@ def test_a_sample_whose_first_reply_lies_beyond_cutoff_raises_no_learned_tokens(
 @pytest.mark.parametrize("name", NAMED)
 def test_auto_masks_match_the_named_template_on_a_tokenizer_carrying_it(tok, name, conversation):
     tok.chat_template = to_chat_template(get_template(name))
+    if get_template(name).efficient_eos and len(conversation) > 3:
+        # one eos closes the whole conversation, so a reply renders differently alone and inside it
+        with pytest.raises(UserError, match="replies cannot be located"):
+            encode(tok, get_template("auto"), conversation)
+        return
     assert encode(tok, get_template("auto"), conversation) == encode(tok, get_template(name), conversation)
 
 
@@ -337,7 +359,7 @@ def test_generated_chat_template_renders_like_the_template(tok, bare_tok, name, 
 def test_generated_chat_template_escapes_jinja_syntax_in_literals(tok):
     odd = dataclasses.replace(get_template("default"), user="{% raw %} {{ '}}' }} %}: {{content}}\n")
     assert hf_render(tok, to_chat_template(odd), ONE_TURN) == render_text(odd, ONE_TURN, tok)
-    assert render_text(odd, ONE_TURN, tok).startswith("<s>{% raw %} {{ '}}' }} %}: Hi\n")
+    assert render_text(odd, ONE_TURN, tok).startswith("{% raw %} {{ '}}' }} %}: Hi\n")
 
 
 def test_placeholders_inside_message_text_stay_text(tok):

@@ -5,6 +5,7 @@ Everything here turns the choices into engine calls' arguments; the checks thems
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,8 @@ class Choices:
         cfg, default = self.config().to_dict(), TunerConfig().to_dict()
         flags = []
         for key, value in cfg.items():
-            if value != default[key] and value is not None:
-                flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+            if value != default.get(key) and value is not None:
+                flags += [f"--{key}", _flag_text(value)]
         return flags
 
     def command_line(self) -> str:
@@ -161,12 +162,21 @@ class Choices:
         for key, value in data.items():
             if key in ("finetuning_type", "quantization_bit"):
                 continue
-            values[key] = "" if value is None else str(value)
+            values[key] = "" if value is None else _flag_text(value)
         if "finetuning_type" in data or "quantization_bit" in data:
             from engine.memory.estimate import method_of
 
             method = method_of(cfg.finetune.finetuning_type, cfg.model.quantization_bit)
         return cls(values, method, choices.gpus)
+
+
+def _flag_text(value: Any) -> str:
+    """A value as typed on a command line: true/false, a mapping or list as JSON (lr_scheduler_kwargs ...)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
 
 
 def _secret(key: str) -> bool:

@@ -1,0 +1,82 @@
+"""``plot_loss``: the loss curves of a finished run as PNG files in its directory, drawn as LLaMA-Factory's
+extras/ploting.py draws them (its smoothing, title, labels, colours, size and file names: training_loss.png,
+training_eval_loss.png), so a migrated user finds them where they were."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from engine.runs import Event, read_events
+
+log = logging.getLogger("tuner")
+
+KEYS = ("loss", "eval_loss")
+
+
+def smooth(values: list[float]) -> list[float]:
+    """TensorBoard's exponential moving average, its weight a sigmoid of the series' length (LLaMA-Factory's)."""
+    if not values:
+        return []
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    smoothed, last = [], values[0]
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def log_history(run_dir: Path) -> list[dict]:
+    """The Trainer's log_history from the run's trainer_state.json (what LLaMA-Factory plots); in a directory
+    without one, the run's log and eval events, which carry the same step and loss keys."""
+    state = Path(run_dir) / "trainer_state.json"
+    if state.is_file():
+        return json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    return [event for event in read_events(run_dir) if event["type"] in (Event.LOG, Event.EVAL)]
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The steps and values of ``key`` through the history (entries without it, or with it empty, left out)."""
+    entries = [entry for entry in history if entry.get(key) is not None]
+    return [entry["step"] for entry in entries], [entry[key] for entry in entries]
+
+
+def plot_loss(run_dir: Path, keys: tuple[str, ...] = KEYS) -> list[Path]:
+    """Draw each of ``keys`` the run logged; returns the files written. Never raises: the run it draws is finished,
+    and a failure to draw it is a warning in the log."""
+    run_dir = Path(run_dir)
+    try:
+        history = log_history(run_dir)
+        written = []
+        for key in keys:
+            steps, values = series(history, key)
+            if not values:
+                log.info("plot_loss: no %s to plot", key)
+                continue
+            written.append(draw(run_dir, key, steps, values))
+            log.info("figure saved at %s", written[-1])
+        return written
+    except Exception as exc:  # matplotlib missing, a full disk, an unreadable state: the run itself stands
+        log.warning("plot_loss: no loss plot drawn: %s: %s", type(exc).__name__, exc)
+        return []
+
+
+def draw(run_dir: Path, key: str, steps: list[int], values: list[float]) -> Path:
+    """One figure as LLaMA-Factory draws it, rendered by Agg (no display needed, pyplot's global state untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
+    axes.plot(steps, smooth(values), color="#1f77b4", label="smoothed")
+    axes.set_title(f"training {key} of {run_dir}")
+    axes.set_xlabel("step")
+    axes.set_ylabel(key)
+    axes.legend()
+    path = run_dir / f"training_{key.replace('/', '_')}.png"
+    figure.savefig(path, format="png", dpi=100)
+    return path
