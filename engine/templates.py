@@ -57,6 +57,7 @@ class Template:
     assistant_prefix: str = ""
     assistant: str = "{{content}}{{eos_token}}"
     observation: str | None = None
+    observation_join: str | None = None
     function: str | None = None
     tool_format: str = "default"
     thought_words: tuple[str, str] | None = None
@@ -229,7 +230,7 @@ def _pieces(template: Template, messages: list[dict], tokenizer, add_generation_
     pieces = [Segment(fill(template.prefix), False)]
     if not template.system_in_user:
         pieces.append(Segment(system_text, False))
-    for i, message in enumerate(turns):
+    for i, message in enumerate(_joined_results(template, turns)):
         if message["role"] == "assistant":
             pieces.append(Segment(fill(template.assistant_prefix), False))
             pieces.append(Segment(_reply(template, message, fill, clean), True))
@@ -243,6 +244,22 @@ def _pieces(template: Template, messages: list[dict], tokenizer, add_generation_
     if add_generation_prompt:
         pieces.append(Segment(fill(template.assistant_prefix), False))
     return pieces
+
+
+def _joined_results(template: Template, turns: list[dict]) -> list[dict]:
+    """Consecutive tool results as one observation, joined by ``observation_join``, for the templates whose
+    published format answers several calls in one turn (Qwen's <tool_response> blocks); the others keep one turn
+    per result."""
+    if template.observation_join is None:
+        return turns
+    joined: list[dict] = []
+    for message in turns:
+        if message["role"] == "tool" and joined and joined[-1]["role"] == "tool":
+            joined[-1] = {"role": "tool", "content": joined[-1]["content"] + template.observation_join +
+                          message["content"]}
+        else:
+            joined.append(message)
+    return joined
 
 
 def _reply(template: Template, message: dict, fill, clean) -> str:
@@ -292,6 +309,24 @@ def _merge(pieces: list[Segment]) -> list[Segment]:
     return merged
 
 
+def _for_chat_template(message: dict) -> dict:
+    """A message as Hugging Face chat templates expect it: tool-call arguments as a mapping (they write them with
+    ``tojson``; our data holds them as JSON text), no ``tool_calls: None`` left by a datasets round trip."""
+    message = {key: value for key, value in message.items() if value is not None or key == "content"}
+    if message.get("tool_calls"):
+        calls = []
+        for call in message["tool_calls"]:
+            function = dict(call.get("function") or {})
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError:
+                    pass  # left as written: tool_calls() names the problem where the named templates render it
+            calls.append({**call, "function": function})
+        message["tool_calls"] = calls
+    return message
+
+
 def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: bool,
                         tools: str | None) -> list[Segment]:
     """Render with the tokenizer's chat_template (the messages and tools as they are); each reply is all that
@@ -306,6 +341,7 @@ def _tokenizer_segments(tokenizer, messages: list[dict], add_generation_prompt: 
             hint=f"choose a named template: {', '.join(n for n in template_names() if n != AUTO)}",
         )
     schemas = parse_tools(tools) or None
+    messages = [_for_chat_template(message) for message in messages]
 
     def render(conversation: list[dict], generation_prompt: bool) -> str:
         try:

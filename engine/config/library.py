@@ -53,6 +53,9 @@ ENGINE_SET = {
     "local_rank": "set by torchrun",
     "parallelism_config": "use fsdp or deepspeed",
     "logging_nan_inf_filter": "tuner stops a run whose loss is not finite",
+    "shuffle_dataset": "the training order is shuffled with seed (data_seed sets it apart from seed)",
+    "auto_find_batch_size": "auto_fit chooses the batch for the GPU's memory and backs off when it runs out",
+    "use_cache": "tuner trains without the KV cache (generation uses it)",
 }
 
 

@@ -154,7 +154,8 @@ def translate(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     for key, value in values.items():
         handled = _translate_one(key, value, out)
         if handled is None:
-            out.setdefault(key, value)
+            out.pop(key, None)
+            out[key] = value  # later keys win, translated or not
         elif handled:
             problems.append(handled)
     return out
@@ -173,7 +174,8 @@ def _translate_one(key: str, value: Any, out: dict[str, Any]) -> str | None | bo
         flag = _flag(value)
         if flag is None:
             return f"use_reentrant_gc: expected true or false, got {value!r}"
-        out.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": flag})
+        out.pop("gradient_checkpointing_kwargs", None)
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": flag}
         return False
     if key == "moe_aux_loss_coef":
         out["router_aux_loss_coef"] = value

@@ -265,9 +265,34 @@ def _launch(cfg: TunerConfig) -> list[str]:
                             "deepspeed), or leave deepspeed out")
         elif not Path(t.deepspeed).is_file():
             problems.append(f"deepspeed config file {t.deepspeed} does not exist")
+        else:
+            problems += _deepspeed_collisions(cfg)
     if t.fsdp is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         problems.append(f"fsdp {t.fsdp} shards the model across processes and this is one: start the run with "
                         "torchrun --nproc_per_node N -m engine.cli train ..., or leave fsdp out")
+    return problems
+
+
+def _deepspeed_collisions(cfg: TunerConfig) -> list[str]:
+    """What LLaMA-Factory refuses with DeepSpeed, and LoRA+ where DeepSpeed would build its own optimizer."""
+    import json
+
+    try:
+        ds = json.loads(Path(cfg.train.deepspeed).read_text())
+    except (OSError, ValueError) as exc:
+        return [f"deepspeed config file {cfg.train.deepspeed} cannot be read: {exc}"]
+    if not isinstance(ds, dict):
+        return [f"deepspeed config file {cfg.train.deepspeed} is not a JSON object"]
+    zero3 = (ds.get("zero_optimization") or {}).get("stage") == 3
+    f, problems = cfg.finetune, []
+    if zero3 and cfg.train.pure_bf16:
+        problems.append("pure_bf16 does not work with DeepSpeed ZeRO-3: use bf16 (mixed precision), or ZeRO-2")
+    if zero3 and f.pissa_init:
+        problems.append("pissa_init cannot initialise from weights that DeepSpeed ZeRO-3 shards: leave out pissa_init, "
+                        "or use ZeRO-2")
+    if f.loraplus_lr_ratio is not None and "optimizer" in ds:
+        problems.append(f"loraplus_lr_ratio builds its own optimizer, and {cfg.train.deepspeed} has an \"optimizer\" "
+                        "section that DeepSpeed would use instead: remove that section, or loraplus_lr_ratio")
     return problems
 
 

@@ -152,7 +152,7 @@ def _turn_message(turn: dict, tags: dict[str, str], where: str) -> dict | None:
     if role == tags["assistant_tag"]:
         if turn.get("tool_calls"):
             return _tool_call_message([call.get("function") if isinstance(call, dict) else call
-                                       for call in turn["tool_calls"]], where)
+                                       for call in turn["tool_calls"]], where, _text(content or ""))
         return {"role": "assistant", "content": _text(content)}
     return None
 
@@ -183,12 +183,13 @@ def _function_calls(value, where: str) -> list:
     return calls if isinstance(calls, list) else [calls]
 
 
-def _tool_call_message(calls: list, where: str) -> dict:
-    """An assistant message making ``calls``, each {"name", "arguments"}; arguments that are not text become JSON."""
+def _tool_call_message(calls: list, where: str, text: str = "") -> dict:
+    """An assistant message making ``calls``, each {"name", "arguments"}, with the ``text`` written beside them (an
+    openai record's content); arguments that are not text become JSON."""
     if not calls or not all(isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call
                             for call in calls):
         raise UserError(f'{where}: a tool call should have a "name" and "arguments"', hint=CALL_HINT)
-    return {"role": "assistant", "content": "", "tool_calls": [
+    return {"role": "assistant", "content": text, "tool_calls": [
         {"type": "function", "function": {"name": call["name"], "arguments": _json_text(call["arguments"])}}
         for call in calls]}
 

@@ -144,6 +144,9 @@ def _resume_point(cfg: TunerConfig, path: Path) -> str | None:
     return str(Path(asked).absolute())
 
 
+PASSTHROUGH_PATHS = ("fsdp_config", "accelerator_config")
+
+
 def saved_config(cfg: TunerConfig, run_dir: Path) -> TunerConfig:
     """The config a run reads back: one-shot keys reset (a resume never wipes its own checkpoints again), every
     local path made absolute (a resume starts in any directory), the output_dir the run's own."""
@@ -161,6 +164,9 @@ def saved_config(cfg: TunerConfig, run_dir: Path) -> TunerConfig:
     d.dataset = _absolute_list(d.dataset, registered)
     d.eval_dataset = _absolute_list(d.eval_dataset, registered)
     t.deepspeed = _absolute_if_local(t.deepspeed)
+    for key in PASSTHROUGH_PATHS:  # TrainingArguments fields that may name a JSON file
+        if isinstance(saved.passthrough.get(key), str):
+            saved.passthrough[key] = _absolute_if_local(saved.passthrough[key])
     t.output_dir = str(run_dir)
     return saved
 

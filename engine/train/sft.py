@@ -312,6 +312,9 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
             log.warning("%s is incomplete (its save was cut short): resuming from %s instead", skipped,
                         Path(run.resume_from).name)
         log.info("resuming from %s", run.resume_from)
+        if cfg.passthrough.get("save_only_model"):
+            log.warning("save_only_model: the checkpoint holds the weights only, so the optimizer's state and the "
+                        "learning-rate schedule start afresh")
     started = time.time()
     try:
         while True:
@@ -536,10 +539,14 @@ def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: Ru
         Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
-    trainer = divergence.watching(trainer_class(plan.loss))(
-        model=model, args=args, train_dataset=_training_rows(datasets.train, cfg, plan), eval_dataset=datasets.eval,
-        processing_class=tokenizer, callbacks=callbacks, optimizers=_optimizers(cfg, model, args, Trainer),
-    )
+    try:
+        trainer = divergence.watching(trainer_class(plan.loss))(
+            model=model, args=args, train_dataset=_training_rows(datasets.train, cfg, plan),
+            eval_dataset=datasets.eval, processing_class=tokenizer, callbacks=callbacks,
+            optimizers=_optimizers(cfg, model, args, Trainer),
+        )
+    except ValueError as exc:  # the Trainer's own checks of the settings together (fields passed through included)
+        raise UserError(f"the trainer refused the settings: {str(exc).strip().splitlines()[0]}") from None
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -596,26 +603,29 @@ def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
         ddp_find_unused_parameters=_has_experts(model),
     )
-    chosen.update(_passthrough(SFTConfig, cfg))
-    try:
-        return SFTConfig(**chosen)
-    except ValueError as exc:  # TrainingArguments' own checks of the fields passed through (load_best_model_at_end ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"transformers refused the training arguments: {first}") from None
+    return SFTConfig(**_with_passthrough(chosen, cfg, model))
 
 
-def _passthrough(config_class, cfg: TunerConfig) -> dict:
-    """The TrainingArguments / SFTConfig fields the user gave that are not tuner's own, as given; the checkpointing
-    keywords under whichever name this transformers uses."""
-    import dataclasses
+CHECKPOINTING_KWARGS = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
 
-    known = {f.name for f in dataclasses.fields(config_class)}
+
+def _with_passthrough(chosen: dict, cfg: TunerConfig, model) -> dict:
+    """``chosen`` overlaid with the TrainingArguments / SFTConfig fields the user gave that are not tuner's own.
+
+    The user's checkpointing keywords replace the engine's under the name this transformers reads (it ignores the old
+    name when the new one is set); the router loss of LLaMA-Factory's moe_aux_loss_coef applies to mixture-of-experts
+    models only, as there.
+    """
     fields = dict(cfg.passthrough)
-    for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
-        if name in fields and name not in known:
-            other = "activation_checkpointing_kwargs" if name.startswith("gradient") else "gradient_checkpointing_kwargs"
-            fields[other] = fields.pop(name)
-    return fields
+    engine_name = next(name for name in CHECKPOINTING_KWARGS if name in chosen)
+    for name in CHECKPOINTING_KWARGS:
+        if name in fields:
+            chosen[engine_name] = fields.pop(name)
+    if "router_aux_loss_coef" in fields and not _has_experts(model):
+        fields.pop("router_aux_loss_coef")
+        log.warning("router_aux_loss_coef (moe_aux_loss_coef) left out: %s is not a mixture-of-experts model",
+                    cfg.model.model_name_or_path)
+    return {**chosen, **fields}
 
 
 def _has_experts(model) -> bool:

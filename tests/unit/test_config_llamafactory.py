@@ -186,3 +186,60 @@ def test_help_lists_the_passed_through_fields_without_importing_the_libraries():
     assert "passed through" in out and "--save_only_model (default False)" in out
     assert "--lr_scheduler_kwargs (default None)" in out
     assert out.strip().endswith("HEAVY []")
+
+
+@pytest.mark.parametrize("keys", [{"use_reentrant_gc": True},
+                                  {"gradient_checkpointing_kwargs": {"use_reentrant": True}}])
+def test_the_users_checkpointing_keywords_reach_sftconfig_in_place_of_the_engines(keys, tiny_models):
+    from trl import SFTConfig
+
+    from engine.models.loading import Precision, load_model
+    from engine.train.sft import _checkpointing_args, _with_passthrough
+
+    cfg = build_config(keys)
+    model = load_model(str(tiny_models["tiny-llama"]), cfg, Precision("fp32", ""), "sdpa")
+    chosen = {"output_dir": "/tmp/unused", "use_cpu": True, **_checkpointing_args(SFTConfig, True)}
+    args = SFTConfig(**_with_passthrough(chosen, cfg, model))
+    name = next(n for n in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if n in chosen)
+    assert getattr(args, name) == {"use_reentrant": True}
+
+
+@pytest.mark.parametrize("model, kept", [("tiny-llama", False), ("tiny-mixtral", True)])
+def test_moe_aux_loss_coef_applies_to_mixture_of_experts_models_only(model, kept, tiny_models):
+    from engine.models.loading import Precision, load_model
+    from engine.train.sft import _with_passthrough
+
+    cfg = build_config({"moe_aux_loss_coef": 0.01})
+    loaded = load_model(str(tiny_models[model]), cfg, Precision("fp32", ""), "sdpa")
+    fields = _with_passthrough({"gradient_checkpointing_kwargs": {}}, cfg, loaded)
+    assert ("router_aux_loss_coef" in fields) is kept
+
+
+def test_later_keys_win_over_translated_ones():
+    assert build_config({"disable_gradient_checkpointing": True, "gradient_checkpointing": True}) \
+        .train.gradient_checkpointing is True
+    assert build_config({"gradient_checkpointing": True, "disable_gradient_checkpointing": True}) \
+        .train.gradient_checkpointing is False
+    assert build_config({"use_reentrant_gc": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}) \
+        .passthrough == {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def test_deepspeed_collisions_llamafactory_refuses_too(tmp_path):
+    from engine.config.validation import _deepspeed_collisions
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    cfg = build_config({"deepspeed": str(ds), "pure_bf16": True, "pissa_init": True, "loraplus_lr_ratio": 16})
+    problems = _deepspeed_collisions(cfg)
+    assert len(problems) == 3 and problems[0].startswith("pure_bf16 does not work with DeepSpeed ZeRO-3")
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert _deepspeed_collisions(cfg) == []
+
+
+def test_a_file_named_by_fsdp_config_is_saved_as_an_absolute_path(tmp_path, monkeypatch):
+    from engine.runs.launch import saved_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fsdp.json").write_text("{}")
+    saved = saved_config(build_config({"fsdp_config": "fsdp.json"}), tmp_path / "run")
+    assert saved.passthrough["fsdp_config"] == str(tmp_path / "fsdp.json")

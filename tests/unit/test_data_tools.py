@@ -191,6 +191,17 @@ def test_openai_tool_calls_and_tool_messages_as_they_come():
         "tools": json.dumps(tools)}]
 
 
+def test_openai_text_beside_tool_calls_is_kept_in_front_of_them():
+    record = {"messages": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}]}
+    message = convert([record], OPENAI_TOOLS).conversations[0]["messages"][1]
+    assert message["content"] == "Let me check." and message["tool_calls"][0]["function"]["name"] == "weather"
+
+
 def test_sharegpt_observations_in_a_row_are_out_of_order_as_in_llamafactory():
     record = {"conversations": [{"from": "human", "value": "q"},
                                 {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},

@@ -138,7 +138,7 @@ def test_glm4_writes_one_call_as_name_and_arguments_and_refuses_parallel_calls(t
         render_text(get_template("glm4"), parallel, tok, tools=TOOLS)
 
 
-def test_parallel_calls_each_result_in_its_own_tool_message(tok):
+def test_parallel_results_share_one_observation_as_qwens_template_writes_them(tok):
     other = {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Rome"}}}
     messages = [
         GLAIVE[0],
@@ -153,9 +153,14 @@ def test_parallel_calls_each_result_in_its_own_tool_message(tok):
         '<tool_call>\n{"name": "get_weather", "arguments": {"location": "Rome"}}\n</tool_call><|im_end|>\n', True
     )
     assert got[2] == (
-        "<|im_start|>user\n<tool_response>\n22\n</tool_response><|im_end|>\n"
-        "<|im_start|>user\n<tool_response>\n25\n</tool_response><|im_end|>\n<|im_start|>assistant\n", False
+        "<|im_start|>user\n<tool_response>\n22\n</tool_response>\n<tool_response>\n25\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n", False
     )
+    tok.chat_template = (SHARED_DATA / "chat_templates" / "qwen2.5-instruct.jinja").read_text()
+    wrapped = json.dumps([{"type": "function", "function": WEATHER}])
+    assert pieces("auto", tok, messages, wrapped)[2] == got[2]  # the published file, given the same messages
+    # templates whose own format answers each call in a turn of its own keep one turn per result
+    assert pieces("llama3", tok, messages)[2][0].count("<|start_header_id|>ipython") == 2
 
 
 def test_the_tool_call_is_learned_and_the_tool_result_is_not(tok):
@@ -178,6 +183,9 @@ def test_auto_passes_tools_and_messages_as_they_are_to_the_chat_template(tok):
         get_template("qwen"), GLAIVE, tok, tools=TOOLS)
     assert encode(tok, get_template("auto"), as_dicts, tools=wrapped) == encode(tok, get_template("qwen"), GLAIVE,
                                                                                    tools=TOOLS)
+    # arguments held as JSON text (as the data layer stores them) reach the chat template as an object, once encoded
+    assert render_segments(get_template("auto"), GLAIVE, tok, tools=wrapped) == render_segments(
+        get_template("auto"), as_dicts, tok, tools=wrapped)
 
 
 @pytest.mark.parametrize(
