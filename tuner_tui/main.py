@@ -11,9 +11,12 @@ from engine.errors import UserError
 def cmd_monitor(argv: list[str]) -> int:
     if len(argv) > 1:
         raise UserError(f"`tuner monitor` takes one run, got {' '.join(argv)}")
-    from tuner_tui.monitor import run_monitor
+    from tuner_tui.monitor import monitor_app
 
-    return run_monitor(argv[0] if argv else None)
+    line = monitor_app(argv[0] if argv else None).run()
+    if line:  # the dashboard left a run going: say how to come back, now that the screen is the shell's again
+        print(line)
+    return 0
 
 
 TUI_COMMANDS = {

@@ -42,8 +42,3 @@ class MonitorApp(RunsNavigation, App):
 def monitor_app(run_ref: str | None, probe: Callable[[], HardwareState] = probe) -> MonitorApp:
     """The app on a run given by id, id prefix, name or directory (the newest run when None); UserError if none."""
     return MonitorApp(find_job(run_ref).dir, probe)
-
-
-def run_monitor(run_ref: str | None) -> int:
-    monitor_app(run_ref).run()
-    return 0

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 
 from engine.cli.args import EXIT_USER_ERROR, Command
+from engine.cli.doctor import cmd_doctor
 from engine.cli.info import cmd_datasets, cmd_estimate, cmd_gpus, cmd_models, cmd_templates
 from engine.cli.runs import cmd_logs, cmd_resume, cmd_runs, cmd_stop
 from engine.cli.training import cmd_chat, cmd_export, cmd_predict, cmd_preview, cmd_train
@@ -45,6 +46,8 @@ COMMANDS: dict[str, Command] = {
                         takes_config=True),
     "gpus": Command(cmd_gpus, "The NVIDIA GPUs found: memory, utilisation, temperature, power, processes.",
                     "tuner gpus [--json]"),
+    "doctor": Command(cmd_doctor, "Check this machine before a first run: driver and torch, GPUs, kernels, disk, "
+                      "the hub; exit 1 on a problem.", "tuner doctor [--json]"),
     "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
     "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
     "datasets": Command(cmd_datasets, "List the registered datasets (bundled, and those of --dataset_dir's "
@@ -106,10 +109,32 @@ def _passthrough_help() -> list[str]:
     return lines
 
 
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`, so scripts see the usual code
+
+
 def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None) -> int:
-    """Run one command; ``extra`` holds the commands the TUI package adds (the engine never imports it)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {**COMMANDS, **(extra or {})}
+    """Run one command; ``extra`` holds the commands the TUI package adds (the engine never imports it).
+
+    A reader that closes the pipe early (``tuner models | head -1``) ends the command quietly, as SIGPIPE would."""
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv), {**COMMANDS, **(extra or {})})
+        sys.stdout.flush()  # a closed pipe raises here, inside the try, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _pipe_closed()
+
+
+def _pipe_closed() -> int:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered cannot raise again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE_CLOSED
+
+
+def _run(argv: list[str], commands: dict[str, Command]) -> int:
     from engine.quiet import quiet_libraries
 
     quiet_libraries()

@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
-from engine.memory.estimate import Estimate
+from engine.memory.estimate import Estimate, RunShape
 from engine.memory.recommend import Recommendation
 
 
-def render_estimate(model: str, result: Estimate, advice: Recommendation) -> None:
+def settings_line(shape: RunShape) -> str:
+    """The batch every figure is for, in the config's names, so a reader can tell which run the numbers describe."""
+    gpus = f"{shape.num_gpus} GPU{'s' if shape.num_gpus != 1 else ''}"
+    return (f"figures for per_device_train_batch_size {shape.batch_size} x cutoff_len {shape.seq_len}, "
+            f"gradient checkpointing {'on' if shape.gradient_checkpointing else 'off'}, {gpus}")
+
+
+def other_methods_assume(result: Estimate, advice: Recommendation) -> dict[str, list[str]]:
+    """What the other methods' figures assume beyond the chosen one's (QLoRA's quantization, a mixture of experts'
+    16-bit experts), each line with the labels of the methods that assume it."""
+    lines: dict[str, list[str]] = {}
+    for row in advice.rows:
+        for line in row.estimate.assumptions:
+            if row.method != result.method and line not in result.assumptions:
+                lines.setdefault(line, []).append(row.label)
+    return lines
+
+
+def estimate_json(shape: RunShape, result: Estimate, advice: Recommendation) -> dict:
+    """`tuner estimate --json`: the chosen method's estimate, the batch it is for, and every method's figures with
+    their assumptions."""
+    recommendation = advice.to_json()
+    for row in advice.rows:
+        recommendation["methods"][row.method]["assumptions"] = row.estimate.assumptions
+    return {**result.to_json(), "per_device_train_batch_size": shape.batch_size, "cutoff_len": shape.seq_len,
+            "gradient_checkpointing": shape.gradient_checkpointing, "num_gpus": shape.num_gpus,
+            "recommendation": recommendation}
+
+
+def render_estimate(model: str, shape: RunShape, result: Estimate, advice: Recommendation) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = Console()
+    console.print(Text(settings_line(shape), style="bold"))
     parts = Table("component", "GiB", box=None, header_style="bold", title=f"{model}, {result.method}",
                   title_justify="left")
     for name, gib in result.components.items():
@@ -31,6 +61,8 @@ def render_estimate(model: str, result: Estimate, advice: Recommendation) -> Non
         methods.add_row(Text(row.label, style=style), f"{row.estimate.total_gib:.1f}", str(row.seed_gb), fits)
     console.print()
     console.print(methods)
+    for line, labels in other_methods_assume(result, advice).items():
+        console.print(Text(f"  {', '.join(labels)} assume{'s' if len(labels) == 1 else ''} {line}", style="dim"))
     console.print()
     console.print(Text(advice.reason, style="bold"))
     for idea in advice.suggestions:

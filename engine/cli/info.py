@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any
 
 from engine.cli.args import load_config, no_more, take_flag, take_option
@@ -19,12 +20,18 @@ def cmd_models(argv: list[str]) -> int:
     if as_json:
         print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
         return 0
+    header = ("name", "hub id", "params", "template", "family")
+    rows = [(m.name, m.hub_id or "(built locally)", _billions(param_count(m)), m.template, m.family) for m in models]
+    if not sys.stdout.isatty():  # a pipe or a file: whole hub ids, tab-separated, for grep, cut and awk -F'\t'
+        for row in (header, *rows):
+            print("\t".join(row))
+        return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "hub id", "params", "template", "family", box=None, header_style="bold")
-    for m in models:
-        table.add_row(m.name, m.hub_id or "(built locally)", _billions(param_count(m)), m.template, m.family)
+    table = Table(*header, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     return 0
 
@@ -97,12 +104,12 @@ def cmd_estimate(argv: list[str]) -> int:
     shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), num_gpus=gpus)
     result = estimate(shape)
     advice = recommend(shape, budget)
-    if as_json:
-        print(json.dumps({**result.to_json(), "num_gpus": gpus, "recommendation": advice.to_json()}, indent=2))
-        return 0
-    from engine.cli.estimate_view import render_estimate
+    from engine.cli.estimate_view import estimate_json, render_estimate
 
-    render_estimate(cfg.model.model_name_or_path, result, advice)
+    if as_json:
+        print(json.dumps(estimate_json(shape, result, advice), indent=2))
+        return 0
+    render_estimate(cfg.model.model_name_or_path, shape, result, advice)
     return 0
 
 

@@ -52,6 +52,13 @@ class Sampling(NamedTuple):
     message: type[RunSampled] | type[GpusSampled]
 
 
+def goes_on_line(run: RunSnapshot | None) -> str | None:
+    """What to tell the shell about a run left running: its id and how to reattach; None once it has ended."""
+    if run is None or not run.active:
+        return None
+    return f"run {run.run_id} goes on: tuner monitor {run.run_id}"
+
+
 class DashboardScreen(Screen):
     CSS_PATH = "dashboard.tcss"
     BINDINGS = [
@@ -61,6 +68,7 @@ class DashboardScreen(Screen):
         Binding("p", "predict", "Predict", tooltip="Generate for a dataset and score it (once the run has ended)"),
         Binding("e", "export", "Export", tooltip="Merge and export what the run trained (once it has ended)"),
         Binding("r", "runs", "Runs", tooltip="Every run on this host; this one goes on"),
+        Binding("q", "quit", "Quit", tooltip="Close the dashboard; the run goes on (the shell gets how to return)"),
     ]
     FOLLOW_UPS = ("chat", "predict", "export")
 
@@ -146,6 +154,10 @@ class DashboardScreen(Screen):
         view.lines = lines
         if at_end:
             scroll.call_after_refresh(scroll.scroll_end, animate=False)
+
+    def action_quit(self) -> None:
+        """Close the app; its result is the line the shell gets when the run goes on (printed once the app is gone)."""
+        self.app.exit(goes_on_line(self.run))
 
     def action_toggle_log_scale(self) -> None:
         self.log_scale = not self.log_scale

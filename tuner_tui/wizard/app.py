@@ -70,5 +70,7 @@ class WizardApp(RunsNavigation, App):
 
 def run_wizard(config_path: str | None = None) -> int:
     choices = Choices.from_file(config_path, Choices.recalled()) if config_path else None
-    WizardApp(choices=choices).run()
+    line = WizardApp(choices=choices).run()
+    if line:  # the dashboard left a run going: say how to come back, now that the screen is the shell's again
+        print(line)
     return 0
