@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,12 @@ def tiny_models() -> dict[str, Path]:
     from engine.models.demo import DEMO_MODELS, demo_model_path
 
     return {name: demo_model_path(name) for name in DEMO_MODELS}
+
+
+@pytest.fixture
+def sleeper():
+    """A harmless process that is not ours: a stand-in for a run's trainer, or one nothing of ours may signal."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()

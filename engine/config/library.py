@@ -140,14 +140,22 @@ def coerce_library(field_: LibraryField, value: Any) -> Any:
 
 
 _NO = object()
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+TRUE_WORDS = {"true", "yes", "on", "1"}
+FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def flag_word(value: Any) -> bool | None:
+    """A bool, or a true/false word as YAML and command lines spell it; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    return True if text in TRUE_WORDS else False if text in FALSE_WORDS else None
 
 
 def _convert(kind: str, value: Any) -> Any:
     if kind == "bool":
-        text = str(value).lower()
-        return True if text in _TRUE else False if text in _FALSE else _NO
+        flag = flag_word(value)
+        return _NO if flag is None else flag
     if kind in ("int", "float"):
         if isinstance(value, bool):
             return _NO

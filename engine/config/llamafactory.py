@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.config.library import flag_word
+
 SFT_ONLY = "tuner runs supervised fine-tuning (stage sft) only"
 TEXT_ONLY = "tuner trains text models; images, videos and audio are not supported"
 HF_BACKEND = "tuner generates with transformers (infer_backend huggingface)"
@@ -164,14 +166,14 @@ def translate(values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 def _translate_one(key: str, value: Any, out: dict[str, Any]) -> str | None | bool:
     """None: not LLaMA-Factory's own, keep it; False: translated into ``out``; text: the problem to report."""
     if key == "disable_gradient_checkpointing":
-        flag = _flag(value)
+        flag = flag_word(value)
         if flag is None:
             return f"disable_gradient_checkpointing: expected true or false, got {value!r}"
         if flag:
             out["gradient_checkpointing"] = False
         return False
     if key == "use_reentrant_gc":
-        flag = _flag(value)
+        flag = flag_word(value)
         if flag is None:
             return f"use_reentrant_gc: expected true or false, got {value!r}"
         out.pop("gradient_checkpointing_kwargs", None)
@@ -203,16 +205,9 @@ def _translate_one(key: str, value: Any, out: dict[str, Any]) -> str | None | bo
     return f"LLaMA-Factory's {key}{shown} is not supported by tuner: {instead}"
 
 
-def _flag(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    return True if text in ("true", "yes", "on", "1") else False if text in ("false", "no", "off", "0") else None
-
-
 def _same(value: Any, default: Any) -> bool:
     if isinstance(default, bool):
-        return _flag(value) is default
+        return flag_word(value) is default
     if default is None:
         return value is None or str(value).lower() in ("null", "none", "~", "")
     if isinstance(default, float):

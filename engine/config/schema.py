@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from engine.config.library import FALSE_WORDS, TRUE_WORDS, flag_word
 from engine.errors import ConfigError, UserError
 
 
@@ -288,8 +289,7 @@ def _is_optional(annotation: Any) -> bool:
     return "None" in str(annotation)
 
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+_TRUE, _FALSE = TRUE_WORDS, FALSE_WORDS
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -305,14 +305,10 @@ def coerce(key: str, value: Any) -> Any:
         raise ValueError("needs a value")
     kind = _base_type(f.type)
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError(f"expected true or false, got {value!r}")
+        flag = flag_word(value)
+        if flag is None:
+            raise ValueError(f"expected true or false, got {value!r}")
+        return flag
     if kind in (int, float):
         whole = kind is int
         expected = "a whole number" if whole else "a number"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from functools import partial
 from pathlib import Path
 
-import pytest
 from tui_helpers import recorded, until, wizard
 
 from engine.runs import RunStatus, write_status
@@ -16,15 +14,6 @@ from tuner_tui.main import main
 from tuner_tui.monitor import MonitorApp
 
 RUN_ID = "20250101-000000-abcdef"
-
-
-@pytest.fixture
-def sleeper():
-    """A harmless process standing in for a run's trainer."""
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
 
 
 def running_run(tmp_path: Path, pid: int | None, state: str = "running") -> Path:

@@ -40,15 +40,6 @@ def state_home(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def sleeper():
-    """An unrelated process: nothing of ours may signal it."""
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
-
-
 def a_run(path, **fields) -> RunStatus:
     path.mkdir(parents=True, exist_ok=True)
     status = RunStatus(id=fields.pop("id", path.name), name=fields.pop("name", path.name), output_dir=str(path),
