@@ -264,11 +264,12 @@ def check_token(env: Mapping[str, str], saved: str | None) -> Finding:
                    "`hf auth login` saves one")
 
 
-def run_checks() -> list[Finding]:
-    """Every check on this machine's real inputs."""
-    from engine.hardware import probe
+def run_checks(hw: HardwareState | None = None) -> list[Finding]:
+    """Every check on this machine's real inputs; ``hw`` the GPUs already probed (the wizard's), else probed now."""
+    if hw is None:
+        from engine.hardware import probe
 
-    hw = probe()
+        hw = probe()
     torch = torch_info()
     on_gpu = bool(hw.gpus) and torch is not None and torch.cuda_available
     return [check_driver(hw, torch), check_torch_gpus(hw, torch, os.environ), check_bitsandbytes(on_gpu),

@@ -46,3 +46,25 @@ def sleeper():
     yield process
     process.kill()
     process.wait()
+
+
+@pytest.fixture
+def hub(tmp_path, tiny_models, monkeypatch):
+    """The stand-in hub serving the tiny Llama as org/tiny, org/gated (token hf_granted accepted its licence) and
+    org/private, with huggingface_hub pointed at it and a cache of this test's own."""
+    from huggingface_hub import constants
+
+    from hub_server import HubServer
+
+    with HubServer() as server:
+        for name, options in {"org/tiny": {}, "org/gated": {"gated": True}, "org/private": {"private": True}}.items():
+            server.add_model(name, tiny_models["tiny-llama"], tokens=("hf_granted",), **options)
+        hf_home = tmp_path / "hf"
+        for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(hf_home),
+                           "HF_HUB_CACHE": str(hf_home / "hub")}.items():
+            monkeypatch.setenv(key, value)
+        for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read at import, from the session's offline flag
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
+        yield server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.cli import Command, main as engine_main
@@ -33,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     return engine_main(argv, extra=TUI_COMMANDS)
 
 
+def cli() -> None:
+    """The `tuner` executable: ``main``, then, after a screen that loaded a model (chat), an exit that skips the
+    interpreter's seconds-long teardown of torch; the screen is closed and every run is its own process by then."""
+    tui = not sys.argv[1:] or sys.argv[1] in TUI_COMMANDS or sys.argv[1].startswith("--config")
+    code = main()
+    if tui and "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _wizard(argv: list[str]) -> int:
     path = argv[0].partition("=")[2] if argv and "=" in argv[0] else (argv[1] if len(argv) > 1 else None)
     if argv and (not path or len(argv) > (1 if "=" in argv[0] else 2)):
@@ -50,4 +63,4 @@ def _wizard(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -11,6 +11,7 @@ import sys
 
 from engine.cli.args import EXIT_USER_ERROR, Command
 from engine.cli.doctor import cmd_doctor
+from engine.cli.download import cmd_download
 from engine.cli.info import cmd_datasets, cmd_estimate, cmd_gpus, cmd_models, cmd_templates
 from engine.cli.runs import cmd_logs, cmd_resume, cmd_runs, cmd_stop
 from engine.cli.training import cmd_chat, cmd_export, cmd_predict, cmd_preview, cmd_train
@@ -25,6 +26,8 @@ CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
                      f"tuner train {CONFIG_USAGE} [--detach] [--force] [--print-config]", takes_config=True),
+    "download": Command(cmd_download, "Download a hub model into the cache before a run: access and disk checked "
+                        "first, progress, resumable.", "tuner download MODEL [--revision R] [--json]"),
     "runs": Command(cmd_runs, "List every run on this host: state, progress, loss, directory.",
                     "tuner runs [--json]"),
     "logs": Command(cmd_logs, "Print a run's log (the latest run when none is named); -f follows it.",

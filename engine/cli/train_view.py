@@ -27,6 +27,12 @@ class TerminalView:
 
         return [RichHandler(console=self.console, show_path=False, markup=False, log_time_format="%H:%M:%S")]
 
+    def download_display(self):
+        """A hub model's download before training, shown as `tuner download` shows it: (show, context)."""
+        from engine.cli.download import progress_display
+
+        return progress_display()
+
     def callbacks(self) -> list[TrainerCallback]:
         return [ConsoleProgress(self.console)] if self.console.is_terminal else []
 

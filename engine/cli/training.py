@@ -4,6 +4,7 @@ preview."""
 from __future__ import annotations
 
 import json
+import sys
 
 from engine.cli.args import load_config, load_followup_config, take_flag, take_option
 from engine.errors import UserError
@@ -14,14 +15,21 @@ def cmd_train(argv: list[str]) -> int:
     print_config = take_flag(argv, "--print-config")
     detach = take_flag(argv, "--detach")
     force = take_flag(argv, "--force")  # start even while another run holds the same GPUs
-    from engine.config.schema import parse_args
+    from engine.config.schema import build_config, given_values
     from engine.config.validation import problems_in
     from engine.errors import ConfigError
+    from engine.models.catalog import with_recipe
 
+    values = given_values(argv)
     problems: list[str] = []
-    cfg = parse_args(argv, problems=problems)
+    cfg = build_config(values, problems)
     t = cfg.train
     command = "predict" if t.do_predict and not t.do_train else "train"
+    recipe = with_recipe(values) if command == "train" else None
+    if recipe is not None and recipe.applied:
+        problems = []
+        cfg = build_config(recipe.values, problems)
+        t = cfg.train
     problems += problems_in(cfg, command)  # unknown keys and bad values in one round
     if problems:
         raise ConfigError(problems)
@@ -30,6 +38,8 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     if command == "predict":
         return run_predict(cfg)
+    if recipe is not None and recipe.applied:
+        print(recipe.describe(), file=sys.stderr)  # stdout stays the run's line, for scripts
     from engine.runs.launch import start_run
 
     if detach:

@@ -455,9 +455,14 @@ def parse_args(argv: list[str], base: dict[str, Any] | None = None, problems: li
                command: str = "train") -> TunerConfig:
     """Files first (later files win), then overrides; unknown keys and bad values raise one ``ConfigError``, or go
     into ``problems`` when it is given (see ``build_config``)."""
+    return build_config(given_values(argv, base), problems, command)
+
+
+def given_values(argv: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flat keys the user gave, not yet checked: ``base``, then each file (later files win), then overrides."""
     files, overrides = parse_overrides(argv)
     values: dict[str, Any] = dict(base or {})
     for path in files:
         values.update(read_config_file(path))
     values.update(overrides)
-    return build_config(values, problems, command)
+    return values

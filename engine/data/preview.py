@@ -58,7 +58,7 @@ def check_template(cfg: TunerConfig) -> TemplateCheck:
     from engine.models.resolve import resolve_model
     from engine.models.loading import load_tokenizer
 
-    resolved = resolve_model(cfg.model.model_name_or_path)
+    resolved = resolve_model(cfg.model.model_name_or_path, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
     return _compare_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
 
@@ -81,7 +81,7 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     from engine.models.loading import load_tokenizer
     from engine.templates import render_segments, render_text
 
-    resolved = resolve_model(cfg.model.model_name_or_path)
+    resolved = resolve_model(cfg.model.model_name_or_path, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,

@@ -67,7 +67,8 @@ def prediction_dir(cfg: TunerConfig) -> Path:
 
 def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
     """Load model + adapter, generate for every sample in batches, write predictions and metrics; returns the
-    output directory and the results. ``progress(done, total)`` is called after each batch."""
+    output directory and the results. ``progress(done, total)`` is called once the model is loaded (done 0) and after
+    each batch."""
     from engine.data.loaders import load_conversations
     from engine.infer.inference import generate, generation_kwargs, load_for_inference, prompt_text
 
@@ -80,6 +81,8 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
     batch_size = cfg.train.per_device_eval_batch_size
     predictions, labels = [], []
     started = time.time()
+    if progress is not None:
+        progress(0, len(samples))
     with open(out / PREDICTIONS, "w", encoding="utf-8") as file, \
             closing(_trainer_log(cfg, out, math.ceil(len(samples) / batch_size))) as trainer_log:
         for step, start in enumerate(range(0, len(samples), batch_size), start=1):
@@ -120,16 +123,11 @@ def summary_lines(out: Path, results: dict) -> list[str]:
     return [f"{results['predict_samples']} predictions in {out / PREDICTIONS}", score_line(results)]
 
 
-def predictions_written(out: Path) -> int | None:
-    """How many predictions ``out`` holds so far (the file grows a batch at a time), None before the first."""
-    try:
-        with open(Path(out) / PREDICTIONS, "rb") as file:
-            return sum(1 for _ in file)
-    except OSError:
-        return None
-
-
 def score_line(results: dict) -> str:
-    """The scores and speed of predict_results.json on one line: "bleu-4 12.34  rouge-1 ..."."""
-    return "  ".join(f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
-                     if key.startswith("predict_") and key != "predict_samples")
+    """The scores and speed of predict_results.json on one line: "bleu-4 12.34  rouge-1 ...  runtime 4.20 s  9.52
+    samples/s"."""
+    scores = [f"{key.removeprefix('predict_')} {value:.2f}" for key, value in results.items()
+              if key.startswith("predict_") and key not in ("predict_samples", "predict_runtime",
+                                                             "predict_samples_per_second")]
+    return "  ".join([*scores, f"runtime {results['predict_runtime']:.2f} s",
+                      f"{results['predict_samples_per_second']:.2f} samples/s"])

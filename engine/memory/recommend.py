@@ -44,13 +44,15 @@ def model_geometry(name_or_path: str) -> ModelGeometry:
         return spec.geometry
     from engine.models.resolve import resolve_model
 
-    resolved = resolve_model(name_or_path)
+    resolved = resolve_model(name_or_path, check_room=False)  # an estimate reads config.json, not the weights
     if resolved.spec:
         return resolved.spec.geometry
     if resolved.source == "hub":
         from huggingface_hub import hf_hub_download
 
-        config_path = Path(hf_hub_download(resolved.path, "config.json"))
+        plan = resolved.plan  # the hub answered for this commit, at this endpoint, into this cache
+        config_path = Path(hf_hub_download(plan.hub_id, "config.json", revision=plan.commit, cache_dir=plan.cache_dir,
+                                           endpoint=plan.endpoint))
     else:
         config_path = Path(resolved.path) / "config.json"
     return model_geometry_from_config(json.loads(config_path.read_text()))

@@ -1,10 +1,12 @@
-"""The model catalog (presets/models.yaml): short names, hub ids, templates and each model's geometry, from which
-parameter counts come. Data only: where a name points is ``engine.models.resolve``'s business."""
+"""The model catalog (presets/models.yaml): short names, hub ids, templates, each model's geometry, from which
+parameter counts come, and the training recipe an entry may carry. Data only: where a name points is
+``engine.models.resolve``'s business."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from engine.errors import UserError
 from engine.paths import PRESETS_DIR
@@ -16,6 +18,12 @@ _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 _TIED_BY_DEFAULT = {"gemma", "gemma2"}
 _QKV_BIAS_TYPES = {"qwen2"}
 _NORMS_PER_LAYER = {"gemma2": 4}
+# Keys that decide what a recipe key decides: setting one (num_train_epochs instead of max_steps, a LoRA setting or a
+# quantization against the recipe's full fine-tune) is setting that recipe key.
+_STANDS_FOR = {"num_train_epochs": "max_steps", "warmup_steps": "warmup_ratio", "quantization_bit": "finetuning_type",
+               "adapter_name_or_path": "finetuning_type", "additional_target": "finetuning_type",
+               "use_dora": "finetuning_type", "use_rslora": "finetuning_type", "create_new_adapter": "finetuning_type"}
+_STANDS_FOR_PREFIXES = {"lora": "finetuning_type", "pissa_": "finetuning_type", "freeze_": "finetuning_type"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,27 @@ class ModelSpec:
     lora_target: str
     geometry: ModelGeometry
     demo: bool = False
+    recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RecipeUse:
+    """What ``with_recipe`` did: the values to build the config from, the recipe keys it added (none when the model
+    has no recipe or the user set one of them otherwise), and the keys that kept it out."""
+
+    values: dict[str, Any]
+    model: str | None = None
+    demo: bool = False
+    applied: dict[str, Any] = field(default_factory=dict)
+    overridden: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for the terminal, saying what the recipe set or which keys of the user kept it out."""
+        name = f"{'demo ' if self.demo else ''}recipe of {self.model}"
+        if self.applied:
+            keys = ", ".join(f"{key} {value}" for key, value in self.applied.items())
+            return f"{name}: {keys} (set any of these keys to train without it)"
+        return f"{name} not used: {', '.join(self.overridden)} set"
 
 
 def model_geometry_from_config(config: dict) -> ModelGeometry:
@@ -105,6 +134,43 @@ def param_count(model: ModelSpec | ModelGeometry) -> int:
     return g.num_hidden_layers * layer + embeddings + hidden
 
 
+def with_recipe(values: dict[str, Any]) -> RecipeUse:
+    """``values`` (flat config keys as given) with the recipe of the catalog model they name, whole: it applies
+    unless a key the user set differs from the recipe's value (or stands for a recipe key, as num_train_epochs does
+    for max_steps); a recipe half-applied would mix two trainings, e.g. LoRA at a full fine-tune's learning rate."""
+    from engine.config.schema import ALIASES
+
+    spec = lookup(str(values.get("model_name_or_path") or ""))
+    if spec is None or not spec.recipe:
+        return RecipeUse(dict(values))
+    overridden = []
+    for key, value in values.items():
+        key = ALIASES.get(key, key)
+        if value in ("", None):
+            continue
+        if key in spec.recipe and not _same(key, value, spec.recipe[key]):
+            overridden.append(key)
+        elif key not in spec.recipe and _stands_for(key) in spec.recipe:
+            overridden.append(key)
+    if overridden:
+        return RecipeUse(dict(values), spec.name, spec.demo, overridden=tuple(overridden))
+    return RecipeUse({**values, **spec.recipe}, spec.name, spec.demo, dict(spec.recipe))
+
+
+def _stands_for(key: str) -> str | None:
+    return _STANDS_FOR.get(key) or next((to for prefix, to in _STANDS_FOR_PREFIXES.items() if key.startswith(prefix)),
+                                        None)
+
+
+def _same(key: str, given: Any, recipe_value: Any) -> bool:
+    from engine.config.schema import coerce
+
+    try:
+        return coerce(key, given) == coerce(key, recipe_value)
+    except ValueError:
+        return False
+
+
 def list_models() -> list[ModelSpec]:
     """Every catalog entry, in the file's order (demo models first)."""
     return list(_catalog())
@@ -113,6 +179,8 @@ def list_models() -> list[ModelSpec]:
 def lookup(name_or_hub_id: str) -> ModelSpec | None:
     """The catalog entry with this short name or hub id (case-insensitive), or None."""
     key = name_or_hub_id.strip().lower()
+    if not key:
+        return None
     for spec in _catalog():
         if key == spec.name.lower() or key == (spec.hub_id or "").lower():
             return spec
@@ -133,6 +201,7 @@ def _catalog() -> tuple[ModelSpec, ...]:
             lora_target=entry["lora_target"],
             geometry=model_geometry_from_config(entry["config"]),
             demo=entry.get("demo", False),
+            recipe=dict(entry.get("recipe") or {}),
         )
         for entry in entries
     )

@@ -1,19 +1,22 @@
 """What the user typed as a model, resolved to something loadable without downloading anything: a local directory, a
-demo model (built here on first use), a snapshot in the Hugging Face cache, or a hub id the hub answers for."""
+demo model (built here on first use), a snapshot in the Hugging Face cache, or a hub id whose download is planned and
+allowed (access, safetensors, disk) before anything starts."""
 
 from __future__ import annotations
 
 import difflib
-import os
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from engine.errors import UserError
 from engine.models.catalog import ModelSpec, list_models, lookup
+from engine.models.download import hub_cache_dir
 
-HUB_TIMEOUT_S = 5.0
+if TYPE_CHECKING:
+    from engine.models.download import DownloadPlan
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -23,18 +26,23 @@ Source = Literal["local", "demo", "hub-cache", "hub"]
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where to load a model from: ``path`` is a directory, except for source "hub": the hub id to download."""
+    """Where to load a model from: ``path`` is a directory, except for source "hub": the hub id to download, as
+    ``plan`` (engine.models.download) lists."""
 
     path: str
     spec: ModelSpec | None
     source: Source
+    plan: DownloadPlan | None = None
 
 
-def resolve_model(name_or_path: str) -> ResolvedModel:
+def resolve_model(name_or_path: str, *, revision: str | None = None, token: str | None = None,
+                  cache_dir: str | None = None, check_room: bool = True) -> ResolvedModel:
     """Turn what the user typed into something loadable, downloading nothing.
 
     In order: an existing directory (as in ``from_pretrained``, a directory wins over a name), a demo model (built on
-    first use), a catalog name or hub id found in the local Hugging Face cache, a hub id the hub answers for.
+    first use), a catalog name or hub id found whole in the Hugging Face cache (``cache_dir`` when given), a hub id
+    this ``token`` may download at ``revision`` with room for it on the cache's disk (else a UserError saying why;
+    ``check_room`` false for a caller that reads only its config.json).
     """
     local = Path(name_or_path).expanduser()
     if local.exists():
@@ -47,11 +55,12 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
     hub_id = spec.hub_id if spec is not None else name_or_path.strip()
     if not _HUB_ID.fullmatch(hub_id):
         raise _no_such_directory(name_or_path)
-    snapshot = _cached_snapshot(hub_id)
+    snapshot = _cached_snapshot(hub_id, revision, cache_dir)
     if snapshot is not None:
         return ResolvedModel(str(snapshot), spec, "hub-cache")
-    _require_hub(hub_id)
-    return ResolvedModel(hub_id, spec, "hub")
+    from engine.models.download import plan_download
+
+    return ResolvedModel(hub_id, spec, "hub", plan_download(hub_id, revision, token, cache_dir, check_room))
 
 
 def _checked_model_dir(path: Path) -> Path:
@@ -74,55 +83,24 @@ def _no_such_directory(name: str) -> UserError:
     return UserError(f"no such directory: {name}", hint=hint)
 
 
-def _cached_snapshot(hub_id: str) -> Path | None:
-    """The snapshot directory of ``hub_id`` if its config.json and weights are in the local Hugging Face cache."""
+def _cached_snapshot(hub_id: str, revision: str | None, cache_dir: str | None) -> Path | None:
+    """The snapshot directory of ``hub_id`` if its config.json and all its weights (every shard its index names) are
+    in the local Hugging Face cache."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(hub_id, local_files_only=True, cache_dir=_hub_cache_dir()))
+        snapshot = Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
+                                          cache_dir=cache_dir or hub_cache_dir()))
     except LocalEntryNotFoundError:
         return None
-    has_weights = any(snapshot.glob("*.safetensors")) or any(snapshot.glob("pytorch_model*.bin"))
-    return snapshot if (snapshot / "config.json").is_file() and has_weights else None
-
-
-def _hub_cache_dir() -> Path:
-    """huggingface_hub's cache directory, read from the environment now (the library reads it once, at import)."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if cache:
-        return Path(cache).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
-
-
-def _hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _require_hub(hub_id: str) -> None:
-    """Return if the hub answers for ``hub_id`` within HUB_TIMEOUT_S, else raise the user's error.
-
-    Any failure to answer counts as unreachable: the HTTP library under huggingface_hub (requests, httpx, httpx2)
-    and so its exception types change between versions.
-    """
-    if not _hub_offline():
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError
-
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
         try:
-            HfApi(endpoint=os.environ.get("HF_ENDPOINT")).model_info(hub_id, timeout=HUB_TIMEOUT_S)
-            return
-        except RepositoryNotFoundError:
-            raise UserError(
-                f"{hub_id} is not a model on the Hugging Face hub",
-                hint="check the spelling; a private or gated model needs `hf auth login` first",
-            ) from None
-        except Exception:
-            pass
-    raise UserError(
-        f"{hub_id} is not in the local Hugging Face cache and the hub cannot be reached",
-        hint=f"download it on a connected machine (`hf download {hub_id}`) and copy the cache over, "
-        "or pass a local directory",
-    )
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        has_weights = bool(shards) and all((snapshot / shard).is_file() for shard in shards)
+    else:
+        has_weights = any(snapshot.glob("*.safetensors")) or any(snapshot.glob("pytorch_model*.bin"))
+    return snapshot if (snapshot / "config.json").is_file() and has_weights else None

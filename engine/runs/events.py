@@ -27,6 +27,7 @@ class Event(str, Enum):
     CHECKPOINT = "checkpoint"
     MEMORY = "memory"
     PREDICT = "predict"
+    DOWNLOAD = "download"  # the model from the hub, before training: file, done, total (bytes), speed, eta_s
     END = "end"
     ERROR = "error"
 

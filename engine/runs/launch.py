@@ -68,7 +68,8 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
                                 stop=None, wait_for_free_gpus=False)
         from engine.models.resolve import resolve_model
 
-        resolve_model(cfg.model.model_name_or_path)  # a model that is nowhere is refused before a directory exists
+        m = cfg.model  # a model that is nowhere, gated, or too big for the disk is refused before a directory exists
+        resolve_model(m.model_name_or_path, revision=m.model_revision, token=m.hf_hub_token, cache_dir=m.cache_dir)
         with _writing(path):
             path.mkdir(parents=True, exist_ok=True)
         with RunLock.acquire(path) as lock:

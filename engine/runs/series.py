@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from engine.models.download import DownloadProgress
 from engine.runs.events import Event
 
 MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run
@@ -99,12 +100,17 @@ class History:
         self.last_log: dict[str, Any] | None = None
         self.end: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self._download: DownloadProgress | None = None
         self.version = 0
 
     def add(self, event: dict[str, Any]) -> None:
         kind, step = event.get("type"), step_number(event.get("step"))
         if kind == Event.START:
             self.start, self.end, self.error = event, None, None  # a resumed run starts again in the same file
+            self._download = None
+        elif kind == Event.DOWNLOAD:
+            self._download = download_progress(event)
+            self.version += 1
         elif kind == Event.LOG and step is not None and value(event.get("loss")) is not None:
             while self.steps and self.steps[-1] >= step:
                 self.steps.pop(), self.losses.pop(), self.learning_rates.pop()
@@ -120,9 +126,13 @@ class History:
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
         elif kind == Event.END:
-            self.end = event
+            self.end, self._download = event, None
         elif kind == Event.ERROR:
             self.error = event
+
+    def download_progress(self) -> DownloadProgress | None:
+        """The model download under way before training, for a progress bar; None when none is (never, or over)."""
+        return self._download
 
     def series(self) -> tuple[LossSeries, tuple[float, ...]]:
         losses = tuple(self.losses)
@@ -149,3 +159,13 @@ class History:
             learning_rate=value(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
             elapsed_s=elapsed, remaining_s=remaining,
         )
+
+
+def download_progress(event: dict[str, Any]) -> DownloadProgress | None:
+    """A download event as progress; None when it is corrupt or says the download is complete."""
+    done, total = step_number(event.get("done")), step_number(event.get("total"))
+    if done is None or total is None or done >= total:
+        return None
+    file = event.get("file")
+    return DownloadProgress(done, total, number(event.get("speed"), 0.0, 1e13), seconds(event.get("eta_s")),
+                            file if isinstance(file, str) else "")

@@ -2,7 +2,8 @@
 stop them), each writing a result file that whoever started it reads: no one parses another process's output.
 
 ``python -m engine.runs.tasks COMMAND RESULT_FILE [ARGS...]`` is that process: it writes RESULT_FILE when it starts
-(state running, its pid and start time) and when it ends (completed with a summary, or failed with the error).
+(state running, its pid and start time), as predict goes (samples done of the total, time left) and when it ends
+(completed with a summary, or failed with the error).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,9 @@ class TaskResult:
     exit_code: int | None = None
     error: str | None = None
     summary: tuple[str, ...] = field(default_factory=tuple)
+    done: int | None = None  # predict: samples predicted so far, of ``total``
+    total: int | None = None
+    remaining_s: float | None = None  # predict: time left at the pace so far
 
     @property
     def alive(self) -> bool:
@@ -86,7 +91,8 @@ def _is_result(data) -> bool:
     return (isinstance(data, dict) and data.get("state") in ("running", "completed", "failed")
             and isinstance(data.get("command"), str) and optional("pid", int) and optional("exit_code", int)
             and optional("pid_started_at", int, float) and optional("started_at", str) and optional("ended_at", str)
-            and optional("error", str) and isinstance(data.get("summary", []), list)
+            and optional("error", str) and optional("done", int) and optional("total", int)
+            and optional("remaining_s", int, float) and isinstance(data.get("summary", []), list)
             and all(isinstance(line, str) for line in data.get("summary", [])))
 
 
@@ -94,17 +100,46 @@ def _write(path: Path, result: TaskResult) -> None:
     write_json_atomic(path, dataclasses.asdict(result))
 
 
-def _run(command: str, argv: list[str]) -> list[str]:
+class PredictProgress:
+    """Records predict's progress in the result file after each batch and, every ``PRINT_S``, says it in the log."""
+
+    PRINT_S = 5.0
+
+    def __init__(self, result_path: Path, result: TaskResult):
+        self.result_path, self.result = result_path, result
+        self.started = self.printed = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == 0:
+            self.started = now
+            print(f"model loaded: predicting {total} samples", flush=True)
+            remaining = None
+        else:
+            remaining = round((now - self.started) / done * (total - done), 1)
+        self.result = dataclasses.replace(self.result, done=done, total=total, remaining_s=remaining)
+        _write(self.result_path, self.result)
+        if done and (done == total or now - self.printed >= self.PRINT_S):
+            self.printed = now
+            print(f"{done} of {total} predicted" + (f", {remaining:.0f} s left" if done < total else ""),
+                  flush=True)
+
+
+def _run(command: str, argv: list[str], result_path: Path, result: TaskResult) -> tuple[list[str], TaskResult]:
+    """The command's summary lines, and the result as last written (predict's progress on it)."""
     from engine.cli.args import load_followup_config
 
     cfg = load_followup_config(argv, command)
     if command == "predict":
         from engine.infer.predict import predict, summary_lines
 
-        return summary_lines(*predict(cfg))
+        progress = PredictProgress(result_path, result)
+        print("loading the dataset and the model", flush=True)
+        lines = summary_lines(*predict(cfg, progress))
+        return lines, progress.result
     from engine.infer.export import export_model, render_summary
 
-    return render_summary(export_model(cfg)).splitlines()
+    return render_summary(export_model(cfg)).splitlines(), result
 
 
 def main(argv: list[str]) -> int:
@@ -116,7 +151,7 @@ def main(argv: list[str]) -> int:
     result = TaskResult(command, "running", pid, started_at, now_iso())
     _write(result_path, result)
     try:
-        summary = _run(command, rest)
+        summary, result = _run(command, rest, result_path, result)
     except UserError as exc:
         print(f"tuner: error: {exc}", file=sys.stderr, flush=True)
         _write(result_path, dataclasses.replace(result, state="failed", ended_at=now_iso(), exit_code=2,

@@ -13,6 +13,7 @@ from engine.runs.events import EVENTS_FILE, EventReader
 from engine.runs.files import LogTail, printable_line, read_text
 from engine.runs.foreign import foreign_run
 from engine.runs.jobs import effective_state, why_failed
+from engine.models.download import DownloadProgress
 from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
 from engine.runs.status import UNREADABLE, RunStatus, read_status
 
@@ -38,6 +39,7 @@ class RunSnapshot:
     estimate_gib: float | None = None  # the start event's VRAM estimate per GPU, as nvidia-smi would show it
     log_tail: tuple[str, ...] = ()
     config_text: str | None = None
+    download: DownloadProgress | None = None  # the model coming from the hub, before the first step
 
     @property
     def active(self) -> bool:
@@ -93,6 +95,7 @@ class RunWatcher:
             loss=loss, learning_rates=learning_rates, checkpoints=self._checkpoints(),
             estimate_gib=number(estimate.get("total_gib"), 0.0, 1e6), log_tail=self._log.read(),
             config_text=read_text(self.run_dir / "config.yaml"),
+            download=h.download_progress() if state in ("running", "queued") else None,
         )
 
     def _read_foreign(self) -> RunStatus | None:

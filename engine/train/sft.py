@@ -6,6 +6,7 @@ model, build TRL's SFTTrainer with the callbacks that write the run's files, tra
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -109,12 +110,12 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
     """Train in ``run``'s directory (prepared and locked by ``engine.runs.launch``); returns the exit code: 0
     completed, 128 + the signal's number stopped. The directory records the outcome whatever happens: a failure is
     raised again, as one line (UserError) when it is the user's to fix."""
-    from engine.models.resolve import resolve_model
-
     quiet_libraries()
     if not is_main_process():
         stop = stop or StopRequest().install()
-        _train(cfg, resolve_model(cfg.model.model_name_or_path), run, None, None, stop)
+        resolved = _downloaded(cfg, run, None, stop)
+        if resolved is not None:
+            _train(cfg, resolved, run, None, None, stop)
         return 0
     stop = stop or StopRequest()
     handlers, events = [], None
@@ -126,8 +127,9 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
         run.status.state = "running"
         write_status(run.path, run.status)
         ended = {}
-        if not stop.requested:
-            ended = _train(cfg, resolve_model(cfg.model.model_name_or_path), run, events, view, stop)
+        resolved = None if stop.requested else _downloaded(cfg, run, events, stop, view)
+        if resolved is not None and not stop.requested:
+            ended = _train(cfg, resolved, run, events, view, stop)
         events.emit(Event.END, state="stopped" if stop.requested else "completed", signal=stop.requested,
                     **{"step": run.status.step, **ended})
         run.status.state = "stopped" if stop.requested else "completed"
@@ -148,6 +150,48 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
     finally:
         _close_quietly(events)
         close_logging(handlers)
+
+
+def _downloaded(cfg: TunerConfig, run: RunDir, events: EventWriter | None, stop: StopRequest, view=None):
+    """The model resolved, a hub model downloaded first (rank 0 records its progress; the other ranks wait on the
+    cache's locks); None when a stop came during the download, whose fetched part stays for `tuner resume`."""
+    from engine.models.download import DownloadStopped, download, human_bytes
+    from engine.models.resolve import ResolvedModel, resolve_model
+
+    m = cfg.model
+    resolved = resolve_model(m.model_name_or_path, revision=m.model_revision, token=m.hf_hub_token,
+                             cache_dir=m.cache_dir)
+    if resolved.plan is None:
+        return resolved
+    plan = resolved.plan
+    if events is not None:
+        log.info("downloading %s (%s): %d files, %s, %s of it to fetch; %s free at %s", plan.hub_id, plan.revision,
+                 len(plan.files), human_bytes(plan.total_bytes), human_bytes(plan.missing_bytes),
+                 human_bytes(plan.free_bytes), plan.cache_dir)
+
+    show, showing = view.download_display() if view is not None else (None, contextlib.nullcontext())
+
+    def progress(p) -> None:
+        events.emit(Event.DOWNLOAD, file=p.file, done=p.done_bytes, total=p.total_bytes, speed=p.speed_bytes_s,
+                    eta_s=p.eta_s)
+        if show is not None:
+            show(p)
+
+    started = time.monotonic()
+    try:
+        with showing:
+            snapshot = download(plan, progress if events is not None else None, lambda: bool(stop.requested),
+                                token=m.hf_hub_token)
+    except DownloadStopped as stopped:
+        if events is not None:
+            log.info("download stopped at %s of %s; `tuner resume %s` continues it", human_bytes(stopped.done_bytes),
+                     human_bytes(stopped.total_bytes), run.status.id)
+        return None
+    if events is not None:
+        took = max(time.monotonic() - started, 1e-3)
+        log.info("downloaded %s in %.0f s (%s/s): %s", plan.hub_id, took, human_bytes(plan.missing_bytes / took),
+                 snapshot)
+    return ResolvedModel(str(snapshot), resolved.spec, "hub-cache")
 
 
 def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,

@@ -133,7 +133,9 @@ async def test_follow_ups_wait_for_the_run_to_end(run_copy, state_home):
         for key in ("c", "p", "e"):
             await pilot.press(key)
             assert isinstance(app.screen, DashboardScreen)
-        assert app.screen.check_action("chat", ()) is None  # shown dimmed in the footer
+        said = [n.message for n in app._notifications]
+        assert len(said) == 3 and all("is still running: chat, predict and export open once it ends" in m
+                                      for m in said)
 
 
 async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
@@ -144,8 +146,9 @@ async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
         await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.query_one(DataTable).row_count,
                     "the runs list")
         table = app.screen.query_one(DataTable)
-        row = [str(cell) for cell in table.get_row_at(0)]
-        assert row[0] == read_status(finished_run).id and row[2] == "completed" and row[5] == "20/20"
+        run_id = read_status(finished_run).id
+        assert [str(table.get_cell(run_id, column)) for column in ("id", "state", "progress")] == \
+            [run_id, "completed", "20/20"]
         assert str(finished_run) in shown(app.screen.query_one("#detail", Static))
         depth = len(app.screen_stack)
         await pilot.press("enter")
@@ -169,7 +172,8 @@ async def test_runs_list_shows_what_a_dead_run_said_last(run_copy, state_home):
                     "the runs list")
         table = app.screen.query_one(DataTable)
         row = table.get_row_index("20990101-000000-dead00")
-        assert [str(cell) for cell in table.get_row_at(row)[1:3]] == ["run", "failed"]
+        assert [str(table.get_cell("20990101-000000-dead00", column)) for column in ("name", "state")] == \
+            ["run", "failed"]
         table.move_cursor(row=row)
         await pilot.pause()
         detail = shown(app.screen.query_one("#detail", Static))

@@ -23,6 +23,7 @@ import pytest
 from textual.worker import WorkerState
 from tui_helpers import recorded
 
+from engine.doctor import PROBLEM, WARNING, Finding
 from tuner_tui.wizard.app import WizardApp
 from tuner_tui.wizard.state import Choices
 
@@ -34,6 +35,18 @@ CHOICES = {"model_name_or_path": str(FIXED / "tiny-llama"), "template": "llama2"
            "dataset": str(FIXED / "alpaca_demo.json"), "cutoff_len": "256",
            "max_samples": "200", "learning_rate": "2e-4", "num_train_epochs": "1", "output_dir": "saves/snapshot",
            "lora_rank": "16"}
+
+
+# The machine check's findings as a GPU server and a laptop give them, so the screens do not show this machine's.
+GPU_SERVER = [Finding("driver", "ok", "driver 550.54 (supports CUDA 12.4), torch 2.5.1+cu124"),
+              Finding("torch sees the GPUs", "ok", "1 of 1"), Finding("bitsandbytes", "ok", "0.45.0, CUDA library loads"),
+              Finding("flash-attn", WARNING, "not installed: SDPA attention instead (slower on long sequences)",
+                      "pip install flash-attn --no-build-isolation"),
+              Finding("disk", "ok", "812 GiB free"), Finding("hub", "ok", "huggingface.co answers"),
+              Finding("token", WARNING, "none: gated models (Llama) cannot be downloaded", "hf auth login")]
+LAPTOP = [Finding("driver", WARNING, "no NVIDIA driver; torch 2.13.0+cpu"),
+          Finding("disk", PROBLEM, "1.2 GiB free at ~/.cache/huggingface", "free space, or set HF_HOME to a larger disk"),
+          Finding("hub", "ok", "huggingface.co answers")]
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +122,11 @@ def difference(request) -> str:
 @pytest.mark.parametrize("step", STEPS)
 def test_wizard_step(snap_compare, fixed_inputs, tmp_path, request, step, size):
     app = WizardApp(probe=recorded("a100-80gb"), choices=Choices(values=dict(CHOICES), method="lora"),
-                    state_dir=tmp_path / "state")
+                    state_dir=tmp_path / "state", doctor=lambda hw: GPU_SERVER)
     assert snap_compare(app, terminal_size=SIZES[size], run_before=walk_to(step)), difference(request)
 
 
 def test_wizard_without_a_gpu(snap_compare, fixed_inputs, tmp_path, request):
-    app = WizardApp(probe=recorded("none"), choices=Choices(values=dict(CHOICES)), state_dir=tmp_path / "state")
+    app = WizardApp(probe=recorded("none"), choices=Choices(values=dict(CHOICES)), state_dir=tmp_path / "state",
+                    doctor=lambda hw: LAPTOP)
     assert snap_compare(app, terminal_size=SIZES["80x24"], run_before=walk_to("HardwareStep")), difference(request)

@@ -59,19 +59,16 @@ async def walk_to_review(pilot, app, machine: str) -> None:
     assert app.screen.query_one("#model_name_or_path", Input).value == "tiny-llama"
     await pilot.click("#next")
 
-    # 3. Method: every method estimated, the recommended one preselected; a bad rank blocks Next
+    # 3. Method: every method estimated, the demo recipe's method (full) preselected; a bad rank blocks Next
     await on_step(pilot, app, MethodStep)
     table = app.screen.query_one("#methods", DataTable)
     await until(pilot, lambda: table.row_count == 5, "the estimates")
     reason = shown(app.screen.query_one("#reason", Static))
-    if machine == "none":
-        assert "no NVIDIA GPU" in reason
-        assert app.choices.method == "lora"
-    else:
-        assert "Full (16-bit) is the best method that fits" in reason
-        assert app.choices.method == "full"
+    assert "no NVIDIA GPU" in reason if machine == "none" else "Full (16-bit) is the best method that fits" in reason
+    assert app.choices.method == "full" and "demo recipe of tiny-llama: finetuning_type full" in reason
     first = [str(c) for c in table.get_row_at(0)]
-    assert first[0].startswith("Full") and float(first[1]) > 0 and first[3] in ("—", "✔ yes")
+    assert first[0].startswith("Full") and float(first[1]) > 0 and first[2] in ("—", "✔ yes")
+    assert len(first) == 3 and "seed table is left out" in reason  # its figures are for 7B models
     bits = app.screen.query_one("#qlora-bits", Select)
     bits.value = 4
     await until(pilot, lambda: table.cursor_row == 4, "the QLoRA 4-bit row")

@@ -61,8 +61,9 @@ def goes_on_line(run: RunSnapshot | None) -> str | None:
 
 class DashboardScreen(Screen):
     CSS_PATH = "dashboard.tcss"
+    # Short descriptions: the footer holds all seven and the palette key at 80 columns.
     BINDINGS = [
-        Binding("s", "stop", "Stop run", tooltip="Ask the run to finish its step, save a checkpoint and stop"),
+        Binding("s", "stop", "Stop", tooltip="Ask the run to finish its step, save a checkpoint and stop"),
         Binding("l", "toggle_log_scale", "Log scale", tooltip="Show the loss on a log or a linear scale"),
         Binding("c", "chat", "Chat", tooltip="Chat with what the run trained (once it has ended)"),
         Binding("p", "predict", "Predict", tooltip="Generate for a dataset and score it (once the run has ended)"),
@@ -70,13 +71,20 @@ class DashboardScreen(Screen):
         Binding("r", "runs", "Runs", tooltip="Every run on this host; this one goes on"),
         Binding("q", "quit", "Quit", tooltip="Close the dashboard; the run goes on (the shell gets how to return)"),
     ]
-    FOLLOW_UPS = ("chat", "predict", "export")
 
     log_scale: reactive[bool] = reactive(False)
 
+    class LogScaleChanged(Message):
+        """The user switched the loss chart's scale: the app keeps it for the next dashboard it opens."""
+
+        def __init__(self, log_scale: bool):
+            super().__init__()
+            self.log_scale = log_scale
+
     def __init__(self, run_dir: Path, probe: Callable[[], HardwareState], interval_s: float = 1.0,
-                 gpu_interval_s: float = 2.0):
+                 gpu_interval_s: float = 2.0, log_scale: bool = False):
         super().__init__()
+        self.set_reactive(DashboardScreen.log_scale, log_scale)
         self.run_dir = Path(run_dir)
         self.run: RunSnapshot | None = None
         self._samplers = {
@@ -129,12 +137,10 @@ class DashboardScreen(Screen):
             self.set_timer(self._samplers[group].interval_s, partial(self._sample, group))
 
     def on_run_sampled(self, message: RunSampled) -> None:
-        ended = self.run is not None and self.run.ended
         run = self.run = message.snapshot
-        if run.ended != ended:
-            self.refresh_bindings()
         self.query_one(StateBanner).run = run
-        self.query_one(ProgressPanel).progress = run.progress
+        progress = self.query_one(ProgressPanel)
+        progress.progress, progress.download = run.progress, run.download
         chart = self.query_one(LossChart)
         chart.series, chart.ended = run.loss, run.ended
         self.query_one(LearningRate).rates = run.learning_rates
@@ -161,32 +167,48 @@ class DashboardScreen(Screen):
 
     def action_toggle_log_scale(self) -> None:
         self.log_scale = not self.log_scale
+        self.post_message(self.LogScaleChanged(self.log_scale))
 
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Chat, predict and export are shown dimmed until the run has ended."""
-        if action in self.FOLLOW_UPS:
-            return True if self.run is not None and self.run.ended else None
+    def _follow_up_refused(self) -> bool:
+        """Chat, predict and export use what a run trained, so they wait for it to end: say so when it has not."""
+        run = self.run
+        if run is not None and run.ended:
+            return False
+        if run is None:
+            why = "the run is not read yet"
+        elif run.active:
+            why = (f"run {run.run_id} is still {run.state}: chat, predict and export open once it ends "
+                   "(s stops it with a checkpoint they can use)")
+        elif run.state == "external":
+            why = ("this run was written by another tool: give its output to `tuner chat|predict|export` with "
+                   "--adapter_name_or_path or --model_name_or_path")
+        else:
+            why = f"run {run.run_id} is {run.state}: there is nothing it trained to chat, predict or export with"
+        self.notify(why, severity="warning", markup=False)
         return True
 
     def action_chat(self) -> None:
         from tuner_tui.followup.chat import ChatScreen
 
-        self.app.push_screen(ChatScreen(self.run_dir))
+        if not self._follow_up_refused():
+            self.app.push_screen(ChatScreen(self.run_dir))
 
     def action_predict(self) -> None:
         from tuner_tui.followup.tasks import PredictScreen
 
-        self.app.push_screen(PredictScreen(self.run_dir))
+        if not self._follow_up_refused():
+            self.app.push_screen(PredictScreen(self.run_dir))
 
     def action_export(self) -> None:
         from tuner_tui.followup.tasks import ExportScreen
 
-        self.app.push_screen(ExportScreen(self.run_dir))
+        if not self._follow_up_refused():
+            self.app.push_screen(ExportScreen(self.run_dir))
 
     def action_runs(self) -> None:
         from tuner_tui.runs.screen import ShowRuns
 
-        self.post_message(ShowRuns())
+        self.post_message(ShowRuns(self.run_dir))
 
     def action_stop(self) -> None:
         run = self.run
@@ -217,8 +239,9 @@ class DashboardScreen(Screen):
         yield SystemCommand("Toggle log scale", "Show the loss chart on a log or a linear scale",
                             self.action_toggle_log_scale)
         yield SystemCommand("Runs", "Every run on this host", self.action_runs)
-        if self.run is not None and self.run.ended:
-            yield SystemCommand("Chat with this run", "Load what it trained and chat", self.action_chat)
-            yield SystemCommand("Predict with this run", "Generate for a dataset and score it", self.action_predict)
-            yield SystemCommand("Export this run", "Merge it into its base and write safetensors",
-                                self.action_export)
+        yield SystemCommand("Chat with this run", "Load what it trained and chat (once it has ended)",
+                            self.action_chat)
+        yield SystemCommand("Predict with this run", "Generate for a dataset and score it (once it has ended)",
+                            self.action_predict)
+        yield SystemCommand("Export this run", "Merge it into its base and write safetensors (once it has ended)",
+                            self.action_export)

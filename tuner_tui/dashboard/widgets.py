@@ -16,6 +16,8 @@ from textual.widget import Widget
 from textual.widgets import ProgressBar, Static
 from textual_plotext import PlotextPlot
 
+from engine.cli.download import progress_line
+from engine.models.download import DownloadProgress
 from tuner_tui.dashboard.sampler import Checkpoint, GpuReading, GpuSnapshot, LossSeries, Progress, RunSnapshot
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -54,6 +56,44 @@ def thin(xs: Sequence[float], ys: Sequence[float], limit: int) -> tuple[list[flo
     stride = len(xs) / limit
     picks = sorted({int(i * stride) for i in range(limit)} | {len(xs) - 1})
     return [xs[i] for i in picks], [ys[i] for i in picks]
+
+
+def axis(low: float, high: float, count: int, log: bool = False, whole: bool = False
+         ) -> tuple[tuple[float, float], list[float], list[str]]:
+    """An axis over the data's [low, high]: its limits as plotext draws them (log10 on a log scale), up to ``count``
+    round ticks (1, 2 or 5 times a power of ten) and their exact labels. One value (a single point, a flat series)
+    gets a range around it and one tick."""
+    scaled = math.log10 if log else float
+    a, b = scaled(low), scaled(high)
+    if b - a <= 1e-9 * max(abs(a), 1.0):
+        pad = 1.0 if whole else 0.02 if log else max(abs(a) * 0.05, 1e-3)
+        return (a - pad, a + pad), [low], [str(round(low)) if whole else f"{low:.4g}"]
+    ticks, step = round_ticks(low, high, max(count, 2), whole)
+    if log:
+        decades = [m * 10.0 ** k for k in range(math.floor(a), math.ceil(b) + 1) for m in (1, 2, 5)]
+        within = [t for t in decades if low <= t <= high]
+        if len(within) >= 2:
+            ticks = within[::math.ceil(len(within) / max(count, 2))]
+            return (a, b), ticks, [f"{t:g}" for t in ticks]
+    decimals = max(0, -math.floor(math.log10(step)))
+    if decimals <= 6:
+        return (a, b), ticks, [f"{t:.{decimals}f}" for t in ticks]
+    digits = math.floor(math.log10(max(abs(low), abs(high)))) - math.floor(math.log10(step)) + 1
+    return (a, b), ticks, [f"{t:.{max(digits, 1)}g}" for t in ticks]
+
+
+def round_ticks(low: float, high: float, count: int, whole: bool = False) -> tuple[list[float], float]:
+    """At least two and about ``count`` multiples of a round step within [low, high], and the step."""
+    raw = (high - low) / (count - 1)
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    while True:
+        step = max(step, 1.0) if whole else step
+        first = math.ceil(low / step - 1e-9)
+        ticks = [i * step for i in range(first, math.floor(high / step + 1e-9) + 1)]
+        if len(ticks) >= 2 or (whole and step == 1.0):
+            return ticks or [low], step
+        step /= 2
 
 
 def duration(seconds: float | None) -> str:
@@ -95,24 +135,38 @@ class StateBanner(Widget):
 
 
 class ProgressPanel(Horizontal):
-    """Step / total as a bar, then epoch, loss, elapsed, ETA and tokens/s."""
+    """Step / total as a bar, then epoch, loss, elapsed, ETA and tokens/s; while the model downloads before the first
+    step, bytes done / total as the bar, then the file, speed and ETA."""
 
     progress: reactive[Progress | None] = reactive(None)
+    download: reactive[DownloadProgress | None] = reactive(None)
 
     def compose(self) -> ComposeResult:
         yield ProgressBar(show_eta=False, id="bar")
         yield Static("", id="stats", markup=False)
 
-    def watch_progress(self, p: Progress | None) -> None:
+    def watch_progress(self) -> None:
+        self._show()
+
+    def watch_download(self) -> None:
+        self._show()
+
+    def _show(self) -> None:
+        p, d = self.progress, self.download
+        bar, stats = self.query_one(ProgressBar), self.query_one("#stats", Static)
+        if d is not None and (p is None or p.step == 0):
+            bar.update(total=d.total_bytes, progress=d.done_bytes)
+            stats.update(f"downloading the model: {progress_line(d)}")
+            return
         if p is None:
             return
-        self.query_one(ProgressBar).update(total=p.total_steps, progress=p.step)
+        bar.update(total=p.total_steps, progress=p.step)
         total = p.total_steps if p.total_steps is not None else "?"
         fields = [f"step {p.step}/{total}", f"epoch {number(p.epoch, '.2f')}", f"loss {number(p.loss, '.4f')}",
                   f"{duration(p.elapsed_s)} elapsed", number(p.tokens_per_s, ",.0f", " tok/s")]
         if p.remaining_s is not None:
             fields.insert(4, f"ETA {duration(p.remaining_s)}")
-        self.query_one("#stats", Static).update("  ".join(f.replace(" ", "\u00a0") for f in fields))
+        stats.update("  ".join(f.replace(" ", "\u00a0") for f in fields))
 
 
 class LossChart(PlotextPlot):
@@ -134,16 +188,28 @@ class LossChart(PlotextPlot):
                                   else "waiting for the first logged step…", "$text-muted")
         keep = (lambda y: y > 0 and math.isfinite(y)) if self.log_scale else math.isfinite
         limit = max(self.size.width, 2)
+        drawn: list[tuple[float, float]] = []
         for ys, label, colour in ((s.losses, "loss", "foreground-muted"), (s.smoothed, "EMA", "primary"),
                                   (s.eval_losses, "eval", "warning")):
             xs = s.eval_steps if label == "eval" else s.steps
             points = [(x, y) for x, y in zip(*thin(xs, ys, limit)) if keep(y)]
             if not points:
                 continue
+            drawn += points
             px, py = zip(*points)
             draw = plt.plot if label == "EMA" else plt.scatter
             draw(px, py, marker="dot" if label == "eval" else "braille", color=self._colour(colour))
+        if not drawn:
+            return Content.styled("no loss above zero to show on a log scale (l: linear)", "$text-muted")
         plt.yscale("log" if self.log_scale else "linear")
+        xs, ys = [x for x, _ in drawn], [y for _, y in drawn]
+        limits, ticks, labels = axis(min(xs), max(xs), max(2, min(6, self.size.width // 12)), whole=True)
+        plt.xlim(*limits)
+        plt.xticks(ticks, labels)
+        limits, ticks, labels = axis(min(ys), max(ys), max(2, min(5, (self.size.height - 2) // 2)),
+                                     log=self.log_scale)
+        plt.ylim(*limits)
+        plt.yticks(ticks, labels)
         plt.xlabel("step")
         plt.frame(False)
         return super().render()

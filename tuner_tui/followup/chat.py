@@ -1,11 +1,13 @@
 """Chat with what a run trained: its weights, base and template loaded as `tuner chat --run RUN` would.
 
 Loading and every reply run in thread workers; reply pieces are streamed into the conversation as they come.
-Leaving the screen lets the model go.
+Leaving the screen (or the app) stops a reply at its next piece, so quitting does not wait for the reply to finish
+(the app joins its worker threads as it exits), and lets the model go.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from textual.app import ComposeResult, SystemCommand
@@ -20,6 +22,10 @@ from engine.runs.files import printable_line
 from tuner_tui.errors import failure_text
 
 LOAD, REPLY = "load", "reply"
+
+
+class ReplyAbandoned(Exception):
+    """Raised into a reply's generation when its screen has gone, to stop it at the next piece."""
 
 
 def load_run_chat(run_dir: Path, max_new_tokens: int | None = None):
@@ -60,6 +66,7 @@ class ChatScreen(Screen):
         self.run_dir = Path(run_dir)
         self.max_new_tokens = max_new_tokens
         self.session = None
+        self._gone = threading.Event()
 
     def compose(self) -> ComposeResult:
         yield Static(f"Chat with run {printable_line(self.run_dir.name)}", id="title", markup=False)
@@ -72,6 +79,10 @@ class ChatScreen(Screen):
         self.run_worker(lambda: load_run_chat(self.run_dir, self.max_new_tokens), name="loading the model",
                         group=LOAD, thread=True, exit_on_error=False)
 
+    def on_unmount(self) -> None:
+        self._gone.set()
+        self.session = None
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place this screen's workers end: the session ready, a reply done, or a failure shown."""
         worker, prompt = event.worker, self.query_one("#prompt", Input)
@@ -80,6 +91,8 @@ class ChatScreen(Screen):
             self.query_one("#status", Static).update(
                 f"{loaded} · template {self.session.inference.template} · Enter sends, Ctrl-L starts over")
         elif event.state == WorkerState.ERROR:
+            if isinstance(worker.error, ReplyAbandoned):
+                return
             text = failure_text(worker.error)
             if worker.group == LOAD:
                 self.query_one("#status", Static).update(f"cannot chat with this run: {text}")
@@ -108,7 +121,12 @@ class ChatScreen(Screen):
             answer.add(piece)
             self._conversation().scroll_end(animate=False)
 
-        reply = self.session.reply(text, on_token=lambda piece: self.app.call_from_thread(show, piece))
+        def on_token(piece: str) -> None:
+            if self._gone.is_set():
+                raise ReplyAbandoned
+            self.app.call_from_thread(show, piece)
+
+        reply = self.session.reply(text, on_token=on_token)
         if not reply.strip():
             self.app.call_from_thread(answer.update, Content.styled("(an empty reply: the model stopped at once)",
                                                                     "$text-muted"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
@@ -31,9 +31,37 @@ class TaskState:
     running: bool
     exit_code: int | None
     log: tuple[str, ...]
-    done_count: int | None = None  # predictions written so far
+    task: TaskResult
     result: str | None = None
     error: str | None = None
+
+
+def short_duration(seconds: float) -> str:
+    """"1h 5m", "1m 12s", "8s": the two largest units, for an ETA or how long a task took."""
+    total = max(round(seconds), 0)
+    hours, minutes, secs = total // 3600, total // 60 % 60, total % 60
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def progress_text(task: TaskResult) -> str:
+    """"8 of 40 done · ETA 1m 12s" once the task counts its work, "" for one that does not."""
+    if task.total is None:
+        return ""
+    if not task.done:
+        return f"0 of {task.total} done"
+    eta = f" · ETA {short_duration(task.remaining_s)}" if task.remaining_s is not None and task.done < task.total \
+        else ""
+    return f"{task.done} of {task.total} done{eta}"
+
+
+def took(task: TaskResult) -> str:
+    """How long a task that ended ran, as " in 47s" ("" when its times are not known)."""
+    if not task.started_at or not task.ended_at:
+        return ""
+    seconds = (datetime.fromisoformat(task.ended_at) - datetime.fromisoformat(task.started_at)).total_seconds()
+    return f" in {short_duration(seconds)}"
 
 
 class TaskScreen(Screen):
@@ -61,9 +89,9 @@ class TaskScreen(Screen):
             for key, label in self.FIELDS:
                 with Horizontal(classes="row"):
                     yield Label(label, classes="label")
-                    yield Input(id=key, disabled=True)
+                    yield Input(id=key, disabled=True, compact=True)
             yield Static("", id="note", markup=False)
-            yield Button("Start", id="start", variant="primary", disabled=True)
+            yield Button("Start", id="start", variant="primary", disabled=True, compact=True)
             yield Static("reading the run…", id="status", markup=False)
             yield Static("", id="result", markup=False)
             yield Static("", id="log", markup=False)
@@ -116,7 +144,8 @@ class TaskScreen(Screen):
         for widget in self.query(Input):
             widget.disabled = True
         self.query_one("#start", Button).disabled = True
-        self.query_one("#status", Static).update(f"started (pid {self.started.pid}); output in {log_path}")
+        self.query_one("#status", Static).update(f"started (pid {self.started.pid}) · log: {log_path}")
+        self.query_one("#status").scroll_visible(animate=False)
         self.set_timer(POLL_S, self._poll)
 
     def log_path(self) -> Path:
@@ -130,15 +159,12 @@ class TaskScreen(Screen):
         log = self._tail.read()
         result = read_task(result_path_for(self._tail.path)) or self.started
         if result.state == "running" and result.alive:
-            return TaskState(True, None, log, self.done_count())
+            return TaskState(True, None, log, result)
         if result.state == "running":
-            return TaskState(False, None, log, self.done_count(),
+            return TaskState(False, None, log, result,
                              error=f"its process (pid {result.pid}) ended without writing a result")
-        return TaskState(False, result.exit_code, log, self.done_count(),
+        return TaskState(False, result.exit_code, log, result,
                          "\n".join(result.summary) if result.state == "completed" else None, result.error)
-
-    def done_count(self) -> int | None:
-        return None
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place this screen's workers end."""
@@ -169,15 +195,19 @@ class TaskScreen(Screen):
             self.show(worker.result)
 
     def show(self, state: TaskState) -> None:
-        self.query_one("#log", Static).update("\n".join(state.log))
+        """While it runs: its progress and the end of its log; once done: the result alone (the log ends with it)."""
+        log = self.query_one("#log", Static)
+        log.update("\n".join(state.log))
         status = self.query_one("#status", Static)
         if state.running:
-            count = f" · {state.done_count} done" if state.done_count is not None else ""
-            status.update(f"running (pid {self.started.pid}){count} · output in {self._tail.path}")
+            progress = progress_text(state.task)
+            status.update(f"running (pid {self.started.pid})" + (f" · {progress}" if progress else "")
+                          + f" · log: {self._tail.path}")
             self.set_timer(POLL_S, self._poll)
         elif state.exit_code == 0:
-            status.update("finished")
+            status.update(f"finished{took(state.task)} · log: {self._tail.path}")
             status.add_class("done")
+            log.display = False
             self.query_one("#result", Static).update(state.result or "")
         else:
             code = f" (exit {state.exit_code})" if state.exit_code is not None else ""
@@ -196,10 +226,14 @@ class TaskScreen(Screen):
     def action_back(self) -> None:
         self.dismiss()
 
+    def system_commands(self):
+        yield SystemCommand(f"Start {self.COMMAND}", "Check the values and start", self.action_start)
+        yield SystemCommand("Back", "Back to the dashboard; a started command goes on", self.action_back)
+
 
 class PredictScreen(TaskScreen):
     COMMAND = "predict"
-    TITLE = "Predict: generate for a dataset's prompts and score them (BLEU-4, ROUGE)"
+    TITLE = "Predict: generate for a dataset and score it (BLEU-4, ROUGE)"
     FIELDS = (("dataset", "Dataset"), ("max_samples", "Max samples"), ("max_new_tokens", "Max new tokens"),
               ("output_dir", "Output dir"))
     DEFAULTS = {"max_samples": "100", "max_new_tokens": "256"}
@@ -215,15 +249,10 @@ class PredictScreen(TaskScreen):
     def log_path(self) -> Path:
         return self.target / "predict.log"
 
-    def done_count(self) -> int | None:
-        from engine.infer.predict import predictions_written
-
-        return predictions_written(self.target)
-
 
 class ExportScreen(TaskScreen):
     COMMAND = "export"
-    TITLE = "Export: merge the run into its base and write a checked safetensors model"
+    TITLE = "Export: merge into the base, write checked safetensors"
     FIELDS = (("export_dir", "Export dir"), ("export_size", "Shard size GB"))
     DEFAULTS = {"export_size": "5"}
     TARGET = "export_dir"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -12,6 +13,7 @@ from textual.screen import Screen
 from engine.hardware import Gpu, HardwareState, probe
 from tuner_tui.runs.navigation import RunsNavigation
 from tuner_tui.wizard.steps import STEPS, WizardStep
+from tuner_tui.wizard.steps.hardware import doctor_findings
 from tuner_tui.wizard.state import Choices
 
 
@@ -23,9 +25,12 @@ class WizardApp(RunsNavigation, App):
     ]
 
     def __init__(self, probe: Callable[[], HardwareState] = probe, choices: Choices | None = None,
-                 state_dir: Path | None = None, dashboard_interval_s: float = 1.0):
+                 state_dir: Path | None = None, dashboard_interval_s: float = 1.0,
+                 doctor: Callable[[HardwareState], list] = doctor_findings):
         super().__init__()
-        self.probe = probe
+        self.probe, self.doctor = probe, doctor
+        self.findings: list | None = None  # the machine check's findings (engine.doctor.Finding), once made
+        self.data_shown: dict[str, Any] = {}  # step 4's template note and preview, kept until replaced
         self.state_dir = state_dir
         self.choices = choices if choices is not None else Choices.recalled(state_dir)
         self.hardware: HardwareState | None = None

@@ -15,6 +15,7 @@ import yaml
 
 from engine.config.schema import FIELDS, TunerConfig, build_config, coerce, read_config_file
 from engine.errors import ConfigError, UserError
+from engine.models.catalog import RecipeUse, with_recipe
 from engine.paths import state_dir
 from engine.config.validation import validate
 
@@ -36,8 +37,11 @@ DEFAULT_NOTES = {
 }
 
 
-def default_text(key: str) -> str:
-    """What leaving ``key`` empty means: the config's default, explained where a bare value would not say it."""
+def default_text(key: str, recipe: RecipeUse | None = None) -> str:
+    """What leaving ``key`` empty means: the model's recipe value while the recipe (``Choices.recipe()``) applies,
+    else the config's default, explained where a bare value would not say it."""
+    if recipe is not None and key in recipe.applied:
+        return f"{_flag_text(recipe.applied[key])}: {recipe.model}'s recipe"
     if key in DEFAULT_NOTES:
         return DEFAULT_NOTES[key]
     default = FIELDS[key][1].default
@@ -80,23 +84,37 @@ class Choices:
     method: str | None = None
     gpus: list[int] | None = None
 
-    def flat(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
-        """The flat key/value pairs for build_config: empty strings left out, the method's keys added."""
-        values = {k: v for k, v in self.values.items()
-                  if v not in ("", None) and not k.startswith("_") and (only is None or k in only)}
-        if self.method and only is None:
+    def flat(self) -> dict[str, Any]:
+        """The flat key/value pairs for build_config: empty strings left out, the method's keys added, and the
+        model's recipe (engine.models.catalog.with_recipe) where it applies."""
+        return self.recipe().values
+
+    def recipe(self) -> RecipeUse:
+        """The chosen model's recipe as it applies to what was typed and chosen: whole, or not at all."""
+        values = {k: v for k, v in self.values.items() if v not in ("", None) and not k.startswith("_")}
+        if self.method:
             values.update({k: v for k, v in method_keys(self.method).items() if v is not None})
-        return values
+        return with_recipe(values)
+
+    def recipe_method(self) -> str | None:
+        """The method the model's recipe trains with, while it applies; None when it does not or names none."""
+        from engine.memory.estimate import method_of
+
+        applied = self.recipe().applied
+        if "finetuning_type" not in applied:
+            return None
+        return method_of(applied["finetuning_type"], applied.get("quantization_bit"))
 
     def config(self) -> TunerConfig:
         return build_config(self.flat())
 
     def is_on(self, key: str) -> bool:
-        """An on/off setting as typed, or its default when it is empty or not a true/false word."""
+        """An on/off setting as typed, or its default (the model's recipe or the config's) when it is empty or not a
+        true/false word."""
         try:
             return bool(coerce(key, self.values[key]))
         except (KeyError, ValueError):
-            return bool(FIELDS[key][1].default)
+            return bool(self.recipe().applied.get(key, FIELDS[key][1].default))
 
     def problems(self, keys: tuple[str, ...], command: str = "train") -> dict[str, str]:
         """Each of ``keys`` with the engine's complaint about it (build_config, then validate), empty when sound."""
@@ -113,11 +131,12 @@ class Choices:
         return {}
 
     def flags(self) -> list[str]:
-        """`tuner train` flags for every value that differs from the default."""
+        """`tuner train` flags for every value that differs from the default, and every key the recipe set."""
         cfg, default = self.config().to_dict(), TunerConfig().to_dict()
+        recipe = self.recipe().applied
         flags = []
         for key, value in cfg.items():
-            if value != default.get(key) and value is not None:
+            if (value != default.get(key) or key in recipe) and value is not None:
                 flags += [f"--{key}", _flag_text(value)]
         return flags
 

@@ -32,12 +32,12 @@ class Field(Input):
 
 
 class ChoiceField(Select):
-    """A select bound to one config key; choosing nothing leaves the config's default."""
+    """A select bound to one config key; choosing nothing leaves the default (the model's recipe or the config's)."""
 
     def __init__(self, key: str, choices: Choices, **kwargs: Any):
         options = options_of(key)
         current = str(choices.values.get(key, ""))
-        super().__init__([(option, option) for option in options], prompt=f"{default_text(key)} (default)",
+        super().__init__([(option, option) for option in options], prompt=_prompt(key, choices.recipe()),
                          value=current if current in options else Select.NULL, id=key, **kwargs)
         self.key = key
 
@@ -57,13 +57,18 @@ def field_row(label: str, field: Widget) -> ComposeResult:
     yield Static("", id=f"err-{field.id}", classes="error")
 
 
+def _prompt(key: str, recipe) -> str:
+    return f"{default_text(key, recipe)} (default)"
+
+
 def setting_row(key: str, label: str, choices: Choices, **kwargs: Any) -> ComposeResult:
     """A labelled row for one config key: a switch, a select or an input by the key's type, its help as tooltip and
-    the default as placeholder or prompt."""
+    the default (the model's recipe value while it applies) as placeholder or prompt."""
     kind = kind_of(key)
     field = (SwitchField(key, choices) if kind == "switch" else ChoiceField(key, choices) if kind == "select"
-             else Field(key, choices, default_text(key), **kwargs))
+             else Field(key, choices, default_text(key, choices.recipe()), **kwargs))
     field.tooltip = help_text(key)
+    field.add_class("setting")
     yield from field_row(label, field)
 
 
@@ -177,17 +182,29 @@ class WizardStep(Screen):
     def on_input_changed(self, event: Input.Changed) -> None:
         if isinstance(event.input, Field):
             self.choices.values[event.input.key] = event.value
+            self.show_defaults()
             self.changed(event.input.key)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if isinstance(event.select, ChoiceField):
             self.choices.values[event.select.key] = "" if event.value is Select.NULL else str(event.value)
+            self.show_defaults()
             self.changed(event.select.key)
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
         if isinstance(event.switch, SwitchField):
             self.choices.values[event.switch.key] = "true" if event.value else "false"
+            self.show_defaults()
             self.changed(event.switch.key)
+
+    def show_defaults(self) -> None:
+        """Each setting's placeholder or prompt, again: a value typed may have switched the model's recipe on or off."""
+        recipe = self.choices.recipe()
+        for field in self.query(".setting"):
+            if isinstance(field, ChoiceField):
+                field.prompt = _prompt(field.key, recipe)
+            elif isinstance(field, Field):
+                field.placeholder = default_text(field.key, recipe)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

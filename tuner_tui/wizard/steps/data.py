@@ -20,6 +20,8 @@ from tuner_tui.wizard.steps.base import Field, WizardStep, field_row
 
 PREVIEWING = threading.Lock()
 LEARNED = "$text-success on $success-muted"
+DEMO_DATASET = "demo_alpaca"  # chosen when no dataset is: it trains any model end to end
+BUSY = {"template": "comparing the template with the model's own…", "preview": "previewing the data…"}
 
 
 class DataStep(WizardStep):
@@ -32,12 +34,15 @@ class DataStep(WizardStep):
         super().__init__()
         self._checked: dict | None = None  # the model and template the template note was made for
         self._previewed: dict | None = None  # the values the preview was built from
+        self._busy: set[str] = set()  # the groups of BUSY whose worker is running
 
     def body(self) -> ComposeResult:
         with Horizontal(classes="row"):
             yield Label("Template", classes="label")
             yield Select([], id="template-select", allow_blank=True, prompt="the model's own")
-        yield Static("", id="template-note")
+        kept = self.app.data_shown
+        yield Static(kept.get("template-note", ""), id="template-note",
+                     classes="warning" if kept.get("template-warning") else "")
         yield Static("", id="err-template", classes="error")
         yield from field_row("Dataset dir", Field("dataset_dir", self.choices, "optional: a dataset_info.json folder"))
         with Horizontal(classes="row"):
@@ -48,7 +53,8 @@ class DataStep(WizardStep):
             yield Field("dataset", self.choices, "a registered name, a file or folder, or a hub id")
             yield Button("Browse…", id="browse", tooltip="Choose a dataset file from a folder tree (Ctrl+O)")
         yield Static("", id="err-dataset", classes="error")
-        yield Static("", id="preview")
+        yield Static("", id="data-busy", classes="hint")
+        yield Static(self.app.data_shown.get("preview", ""), id="preview")
 
     def on_mount(self) -> None:
         self._names()
@@ -82,15 +88,37 @@ class DataStep(WizardStep):
         template_inputs = {key: values.get(key) for key in ("model_name_or_path", "template")}
         if template_inputs != self._checked:
             self._checked = template_inputs
-            self.work("template", partial(self._check_template, values), "comparing the template with the model's own")
+            self._start("template", partial(self._check_template, values))
         if values != self._previewed:
             self._previewed = values
             if values.get("dataset"):
-                self.work("preview", partial(self._preview, values), "previewing the data")
+                self._start("preview", partial(self._preview, values))
             else:
                 self.workers.cancel_group(self, "preview")
-                self.query_one("#preview", Static).update("")
+                self._settled("preview")
+                self._show("preview", "")
                 self._problem("dataset", "")
+
+    def _start(self, group: str, fn) -> None:
+        """A worker of BUSY's, with its sign shown until it ends; what it replaces stays on screen meanwhile."""
+        self._busy.add(group)
+        self._show_busy()
+        self.work(group, fn, BUSY[group].rstrip("…"))
+
+    def _settled(self, group: str) -> None:
+        self._busy.discard(group)
+        self._show_busy()
+
+    def _show_busy(self) -> None:
+        text = " · ".join(f"⟳ {BUSY[group]}" for group in BUSY if group in self._busy)
+        busy = self.query_one("#data-busy", Static)
+        busy.update(Content(text))
+        busy.display = bool(text)
+
+    def _show(self, widget_id: str, content) -> None:
+        """Show ``content`` and keep it for the next time this step opens, until something newer replaces it."""
+        self.app.data_shown[widget_id] = content
+        self.query_one(f"#{widget_id}", Static).update(content)
 
     @staticmethod
     def _check_template(values: dict):
@@ -118,14 +146,18 @@ class DataStep(WizardStep):
                 template.value = chosen
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
+            if not self.choices.values.get("dataset") and DEMO_DATASET in datasets:
+                self.query_one("#dataset", Input).value = DEMO_DATASET
             if self.choices.values.get("dataset") in datasets:
                 registry.value = self.choices.values["dataset"]
         elif group == "template":
+            self._settled("template")
             self._problem("template", "")
             self._show_template_note(result)
         elif group == "preview":
+            self._settled("preview")
             self._problem("dataset", "")
-            self.query_one("#preview", Static).update(render_preview(result))
+            self._show("preview", render_preview(result))
 
     def _show_template_note(self, check) -> None:
         """A warning when the template renders differently from the model's own chat_template, else a muted note."""
@@ -139,21 +171,23 @@ class DataStep(WizardStep):
             text = "the model's own chat_template"
         else:
             text = f"✔ {check.template} renders like the model's own chat_template"
-        note = self.query_one("#template-note", Static)
-        note.set_class(bool(check.warning), "warning")
-        note.update(Content(text))
+        self.app.data_shown["template-warning"] = bool(check.warning)
+        self.query_one("#template-note", Static).set_class(bool(check.warning), "warning")
+        self._show("template-note", Content(text))
 
     def failed(self, group: str, text: str) -> bool:
         """Failures show beside the field they concern; a failed comparison or preview runs again on the next change
         or return to this step."""
         if group == "template":
             self._checked = None
-            self.query_one("#template-note", Static).update("")
+            self._settled("template")
+            self._show("template-note", "")
             self._problem("template", text)
             return True
         if group in ("preview", "names"):
             self._previewed = None
-            self.query_one("#preview", Static).update("")
+            self._settled("preview")
+            self._show("preview", "")
             self._problem("dataset_dir" if group == "names" else "dataset", text)
             return True
         return super().failed(group, text)

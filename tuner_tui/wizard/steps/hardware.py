@@ -1,14 +1,45 @@
-"""Step 1, Hardware: probe the GPUs, show their memory, use and temperature, and choose the ones to train on."""
+"""Step 1, Hardware: probe the GPUs, show their memory, use and temperature, and choose the ones to train on; check
+the machine as `tuner doctor` does and show each problem with its fix."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.widgets import SelectionList, Static
 
+from engine.hardware import HardwareState
 from tuner_tui.wizard.steps.base import WizardStep
+
+CHECKING = "checking this machine as `tuner doctor` does (driver, torch, kernels, disk, the hub)…"
+MARKS = {"problem": ("✘", "bold $text-error"), "warning": ("⚠", "$text-warning"), "ok": ("✔", "$text-success")}
+
+
+def doctor_findings(hw: HardwareState) -> list:
+    """`tuner doctor`'s checks on the GPUs this wizard probed, not on a second probe."""
+    from engine.doctor import run_checks
+
+    return run_checks(hw)
+
+
+def render_findings(findings: list) -> Content:
+    """Problems, then warnings, each with its fix below it; the checks that passed by name, on one line."""
+    counts = {state: sum(f.state == state for f in findings) for state in MARKS}
+    parts: list = [(f"Machine check: {counts['problem']} problem(s), {counts['warning']} warning(s), "
+                    f"{counts['ok']} ok (`tuner doctor` shows every detail)\n", "bold")]
+    for state in ("problem", "warning"):
+        mark, style = MARKS[state]
+        for f in (f for f in findings if f.state == state):
+            parts.append((f"{mark} {f.check}: {f.detail}\n", style))
+            if f.fix:
+                parts.append((f"    fix: {f.fix}\n", "bold"))
+    passed = [f.check for f in findings if f.state == "ok"]
+    if passed:
+        parts.append((f"{MARKS['ok'][0]} {', '.join(passed)}", MARKS["ok"][1]))
+    return Content.assemble(*parts)
 
 
 class HardwareStep(WizardStep):
@@ -21,11 +52,26 @@ class HardwareStep(WizardStep):
         yield Static("probing the GPUs…", id="gpu-info")
         yield SelectionList[int](id="gpu-list")
         yield Static("", id="err-gpus", classes="error")
+        yield Static(Content(CHECKING), id="doctor")
 
     def on_mount(self) -> None:
         self.work("probe", self.app.probe, "probing the GPUs")
 
-    def done(self, group: str, state: Any) -> None:
+    def done(self, group: str, result: Any) -> None:
+        if group == "probe":
+            self.work("doctor", partial(self.app.doctor, result), "checking this machine")
+            self._show_gpus(result)
+        elif group == "doctor":
+            self.app.findings = result
+            self.query_one("#doctor", Static).update(render_findings(result))
+
+    def failed(self, group: str, text: str) -> bool:
+        if group == "doctor":
+            self.query_one("#doctor", Static).update(Content.styled(f"the machine check failed: {text}", "bold"))
+            return True
+        return super().failed(group, text)
+
+    def _show_gpus(self, state: HardwareState) -> None:
         self.app.hardware = state
         info = self.query_one("#gpu-info", Static)
         chosen = self.query_one(SelectionList)

@@ -41,9 +41,7 @@ class MethodStep(WizardStep):
         self.target_names = ListSuggester()
 
     def body(self) -> ComposeResult:
-        table = DataTable(id="methods", cursor_type="row")
-        table.add_columns("Method", "Our estimate GiB", "Seed table GB", "Fits")
-        yield table
+        yield DataTable(id="methods", cursor_type="row")
         yield Static("estimating…", id="reason")
         yield from setting_row("lora_rank", "LoRA rank", self.choices)
         yield from setting_row("lora_alpha", "LoRA alpha", self.choices)
@@ -74,11 +72,11 @@ class MethodStep(WizardStep):
             cfg = self.choices.config()
         except ConfigError:
             if problems:
-                return None, problems, layers  # shown beside the fields; the estimate waits for them
+                return None, problems, layers, None  # shown beside the fields; the estimate waits for them
             raise  # another step's value: failed() shows it where the estimate goes
         gpus = self.app.chosen_gpus()
         rec = recommend(shape_from_config(cfg, geometry, max(1, len(gpus))), memory_budget(gpus))
-        return rec, problems, layers
+        return rec, problems, layers, _seed_size(geometry)
 
     def _problems(self, geometry) -> dict[str, str]:
         """The engine's complaints, and LoRA targets this model does not have (they would fail once it loads)."""
@@ -96,7 +94,7 @@ class MethodStep(WizardStep):
         return self._problems(model_geometry(self.choices.values["model_name_or_path"]))
 
     def done(self, group: str, result: Any) -> None:
-        rec, problems, layers = result
+        rec, problems, layers, seed = result
         self.show_problems(problems)
         self.target_names.names = ["all", *layers]
         targets = self.query_one("#targets", Static)
@@ -107,16 +105,40 @@ class MethodStep(WizardStep):
         lora = next(row.estimate for row in rec.rows if row.method == "lora")
         targets.update(f"{', '.join(layers)} or all · LoRA trains {_count(lora.trainable_params)} parameters")
         if self.choices.method is None:
-            self.choices.method = rec.method or "lora"
+            self.choices.method = self.choices.recipe_method() or rec.method or "lora"
+        size, close = seed if seed else (None, False)
+        self._fill_table(rec, f"Seed table {size} GB" if close else None)
+        lines = [rec.reason, *(f"  · {idea}" for idea in rec.suggestions)]
+        if size and not close:
+            lines.append(f"LLaMA-Factory's seed table is left out: its nearest figures are for {size} models, "
+                         "not this one")
+        recipe = self.choices.recipe()
+        if recipe.model:
+            lines.append(recipe.describe())
+        self.query_one("#reason", Static).update(Text("\n".join(lines)))
+
+    def _fill_table(self, rec, seed_label: str | None) -> None:
+        """The rows of ``rec``; a re-estimate changes the cells in place, so the cursor (the method chosen) stays."""
         table = self.query_one("#methods", DataTable)
-        table.clear()
+        columns = {"method": "Method", "estimate": "Our estimate GiB", "fits": "Fits"}
+        if seed_label:
+            columns["seed"] = seed_label
+        cells = {}
         for row in rec.rows:
             fits = "—" if row.fits is None else "✔ yes" if row.fits else "✘ no"
             star = " ★" if row.method == rec.method else ""
-            table.add_row(row.label + star, f"{row.estimate.total_gib:g}", str(row.seed_gb), fits, key=row.method)
+            cells[row.method] = [row.label + star, f"{row.estimate.total_gib:g}", fits, str(row.seed_gb)]
+        if [key.value for key in table.columns] == list(columns) and table.row_count == len(cells):
+            for method, values in cells.items():
+                for key, value in zip(columns, values):
+                    table.update_cell(method, key, value)
+            return
+        table.clear(columns=True)
+        for key, label in columns.items():
+            table.add_column(label, key=key)
+        for method, values in cells.items():
+            table.add_row(*values[:len(columns)], key=method)
         table.move_cursor(row=table.get_row_index(self.choices.method))
-        reason = rec.reason + "".join(f"\n  · {idea}" for idea in rec.suggestions)
-        self.query_one("#reason", Static).update(Text(reason))
 
     def failed(self, group: str, text: str) -> bool:
         if group == "estimate":
@@ -130,7 +152,7 @@ class MethodStep(WizardStep):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         method = event.row_key.value
         if method:
-            self.choices.method = method
+            self._choose(method)
             bits = self.query_one("#qlora-bits", Select)
             wanted = method_keys(method)["quantization_bit"] or Select.NULL
             if bits.value != wanted:
@@ -144,10 +166,28 @@ class MethodStep(WizardStep):
         method = f"qlora-{event.value}bit" if event.value is not Select.NULL else \
             "lora" if current.startswith("qlora-") else current
         if method != current:
-            self.choices.method = method
+            self._choose(method)
             for table in self.query("#methods").results(DataTable):
                 if table.row_count:
                     table.move_cursor(row=table.get_row_index(method))
+
+    def _choose(self, method: str) -> None:
+        """Choose ``method``; one that switches the model's recipe on or off changes the settings: estimate again."""
+        recipe_before = bool(self.choices.recipe().applied)
+        self.choices.method = method
+        if bool(self.choices.recipe().applied) != recipe_before:
+            self.later("estimate", self._estimate)
+
+
+def _seed_size(geometry) -> tuple[str, bool]:
+    """The seed table's column for this model, and whether it is close enough to this model's size to compare
+    (within a factor of two)."""
+    from engine.models.catalog import param_count
+    from engine.memory.recommend import seed_column, seed_table
+
+    column, table = seed_column(geometry), seed_table()
+    ratio = param_count(geometry) / (table["billions"][column] * 1e9)
+    return table["sizes"][column], 0.5 <= ratio <= 2
 
 
 def _count(n: int) -> str:

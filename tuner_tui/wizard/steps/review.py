@@ -38,6 +38,8 @@ class ReviewStep(WizardStep):
 
     def body(self) -> ComposeResult:
         yield Static("estimating memory…", id="estimate")
+        yield Static("", id="setup")
+        yield Static("", id="recipe", classes="hint")
         yield Static("", id="command")
         yield from field_row("Save to", Input(value=str(self.choices.values.get("_save_path", "run.yaml")),
                                               id="save_path"))
@@ -48,7 +50,20 @@ class ReviewStep(WizardStep):
         yield Button("Save", id="save")
         yield Button("Start", id="start", variant="success")
 
+    def _show_setup_problems(self) -> None:
+        """The machine check's problems (step 1), named once more before the run starts."""
+        problems = [f.check for f in self.app.findings or [] if f.state == "problem"]
+        setup = self.query_one("#setup", Static)
+        setup.display = bool(problems)
+        setup.update(Content.styled(f"✘ the machine check found {len(problems)} set-up problem(s): "
+                                    f"{', '.join(problems)}; step 1 shows their fixes", "bold $text-error"))
+
     def on_mount(self) -> None:
+        self._show_setup_problems()
+        recipe, line = self.choices.recipe(), self.query_one("#recipe", Static)
+        line.display = bool(recipe.model)
+        if recipe.model:
+            line.update(Content(recipe.describe()))
         self.work("render", lambda: (self.choices.command_line(), self.choices.to_yaml()), "writing the config")
         self.work("estimate", self._estimate, "estimating memory")
 
@@ -103,7 +118,10 @@ class ReviewStep(WizardStep):
         self.action_save()
 
     def action_next(self) -> None:
-        self.action_start()
+        """The last step: Next never starts a run; it says how to."""
+        self.query_one("#err-start", Static).update(
+            Text("this is the last step: press Ctrl+R (or Start) to start the run, Ctrl+S to save the config",
+                 style="bold"))
 
     def action_save(self) -> None:
         path = self.query_one("#save_path", Input).value

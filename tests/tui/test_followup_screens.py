@@ -1,0 +1,122 @@
+"""The predict and export screens while their process runs and after: progress with a total and an ETA, a log that
+gets the task's output, the result once with units; the chat screen letting a reply go when it is left."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from textual.widgets import Input, Static
+from tui_helpers import recorded, shown, until
+
+from engine.infer.predict import score_line
+from engine.runs.tasks import PredictProgress, TaskResult, read_task, result_path_for
+from tuner_tui.dashboard.screen import DashboardScreen
+from tuner_tui.followup.tasks import PredictScreen, TaskState, progress_text, short_duration
+from tuner_tui.monitor import MonitorApp
+
+FAST = {"interval_s": 0.1, "gpu_interval_s": 0.1}
+
+
+def monitor(run_dir) -> MonitorApp:
+    return MonitorApp(run_dir, probe=recorded("a100-80gb"), **FAST)
+
+
+async def predict_form(pilot, app) -> PredictScreen:
+    await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
+    await pilot.press("p")
+    screen = app.screen
+    await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+    return screen
+
+
+def test_predict_progress_is_recorded_in_the_result_file_with_the_total_and_time_left(tmp_path, capsys):
+    path = tmp_path / "predict.result.json"
+    progress = PredictProgress(path, TaskResult("predict", "running", os.getpid()))
+    progress(0, 40)
+    assert read_task(path).total == 40 and read_task(path).done == 0
+    progress(8, 40)
+    recorded_now = read_task(path)
+    assert (recorded_now.done, recorded_now.total) == (8, 40) and recorded_now.remaining_s is not None
+    assert "predicting 40 samples" in capsys.readouterr().out  # the task's log hears of it too
+
+
+def test_progress_reads_done_of_total_with_an_eta():
+    task = TaskResult("predict", "running", done=8, total=40, remaining_s=72.4)
+    assert progress_text(task) == "8 of 40 done · ETA 1m 12s"
+    assert progress_text(dataclasses.replace(task, done=40, remaining_s=0.0)) == "40 of 40 done"
+    assert progress_text(TaskResult("export", "running")) == ""
+    assert [short_duration(s) for s in (8, 72, 3900)] == ["8s", "1m 12s", "1h 5m"]
+
+
+def test_the_score_line_gives_runtime_and_speed_their_units():
+    line = score_line({"predict_bleu-4": 1.0, "predict_rouge-1": 2.0, "predict_samples": 4,
+                       "predict_runtime": 476.96, "predict_samples_per_second": 0.084})
+    assert line.endswith("runtime 476.96 s  0.08 samples/s")
+
+
+async def test_a_running_predict_shows_how_far_it_is_of_the_total(run_copy, state_home):
+    app = monitor(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await predict_form(pilot, app)
+        screen.started = TaskResult("predict", "running", os.getpid())
+        screen.target = run_copy / "predict-x"
+        from engine.runs.files import LogTail
+
+        screen._tail = LogTail(screen.target / "predict.log")
+        screen.show(TaskState(True, None, ("model loaded: predicting 40 samples",),
+                              TaskResult("predict", "running", os.getpid(), done=8, total=40, remaining_s=72.0)))
+        status = shown(screen.query_one("#status", Static))
+        assert "8 of 40 done · ETA 1m 12s" in status and str(screen.target / "predict.log") in status
+
+
+async def test_a_finished_predict_shows_its_result_once_and_its_log_got_the_output(run_copy, state_home):
+    app = monitor(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await predict_form(pilot, app)
+        screen.query_one("#max_samples", Input).value = "6"
+        screen.query_one("#max_new_tokens", Input).value = "4"
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: shown(screen.query_one("#status", Static)).startswith("finished"),
+                    "predict to finish", timeout=120)
+        result = read_task(result_path_for(screen.target / "predict.log"))
+        assert (result.done, result.total) == (6, 6)
+        log = (screen.target / "predict.log").read_text()
+        assert "predicting 6 samples" in log and "6 of 6 predicted" in log
+        text = shown(screen.query_one("#result", Static))
+        assert text.count("6 predictions in") == 1 and " s " in text + " " and "samples/s" in text
+        assert not screen.query_one("#log").display  # the log ends with the same result: not shown twice
+        status = shown(screen.query_one("#status", Static))
+        assert status.startswith("finished in ") and str(screen.target / "predict.log") in status
+        region = screen.query_one("#result", Static).region
+        assert region.width > 100  # wrapped to the screen, not to 80 columns
+        assert json.loads((screen.target / "predict_results.json").read_text())["predict_samples"] == 6
+
+
+async def test_leaving_the_chat_stops_its_reply_at_the_next_piece(run_copy, state_home):
+    from tuner_tui.followup.chat import ChatScreen, ReplyAbandoned, Turn
+
+    app = monitor(run_copy)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
+        chat = ChatScreen(run_copy, max_new_tokens=1500)  # minutes of CPU if it ran to the end
+        app.push_screen(chat)
+        await until(pilot, lambda: chat.session is not None, "the model to load", timeout=60)
+        ended, reply = [], chat.session.reply
+
+        def observed(*args, **kwargs):
+            try:
+                return reply(*args, **kwargs)
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+
+        chat.session.reply = observed
+        await pilot.press(*"hello", "enter")
+        await until(pilot, lambda: len(chat.query(Turn)) == 2 and chat.query(Turn)[1].text, "the first piece",
+                    timeout=60)
+        await pilot.press("escape")
+        assert isinstance(app.screen, DashboardScreen)
+        await until(pilot, lambda: ended, "the reply to stop", timeout=30)
+        assert isinstance(ended[0], ReplyAbandoned)
