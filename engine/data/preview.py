@@ -55,10 +55,10 @@ class Preview:
 
 def check_template(cfg: TunerConfig) -> TemplateCheck:
     """Whether the template ``cfg`` chooses renders like the model's own chat_template; loads only the tokenizer."""
-    from engine.models.resolve import resolve_model
+    from engine.models.resolve import resolve_configured
     from engine.models.loading import load_tokenizer
 
-    resolved = resolve_model(cfg.model.model_name_or_path, check_room=False)  # the tokenizer only
+    resolved = resolve_configured(cfg.model, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
     return _compare_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
 
@@ -74,14 +74,14 @@ def _compare_template(cfg: TunerConfig, tokenizer, catalog_template: str | None)
 
 def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     """Render and tokenize every sample (for the stats) and keep the first ``count`` for display."""
-    from engine.models.resolve import resolve_model
+    from engine.models.resolve import resolve_configured
     from engine.data.loaders import load_conversations
     from engine.data.stats import length_histogram, length_stats
     from engine.data.tokenize import encode_conversations, training_template
     from engine.models.loading import load_tokenizer
     from engine.templates import render_segments, render_text
 
-    resolved = resolve_model(cfg.model.model_name_or_path, check_room=False)  # the tokenizer only
+    resolved = resolve_configured(cfg.model, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,

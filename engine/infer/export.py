@@ -52,11 +52,11 @@ def run_export(cfg: TunerConfig) -> int:
 
 
 def export_model(cfg: TunerConfig) -> ExportSummary:
-    from engine.models.resolve import resolve_model
+    from engine.models.resolve import resolve_configured
 
     target = Path(cfg.export.export_dir).expanduser().absolute()
     adapters = cfg.model.adapter_name_or_path
-    resolved = resolve_model(cfg.model.model_name_or_path)
+    resolved = resolve_configured(cfg.model)
     sources = [Path(p.strip()) for p in [resolved.path, *(adapters or "").split(",")] if p.strip()]
     check_target(target, cfg.train.overwrite_output_dir, sources)
     if cfg.model.quantization_bit is not None and adapters:

@@ -64,12 +64,12 @@ def load_adapters(model, adapters: str | None, quantized: bool):
 
 def load_for_inference(cfg: TunerConfig) -> Inference:
     """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
-    from engine.models.resolve import resolve_model
+    from engine.models.resolve import resolve_configured
     from engine.data.tokenize import choose_template
     from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision, load_model,
                                        load_tokenizer)
 
-    resolved = resolve_model(cfg.model.model_name_or_path)
+    resolved = resolve_configured(cfg.model)
     hardware = Hardware.detect()
     check_attention(cfg, hardware)
     precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported,

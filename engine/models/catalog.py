@@ -136,8 +136,9 @@ def param_count(model: ModelSpec | ModelGeometry) -> int:
 
 def with_recipe(values: dict[str, Any]) -> RecipeUse:
     """``values`` (flat config keys as given) with the recipe of the catalog model they name, whole: it applies
-    unless a key the user set differs from the recipe's value (or stands for a recipe key, as num_train_epochs does
-    for max_steps); a recipe half-applied would mix two trainings, e.g. LoRA at a full fine-tune's learning rate."""
+    unless a key the user set differs from the recipe's value, or stands for a recipe key (as num_train_epochs does
+    for max_steps) at other than its default; a recipe half-applied would mix two trainings, e.g. LoRA at a full
+    fine-tune's learning rate."""
     from engine.config.schema import ALIASES
 
     spec = lookup(str(values.get("model_name_or_path") or ""))
@@ -150,7 +151,7 @@ def with_recipe(values: dict[str, Any]) -> RecipeUse:
             continue
         if key in spec.recipe and not _same(key, value, spec.recipe[key]):
             overridden.append(key)
-        elif key not in spec.recipe and _stands_for(key) in spec.recipe:
+        elif key not in spec.recipe and _stands_for(key) in spec.recipe and not _is_default(key, value):
             overridden.append(key)
     if overridden:
         return RecipeUse(dict(values), spec.name, spec.demo, overridden=tuple(overridden))
@@ -160,6 +161,13 @@ def with_recipe(values: dict[str, Any]) -> RecipeUse:
 def _stands_for(key: str) -> str | None:
     return _STANDS_FOR.get(key) or next((to for prefix, to in _STANDS_FOR_PREFIXES.items() if key.startswith(prefix)),
                                         None)
+
+
+def _is_default(key: str, value: Any) -> bool:
+    """A key given at the config's default (a saved config.yaml holds every key) decides nothing."""
+    from engine.config.schema import FIELDS
+
+    return key in FIELDS and _same(key, value, FIELDS[key][1].default)
 
 
 def _same(key: str, given: Any, recipe_value: Any) -> bool:

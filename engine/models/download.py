@@ -10,6 +10,7 @@ finished blob into the snapshot. Files go over plain HTTP (as huggingface_hub do
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -145,7 +146,7 @@ def run_files(hub_id: str, names: list[str]) -> list[str]:
         hint = ("it holds a LoRA adapter: pass its base model as model_name_or_path and this as adapter_name_or_path"
                 if "adapter_config.json" in top else "a transformers model ships config.json beside its weights")
         raise UserError(f"{hub_id} has no config.json", hint=hint)
-    weights = [n for n in top if n.endswith(".safetensors") and not n.startswith("consolidated")]
+    weights = [n for n in top if n.endswith(".safetensors") and not n.startswith(("consolidated", "adapter_model"))]
     if not weights:
         raise UserError(f"{hub_id} ships no safetensors weights", hint="tuner loads *.safetensors only (no pickled "
                         ".bin / .pth); choose a repo that ships them, or convert it and pass the directory")
@@ -171,6 +172,8 @@ def download(plan: DownloadPlan, progress: Callable[[DownloadProgress], None] | 
             if fetched:
                 log.info("downloaded %s (%s)", file.name, human_bytes(file.size))
     except Exception as exc:
+        if not isinstance(exc, DownloadStopped) and stop is not None and stop():
+            raise DownloadStopped(meter.done, plan.total_bytes) from None  # a stop during a stalled connection
         failure = _broke_off(plan, meter.file, exc)
         if failure is None:
             raise
@@ -199,7 +202,7 @@ def _broke_off(plan: DownloadPlan, file: str, exc: Exception) -> UserError | Non
 
 def _model_info(hub_id: str, revision: str, token: str | None, endpoint: str | None):
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return HfApi(endpoint=endpoint).model_info(hub_id, revision=revision, token=token, files_metadata=True,
@@ -214,7 +217,13 @@ def _model_info(hub_id: str, revision: str, token: str | None, endpoint: str | N
     except RevisionNotFoundError:
         raise UserError(f"{hub_id} has no revision {revision}",
                         hint="model_revision takes a branch, a tag or a commit of the repo") from None
-    except Exception:  # any failure to answer: the HTTP library's exception types change between versions
+    except HfHubHTTPError as exc:  # the hub answered, with an error: an expired token, a rate limit, an outage
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the hub refused {hub_id} ({status}): {reason}",
+                        hint="401: log in again (`hf auth login`) or check HF_TOKEN; 429 or 5xx: try again later") \
+            from None
+    except Exception:  # no answer: the HTTP library's exception types change between versions
         raise hub_unreachable(hub_id) from None
 
 
@@ -299,7 +308,7 @@ def _fetch(plan: DownloadPlan, file: PlannedFile, meter: "_Meter", token: str | 
 
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+    from huggingface_hub.utils import build_hf_headers
 
     if (plan.snapshot_dir / file.name).exists():
         return False
@@ -318,20 +327,40 @@ def _fetch(plan: DownloadPlan, file: PlannedFile, meter: "_Meter", token: str | 
         blob.parent.mkdir(parents=True, exist_ok=True)
         lock = plan.cache_dir / ".locks" / _repo_folder(plan.hub_id) / f"{meta.etag}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock):  # the lock huggingface_hub takes for this blob: one writer across processes
+        with _blob_lock(lock, meter):  # the lock huggingface_hub takes for this blob: one writer across processes
             if not blob.exists():
                 part = blob.with_name(f"{meta.etag}.incomplete")
                 with open(part, "ab") as out:
                     if meta.size is not None and out.tell() > meta.size:  # more than the file: not its start
                         out.truncate(0)
+                        out.seek(0)
                     meter.kept(out.tell())
                     http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
                              displayed_filename=file.name, tqdm_class=meter.bar)  # raises unless the size is right
                 os.replace(part, blob)
                 fetched = True
-    hf_hub_download(plan.hub_id, file.name, revision=plan.revision, cache_dir=str(plan.cache_dir), token=token,
-                    endpoint=plan.endpoint)  # links the blob into the snapshot and records the revision's commit
+    hf_hub_download(plan.hub_id, file.name, revision=plan.commit, cache_dir=str(plan.cache_dir), token=token,
+                    endpoint=plan.endpoint)  # links the blob into the plan's snapshot, even if the branch moved since
+    if plan.revision != plan.commit:
+        ref = storage / "refs" / plan.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(plan.commit)  # as huggingface_hub records a branch: the cache finds the snapshot by its name
     return fetched
+
+
+@contextlib.contextmanager
+def _blob_lock(path: Path, meter: "_Meter"):
+    """The blob's lock, waited for a second at a time so a stop is answered while another process fetches it."""
+    from filelock import Timeout
+    from huggingface_hub.utils import WeakFileLock
+
+    while True:
+        try:
+            with WeakFileLock(path, timeout=1.0) as lock:
+                yield lock
+                return
+        except Timeout:
+            meter.check_stop()
 
 
 class _Meter:
@@ -373,7 +402,7 @@ class _Meter:
 
     def begin(self, file: PlannedFile) -> None:
         self.file, self.current = file.name, 0
-        self._check_stop()
+        self.check_stop()
 
     def kept(self, count: int) -> None:
         self.current = count
@@ -381,7 +410,7 @@ class _Meter:
     def add(self, count: int) -> None:
         self.current += count
         self.moved += count
-        self._check_stop()
+        self.check_stop()
         self.report()
 
     def end(self, file: PlannedFile) -> None:
@@ -404,7 +433,7 @@ class _Meter:
         self.progress(DownloadProgress(min(self.done, self.plan.total_bytes), self.plan.total_bytes, speed, eta,
                                        self.file))
 
-    def _check_stop(self) -> None:
+    def check_stop(self) -> None:
         if self.stop is not None and self.stop():
             raise DownloadStopped(self.done, self.plan.total_bytes)
 

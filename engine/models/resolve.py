@@ -63,6 +63,12 @@ def resolve_model(name_or_path: str, *, revision: str | None = None, token: str 
     return ResolvedModel(hub_id, spec, "hub", plan_download(hub_id, revision, token, cache_dir, check_room))
 
 
+def resolve_configured(model, check_room: bool = True) -> ResolvedModel:
+    """``resolve_model`` for a config's model section: its model, revision, token and cache directory."""
+    return resolve_model(model.model_name_or_path, revision=model.model_revision, token=model.hf_hub_token,
+                         cache_dir=model.cache_dir, check_room=check_room)
+
+
 def _checked_model_dir(path: Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a model directory", hint="pass the directory that holds config.json")

@@ -66,10 +66,9 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
             return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
                                 stop=None, wait_for_free_gpus=False)
-        from engine.models.resolve import resolve_model
+        from engine.models.resolve import resolve_configured
 
-        m = cfg.model  # a model that is nowhere, gated, or too big for the disk is refused before a directory exists
-        resolve_model(m.model_name_or_path, revision=m.model_revision, token=m.hf_hub_token, cache_dir=m.cache_dir)
+        resolve_configured(cfg.model)  # a model nowhere, gated, or too big for the disk: refused before a directory
         with _writing(path):
             path.mkdir(parents=True, exist_ok=True)
         with RunLock.acquire(path) as lock:

@@ -85,6 +85,7 @@ def close_logging(handlers: list[logging.Handler]) -> None:
 
 
 QUEUE_POLL_S = 10.0
+SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads
 
 
 def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -> None:
@@ -153,17 +154,23 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
 
 
 def _downloaded(cfg: TunerConfig, run: RunDir, events: EventWriter | None, stop: StopRequest, view=None):
-    """The model resolved, a hub model downloaded first (rank 0 records its progress; the other ranks wait on the
-    cache's locks); None when a stop came during the download, whose fetched part stays for `tuner resume`."""
+    """The model resolved, a hub model downloaded first (by each machine's first process; rank 0 records its
+    progress, the machine's other processes wait for the whole snapshot); None when a stop came during the download,
+    whose fetched part stays for `tuner resume`."""
     from engine.models.download import DownloadStopped, download, human_bytes
-    from engine.models.resolve import ResolvedModel, resolve_model
+    from engine.models.resolve import ResolvedModel, resolve_configured
 
     m = cfg.model
-    resolved = resolve_model(m.model_name_or_path, revision=m.model_revision, token=m.hf_hub_token,
-                             cache_dir=m.cache_dir)
+    resolved = resolve_configured(m)
     if resolved.plan is None:
         return resolved
     plan = resolved.plan
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        while not (plan.snapshot_dir / "config.json").is_file():  # fetched last: the snapshot is whole
+            if stop.requested:
+                return None
+            time.sleep(SNAPSHOT_POLL_S)
+        return ResolvedModel(str(plan.snapshot_dir), resolved.spec, "hub-cache")
     if events is not None:
         log.info("downloading %s (%s): %d files, %s, %s of it to fetch; %s free at %s", plan.hub_id, plan.revision,
                  len(plan.files), human_bytes(plan.total_bytes), human_bytes(plan.missing_bytes),
@@ -201,12 +208,12 @@ def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
     error: BaseException | None = exc
     if interrupted:
         message, error = "interrupted", None
+    elif isinstance(exc, UserError):  # first: a download's disk-full line names the cache's disk, not the run's
+        message = str(exc)
     elif _disk_full(exc, run.path):
         removed = discard_incomplete(run.path)
         error = UserError(_disk_full_message(run, exc, removed))
         message = error.message
-    elif isinstance(exc, UserError):
-        message = str(exc)
     elif isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else f" in {run.path}"
         error = UserError(f"cannot write{where}: {exc.strerror or exc}")

@@ -1,5 +1,6 @@
 """`tuner train` on a demo model with nothing but the model, the data and a directory: the catalog's demo recipe
-sets the training, is recorded in the run's config.yaml, learns the bundled data, and chat then answers in its format."""
+sets the training, is recorded in the run's config.yaml, learns the bundled data, and chat then answers in its
+format."""
 
 from __future__ import annotations
 

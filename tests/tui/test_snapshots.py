@@ -39,13 +39,15 @@ CHOICES = {"model_name_or_path": str(FIXED / "tiny-llama"), "template": "llama2"
 
 # The machine check's findings as a GPU server and a laptop give them, so the screens do not show this machine's.
 GPU_SERVER = [Finding("driver", "ok", "driver 550.54 (supports CUDA 12.4), torch 2.5.1+cu124"),
-              Finding("torch sees the GPUs", "ok", "1 of 1"), Finding("bitsandbytes", "ok", "0.45.0, CUDA library loads"),
+              Finding("torch sees the GPUs", "ok", "1 of 1"),
+              Finding("bitsandbytes", "ok", "0.45.0, CUDA library loads"),
               Finding("flash-attn", WARNING, "not installed: SDPA attention instead (slower on long sequences)",
                       "pip install flash-attn --no-build-isolation"),
               Finding("disk", "ok", "812 GiB free"), Finding("hub", "ok", "huggingface.co answers"),
               Finding("token", WARNING, "none: gated models (Llama) cannot be downloaded", "hf auth login")]
 LAPTOP = [Finding("driver", WARNING, "no NVIDIA driver; torch 2.13.0+cpu"),
-          Finding("disk", PROBLEM, "1.2 GiB free at ~/.cache/huggingface", "free space, or set HF_HOME to a larger disk"),
+          Finding("disk", PROBLEM, "1.2 GiB free at ~/.cache/huggingface",
+                  "free space, or set HF_HOME to a larger disk"),
           Finding("hub", "ok", "huggingface.co answers")]
 
 

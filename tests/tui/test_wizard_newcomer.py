@@ -47,42 +47,58 @@ async def test_a_newcomer_reaches_a_started_run_in_at_most_12_key_presses(tiny_m
         presses += len(keys)
         await pilot.press(*keys)
 
-    async with app.run_test(size=(80, 24)) as pilot:
-        started = time.monotonic()
-        await on_step(pilot, app, HardwareStep)
-        await until(pilot, lambda: app.hardware is not None, "the probe")
-        await press("enter")  # Next is focused
-        await on_step(pilot, app, ModelStep)
-        await until(pilot, lambda: app.choices.values.get("model_name_or_path") == "tiny-llama", "the preselection")
-        await press("enter")  # the empty filter takes the highlighted model
-        await press("enter")  # the model's field goes on
-        await on_step(pilot, app, MethodStep)
-        await until(pilot, lambda: app.screen.query_one(DataTable).row_count == 5, "the estimates")
-        await press("enter")  # the recipe's method, full, is highlighted
-        await on_step(pilot, app, DataStep)
-        await until(pilot, lambda: app.choices.values.get("dataset") == "demo_alpaca", "the demo data")
-        await press("ctrl+n")
-        await on_step(pilot, app, HyperparametersStep)
-        await press("ctrl+n")
-        await on_step(pilot, app, ReviewStep)
-        await press("ctrl+r")
-        await on_step(pilot, app, DashboardScreen)
-        elapsed = time.monotonic() - started
-        assert app.run_dir is not None and app.run_dir.is_dir()
-    assert presses <= 12 and elapsed < 60, (presses, elapsed)
-    config = yaml.safe_load((app.run_dir / "config.yaml").read_text().replace("### ", "# "))
-    assert (config["finetuning_type"], config["max_steps"], config["learning_rate"]) == ("full", 300, 3e-3)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await on_step(pilot, app, HardwareStep)
+            await until(pilot, lambda: app.hardware is not None, "the probe")
+            await press("enter")  # Next is focused
+            await on_step(pilot, app, ModelStep)
+            await until(pilot, lambda: app.choices.values.get("model_name_or_path") == "tiny-llama", "the preselection")
+            await press("enter")  # the empty filter takes the highlighted model
+            await press("enter")  # the model's field goes on
+            await on_step(pilot, app, MethodStep)
+            await until(pilot, lambda: app.screen.query_one(DataTable).row_count == 5, "the estimates")
+            await press("enter")  # the recipe's method, full, is highlighted
+            await on_step(pilot, app, DataStep)
+            await until(pilot, lambda: app.choices.values.get("dataset") == "demo_alpaca", "the demo data")
+            await press("ctrl+n")
+            await on_step(pilot, app, HyperparametersStep)
+            await press("ctrl+n")
+            await on_step(pilot, app, ReviewStep)
+            await press("ctrl+r")
+            await on_step(pilot, app, DashboardScreen)
+            assert app.run_dir is not None and app.run_dir.is_dir()
+        assert presses <= 12, presses
+        config = yaml.safe_load((app.run_dir / "config.yaml").read_text().replace("### ", "# "))
+        assert (config["finetuning_type"], config["max_steps"], config["learning_rate"]) == ("full", 300, 3e-3)
+    finally:
+        if getattr(app, "run_dir", None) is not None:
+            stop_and_wait(app.run_dir)  # 300 steps would hold this machine's two cores for a while
+
+
+def stop_and_wait(run_dir) -> None:
     deadline = time.monotonic() + 60
-    while read_status(app.run_dir).pid is None:
+    while read_status(run_dir).pid is None:
         assert time.monotonic() < deadline, "the run never said its pid"
         time.sleep(0.1)
-    signal_run(read_status(app.run_dir))  # 300 steps would hold this machine's two cores for a while
-    while read_status(app.run_dir).state in ("queued", "running"):
+    signal_run(read_status(run_dir))
+    while read_status(run_dir).state in ("queued", "running"):
         assert time.monotonic() < deadline, "the run did not stop"
         time.sleep(0.1)
 
 
-async def test_hardware_step_shows_the_doctors_problems_with_their_fixes_after_a_checking_sign(tmp_path):
+async def test_hardware_step_shows_the_doctors_problems_with_their_fixes_after_a_checking_sign(tmp_path, monkeypatch):
+    # The doctor's own checks, on a CPU build of torch with no extras and a roomy disk whatever this machine has.
+    from collections import namedtuple
+
+    from engine import doctor as checks
+
+    real_extras, real_disk = checks.check_extras, checks.check_disk
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checks, "torch_info", lambda: checks.TorchInfo("2.13.0+cpu", None, False, 0))
+    monkeypatch.setattr(checks, "check_extras", lambda on_gpu: real_extras(on_gpu, find_spec=lambda module: None))
+    monkeypatch.setattr(checks, "check_disk",
+                        lambda places: real_disk(places, usage=lambda path: usage(1 << 40, 1 << 39, 1 << 39)))
     release = threading.Event()
 
     def held_doctor(hw):
@@ -99,7 +115,7 @@ async def test_hardware_step_shows_the_doctors_problems_with_their_fixes_after_a
         release.set()
         await until(pilot, lambda: "Machine check:" in shown(doctor), "the findings", timeout=60)
         text = shown(doctor)
-        # this machine's CPU torch on the recorded A100: the wheel for its driver, as `tuner doctor` says
+        # a CPU torch on the recorded A100: the wheel for its driver, as `tuner doctor` says
         assert "✘ driver: driver 550.54.15 (supports CUDA 12.4), but torch" in text
         assert ("fix: pip uninstall -y torch && pip install torch --index-url https://download.pytorch.org/whl/cu124"
                 in text)
@@ -273,3 +289,24 @@ async def test_fields_show_the_recipe_while_it_applies_and_the_method_step_keeps
         assert "--max_steps 300 --logging_steps 10" in shown(command)
         assert "lr_scheduler_type: cosine" in shown(yaml_text) and "learning_rate: 0.003" in shown(yaml_text)
         assert shown(app.screen.query_one("#recipe")).startswith("demo recipe of tiny-llama: finetuning_type full")
+
+
+async def test_a_method_preselected_for_the_demo_model_is_chosen_again_for_the_next_model(tmp_path):
+    app = wizard("a100-80gb", tmp_path, Choices(dict(DEMO)))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await open_step(pilot, app, MethodStep)
+        table = app.screen.query_one("#methods", DataTable)
+        await until(pilot, lambda: table.row_count == 5 and app.choices.method == "full", "the recipe's method")
+        app.pop_screen()
+        app.choices.values["model_name_or_path"] = "llama2-70b"
+        await app.push_screen(MethodStep())
+        await until(pilot, lambda: app.choices.preselected_for == "llama2-70b", "a method for the new model")
+        assert app.choices.method != "full"
+        assert yaml.safe_load(app.choices.remember(tmp_path / "kept").read_text())["method"] is None
+
+        table = app.screen.query_one("#methods", DataTable)
+        await until(pilot, lambda: table.row_count == 5, "the estimates")
+        table.move_cursor(row=table.get_row_index("qlora-4bit"))
+        await until(pilot, lambda: app.choices.method == "qlora-4bit", "the user's choice")
+        assert app.choices.preselected_for is None
+        assert yaml.safe_load(app.choices.remember(tmp_path / "kept").read_text())["method"] == "qlora-4bit"

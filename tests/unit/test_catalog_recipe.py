@@ -36,9 +36,9 @@ def test_one_key_set_otherwise_keeps_the_whole_recipe_out():
 
 
 def test_keys_that_stand_for_a_recipe_key_keep_it_out_too():
-    for key, value in (("num_train_epochs", 2), ("warmup_steps", 5), ("quantization_bit", 4), ("lora_rank", 8),
-                       ("lora_r", 8), ("lora_target", "all"), ("checkpoint_dir", "adapter"), ("use_dora", True),
-                       ("freeze_trainable_layers", 2), ("pissa_init", True)):
+    for key, value in (("num_train_epochs", 2), ("warmup_steps", 5), ("quantization_bit", 4), ("lora_rank", 16),
+                       ("lora_r", 16), ("lora_target", "q_proj"), ("checkpoint_dir", "adapter"), ("use_dora", True),
+                       ("freeze_trainable_layers", 5), ("pissa_init", True)):
         assert with_recipe(dict(DEMO, **{key: value})).applied == {}, key
     assert with_recipe(dict(DEMO, stage="sft", do_train=True, quantization_bit=None)).applied == DEMO_RECIPE
 
@@ -59,5 +59,11 @@ def test_the_description_names_what_the_recipe_set():
 
 
 def test_overriding_keys_are_named_by_their_current_names():
-    assert with_recipe(dict(DEMO, lora_r=8, per_device_train_batch_size=8)).overridden == (
+    assert with_recipe(dict(DEMO, lora_r=16, per_device_train_batch_size=8)).overridden == (
         "lora_rank", "per_device_train_batch_size")
+
+
+def test_keys_at_the_config_default_as_a_saved_config_holds_them_keep_the_recipe():
+    saved = dict(DEMO, num_train_epochs=3.0, warmup_steps=0, use_dora=False, lora_rank=8, lora_target="all",
+                 quantization_bit=None, adapter_name_or_path=None)
+    assert with_recipe(saved).applied == DEMO_RECIPE

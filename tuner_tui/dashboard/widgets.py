@@ -154,7 +154,7 @@ class ProgressPanel(Horizontal):
     def _show(self) -> None:
         p, d = self.progress, self.download
         bar, stats = self.query_one(ProgressBar), self.query_one("#stats", Static)
-        if d is not None and (p is None or p.step == 0):
+        if d is not None:  # before the first step, or a resumed run fetching its model again
             bar.update(total=d.total_bytes, progress=d.done_bytes)
             stats.update(f"downloading the model: {progress_line(d)}")
             return

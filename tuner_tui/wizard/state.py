@@ -83,6 +83,7 @@ class Choices:
     values: dict[str, Any] = field(default_factory=dict)
     method: str | None = None
     gpus: list[int] | None = None
+    preselected_for: str | None = None  # the model the method step picked ``method`` for; None once the user chose
 
     def flat(self) -> dict[str, Any]:
         """The flat key/value pairs for build_config: empty strings left out, the method's keys added, and the
@@ -151,8 +152,8 @@ class Choices:
         path = (directory or state_dir()) / REMEMBERED
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = {k: str(v) for k, v in self.values.items() if v not in ("", None) and not _secret(k)}
-        path.write_text(yaml.safe_dump({"values": kept,
-                                        "method": self.method, "gpus": self.gpus}, sort_keys=False))
+        method = self.method if self.preselected_for is None else None  # a preselection is made again next time
+        path.write_text(yaml.safe_dump({"values": kept, "method": method, "gpus": self.gpus}, sort_keys=False))
         return path
 
     @classmethod

@@ -104,8 +104,11 @@ class MethodStep(WizardStep):
             return
         lora = next(row.estimate for row in rec.rows if row.method == "lora")
         targets.update(f"{', '.join(layers)} or all · LoRA trains {_count(lora.trainable_params)} parameters")
-        if self.choices.method is None:
+        model = str(self.choices.values.get("model_name_or_path", ""))
+        if self.choices.method is None or self.choices.preselected_for not in (None, model):
+            self.choices.method = None  # the recipe of the model now chosen decides, not the last one's method
             self.choices.method = self.choices.recipe_method() or rec.method or "lora"
+            self.choices.preselected_for = model
         size, close = seed if seed else (None, False)
         self._fill_table(rec, f"Seed table {size} GB" if close else None)
         lines = [rec.reason, *(f"  · {idea}" for idea in rec.suggestions)]
@@ -151,6 +154,8 @@ class MethodStep(WizardStep):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         method = event.row_key.value
+        if event.cursor_row != event.data_table.cursor_row:
+            return  # stale: the table was refilled and its cursor moved to the chosen method since
         if method:
             self._choose(method)
             bits = self.query_one("#qlora-bits", Select)
@@ -174,6 +179,8 @@ class MethodStep(WizardStep):
     def _choose(self, method: str) -> None:
         """Choose ``method``; one that switches the model's recipe on or off changes the settings: estimate again."""
         recipe_before = bool(self.choices.recipe().applied)
+        if method != self.choices.method:
+            self.choices.preselected_for = None  # the user's choice from now on
         self.choices.method = method
         if bool(self.choices.recipe().applied) != recipe_before:
             self.later("estimate", self._estimate)
