@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
     "stop": Command(cmd_stop, "Stop a run gracefully: it finishes the step and saves a checkpoint.",
                     "tuner stop [RUN]"),
     "resume": Command(cmd_resume, "Continue a stopped or failed run from its last checkpoint, detached.",
-                      "tuner resume [RUN]"),
+                      "tuner resume [RUN] [--hf_hub_token TOKEN]"),
     "predict": Command(cmd_predict, "Generate for a dataset's prompts and score them (BLEU-4, ROUGE).",
                        f"tuner predict [--run RUN] {CONFIG_USAGE}", takes_config=True),
     "export": Command(cmd_export, "Merge an adapter into its base and write a checked safetensors model.",

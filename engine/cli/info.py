@@ -101,7 +101,7 @@ def cmd_estimate(argv: list[str]) -> int:
     from engine.memory.recommend import model_geometry, recommend, shape_from_config
 
     gpus, budget = _gpu_budget(num_gpus, memory)
-    shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), num_gpus=gpus)
+    shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path, cfg.model), num_gpus=gpus)
     result = estimate(shape)
     advice = recommend(shape, budget)
     from engine.cli.estimate_view import estimate_json, render_estimate

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from engine.cli.args import no_more, take_flag
+from engine.cli.args import no_more, take_flag, take_option
 from engine.errors import UserError
 
 
@@ -103,6 +103,7 @@ def cmd_resume(argv: list[str]) -> int:
     from engine.runs.jobs import failure_reason, find_job
     from engine.runs.launch import resume_run
 
+    token = take_option(argv, "--hf_hub_token")  # never in config.yaml: a gated or private model asks again
     job = find_job(argv[0] if argv else None)
     if job.foreign:
         raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
@@ -112,6 +113,6 @@ def cmd_resume(argv: list[str]) -> int:
         raise UserError(f"run {job.id} is still {job.state}")
     if job.state == "completed":
         raise UserError(f"run {job.id} is completed: nothing to resume")
-    status = resume_run(job.dir)
+    status = resume_run(job.dir, token)
     print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
     return 0

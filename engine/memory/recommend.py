@@ -37,14 +37,17 @@ def seed_column(geometry: ModelGeometry) -> int:
     return min(dense, key=lambda i: abs(table["billions"][i] - billions))
 
 
-def model_geometry(name_or_path: str) -> ModelGeometry:
-    """The geometry from the catalog, a local directory's config.json, or the hub's config.json (no weights)."""
+def model_geometry(name_or_path: str, model=None) -> ModelGeometry:
+    """The geometry from the catalog, a local directory's config.json, or the hub's config.json (no weights); with
+    ``model`` (a config's model section) the hub is asked with its token, revision and cache directory."""
     spec = lookup(name_or_path)
     if spec:
         return spec.geometry
-    from engine.models.resolve import resolve_model
+    from engine.models.resolve import resolve_configured, resolve_model
 
-    resolved = resolve_model(name_or_path, check_room=False)  # an estimate reads config.json, not the weights
+    # an estimate reads config.json, not the weights: no room needed on the disk
+    resolved = resolve_configured(model, check_room=False) if model is not None else \
+        resolve_model(name_or_path, check_room=False)
     if resolved.spec:
         return resolved.spec.geometry
     if resolved.source == "hub":
@@ -52,7 +55,7 @@ def model_geometry(name_or_path: str) -> ModelGeometry:
 
         plan = resolved.plan  # the hub answered for this commit, at this endpoint, into this cache
         config_path = Path(hf_hub_download(plan.hub_id, "config.json", revision=plan.commit, cache_dir=plan.cache_dir,
-                                           endpoint=plan.endpoint))
+                                           endpoint=plan.endpoint, token=model.hf_hub_token if model else None))
     else:
         config_path = Path(resolved.path) / "config.json"
     return model_geometry_from_config(json.loads(config_path.read_text()))

@@ -130,12 +130,27 @@ def plan_download(hub_id: str, revision: str | None = None, token: str | None = 
     _check_access(hub_id, revision, token, endpoint)
     cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
     files = tuple(_planned(sizes[name]) for name in names)
+    held = {f.name: _held(cache, hub_id, info.sha, f) for f in files}
+    _refuse_oversized(hub_id, revision, cache_dir, [f for f in files if held[f.name] < f.size])
     total = sum(f.size for f in files)
-    missing = total - sum(_held(cache, hub_id, info.sha, f) for f in files)
+    missing = total - sum(held.values())
     plan = DownloadPlan(hub_id, revision, info.sha, files, total, missing, cache, _free_bytes(cache), endpoint)
     if check_room:
         require_room(plan)
     return plan
+
+
+def _refuse_oversized(hub_id: str, revision: str, cache_dir, missing: list[PlannedFile]) -> None:
+    """huggingface_hub's plain-HTTP download refuses a file over its limit (50 GB); say so before anything moves."""
+    from huggingface_hub import constants
+
+    big = [f for f in missing if f.size > constants.MAX_HTTP_DOWNLOAD_SIZE]
+    if big:
+        where = f" --cache-dir {cache_dir}" if cache_dir else ""
+        raise UserError(f"{hub_id}'s {big[0].name} is {human_bytes(big[0].size)}, over huggingface_hub's "
+                        f"{human_bytes(constants.MAX_HTTP_DOWNLOAD_SIZE)} limit for a plain HTTP download",
+                        hint=f"fetch it with `hf download {hub_id} --revision {revision}{where}` (hf_xet), then run "
+                        "again: the cache is used")
 
 
 def run_files(hub_id: str, names: list[str]) -> list[str]:
@@ -181,6 +196,7 @@ def download(plan: DownloadPlan, progress: Callable[[DownloadProgress], None] | 
         constants.DOWNLOAD_CHUNK_SIZE = chunk
     if failure is not None:
         raise failure  # outside the except block: the user's line, not the HTTP library's chain
+    _record_ref(plan)
     return plan.snapshot_dir
 
 
@@ -218,11 +234,7 @@ def _model_info(hub_id: str, revision: str, token: str | None, endpoint: str | N
         raise UserError(f"{hub_id} has no revision {revision}",
                         hint="model_revision takes a branch, a tag or a commit of the repo") from None
     except HfHubHTTPError as exc:  # the hub answered, with an error: an expired token, a rate limit, an outage
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"the hub refused {hub_id} ({status}): {reason}",
-                        hint="401: log in again (`hf auth login`) or check HF_TOKEN; 429 or 5xx: try again later") \
-            from None
+        raise _refused(hub_id, exc) from None
     except Exception:  # no answer: the HTTP library's exception types change between versions
         raise hub_unreachable(hub_id) from None
 
@@ -230,7 +242,7 @@ def _model_info(hub_id: str, revision: str, token: str | None, endpoint: str | N
 def _check_access(hub_id: str, revision: str, token: str | None, endpoint: str | None) -> None:
     """A gated model's metadata is public; its files answer 401 / 403 until its licence is accepted."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
         get_hf_file_metadata(hf_hub_url(hub_id, "config.json", revision=revision, endpoint=endpoint), token=token,
@@ -240,8 +252,17 @@ def _check_access(hub_id: str, revision: str, token: str | None, endpoint: str |
     except RepositoryNotFoundError:
         raise UserError(f"{hub_id} is private: its files need a token that may read them",
                         hint="`hf auth login` or set HF_TOKEN") from None
+    except HfHubHTTPError as exc:
+        raise _refused(hub_id, exc) from None
     except Exception:
         raise hub_unreachable(hub_id) from None
+
+
+def _refused(hub_id: str, exc) -> UserError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"the hub refused {hub_id} ({status}): {reason}",
+                     hint="401: log in again (`hf auth login`) or check HF_TOKEN; 429 or 5xx: try again later")
 
 
 def _gated(hub_id: str, token: str | None, endpoint: str | None, exc) -> UserError:
@@ -341,11 +362,19 @@ def _fetch(plan: DownloadPlan, file: PlannedFile, meter: "_Meter", token: str | 
                 fetched = True
     hf_hub_download(plan.hub_id, file.name, revision=plan.commit, cache_dir=str(plan.cache_dir), token=token,
                     endpoint=plan.endpoint)  # links the blob into the plan's snapshot, even if the branch moved since
-    if plan.revision != plan.commit:
-        ref = storage / "refs" / plan.revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(plan.commit)  # as huggingface_hub records a branch: the cache finds the snapshot by its name
     return fetched
+
+
+def _record_ref(plan: DownloadPlan) -> None:
+    """``refs/<revision>`` -> the plan's commit, as huggingface_hub records a branch or tag: the cache then finds the
+    snapshot by the name the user gave. Written whole (tmp + rename), so no reader sees it empty."""
+    if plan.revision == plan.commit:
+        return
+    ref = plan.cache_dir / _repo_folder(plan.hub_id) / "refs" / plan.revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(plan.commit)
+    os.replace(tmp, ref)
 
 
 @contextlib.contextmanager
@@ -354,13 +383,14 @@ def _blob_lock(path: Path, meter: "_Meter"):
     from filelock import Timeout
     from huggingface_hub.utils import WeakFileLock
 
-    while True:
-        try:
-            with WeakFileLock(path, timeout=1.0) as lock:
-                yield lock
-                return
-        except Timeout:
-            meter.check_stop()
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(WeakFileLock(path, timeout=1.0))
+                break
+            except Timeout:
+                meter.check_stop()
+        yield
 
 
 class _Meter:

@@ -90,13 +90,15 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             stop.uninstall()
 
 
-def resume_run(run_dir: Path) -> RunStatus:
-    """Start a stopped or failed run again, detached, from its config.yaml and its newest whole checkpoint."""
+def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
+    """Start a stopped or failed run again, detached, from its config.yaml and its newest whole checkpoint (and the
+    hub token a gated or private model needs: config.yaml never holds one)."""
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE} to resume with")
     cfg = build_config(read_config_file(config))
     cfg.train.output_dir = str(Path(run_dir).absolute())
+    cfg.model.hf_hub_token = hf_hub_token
     return start_run(cfg, detach=True)
 
 

@@ -166,7 +166,8 @@ def _downloaded(cfg: TunerConfig, run: RunDir, events: EventWriter | None, stop:
         return resolved
     plan = resolved.plan
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        while not (plan.snapshot_dir / "config.json").is_file():  # fetched last: the snapshot is whole
+        # every file, not config.json alone: an estimate or the wizard may have fetched just that
+        while not all((plan.snapshot_dir / f.name).is_file() for f in plan.files):
             if stop.requested:
                 return None
             time.sleep(SNAPSHOT_POLL_S)

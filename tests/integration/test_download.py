@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,6 +112,29 @@ def test_gated_model_with_a_granted_token_downloads(hub, monkeypatch):
     assert (download(plan_download("org/gated")) / WEIGHTS).is_file()
 
 
+def test_estimate_of_a_gated_model_asks_with_the_configs_token(hub, capsys):
+    assert main(["estimate", "--model_name_or_path", "org/gated", "--hf_hub_token", "hf_granted", "--json"]) == 0
+    assert "recommendation" in json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--model_name_or_path", "org/gated", "--json"]) == 2
+    assert capsys.readouterr().err.startswith("tuner: error: org/gated is gated")
+
+
+def test_a_file_over_the_plain_http_limit_is_refused_before_anything_moves(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "MAX_HTTP_DOWNLOAD_SIZE", 1_000_000)  # the tiny model's weights are 2.6 MB
+    with pytest.raises(UserError) as error:
+        plan_download("org/tiny")
+    assert error.value.message == ("org/tiny's model.safetensors is 2.6 MB, over huggingface_hub's 1.0 MB limit for "
+                                   "a plain HTTP download")
+    assert error.value.hint == ("fetch it with `hf download org/tiny --revision main` (hf_xet), then run again: the "
+                                "cache is used")
+    monkeypatch.setattr(constants, "MAX_HTTP_DOWNLOAD_SIZE", 50_000_000_000)
+    download(plan_download("org/tiny"))
+    monkeypatch.setattr(constants, "MAX_HTTP_DOWNLOAD_SIZE", 1_000_000)
+    assert plan_download("org/tiny").missing_bytes == 0  # what the cache holds needs no plain HTTP download
+
+
 def test_private_model_without_a_token_names_it_and_says_it_needs_one(hub):
     with pytest.raises(UserError) as error:
         plan_download("org/private")
@@ -205,11 +229,13 @@ def test_download_command_refuses_a_gated_model_in_one_line(hub):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("tuner: error: org/gated is gated")
 
 
-def test_run_stopped_during_its_download_is_resumed_and_fetches_only_the_rest(hub, home, tiny_models):
+def test_run_stopped_during_its_download_is_resumed_with_its_token_and_fetches_only_the_rest(hub, home,
+                                                                                              tiny_models):
     size = (tiny_models["tiny-llama"] / WEIGHTS).stat().st_size
-    hub.bytes_per_s = 250_000  # the weights take ten seconds: time to stop the run in the middle
+    hub.bytes_per_s = 100_000  # the weights take 26 seconds: time to stop the run in the middle
     out = home / "out"
-    started = tuner("train", "--model_name_or_path", "org/tiny", *TRAIN, "--output_dir", str(out), "--detach")
+    started = tuner("train", "--model_name_or_path", "org/gated", "--hf_hub_token", "hf_granted", *TRAIN,
+                    "--output_dir", str(out), "--detach")
     assert started.returncode == 0, started.stderr
 
     def weights_started() -> bool:
@@ -220,10 +246,69 @@ def test_run_stopped_during_its_download_is_resumed_and_fetches_only_the_rest(hu
     wait_for(lambda: read_status(out).state == "stopped", 60, "the run to stop")
     assert [e["state"] for e in read_events(out) if e["type"] == "end"] == ["stopped"]
     assert "`tuner resume " in (out / "train.log").read_text()
+    assert "hf_granted" not in (out / "config.yaml").read_text()
 
     hub.bytes_per_s = None
-    assert tuner("resume", str(out)).returncode == 0
+    refused = tuner("resume", str(out))  # config.yaml keeps no token: the gated model asks for one again
+    assert refused.returncode == 2 and refused.stderr.startswith("tuner: error: org/gated is gated"), refused.stderr
+    assert tuner("resume", str(out), "--hf_hub_token", "hf_granted").returncode == 0
     wait_for(lambda: read_status(out).state in ("completed", "failed"), 180, "the resumed run to end")
     assert read_status(out).state == "completed", (out / "train.log").read_text()
     resumed_at = [start for _, name, start in hub.ranges if name == WEIGHTS][-1]
-    assert 0 < resumed_at < size and hub.served_from[("org/tiny", WEIGHTS, resumed_at)] == size - resumed_at
+    assert 0 < resumed_at < size and hub.served_from[("org/gated", WEIGHTS, resumed_at)] == size - resumed_at
+
+
+def test_the_branch_is_recorded_so_the_cache_finds_the_snapshot_by_its_name(hub):
+    plan = plan_download("org/tiny")
+    snapshot = download(plan)
+    ref = plan.cache_dir / "models--org--tiny" / "refs" / "main"
+    assert ref.read_text() == plan.commit and snapshot.name == plan.commit
+    assert resolve_model("org/tiny").source == "hub-cache"
+
+
+def test_a_stop_is_answered_while_another_process_holds_a_files_lock(hub):
+    plan = plan_download("org/tiny")
+    first = plan.files[0]
+    lock = plan.cache_dir / ".locks" / "models--org--tiny" / f"{first.blob}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stop_at = time.monotonic() + 2  # unheld, the whole download takes a fraction of that
+        with pytest.raises(DownloadStopped):
+            download(plan, stop=lambda: time.monotonic() > stop_at)
+        assert not (plan.snapshot_dir / first.name).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_machines_other_processes_wait_for_the_whole_snapshot_not_a_lone_config(hub, monkeypatch):
+    import threading
+
+    from engine.config.schema import build_config
+    from engine.memory.recommend import model_geometry
+    from engine.train.sft import _downloaded
+
+    model_geometry("org/tiny")  # what an estimate leaves in the snapshot: config.json alone
+    plan = plan_download("org/tiny")
+    assert (plan.snapshot_dir / "config.json").is_file() and not (plan.snapshot_dir / WEIGHTS).exists()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = {}
+
+    def other_process() -> None:
+        resolved = _downloaded(build_config({"model_name_or_path": "org/tiny"}), None, None,
+                               SimpleNamespace(requested=None))
+        seen["path"], seen["weights"] = resolved.path, (Path(resolved.path) / WEIGHTS).is_file()
+
+    waiter = threading.Thread(target=other_process)
+    waiter.start()
+    download(plan)
+    waiter.join(60)
+    assert seen == {"path": str(plan.snapshot_dir), "weights": True}
+
+    stopped = SimpleNamespace(requested="SIGTERM")
+    (plan.snapshot_dir / WEIGHTS).unlink()
+    assert _downloaded(build_config({"model_name_or_path": "org/tiny"}), None, None, stopped) is None

@@ -97,6 +97,14 @@ class Choices:
             values.update({k: v for k, v in method_keys(self.method).items() if v is not None})
         return with_recipe(values)
 
+    def model_section(self):
+        """The model keys as typed (token, revision, cache directory: how to ask the hub), or None while they do not
+        make a config."""
+        try:
+            return build_config({k: v for k, v in self.flat().items() if FIELDS.get(k, ("",))[0] == "model"}).model
+        except ConfigError:
+            return None
+
     def recipe_method(self) -> str | None:
         """The method the model's recipe trains with, while it applies; None when it does not or names none."""
         from engine.memory.estimate import method_of

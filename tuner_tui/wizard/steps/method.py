@@ -66,7 +66,7 @@ class MethodStep(WizardStep):
         from engine.memory.estimate import linear_names
         from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
 
-        geometry = model_geometry(self.choices.values["model_name_or_path"])
+        geometry = model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section())
         problems, layers = self._problems(geometry), linear_names(geometry)
         try:
             cfg = self.choices.config()
@@ -91,7 +91,7 @@ class MethodStep(WizardStep):
     def check(self) -> dict[str, str]:
         from engine.memory.recommend import model_geometry
 
-        return self._problems(model_geometry(self.choices.values["model_name_or_path"]))
+        return self._problems(model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section()))
 
     def done(self, group: str, result: Any) -> None:
         rec, problems, layers, seed = result
@@ -154,7 +154,8 @@ class MethodStep(WizardStep):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         method = event.row_key.value
-        if event.cursor_row != event.data_table.cursor_row:
+        table = event.data_table
+        if not 0 <= table.cursor_row < table.row_count or table.ordered_rows[table.cursor_row].key != event.row_key:
             return  # stale: the table was refilled and its cursor moved to the chosen method since
         if method:
             self._choose(method)

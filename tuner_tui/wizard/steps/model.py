@@ -27,13 +27,14 @@ def download_size(plan) -> str:
     return f"{human_bytes(plan.missing_bytes)} to fetch, {human_bytes(plan.free_bytes)} free at {plan.cache_dir}"
 
 
-def describe(name: str) -> str:
-    """The architecture and size in one line (from config.json; the hub's config only, never the weights)."""
+def describe(name: str, model=None) -> str:
+    """The architecture and size in one line (from config.json; the hub's config only, never the weights, asked with
+    ``model``'s token and revision when given)."""
     from engine.models.catalog import param_count
     from engine.memory.recommend import model_geometry
 
     try:
-        g = model_geometry(name)
+        g = model_geometry(name, model)
     except UserError as exc:
         return f"architecture unknown to the memory estimate: {exc}"
     count = param_count(g)
@@ -182,7 +183,7 @@ class ModelStep(WizardStep):
         where = f"✔ {WHERE[resolved.source]}: {resolved.path}"
         if resolved.plan is not None:
             where += f" ({download_size(resolved.plan)})"
-        self.app.call_from_thread(self._resolved, f"{where}\n{describe(name)}")
+        self.app.call_from_thread(self._resolved, f"{where}\n{describe(name, self.choices.model_section())}")
         return {}
 
     def _resolved(self, text: str) -> None:

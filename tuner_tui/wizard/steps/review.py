@@ -72,7 +72,7 @@ class ReviewStep(WizardStep):
         from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
 
         cfg, gpus = self.choices.config(), self.app.chosen_gpus()
-        shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path), max(1, len(gpus)))
+        shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path, cfg.model), max(1, len(gpus)))
         rec = recommend(shape, memory_budget(gpus))
         row = next(row for row in rec.rows if row.method == shape.method)
         needs = f"{row.label} needs about {row.estimate.total_gib:g} GiB per GPU"
