@@ -19,15 +19,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from engine.hardware import GIB, HardwareState
+from engine.models.download import DEFAULT_ENDPOINT, TRUE_VALUES
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 WARN_FREE_GIB = 20.0  # a 7B model in 16 bits is ~13 GiB, before checkpoints
 PROBLEM_FREE_GIB = 2.0
 HUB_TIMEOUT_S = 3.0
-DEFAULT_ENDPOINT = "https://huggingface.co"
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 TORCH_CUDA_WHEELS = ("11.8", "12.1", "12.4", "12.6", "12.8", "12.9", "13.0")  # the CUDA builds PyTorch publishes
-TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its switches
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ PROGRESS_EVERY_S = 0.5
 SPEED_WINDOW_S = 5.0
 CHUNK_BYTES = 1 << 20  # progress and a stop are answered at least once a chunk; an interruption loses under one
 DEFAULT_ENDPOINT = "https://huggingface.co"
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its switches (HF_HUB_OFFLINE ...)
 NETWORK_MODULES = {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "h11", "ssl"}  # their errors
 
 RUN_FILES = {
@@ -104,7 +105,7 @@ def hub_cache_dir() -> Path:
 
 def hub_offline() -> bool:
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.upper() in {"1", "ON", "YES", "TRUE"}
+    return flag.upper() in TRUE_VALUES
 
 
 def hub_unreachable(hub_id: str) -> UserError:
@@ -370,11 +371,11 @@ def _record_ref(plan: DownloadPlan) -> None:
     snapshot by the name the user gave. Written whole (tmp + rename), so no reader sees it empty."""
     if plan.revision == plan.commit:
         return
+    from engine.runs.files import write_text_atomic
+
     ref = plan.cache_dir / _repo_folder(plan.hub_id) / "refs" / plan.revision
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(plan.commit)
-    os.replace(tmp, ref)
+    write_text_atomic(ref, plan.commit)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ MARKS = {"problem": ("✘", "bold $text-error"), "warning": ("⚠", "$text-warni
 
 
 def doctor_findings(hw: HardwareState) -> list:
-    """`tuner doctor`'s checks on the GPUs this wizard probed, not on a second probe."""
+    """`tuner doctor`'s checks on the GPUs this wizard probed, imported in the worker that runs them: their HTTP
+    modules stay off the first frame."""
     from engine.doctor import run_checks
 
     return run_checks(hw)

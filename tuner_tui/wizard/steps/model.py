@@ -171,19 +171,20 @@ class ModelStep(WizardStep):
             self._resolved("")
 
     def check(self) -> dict[str, str]:
-        from engine.models.resolve import resolve_model
+        from engine.models.resolve import resolve_configured, resolve_model
 
         name = str(self.choices.values.get("model_name_or_path", "")).strip()
         if not name:
             return {"model_name_or_path": "type a model: a catalog name, a hub id or a local directory"}
+        model = self.choices.model_section()  # the typed token, revision and cache directory, when they build
         try:
-            resolved = resolve_model(name, token=str(self.choices.values.get("hf_hub_token") or "") or None)
+            resolved = resolve_configured(model) if model is not None else resolve_model(name)
         except UserError as exc:
             return {"model_name_or_path": str(exc)}
         where = f"✔ {WHERE[resolved.source]}: {resolved.path}"
         if resolved.plan is not None:
             where += f" ({download_size(resolved.plan)})"
-        self.app.call_from_thread(self._resolved, f"{where}\n{describe(name, self.choices.model_section())}")
+        self.app.call_from_thread(self._resolved, f"{where}\n{describe(name, model)}")
         return {}
 
     def _resolved(self, text: str) -> None:
