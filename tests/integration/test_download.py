@@ -312,3 +312,14 @@ def test_a_machines_other_processes_wait_for_the_whole_snapshot_not_a_lone_confi
     stopped = SimpleNamespace(requested="SIGTERM")
     (plan.snapshot_dir / WEIGHTS).unlink()
     assert _downloaded(build_config({"model_name_or_path": "org/tiny"}), None, None, stopped) is None
+
+
+def test_download_command_takes_a_revision_and_refuses_one_the_repo_lacks(hub):
+    commit = hub.repos["org/tiny"].commit
+    fetched = tuner("download", "org/tiny", "--revision", commit)
+    assert fetched.returncode == 0 and fetched.stdout.strip().endswith(f"snapshots/{commit}"), fetched.stderr
+    assert f"org/tiny ({commit}, commit {commit[:12]})" in fetched.stderr
+    refused = tuner("download", "org/tiny", "--revision", "v9")
+    assert refused.returncode == 2
+    assert refused.stderr == ("tuner: error: org/tiny has no revision v9 (model_revision takes a branch, a tag or a "
+                              "commit of the repo)\n")
