@@ -13,3 +13,5 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel notices, not about the user's run
     warnings.filterwarnings("ignore", message=".*checkpointing.*deprecated", category=FutureWarning)
+    # torch telling DeepSpeed of its renamed collectives, at every step: not about the user's run
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from engine.memory.estimate import Estimate, RunShape
-from engine.memory.recommend import Recommendation
+from engine.memory.recommend import STRATEGY_LABELS, Recommendation, strategy_of
+
+
+def strategy_text(strategy: str) -> str:
+    return f"{STRATEGY_LABELS[strategy]} (strategy {strategy})"
 
 
 def settings_line(shape: RunShape) -> str:
     """The batch every figure is for, in the config's names, so a reader can tell which run the numbers describe."""
     gpus = f"{shape.num_gpus} GPU{'s' if shape.num_gpus != 1 else ''}"
+    if shape.num_gpus > 1:
+        gpus += f" with {strategy_text(strategy_of(shape))}"
     return (f"figures for per_device_train_batch_size {shape.batch_size} x cutoff_len {shape.seq_len}, "
             f"gradient checkpointing {'on' if shape.gradient_checkpointing else 'off'}, {gpus}")
 
@@ -32,7 +38,7 @@ def estimate_json(shape: RunShape, result: Estimate, advice: Recommendation) -> 
         recommendation["methods"][row.method]["assumptions"] = row.estimate.assumptions
     return {**result.to_json(), "per_device_train_batch_size": shape.batch_size, "cutoff_len": shape.seq_len,
             "gradient_checkpointing": shape.gradient_checkpointing, "num_gpus": shape.num_gpus,
-            "recommendation": recommendation}
+            "strategy": strategy_of(shape), "recommendation": recommendation}
 
 
 def render_estimate(model: str, shape: RunShape, result: Estimate, advice: Recommendation) -> None:

@@ -100,7 +100,7 @@ def cmd_estimate(argv: list[str]) -> int:
     from engine.memory.estimate import estimate
     from engine.memory.recommend import model_geometry, recommend, shape_from_config
 
-    gpus, budget = _gpu_budget(num_gpus, memory)
+    gpus, budget = _gpu_budget(num_gpus, memory, cfg)
     shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path, cfg.model), num_gpus=gpus)
     result = estimate(shape)
     advice = recommend(shape, budget)
@@ -113,8 +113,9 @@ def cmd_estimate(argv: list[str]) -> int:
     return 0
 
 
-def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | None]:
-    """How many GPUs and how much memory each has for the run: as given, else what the probe finds (free memory)."""
+def _gpu_budget(num_gpus: str | None, memory: str | None, cfg) -> tuple[int, float | None]:
+    """How many GPUs and how much memory each has for the run: as given, else the run's processes (its
+    nproc_per_node x nnodes, every GPU the probe finds by default) and the least free memory among them."""
     for name, value in (("--num_gpus", num_gpus), ("--gpu_memory_gib", memory)):
         if value is not None and not value.replace(".", "", 1).isdigit():
             raise UserError(f"{name} takes a number, got '{value}'")
@@ -123,9 +124,10 @@ def _gpu_budget(num_gpus: str | None, memory: str | None) -> tuple[int, float | 
     from engine.hardware import probe
 
     from engine.memory.recommend import memory_budget
+    from engine.runs.distributed import launch_plan
 
     found = probe().gpus
-    count = int(num_gpus) if num_gpus is not None else max(len(found), 1)
+    count = int(num_gpus) if num_gpus is not None else launch_plan(cfg, gpu_count=len(found)).world_size
     return count, float(memory) if memory is not None else memory_budget(found)
 
 

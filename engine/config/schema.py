@@ -36,6 +36,7 @@ SCHEDULERS = (
 )
 REPORTERS = ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "swanlab", "trackio", "all")
 STRATEGIES = ("no", "steps", "epoch")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "fsdp_offload", "zero2", "zero2_offload", "zero3", "zero3_offload")
 
 
 @dataclass
@@ -155,6 +156,19 @@ class TrainArgs:
     deepspeed: str | None = _opt(None, "A DeepSpeed config file.")
     fsdp: str | None = _opt(None, "FSDP options as in TrainingArguments (e.g. 'full_shard auto_wrap').")
     ddp_timeout: int = _opt(1800, "Seconds before a multi-GPU collective times out.")
+    nproc_per_node: int | None = _opt(None, "Training processes on this machine, one per GPU (default: every GPU "
+                                      "CUDA_VISIBLE_DEVICES shows, 1 without a GPU); more than 1 across the run and "
+                                      "tuner launches torchrun itself.")
+    nnodes: int | None = _opt(None, "Machines the run spans (default 1, or Slurm's SLURM_NNODES under srun).")
+    node_rank: int | None = _opt(None, "This machine's number, 0 to nnodes-1 (default 0, or Slurm's SLURM_NODEID).")
+    master_addr: str | None = _opt(None, "Address of node 0, which every machine reaches (default 127.0.0.1, or the "
+                                   "first host of the Slurm job).")
+    master_port: int | None = _opt(None, "Port node 0 listens on for the other processes (default: a free port on "
+                                   "one machine, 29500 across several).")
+    strategy: str = _opt("ddp", "How the processes share the model: ddp (a whole copy on each GPU), fsdp (PyTorch FSDP "
+                         "full shard, one decoder layer per unit), zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3); "
+                         "_offload also keeps optimizer states (and zero3's, fsdp's weights) in CPU memory.",
+                         DISTRIBUTED_STRATEGIES)
 
 
 @dataclass

@@ -153,6 +153,9 @@ def _collisions(cfg: TunerConfig) -> list[str]:
         (f.loraplus_lr_ratio is not None and t.fsdp is not None,
          "loraplus_lr_ratio cannot be used with fsdp (the Trainer refuses an optimizer made before FSDP wraps the "
          "model): leave out fsdp, or loraplus_lr_ratio"),
+        (f.loraplus_lr_ratio is not None and t.strategy.startswith("fsdp") and t.fsdp is None,
+         f"loraplus_lr_ratio cannot be used with strategy {t.strategy} (the Trainer refuses an optimizer made before "
+         "FSDP wraps the model): choose strategy zero2 or zero3, or leave out loraplus_lr_ratio"),
         (cfg.export.export_legacy_format,
          "export_legacy_format true would write .bin pickles: tuner writes safetensors only, leave it false"),
         (m.quantization_bit is not None and f.finetuning_type != "lora",
@@ -257,33 +260,51 @@ def _trackers(cfg: TunerConfig) -> list[str]:
 
 
 def _launch(cfg: TunerConfig) -> list[str]:
-    """DeepSpeed needs its package and its config file; FSDP needs several processes (torchrun sets WORLD_SIZE)."""
+    """DeepSpeed needs its package (and a user's config file); sharding strategies and a user's fsdp need several
+    processes; what DeepSpeed or FSDP refuse together with other settings."""
     t, problems = cfg.train, []
+    deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
     if t.deepspeed is not None:
-        if importlib.util.find_spec("deepspeed") is None:
+        if not deepspeed_installed:
             problems.append(f"deepspeed {t.deepspeed}: the deepspeed package is not installed (pip install "
                             "deepspeed), or leave deepspeed out")
         elif not Path(t.deepspeed).is_file():
             problems.append(f"deepspeed config file {t.deepspeed} does not exist")
-        else:
-            problems += _deepspeed_collisions(cfg)
-    if t.fsdp is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        problems.append(f"fsdp {t.fsdp} shards the model across processes and this is one: start the run with "
-                        "torchrun --nproc_per_node N -m engine.cli train ..., or leave fsdp out")
+    if t.strategy != "ddp":
+        if t.strategy.startswith("zero") and not deepspeed_installed:
+            problems.append(f"strategy {t.strategy} uses DeepSpeed, which is not installed: pip install "
+                            "'tuner-tui[deepspeed]', or choose strategy fsdp")
+        for key, kind in (("deepspeed", "DeepSpeed"), ("fsdp", "FSDP")):
+            if getattr(t, key) is not None:
+                problems.append(f"strategy {t.strategy} and {key} collide: the strategy writes its own {kind} "
+                                f"config; leave out {key}, or set strategy ddp to use yours")
+    if t.strategy != "ddp" or t.fsdp is not None:
+        from engine.runs.distributed import planned_world_size
+
+        if planned_world_size(cfg) < 2:
+            what = f"strategy {t.strategy}" if t.strategy != "ddp" else f"fsdp {t.fsdp}"
+            problems.append(f"{what} shards the model across processes and this run has one: set nproc_per_node 2 "
+                            "or more (or nnodes 2 or more)")
+    user_file = t.deepspeed is not None and deepspeed_installed and Path(t.deepspeed).is_file()
+    if user_file or t.strategy.startswith("zero3"):
+        problems += _deepspeed_collisions(cfg)
     return problems
 
 
 def _deepspeed_collisions(cfg: TunerConfig) -> list[str]:
-    """What LLaMA-Factory refuses with DeepSpeed, and LoRA+ where DeepSpeed would build its own optimizer."""
+    """What LLaMA-Factory refuses with DeepSpeed ZeRO-3 (a user's file of stage 3, or strategy zero3*), and LoRA+
+    where a user's file has DeepSpeed build its own optimizer (the generated files have no optimizer section)."""
     import json
 
-    try:
-        ds = json.loads(Path(cfg.train.deepspeed).read_text())
-    except (OSError, ValueError) as exc:
-        return [f"deepspeed config file {cfg.train.deepspeed} cannot be read: {exc}"]
-    if not isinstance(ds, dict):
-        return [f"deepspeed config file {cfg.train.deepspeed} is not a JSON object"]
-    zero3 = (ds.get("zero_optimization") or {}).get("stage") == 3
+    ds: dict = {}
+    if cfg.train.deepspeed is not None:
+        try:
+            ds = json.loads(Path(cfg.train.deepspeed).read_text())
+        except (OSError, ValueError) as exc:
+            return [f"deepspeed config file {cfg.train.deepspeed} cannot be read: {exc}"]
+        if not isinstance(ds, dict):
+            return [f"deepspeed config file {cfg.train.deepspeed} is not a JSON object"]
+    zero3 = (ds.get("zero_optimization") or {}).get("stage") == 3 or cfg.train.strategy.startswith("zero3")
     f, problems = cfg.finetune, []
     if zero3 and cfg.train.pure_bf16:
         problems.append("pure_bf16 does not work with DeepSpeed ZeRO-3: use bf16 (mixed precision), or ZeRO-2")

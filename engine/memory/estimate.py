@@ -45,6 +45,7 @@ class RunShape:
     precision: str = "bf16"  # bf16 | fp16 | fp32 | pure_bf16 (bfloat16 weights, gradients and states, no autocast)
     num_gpus: int = 1
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
+    offload: bool = False  # CPU offload: zero2 moves optimizer states and fp32 masters, zero3 also the weights
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
 
     @property
@@ -92,7 +93,8 @@ class Linear:
 
 def decoder_linears(g: ModelGeometry) -> list[Linear]:
     """The ``nn.Linear`` layers of one decoder layer. Mixture-of-experts layers keep their experts as fused 3-D
-    tensors in transformers 5 (not Linear: no LoRA, no quantization) and their router is left out of LoRA."""
+    tensors in transformers 5 (not Linear: no LoRA; only 4-bit QLoRA quantizes them) and their router is left out of
+    LoRA."""
     q, kv = g.num_attention_heads * g.head_dim, g.num_key_value_heads * g.head_dim
     layers = [Linear("q_proj", g.hidden_size, q), Linear("k_proj", g.hidden_size, kv),
               Linear("v_proj", g.hidden_size, kv), Linear("o_proj", q, g.hidden_size)]
@@ -112,8 +114,13 @@ def layer_other_params(g: ModelGeometry) -> int:
     if g.o_bias:
         other += g.hidden_size
     if g.num_local_experts:
-        other += g.num_local_experts * 3 * g.hidden_size * g.intermediate_size + g.hidden_size * g.num_local_experts
+        other += expert_params(g) + g.hidden_size * g.num_local_experts
     return other
+
+
+def expert_params(g: ModelGeometry) -> int:
+    """Per decoder layer, the parameters of the fused expert tensors (gate, up and down of every expert)."""
+    return g.num_local_experts * 3 * g.hidden_size * g.intermediate_size
 
 
 def embedding_params(g: ModelGeometry) -> int:
@@ -192,18 +199,22 @@ def estimate(shape: RunShape) -> Estimate:
     components: dict[str, float] = {}
     bits = shape.quantization_bit
 
-    # Weights: 16-bit unless quantized (QLoRA: Linear layers only) or trained (fp32 master weights).
+    # Weights: 16-bit unless quantized (QLoRA: Linear layers, and fused experts at 4 bits) or trained (fp32 masters).
     if bits:
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64) if bits == 4 \
             else 1.0 + INT8_EXTRA_BYTES
-        components["weights_quantized"] = linear_params * per_param
-        # k-bit preparation keeps the weights it does not quantize in fp32, but fused experts stay 16-bit.
-        experts = layers * g.num_local_experts * 3 * g.hidden_size * g.intermediate_size
-        components["weights_16bit"] = (other_params - experts) * 4.0 + experts * w16
+        experts = layers * expert_params(g)
+        quantized_experts = experts if bits == 4 else 0
+        components["weights_quantized"] = (linear_params + quantized_experts) * per_param
+        # k-bit preparation keeps the weights it does not quantize in fp32; 8-bit leaves fused experts 16-bit.
+        components["weights_16bit"] = (other_params - experts) * 4.0 + (experts - quantized_experts) * w16
         assumptions.append(f"{bits}-bit Linear layers; embeddings, head and norms upcast to fp32 by k-bit preparation")
-        if g.num_local_experts:
-            assumptions.append("mixture-of-experts weights are fused tensors that bitsandbytes does not quantize: "
-                               "they stay 16-bit")
+        if g.num_local_experts and bits == 4:
+            assumptions.append("mixture-of-experts weights (fused expert tensors) quantized to 4-bit NF4 like the "
+                               "Linear layers")
+        elif g.num_local_experts:
+            assumptions.append("mixture-of-experts weights (fused expert tensors) stay 16-bit: bitsandbytes has no "
+                               "8-bit path for parameters outside Linear layers")
     trainable = _trainable_params(shape, linear_params, other_params)
     frozen = linear_params + other_params - trainable if shape.finetuning_type != "lora" else 0
     if shape.finetuning_type == "lora":
@@ -226,9 +237,12 @@ def estimate(shape: RunShape) -> Estimate:
     components["logits_and_loss"] = logits
     if bits:
         biggest = max(linear.params for linear in decoder_linears(g))
+        if bits == 4 and g.num_local_experts:
+            biggest = max(biggest, expert_params(g) * 2 // 3)  # one fused gate_up tensor, dequantized whole
         components["dequantized_layer"] = biggest * 2.0
     components["autocast_weight_copies"] = _autocast_copies(shape, trainable, other_params)
-    optimizer_step = trainable * trained if kind == "adamw" and "fused" not in shape.optim else 0.0
+    optimizer_step = trainable * trained if kind == "adamw" and "fused" not in shape.optim and not offloads(shape) \
+        else 0.0
     components["optimizer_step_temporaries"] = optimizer_step
 
     transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "autocast_weight_copies")
@@ -258,24 +272,55 @@ def _trainable_params(shape: RunShape, linear_params: int, other_params: int) ->
 
 
 def _shard(shape: RunShape, components: dict, assumptions: list[str], trainable: int) -> None:
-    """Divide what ZeRO / FSDP shards across GPUs; DDP keeps a full copy plus gradient buckets on each."""
+    """Divide what ZeRO / FSDP shards across GPUs and take off what CPU offload moves; DDP keeps a full copy plus
+    gradient buckets on each."""
     n = shape.num_gpus
-    if n <= 1:
+    if n <= 1 and not offloads(shape):
         return
     if shape.sharding == "ddp":
         components["ddp_gradient_buckets"] = trainable * 4.0
         assumptions.append(f"DDP on {n} GPUs: each holds the whole model and a bucket copy of the gradients")
         return
     sharded = ["gradients", "optimizer_states"]
+    weights = [k for k in components if k.startswith("weights") or k == "lora_adapters"]
     if shape.sharding == "zero3":
-        sharded += [k for k in components if k.startswith("weights") or k == "lora_adapters"]
+        sharded += weights
     for key in sharded:
         components[key] = components[key] / n
     if shape.sharding == "zero3":
         g = shape.geometry
         gathered = (sum(linear.params for linear in decoder_linears(g)) + layer_other_params(g)) * 2.0
         components["gathered_layer"] = gathered
-    assumptions.append(f"{shape.sharding.upper()} over {n} GPUs shards {', '.join(sharded)}")
+    assumptions.append(f"{shape.sharding.upper()} over {n} GPU{'s' if n != 1 else ''} shards {', '.join(sharded)}")
+    if offloads(shape):
+        _offload(shape, components, assumptions, weights)
+
+
+def offloads(shape: RunShape) -> bool:
+    """Whether CPU offload applies: it is a ZeRO / FSDP option, DDP has none."""
+    return shape.offload and shape.sharding != "ddp"
+
+
+def _offload(shape: RunShape, components: dict, assumptions: list[str], weights: list[str]) -> None:
+    """CPU offload: the optimizer states and fp32 master weights live in CPU memory (the step runs there); under
+    ZeRO-3 / FSDP the weights too, only the gathered layer stays on the GPU."""
+    moved = components["optimizer_states"]
+    components["optimizer_states"] = 0.0
+    what = ["optimizer states"]
+    if shape.sharding == "zero3":
+        for key in weights:
+            moved += components[key]
+            components[key] = 0.0
+        what.append("weights")
+    elif shape.precision != "pure_bf16":
+        master = "lora_adapters" if "lora_adapters" in components else "weights_trainable_fp32"
+        moved += components[master] / 2  # the fp32 master goes, a 16-bit working copy stays
+        components[master] /= 2
+        if master != "lora_adapters":
+            components["weights_trainable_16bit"] = components.pop(master)
+        what.append("fp32 master weights")
+    assumptions.append(f"CPU offload: {' and '.join(what)} in CPU memory (about {moved / GIB:.1f} GiB per process), "
+                       "the optimizer step on the CPU")
 
 
 def _activation_bytes(shape: RunShape) -> tuple[float, float]:

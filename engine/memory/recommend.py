@@ -12,12 +12,18 @@ from pathlib import Path
 from engine.models.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of
+from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of, offloads
 from engine.paths import PRESETS_DIR
 
 SAFETY_MARGIN = 0.10  # keep 10% of the GPU's memory free: estimates are within ~15%, and other processes come and go
 LABELS = {"full": "Full (16-bit)", "freeze": "Freeze (16-bit)", "lora": "LoRA (16-bit)",
           "qlora-8bit": "QLoRA 8-bit", "qlora-4bit": "QLoRA 4-bit"}
+SIXTEEN_BIT, QUANTIZED = METHODS[:3], METHODS[3:]
+# The strategies a multi-GPU run is offered, cheapest in communication and host memory first: (sharding, offload).
+STRATEGY_ORDER = {"ddp": ("ddp", False), "zero2": ("zero2", False), "zero3": ("zero3", False),
+                  "zero3_offload": ("zero3", True)}
+STRATEGY_LABELS = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "FSDP or ZeRO-3", "zero2_offload": "ZeRO-2 with CPU offload",
+                   "zero3_offload": "FSDP or ZeRO-3 with CPU offload"}
 
 
 @functools.cache
@@ -72,12 +78,21 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         lora_rank=cfg.finetune.lora_rank, lora_target=cfg.finetune.lora_target,
         freeze_trainable_layers=cfg.finetune.freeze_trainable_layers, optim=t.optim,
         double_quantization=cfg.model.double_quantization, precision="pure_bf16" if t.pure_bf16 else "fp16" if t.fp16 else "bf16",
-        num_gpus=num_gpus, sharding=sharding_of(cfg),
+        num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
     )
 
 
+def strategy_of(shape: RunShape) -> str:
+    """The shape's sharding and offload as a strategy name (fsdp counts as zero3)."""
+    return shape.sharding + ("_offload" if shape.offload and shape.sharding != "ddp" else "")
+
+
 def sharding_of(cfg: TunerConfig) -> str:
-    """ZeRO stage from the DeepSpeed config file, or the FSDP mode; plain DDP otherwise."""
+    """The config's strategy (fsdp is full shard: zero3); under ddp, the ZeRO stage of the user's own DeepSpeed
+    config file, or their FSDP mode; plain DDP otherwise."""
+    strategy = cfg.train.strategy.removesuffix("_offload")
+    if strategy != "ddp":
+        return "zero3" if strategy == "fsdp" else strategy
     if cfg.train.fsdp:
         return "zero3" if "full_shard" in cfg.train.fsdp else "zero2"
     if cfg.train.deepspeed:
@@ -113,10 +128,11 @@ class Recommendation:
     rows: list[MethodRow]
     budget_gib: float | None
     suggestions: list[str] = field(default_factory=list)
+    strategy: str | None = None  # the cheapest strategy the method fits under; None for one GPU or none
 
     def to_json(self) -> dict:
         return {
-            "method": self.method, "reason": self.reason, "budget_gib": self.budget_gib,
+            "method": self.method, "strategy": self.strategy, "reason": self.reason, "budget_gib": self.budget_gib,
             "suggestions": self.suggestions,
             "methods": {r.method: {"total_gib": r.estimate.total_gib, "peak_allocated_gib": r.estimate.peak_allocated_gib,
                                    "seed_table_gb": r.seed_gb, "fits": r.fits} for r in self.rows},
@@ -124,25 +140,66 @@ class Recommendation:
 
 
 def recommend(shape: RunShape, gpu_memory_gib: float | None) -> Recommendation:
-    """The highest-quality method whose estimate fits ``gpu_memory_gib`` (per GPU) with the safety margin."""
-    column = seed_column(shape.geometry)
+    """The highest-quality method whose estimate fits ``gpu_memory_gib`` (per GPU) with the safety margin; on several
+    GPUs, under the cheapest strategy that fits any method (DDP, ZeRO-2, ZeRO-3, then ZeRO-3 with CPU offload).
+    ``rows`` are every method under the shape's own strategy."""
     budget = None if gpu_memory_gib is None else round(gpu_memory_gib * (1 - SAFETY_MARGIN), 2)
+    rows = _rows(shape, budget)
+    if budget is None:
+        return Recommendation(None, "no NVIDIA GPU found: CPU training suits only small models such as the demo "
+                                    "models", rows, None)
+    per_gpu = f"{budget:g} GiB usable per GPU ({gpu_memory_gib:g} GiB less a {SAFETY_MARGIN:.0%} margin)"
+    if shape.num_gpus <= 1:
+        best = next((row for row in rows if row.fits), None)
+        if best:
+            return Recommendation(best.method, _reason(rows, best, per_gpu), rows, budget)
+        return Recommendation(None, f"no method fits in {per_gpu}", rows, budget, _what_would_fit(shape, budget))
+    rows_of = {strategy_of(shape): rows}
+    for strategy, methods, passed in _tiers():
+        sharding, offload = STRATEGY_ORDER[strategy]
+        if strategy not in rows_of:
+            rows_of[strategy] = _rows(dataclasses.replace(shape, sharding=sharding, offload=offload), budget)
+        candidates = rows_of[strategy]
+        best = next((row for row in candidates if row.method in methods and row.fits), None)
+        if best:
+            label = f"{STRATEGY_LABELS[strategy]} (strategy {strategy})"
+            reason = _reason(candidates, best, f"{per_gpu} over {shape.num_gpus} GPUs", f" with {label}")
+            return Recommendation(best.method, reason + (f"; {passed}" if passed else ""), rows, budget,
+                                  strategy=strategy)
+    return Recommendation(None, f"no method fits in {per_gpu} over {shape.num_gpus} GPUs, with any strategy", rows,
+                          budget, _what_would_fit(shape, budget))
+
+
+def _tiers():
+    """(strategy, methods, what did not fit before) in the order tried: the 16-bit methods under DDP, ZeRO-2, ZeRO-3;
+    then QLoRA under the same; CPU offload only when nothing else fits (its optimizer step runs on the CPU)."""
+    sharded = [s for s in STRATEGY_ORDER if not STRATEGY_ORDER[s][1]]
+    for methods, kind in ((SIXTEEN_BIT, "16-bit"), (QUANTIZED, "quantized")):
+        for index, strategy in enumerate(sharded):
+            before = " or ".join(STRATEGY_LABELS[s] for s in sharded[:index])
+            passed = f"no {kind} method fits with {before}" if before else ""
+            if kind == "quantized":
+                passed = "no 16-bit method fits without CPU offload" + (f", nor QLoRA with {before}" if before else "")
+            yield strategy, methods, passed
+    yield "zero3_offload", METHODS, "no method fits without CPU offload"
+
+
+def _rows(shape: RunShape, budget: float | None) -> list[MethodRow]:
+    column = seed_column(shape.geometry)
     rows = []
     for method in METHODS:
         result = estimate(dataclasses.replace(shape, method=method))
         fits = None if budget is None else result.total_gib <= budget
         rows.append(MethodRow(method, LABELS[method], result, seed_table()["methods"][method][column], fits))
-    if budget is None:
-        return Recommendation(None, "no NVIDIA GPU found: CPU training suits only small models such as the demo "
-                                    "models", rows, None)
-    best = next((row for row in rows if row.fits), None)
-    per_gpu = f"{budget:g} GiB usable per GPU ({gpu_memory_gib:g} GiB less a {SAFETY_MARGIN:.0%} margin)"
-    if best:
-        better = rows[:rows.index(best)]
-        beyond = "; ".join(f"{r.label} needs {r.estimate.total_gib:g}" for r in better[-1:])
-        reason = f"{best.label} is the best method that fits: {best.estimate.total_gib:g} GiB of {per_gpu}"
-        return Recommendation(best.method, reason + (f"; {beyond}" if beyond else ""), rows, budget)
-    return Recommendation(None, f"no method fits in {per_gpu}", rows, budget, _what_would_fit(shape, budget))
+    return rows
+
+
+def _reason(rows: list[MethodRow], best: MethodRow, per_gpu: str, strategy: str = "") -> str:
+    """Why ``best``: its figure against the budget, and what the next better method needs."""
+    better = rows[:rows.index(best)]
+    beyond = "; ".join(f"{r.label} needs {r.estimate.total_gib:g}" for r in better[-1:])
+    reason = f"{best.label}{strategy} is the best method that fits: {best.estimate.total_gib:g} GiB of {per_gpu}"
+    return reason + (f"; {beyond}" if beyond else "")
 
 
 def _what_would_fit(shape: RunShape, budget: float) -> list[str]:
@@ -162,10 +219,11 @@ def _what_would_fit(shape: RunShape, budget: float) -> list[str]:
         if estimate(shorter).total_gib <= budget:
             ideas.append(f"cutoff_len {seq} at batch 1: QLoRA 4-bit needs {estimate(shorter).total_gib:g} GiB")
             break
-    for gpus in (2, 4, 8):
-        sharded = dataclasses.replace(base, num_gpus=gpus, sharding="zero3", batch_size=1)
+    for gpus in (g for g in (2, 4, 8, 16) if g > shape.num_gpus):
+        sharded = dataclasses.replace(base, num_gpus=gpus, sharding="zero3", offload=False, batch_size=1)
         if estimate(sharded).total_gib <= budget:
-            ideas.append(f"{gpus} such GPUs with DeepSpeed ZeRO-3: {estimate(sharded).total_gib:g} GiB per GPU")
+            ideas.append(f"{gpus} such GPUs with DeepSpeed ZeRO-3 (strategy zero3): {estimate(sharded).total_gib:g} "
+                         "GiB per GPU")
             break
     fitting = [spec for spec in list_models() if not spec.demo and param_count(spec) < param_count(shape.geometry)
                and estimate(dataclasses.replace(base, geometry=spec.geometry)).total_gib <= budget]

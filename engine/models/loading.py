@@ -136,6 +136,9 @@ def check_attention(cfg: TunerConfig, hardware: Hardware) -> None:
 def check_requests(cfg: TunerConfig, hardware: Hardware) -> None:
     """Refuse, before any model loads, what this machine cannot do (the config's own collisions are validation's)."""
     check_attention(cfg, hardware)
+    if cfg.train.strategy.startswith("fsdp") and not hardware.on_gpu:
+        raise UserError(f"strategy {cfg.train.strategy} needs GPUs: on the CPU accelerate wraps the model in plain DDP "
+                        "and shards nothing", "use strategy ddp, zero2 or zero3 on the CPU")
 
 
 _IMPORTING = threading.Lock()
@@ -258,7 +261,25 @@ def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attentio
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model from {model_path}: {_first_line(exc)}") from None
     model.config.use_cache = False  # with a KV cache transformers builds no packed mask: samples would mix
+    quantize_experts(model, cfg)
     return model
+
+
+def quantize_experts(model, cfg: TunerConfig) -> None:
+    """Fused mixture-of-experts weights, which bitsandbytes' nn.Linear swap skips: 4-bit too under quantization_bit
+    4, left in the load dtype (and said so) under 8-bit."""
+    from engine.models import moe_quant
+
+    experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
+    if cfg.model.quantization_bit == 4 and experts and cfg.train.strategy.startswith(("fsdp", "zero3")):
+        raise UserError(f"QLoRA 4-bit quantizes this model's fused expert weights on each process, which strategy "
+                        f"{cfg.train.strategy} shards (or holds on one process only) as it loads",
+                        "use strategy ddp or zero2 with quantization_bit 4, or LoRA (16-bit) under "
+                        f"{cfg.train.strategy}")
+    if cfg.model.quantization_bit == 4:
+        moe_quant.quantize_fused_experts(model, cfg.model.quantization_type, cfg.model.double_quantization)
+    elif cfg.model.quantization_bit == 8:
+        moe_quant.note_unquantized_experts(model)
 
 
 def linear_module_names(model) -> list[str]:
@@ -293,8 +314,8 @@ def lora_targets(model, lora_target: str) -> list[str]:
 
 def prepare_kbit_model(model) -> None:
     """PEFT's k-bit preparation (freeze the base, upcast the weights left unquantized to fp32 for stable training),
-    except for fused mixture-of-experts tensors: bitsandbytes leaves those 16-bit, and in fp32 Mixtral's experts
-    alone would take 180 GB."""
+    except for fused mixture-of-experts tensors: 16-bit under 8-bit (in fp32 Mixtral's experts alone would take
+    180 GB), packed 4-bit storage under 4-bit (engine.models.moe_quant)."""
     import torch
 
     for param in model.parameters():
@@ -424,11 +445,16 @@ def apply_method(model, cfg: TunerConfig, gradient_checkpointing: bool):
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the parameters they stand for, not their packed bytes."""
+    from engine.models.moe_quant import quant_state, quantized_parameters
+
+    packed_experts = quantized_parameters(model) if getattr(model.config, "quantization_config", None) else {}
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
         if param.__class__.__name__ == "Params4bit":
             n *= 2 * getattr(param, "element_size", lambda: 1)()
+        elif id(param) in packed_experts:
+            n = math.prod(quant_state(*packed_experts[id(param)]).shape)
         total += n
         if param.requires_grad:
             trainable += n

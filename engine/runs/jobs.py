@@ -160,11 +160,20 @@ def gpus_in_use() -> list[str]:
     return [gpu.uuid or f"gpu-{gpu.physical_index}" for gpu in probe().gpus]
 
 
-def gpu_holders(gpus: list[str], except_id: str) -> list[Job]:
-    """Other running runs on this host that hold any of these GPUs."""
-    wanted = set(gpus)
-    return [job for job in list_jobs() if job.id != except_id and job.state == "running"
-            and job.status.host == socket.gethostname() and wanted & set(job.status.gpus)]
+def gpu_claims(gpus: list[str], except_id: str) -> list[Job]:
+    """Other runs of this host, running or queued with their process alive, that name any of these GPUs; read
+    from status.json alone (no events), so it is quick enough to look under the host's GPU lock."""
+    wanted, host = set(gpus), socket.gethostname()
+    claims = []
+    for run_id, run_dir in entries():
+        status = read_status(run_dir) if run_id != except_id else None
+        if status is None or status.state == UNREADABLE or status.id == except_id or status.host != host \
+                or not wanted & set(status.gpus):
+            continue
+        state = effective_state(status)
+        if state in ("running", "queued"):
+            claims.append(Job(run_id, run_dir, status, state, None))
+    return claims
 
 
 def job_events(job: Job) -> list[dict]:

@@ -58,6 +58,10 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
 
     stop = None if detach or not is_main_process() else StopRequest().install()
     try:
+        plan = _launch_plan(cfg, visible_devices)
+        if plan.nnodes > 1 and not cfg.train.output_dir:
+            raise UserError("a run over several machines needs output_dir: the same path on every machine, on storage "
+                            "they share")
         path = output_path(cfg)
         cfg.train.output_dir = str(path)
         if not is_main_process():
@@ -66,6 +70,8 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
             return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
                                 stop=None, wait_for_free_gpus=False)
+        if plan.distributed and not plan.main_node:
+            return _other_node(cfg, plan, detach, stop)
         from engine.models.resolve import resolve_configured
 
         resolve_configured(cfg.model)  # a model nowhere, gated, or too big for the disk: refused before a directory
@@ -75,11 +81,18 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             with _writing(path):
                 run = _claim(cfg, path)
                 saved = saved_config(cfg, path)
+                if plan.distributed:  # a resume starts as many processes, whatever the machine shows then
+                    saved.train.nproc_per_node = plan.nproc_per_node
                 write_text_atomic(path / CONFIG_FILE, saved.to_yaml())
                 write_status(path, run.status)
                 register(path, run.status.id)
                 if detach:
                     return _spawn(run, lock, force, cfg.model.hf_hub_token, visible_devices, cfg.data.overwrite_cache)
+            if plan.distributed:
+                from engine.runs.supervise import supervise
+
+                return supervise(run, plan, stop, force, cfg.data.overwrite_cache, token=cfg.model.hf_hub_token,
+                                 echo=sys.stderr if view is not None else None)
             from engine.train.sft import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
@@ -88,6 +101,33 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
     finally:
         if stop is not None:
             stop.uninstall()
+
+
+def _launch_plan(cfg: TunerConfig, visible_devices: str | None):
+    """The run's processes; one, as always, inside a process that a launcher (the user's torchrun) started."""
+    from engine.runs.distributed import LaunchPlan, in_launched_process, launch_plan
+
+    if in_launched_process():
+        given = {key: getattr(cfg.train, key) for key in ("nproc_per_node", "nnodes", "node_rank", "master_addr",
+                                                          "master_port") if getattr(cfg.train, key) is not None}
+        if given:
+            raise UserError(f"{', '.join(given)} given to a process that a launcher (torchrun) started: the launcher "
+                            "decided them already", "leave them out, or start `tuner train` without torchrun")
+        return LaunchPlan(1, 1, 0, "", None)
+    return launch_plan(cfg, gpu_count=len(visible_devices.split(",")) if visible_devices else None)
+
+
+def _other_node(cfg: TunerConfig, plan, detach: bool, stop) -> int:
+    """A machine other than node 0: its processes join node 0's, and node 0's run directory records the run."""
+    from engine.runs.supervise import follow_node
+
+    if detach:
+        raise UserError(f"--detach starts a run from node 0; node_rank {plan.node_rank} joins it in the foreground",
+                        "run this machine's command without --detach (under srun, tmux or nohup)")
+    path = Path(cfg.train.output_dir)
+    resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)  # node 0's, on the shared disk
+    saved = saved_config(cfg, path)
+    return follow_node(saved, plan, stop, saved.to_yaml(), resume, token=cfg.model.hf_hub_token)
 
 
 def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
@@ -99,7 +139,9 @@ def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
     cfg = build_config(read_config_file(config))
     cfg.train.output_dir = str(Path(run_dir).absolute())
     cfg.model.hf_hub_token = hf_hub_token
-    return start_run(cfg, detach=True)
+    previous = read_status(Path(run_dir))
+    chosen = [gpu for gpu in previous.gpus if gpu.startswith(("GPU-", "MIG-"))] if previous else []
+    return start_run(cfg, detach=True, visible_devices=",".join(chosen) if chosen else None)
 
 
 def _claim(cfg: TunerConfig, path: Path) -> RunDir:

@@ -15,6 +15,7 @@ class RunDir:
     path: Path
     resume_from: str | None
     status: RunStatus
+    supervised: bool = False  # rank 0 of a multi-process run: a failure is its supervisor's to record
 
 
 def is_main_process() -> bool:

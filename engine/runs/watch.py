@@ -90,7 +90,7 @@ class RunWatcher:
             run_dir=str(self.run_dir), run_id=printable_line(status.id), name=printable_line(status.name),
             state=state, error=why_failed(status, state, h.error), pid=status.pid, host=printable_line(status.host),
             model=_text(status.model or start.get("model")), method=_text(status.method or start.get("method")),
-            device=_text(start.get("device")),
+            device=_text(_device(start)),
             progress=h.progress(status.step, status.total_steps, state in ("running", "queued"), self._clock()),
             loss=loss, learning_rates=learning_rates, checkpoints=self._checkpoints(),
             estimate_gib=number(estimate.get("total_gib"), 0.0, 1e6), log_tail=self._log.read(),
@@ -123,3 +123,11 @@ class RunWatcher:
 
 def _text(value) -> str | None:
     return printable_line(value) if isinstance(value, str) else None
+
+
+def _device(start: dict) -> str | None:
+    """The device a run trains on, and how many processes share the run when more than one."""
+    size = start.get("world_size")
+    many = isinstance(size, int) and not isinstance(size, bool) and size > 1
+    device = start.get("device")
+    return f"{device or 'devices'}, {size} processes" if many else device

@@ -39,6 +39,16 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{run_dir} has no readable status.json: start the run with `tuner train`")
         status.pid, status.pid_started_at = own_identity()
         status.method = status.method or method_label(cfg)
+        from engine.runs.distributed import launch_plan
+
+        plan = launch_plan(cfg)
+        if plan.distributed:
+            import os
+
+            from engine.runs.supervise import supervise
+
+            return supervise(RunDir(run_dir, resume_from, status), plan, stop, force, cfg.data.overwrite_cache,
+                             token=os.environ.get("HF_TOKEN"))
         from engine.train.sft import run_training
 
         return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, wait_for_free_gpus=not force)

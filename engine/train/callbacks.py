@@ -157,14 +157,31 @@ class RunEvents(TrainerCallback):
         self.trainer_log.close()
 
 
+def any_process(flag: bool) -> bool:
+    """``flag`` of any process of a multi-process run (a collective: every rank calls it at the same point);
+    ``flag`` itself in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class GracefulStop(TrainerCallback):
-    """A stop asked for (engine.runs.stop): finish the step, save a checkpoint, stop."""
+    """A stop asked for (engine.runs.stop): finish the step, save a checkpoint, stop. Under several processes a stop
+    any of them got is every one's, from the same step on, so all take the same path after training."""
 
     def __init__(self, stop: StopRequest):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.requested:
+        if any_process(bool(self.stop.requested)):  # every rank stops after the same step, or they would hang
+            self.stop.requested = self.stop.requested or "a stop asked of another process"  # and ends "stopped"
             control.should_save = True
             control.should_training_stop = True
 
@@ -204,16 +221,7 @@ class Divergence(TrainerCallback):
     def _agree_across_processes(self, state) -> None:
         """Under several processes one rank's divergence stops them all at the same step (else the others wait in
         a collective until ddp_timeout)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        import torch
-
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        flag = torch.tensor([0.0 if self.found is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.found is None:
+        if any_process(self.found is not None) and self.found is None:
             self.found = (state.global_step, "loss on another process", math.nan)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -20,6 +20,8 @@ from engine.quiet import quiet_libraries
 from engine.runs.checkpoints import discard_incomplete, last_complete, newer_incomplete
 from engine.runs.events import Event, EventWriter
 from engine.runs.files import open_append, write_text_atomic
+from engine.runs.gpu_queue import wait_for_gpus
+from engine.runs.jobs import gpus_in_use
 from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import now_iso, write_status
 from engine.runs.stop import StopRequest
@@ -39,7 +41,7 @@ def setup_logging(run_dir: Path, view=None) -> list[logging.Handler]:
     process are closed; the caller closes these with ``close_logging``."""
     import transformers
 
-    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    plain = _formatter()
     handlers: list[logging.Handler] = [RunLogHandler(run_dir / "train.log")]
     handlers[0].setFormatter(plain)
     if view is not None:
@@ -53,6 +55,34 @@ def setup_logging(run_dir: Path, view=None) -> list[logging.Handler]:
     transformers.logging.disable_default_handler()
     logging.captureWarnings(True)
     return handlers
+
+
+def _formatter() -> logging.Formatter:
+    """Plain lines; in a process of a multi-process run, tagged with its rank ("rank 1")."""
+    from engine.runs.distributed import rank_tag
+
+    tag = rank_tag()
+    return logging.Formatter(f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s",
+                             "%Y-%m-%d %H:%M:%S")
+
+
+def setup_rank_logging() -> list[logging.Handler]:
+    """A process of a multi-process run other than rank 0: its warnings and errors, tagged with its rank, on stderr,
+    which its supervisor copies into train.log."""
+    import sys
+
+    import transformers
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_formatter())
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    transformers.logging.disable_default_handler()
+    logging.captureWarnings(True)
+    return [handler]
 
 
 class RunLogHandler(logging.StreamHandler):
@@ -84,26 +114,7 @@ def close_logging(handlers: list[logging.Handler]) -> None:
         logging.captureWarnings(False)
 
 
-QUEUE_POLL_S = 10.0
 SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads
-
-
-def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -> None:
-    """Wait, state queued, while another run on this host holds one of this run's GPUs (or until stopped)."""
-    from engine.runs.jobs import gpu_holders, gpus_in_use
-
-    run.status.gpus = gpus_in_use()
-    announced = None
-    while run.status.gpus and not stop.requested:
-        holders = gpu_holders(run.status.gpus, run.status.id)
-        if not holders:
-            break
-        if announced != holders[0].id:
-            announced = holders[0].id
-            log.info("queued: run %s holds this run's GPUs; starting when it ends (--force starts at once)", announced)
-            run.status.state = "queued"
-            write_status(run.path, run.status)
-        stop.wait(QUEUE_POLL_S if poll_s is None else poll_s)
 
 
 def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=None,
@@ -125,11 +136,13 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
         events = EventWriter(run.path)
         if wait_for_free_gpus and not stop.requested:
             wait_for_gpus(run, stop)
+        elif not run.status.gpus:
+            run.status.gpus = gpus_in_use()  # a forced run holds its GPUs too: later runs wait for it
         run.status.state = "running"
         write_status(run.path, run.status)
         ended = {}
-        resolved = None if stop.requested else _downloaded(cfg, run, events, stop, view)
-        if resolved is not None and not stop.requested:
+        resolved = None if stop.requested and not _several_processes() else _downloaded(cfg, run, events, stop, view)
+        if resolved is not None and (not stop.requested or _several_processes()):  # several: they stop together
             ended = _train(cfg, resolved, run, events, view, stop)
         events.emit(Event.END, state="stopped" if stop.requested else "completed", signal=stop.requested,
                     **{"step": run.status.step, **ended})
@@ -225,6 +238,8 @@ def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
         log.exception("training failed")
     else:
         log.error("training ended: %s", message)
+    if run.supervised and not interrupted:
+        return error  # the supervisor records which rank ended the run, and why
     try:
         if events is not None:
             events.emit(Event.ERROR, message=message)
@@ -308,27 +323,29 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         log.info("tokenized dataset saved to %s; start again with tokenized_path %s to train on it",
                  datasets.saved_to, datasets.saved_to)
         return {"tokenized_path": str(datasets.saved_to)}
-    if stop.requested:
+    if stop.requested and not _several_processes():  # several: step 1 stops them all together
         return {}
 
     plan = _plan_speed(cfg, hardware, model_path, datasets, run)
     for line in plan.lines():
         log.info("speed: %s", line)
+    strategy = _strategy(cfg, run, model_path, precision, plan)
     device_map = _device_map(cfg, hardware)
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA's initial weights too: the same seed trains the same run
+    strategy.before_model_load(plan.fit.micro_batch, plan.fit.accumulation)  # the strategy keeps what must live
     model = load_model(model_path, cfg, precision, plan.attention, device_map)
     if plan.liger.on:
         from engine.models.kernels import apply_liger
 
         apply_liger(model)
-    model = apply_method(model, cfg, plan.fit.gradient_checkpointing)
+    model = apply_method(model, cfg, strategy.checkpointing(plan.fit.gradient_checkpointing))
     if events is not None and cfg.finetune.pissa_convert:
         _save_pissa_init(model, run)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    if stop.requested:
+    if stop.requested and not _several_processes():  # several: step 1 stops them all together
         return {}
 
     divergence = Divergence(grad_norm_may_overflow=precision.name == "fp16")
@@ -338,13 +355,14 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         callbacks += view.callbacks()
     try:
         trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence,
-                                 plan)
+                                 plan, strategy)
     except BaseException:
         if run_events:
             run_events.close()
         raise
     if events is None:
         trainer.train(resume_from_checkpoint=run.resume_from)
+        _weight_digests(cfg, model, trainer)
         if not stop.requested and not divergence.found:
             trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
         return {}
@@ -384,12 +402,16 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
             _release(trainer, model, smaller)
             plan = smaller
             trainer = _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks,
-                                     divergence, plan)
+                                     divergence, plan, strategy)
             events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
                         backed_off=True)
     finally:
         run_events.close()
     run.status.step = trainer.state.global_step
+    digests = _weight_digests(cfg, model, trainer)
+    if digests and len(set(digests)) > 1:
+        log.warning("the processes' trained weights differ after step %d (digests %s): the run was not one "
+                    "synchronised training", trainer.state.global_step, ", ".join(digests))
     if divergence.found:
         raise UserError(divergence.message(cfg, last_complete(run.path)))
     if not stop.requested:
@@ -406,7 +428,29 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if memory:
         events.emit(Event.MEMORY, **memory)
     return {"step": trainer.state.global_step, "train_loss": result.training_loss,
-            "runtime_s": round(time.time() - started, 2)}
+            "runtime_s": round(time.time() - started, 2), **({"weight_digests": digests} if digests else {})}
+
+
+def _several_processes() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _weight_digests(cfg: TunerConfig, model, trainer) -> list[str] | None:
+    """Under DDP, a digest of each process's trainable weights, gathered on every rank (a collective): equal when
+    the processes trained as one. None with one process, or when the weights are sharded (FSDP, DeepSpeed)."""
+    if trainer.args.world_size < 2 or cfg.train.strategy != "ddp" or cfg.train.deepspeed or cfg.train.fsdp:
+        return None
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+            for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    digest = hashlib.sha256(torch.stack(sums).cpu().numpy().tobytes()).hexdigest()[:16] if sums else ""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return gathered
 
 
 PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"
@@ -574,20 +618,39 @@ def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None
 
 
 def _device_map(cfg: TunerConfig, hardware) -> dict | None:
-    """Quantized models must be placed on this process's GPU at load time; others are moved by the Trainer."""
-    if cfg.model.quantization_bit is None or not hardware.on_gpu:
+    """Quantized models must be placed on this process's GPU at load time; others are moved by the Trainer, and a
+    sharding strategy (FSDP, ZeRO-3) places the shards itself."""
+    if cfg.model.quantization_bit is None or not hardware.on_gpu or cfg.train.strategy.startswith(("fsdp", "zero3")):
         return None
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
-def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks, divergence, plan):
+def _strategy(cfg: TunerConfig, run: RunDir, model_path: str, precision, plan):
+    """The run's strategy (engine.train.strategy), its DeepSpeed / accelerate files written in every process (the
+    machines of a run need not share a disk)."""
+    from engine.train.strategy import World, prepare_strategy
+
+    env = os.environ
+    size = int(env.get("WORLD_SIZE", "1"))
+    local = int(env.get("LOCAL_WORLD_SIZE", size))
+    port = env.get("MASTER_PORT")
+    world = World(size, max(1, size // max(local, 1)), int(env.get("GROUP_RANK", "0")),
+                  env.get("MASTER_ADDR", "127.0.0.1"), int(port) if port and port.isdigit() else None)
+    strategy = prepare_strategy(cfg, run.path, model_path, precision.name, world, plan.fit.gradient_checkpointing)
+    if cfg.train.strategy != "ddp":
+        log.info("%s", strategy.describe())
+    return strategy
+
+
+def _build_trainer(cfg, model, tokenizer, datasets, precision, hardware, run: RunDir, callbacks, divergence, plan,
+                   strategy):
     from transformers import PrinterCallback, Trainer
     from trl import SFTConfig
 
     from engine.train.loss import trainer_class
 
     try:
-        args = _sft_config(SFTConfig, cfg, model, precision, hardware, run, plan)
+        args = _sft_config(SFTConfig, cfg, model, precision, hardware, run, plan, strategy)
         Trainer.get_optimizer_cls_and_kwargs(args, model)  # an optimizer's missing package, now rather than at step 0
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
@@ -633,9 +696,11 @@ def _training_rows(train, cfg: TunerConfig, plan):
     return pack_dataset(train, tokens, strategy="bfd", map_kwargs={"keep_in_memory": True})  # not into the cache
 
 
-def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
-    """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start."""
+def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan, strategy):
+    """TRL's SFTConfig (TrainingArguments and SFT's own) from our config and the choices made at start; the
+    strategy's FSDP or DeepSpeed settings, else the user's own deepspeed / fsdp keys."""
     t, d, fit = cfg.train, cfg.data, plan.fit
+    sharding = strategy.training_kwargs(fit.gradient_checkpointing) or {"deepspeed": t.deepspeed, "fsdp": t.fsdp or None}
     chosen = dict(
         output_dir=str(run.path), per_device_train_batch_size=fit.micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -646,9 +711,9 @@ def _sft_config(SFTConfig, cfg, model, precision, hardware, run: RunDir, plan):
         logging_steps=t.logging_steps, save_strategy=t.save_strategy, save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy=t.eval_strategy, eval_steps=t.eval_steps or t.logging_steps,
         bf16=precision.name == "bf16", fp16=precision.name == "fp16", use_cpu=not hardware.on_gpu,
-        **_checkpointing_args(SFTConfig, fit.gradient_checkpointing), seed=t.seed, report_to=t.report_to,
-        run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, deepspeed=t.deepspeed,
-        fsdp=t.fsdp or None, ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
+        **_checkpointing_args(SFTConfig, strategy.checkpointing(fit.gradient_checkpointing)), seed=t.seed,
+        report_to=t.report_to, run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, **sharding,
+        ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
         packing=False, padding_free=plan.padding_free, max_length=None if plan.padding_free else d.cutoff_len,
         dataset_num_proc=d.preprocessing_num_workers,
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, cut and packed by the engine already

@@ -51,6 +51,7 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
     from engine.train.callbacks import Divergence
     from engine.train.sft import _build_trainer
     from engine.train.speed import SpeedPlan
+    from engine.train.strategy import World, prepare_strategy
 
     cfg = parse_args([*STEPS, "--output_dir", str(tmp_path / "packed"), "--max_steps", "2", "--val_size", "6"])
     tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
@@ -64,7 +65,8 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
     run = RunDir(tmp_path / "packed", None, RunStatus(id="t", name="packed"))
     run.path.mkdir()
     trainer = _build_trainer(cfg, model, tokenizer, data, Precision("fp32", "test"),
-                             Hardware(False, False, False, "cpu"), run, [], Divergence(), plan)
+                             Hardware(False, False, False, "cpu"), run, [], Divergence(), plan,
+                             prepare_strategy(cfg, run.path, str(tiny_models["tiny-llama"]), "fp32", World(1)))
     seen = 0
     for batch in trainer.get_train_dataloader():
         assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= tokens

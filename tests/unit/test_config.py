@@ -268,8 +268,8 @@ def test_training_settings_that_would_fail_once_the_model_has_loaded_are_refused
                                   "falling: it needs eval_strategy steps or epoch")
     assert problems[1].startswith("optim 'adamw_8bt' is not an optimizer transformers knows: did you mean adamw_8bit")
     assert "known" not in problems[1]
-    assert problems[2].startswith("fsdp full_shard shards the model across processes and this is one: start the run "
-                                  "with torchrun --nproc_per_node N")
+    assert problems[2] == ("fsdp full_shard shards the model across processes and this run has one: set "
+                           "nproc_per_node 2 or more (or nnodes 2 or more)")
     assert len(problems) == 3
     unlike = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "optim": "newton"})
     assert problems_of(unlike)[0].startswith("optim 'newton' is not an optimizer transformers knows: known: adamw_torch")
@@ -280,10 +280,9 @@ def test_training_settings_that_would_fail_once_the_model_has_loaded_are_refused
         "deepspeed out" if importlib.util.find_spec("deepspeed") is None
         else "deepspeed config file /nonexistent/ds_z3.json does not exist"]
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
     fine = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "optim": "adamw_8bit",
                          "lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps", "val_size": 0.1,
-                         "fsdp": "full_shard"})
+                         "fsdp": "full_shard", "nproc_per_node": 2})
     validate(fine)
 
 

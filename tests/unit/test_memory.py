@@ -106,11 +106,14 @@ def test_pure_bf16_holds_weights_gradients_and_states_in_bfloat16():
     assert shape.precision == "pure_bf16"
 
 
-def test_mixtral_experts_stay_16bit_under_qlora_and_say_so():
+def test_mixtral_experts_are_4bit_under_qlora_4bit_and_16bit_under_8bit_and_say_so():
     mixtral = lookup("mixtral-8x7b").geometry
-    result = estimate(RunShape(mixtral, method="qlora-4bit"))
-    assert any("experts" in a for a in result.assumptions)
-    assert result.components["weights_16bit"] > result.components["weights_quantized"]
+    four = estimate(RunShape(mixtral, method="qlora-4bit"))
+    assert any("experts" in a and "4-bit" in a for a in four.assumptions)
+    assert four.components["weights_quantized"] > 20 * four.components["weights_16bit"]
+    eight = estimate(RunShape(mixtral, method="qlora-8bit"))
+    assert any("experts" in a and "stay 16-bit" in a for a in eight.assumptions)
+    assert eight.components["weights_16bit"] > eight.components["weights_quantized"]
 
 
 def test_json_has_the_documented_keys():

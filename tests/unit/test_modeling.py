@@ -67,12 +67,12 @@ def test_lora_all_finds_every_linear_but_the_head_and_router(tiny_models):
         lora_targets(model, "q_proj,qkv")
 
 
-def test_kbit_preparation_keeps_fused_experts_16bit(tiny_models):
+def test_kbit_preparation_leaves_the_4bit_fused_experts_packed(tiny_models):
     cfg, model = _load(tiny_models["tiny-mixtral"], bits=4, precision="bf16")
     model = apply_lora(model, cfg, gradient_checkpointing=True)
     dtypes = {name: str(p.dtype).removeprefix("torch.") for name, p in model.named_parameters()}
     layer = "base_model.model.model.layers.0."
-    assert dtypes[layer + "mlp.experts.gate_up_proj"] == "bfloat16"
+    assert dtypes[layer + "mlp.experts.parametrizations.gate_up_proj.original"] == "uint8"
     assert dtypes[layer + "input_layernorm.weight"] == "float32"
     assert dtypes["base_model.model.lm_head.weight"] == "float32"
     assert dtypes[layer + "self_attn.q_proj.lora_A.default.weight"] == "float32"

@@ -93,6 +93,8 @@ class Choices:
     def recipe(self) -> RecipeUse:
         """The chosen model's recipe as it applies to what was typed and chosen: whole, or not at all."""
         values = {k: v for k, v in self.values.items() if v not in ("", None) and not k.startswith("_")}
+        if self.gpus:
+            values["nproc_per_node"] = str(len(self.gpus))  # the GPUs chosen: one process each (unset: every one)
         if self.method:
             values.update({k: v for k, v in method_keys(self.method).items() if v is not None})
         return with_recipe(values)
@@ -116,6 +118,22 @@ class Choices:
 
     def config(self) -> TunerConfig:
         return build_config(self.flat())
+
+    def world_size(self, gpu_count: int) -> int:
+        """The run's training processes on ``gpu_count`` chosen GPUs here: nproc_per_node on each of nnodes machines
+        (1 while the launch keys are wrong: the engine says why when the run starts)."""
+        from engine.runs.distributed import launch_plan
+
+        try:
+            return launch_plan(self.config(), gpu_count=gpu_count).world_size
+        except UserError:
+            return 1
+
+    def other_node_commands(self, gpu_count: int) -> list[str]:
+        """The command each other machine of a multi-machine run types (empty on one machine)."""
+        from engine.runs.distributed import launch_plan, other_node_commands
+
+        return other_node_commands(launch_plan(self.config(), gpu_count=gpu_count), shlex.split(self.command_line()))
 
     def is_on(self, key: str) -> bool:
         """An on/off setting as typed, or its default (the model's recipe or the config's) when it is empty or not a

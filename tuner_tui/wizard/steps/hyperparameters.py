@@ -26,7 +26,8 @@ ADVANCED = (("optim", "Optimizer"), ("lr_scheduler_type", "LR schedule"), ("warm
             ("auto_fit", "Auto-fit batch"), ("padding_free", "Padding-free"),
             ("gradient_checkpointing", "Grad checkpointing"), ("enable_liger_kernel", "Liger kernels"),
             ("bf16", "bf16"), ("fp16", "fp16"),
-            ("flash_attn", "Attention"), ("report_to", "Report to"), ("run_name", "Run name"))
+            ("flash_attn", "Attention"), ("report_to", "Report to"), ("run_name", "Run name"),
+            ("nnodes", "Machines"), ("master_addr", "Node 0 address"))
 LORA_ONLY = ("lora_dropout", "use_rslora", "use_dora")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.suggester import Suggester
 from textual.widgets import DataTable, Label, Select, Static
@@ -34,7 +35,8 @@ class ListSuggester(Suggester):
 class MethodStep(WizardStep):
     TITLE = "Method: what trains, and the memory it needs"
     STEP = 3
-    CHECKED = ("lora_rank", "lora_alpha", "lora_target", "freeze_trainable_layers")
+    CHECKED = ("lora_rank", "lora_alpha", "lora_target", "freeze_trainable_layers", "strategy")
+    BINDINGS = [Binding("ctrl+t", "strategy", "Strategy", tooltip="Choose how the GPUs share the model")]
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,6 +45,8 @@ class MethodStep(WizardStep):
     def body(self) -> ComposeResult:
         yield DataTable(id="methods", cursor_type="row")
         yield Static("estimating…", id="reason")
+        yield from setting_row("strategy", "Strategy", self.choices)
+        yield Static("", id="strategy-note", classes="hint")
         yield from setting_row("lora_rank", "LoRA rank", self.choices)
         yield from setting_row("lora_alpha", "LoRA alpha", self.choices)
         yield from setting_row("lora_target", "LoRA targets", self.choices, suggester=self.target_names)
@@ -54,9 +58,26 @@ class MethodStep(WizardStep):
         yield Static("", classes="error")
 
     def on_mount(self) -> None:
+        self._show_strategy(False)
         self._estimate()
 
+    def _show_strategy(self, shown: bool) -> None:
+        """The strategy row, only for a run of several processes."""
+        for widget in self.query("#row-strategy, #err-strategy, #strategy-note"):
+            widget.display = shown
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "strategy":
+            return self.query_one("#row-strategy").display
+        return True
+
+    def action_strategy(self) -> None:
+        self.query_one("#strategy", Select).focus()
+
     def changed(self, key: str) -> None:
+        if key == "strategy" and self.choices.values.get("strategy") != self.choices.values.get("_strategy_auto"):
+            self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
         self.later("estimate", self._estimate)
 
     def _estimate(self) -> None:
@@ -72,11 +93,12 @@ class MethodStep(WizardStep):
             cfg = self.choices.config()
         except ConfigError:
             if problems:
-                return None, problems, layers, None  # shown beside the fields; the estimate waits for them
+                return None, problems, layers, None, None  # shown beside the fields; the estimate waits for them
             raise  # another step's value: failed() shows it where the estimate goes
         gpus = self.app.chosen_gpus()
-        rec = recommend(shape_from_config(cfg, geometry, max(1, len(gpus))), memory_budget(gpus))
-        return rec, problems, layers, _seed_size(geometry)
+        world = self.choices.world_size(len(gpus))
+        rec = recommend(shape_from_config(cfg, geometry, world), memory_budget(gpus))
+        return rec, problems, layers, _seed_size(geometry), world
 
     def _problems(self, geometry) -> dict[str, str]:
         """The engine's complaints, and LoRA targets this model does not have (they would fail once it loads)."""
@@ -94,8 +116,9 @@ class MethodStep(WizardStep):
         return self._problems(model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section()))
 
     def done(self, group: str, result: Any) -> None:
-        rec, problems, layers, seed = result
+        rec, problems, layers, seed, world = result
         self.show_problems(problems)
+        self._strategy(rec, world)
         self.target_names.names = ["all", *layers]
         targets = self.query_one("#targets", Static)
         if rec is None:
@@ -119,6 +142,31 @@ class MethodStep(WizardStep):
         if recipe.model:
             lines.append(recipe.describe())
         self.query_one("#reason", Static).update(Text("\n".join(lines)))
+
+    def _strategy(self, rec, world: int | None) -> None:
+        """Several processes: the strategy row, preselected to the recommended one until the user chooses; one: none."""
+        values = self.choices.values
+        if world is None:
+            return  # the estimate waits for the values marked; so does the strategy
+        self._show_strategy(world > 1)
+        if world <= 1:
+            values.pop("strategy", None)
+            values.pop("_strategy_auto", None)
+            return
+        if rec is None:
+            return
+        from engine.memory.recommend import STRATEGY_LABELS
+
+        note = self.query_one("#strategy-note", Static)
+        if rec.strategy is None:
+            note.update(f"no strategy fits a method on {world} GPUs")
+            return
+        note.update(f"recommended for {world} GPUs: {STRATEGY_LABELS[rec.strategy]} (strategy {rec.strategy}); "
+                    "estimates are per GPU with the strategy chosen")
+        current = values.get("strategy") or ""
+        if current in ("", values.get("_strategy_auto")) and current != rec.strategy:
+            values["_strategy_auto"] = rec.strategy
+            self.query_one("#strategy", Select).value = rec.strategy
 
     def _fill_table(self, rec, seed_label: str | None) -> None:
         """The rows of ``rec``; a re-estimate changes the cells in place, so the cursor (the method chosen) stays."""

@@ -41,6 +41,7 @@ class ReviewStep(WizardStep):
         yield Static("", id="setup")
         yield Static("", id="recipe", classes="hint")
         yield Static("", id="command")
+        yield Static("", id="other-nodes")
         yield from field_row("Save to", Input(value=str(self.choices.values.get("_save_path", "run.yaml")),
                                               id="save_path"))
         yield Static("", id="err-start", classes="error")
@@ -64,18 +65,30 @@ class ReviewStep(WizardStep):
         line.display = bool(recipe.model)
         if recipe.model:
             line.update(Content(recipe.describe()))
-        self.work("render", lambda: (self.choices.command_line(), self.choices.to_yaml()), "writing the config")
+        self.query_one("#other-nodes", Static).display = False
+        self.work("render", self._texts, "writing the config")
         self.work("estimate", self._estimate, "estimating memory")
 
+    def _texts(self) -> tuple[str, str, list[str]]:
+        """The command line, the YAML, and the command each other machine types (a run over several)."""
+        gpus = len(self.app.chosen_gpus())
+        return self.choices.command_line(), self.choices.to_yaml(), self.choices.other_node_commands(gpus)
+
     def _estimate(self) -> tuple[str, bool]:
-        """The chosen method's estimate once more, against the chosen GPUs; True when it does not fit."""
-        from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
+        """The chosen method's estimate once more, per GPU under the chosen strategy; True when it does not fit."""
+        from engine.memory.recommend import (STRATEGY_LABELS, memory_budget, model_geometry, recommend,
+                                             shape_from_config, strategy_of)
 
         cfg, gpus = self.choices.config(), self.app.chosen_gpus()
-        shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path, cfg.model), max(1, len(gpus)))
+        world = self.choices.world_size(len(gpus))
+        shape = shape_from_config(cfg, model_geometry(cfg.model.model_name_or_path, cfg.model), world)
         rec = recommend(shape, memory_budget(gpus))
         row = next(row for row in rec.rows if row.method == shape.method)
         needs = f"{row.label} needs about {row.estimate.total_gib:g} GiB per GPU"
+        if world > 1:
+            strategy = strategy_of(shape)
+            needs = (f"{row.label} with {STRATEGY_LABELS[strategy]} (strategy {strategy}) needs about "
+                     f"{row.estimate.total_gib:g} GiB per GPU over {world} GPUs")
         fit = "\n" + auto_fit_line(cfg)
         if rec.budget_gib is None:
             return f"{needs}; no NVIDIA GPU here, so it trains on the CPU{fit}", False
@@ -90,9 +103,13 @@ class ReviewStep(WizardStep):
             text, too_big = result
             self.query_one("#estimate", Static).update(Content.styled(text, "bold $text-error" if too_big else "bold"))
         elif group == "render":
-            command, text = result
+            command, text, others = result
             self.query_one("#command", Static).update(Text(command, style="bold"))
             self.query_one("#yaml", Static).update(Text(text))
+            nodes = self.query_one("#other-nodes", Static)
+            nodes.display = bool(others)
+            nodes.update(Text("\n".join(["On each other machine, once this one has started:",
+                                          *(f"  {line}" for line in others)])))
         elif group == "save":
             self.query_one("#err-save_path", Static).update("")
             self.notify(f"saved to {result}", title="config saved", markup=False)
