@@ -285,6 +285,9 @@ def _launch(cfg: TunerConfig) -> list[str]:
             what = f"strategy {t.strategy}" if t.strategy != "ddp" else f"fsdp {t.fsdp}"
             problems.append(f"{what} shards the model across processes and this run has one: set nproc_per_node 2 "
                             "or more (or nnodes 2 or more)")
+    if cfg.finetune.pissa_init and (t.strategy.startswith("fsdp") or t.fsdp):
+        problems.append("pissa_init saves its adapter from the first process alone, which FSDP's sharded weights "
+                        "would keep waiting: leave out pissa_init, or use strategy ddp or zero2")
     user_file = t.deepspeed is not None and deepspeed_installed and Path(t.deepspeed).is_file()
     if user_file or t.strategy.startswith("zero3"):
         problems += _deepspeed_collisions(cfg)

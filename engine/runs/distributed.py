@@ -107,10 +107,16 @@ def check_plan(plan: LaunchPlan) -> None:
         raise UserError(f"master_port must be a port number (1 to 65535), got {plan.master_port}")
 
 
+def under_slurm(env=None) -> bool:
+    """Whether this process runs in a Slurm job step (``srun``), whose end Slurm signals to every process of it."""
+    env = os.environ if env is None else env
+    return "SLURM_JOB_ID" in env and env.get("SLURM_STEP_ID", "").isdigit()
+
+
 def slurm_values(env) -> dict:
     """What a Slurm job step (``srun``, one task per node) says about the run's machines; {} outside one (a batch
     script itself runs on the first node only, so its variables do not describe the run's machines)."""
-    if "SLURM_JOB_ID" not in env or "SLURM_NODEID" not in env or not env.get("SLURM_STEP_ID", "").isdigit():
+    if not under_slurm(env) or "SLURM_NODEID" not in env:
         return {}
     values: dict = {}
     nnodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")

@@ -139,9 +139,21 @@ def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
     cfg = build_config(read_config_file(config))
     cfg.train.output_dir = str(Path(run_dir).absolute())
     cfg.model.hf_hub_token = hf_hub_token
-    previous = read_status(Path(run_dir))
-    chosen = [gpu for gpu in previous.gpus if gpu.startswith(("GPU-", "MIG-"))] if previous else []
-    return start_run(cfg, detach=True, visible_devices=",".join(chosen) if chosen else None)
+    return start_run(cfg, detach=True, visible_devices=_gpus_of(read_status(Path(run_dir)), cfg))
+
+
+def _gpus_of(previous: RunStatus | None, cfg: TunerConfig) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a resume: the GPUs the run held before, when they are this host's, all known by UUID
+    and enough for its processes; else None (the GPUs as this machine shows them)."""
+    import socket
+
+    if previous is None or previous.host != socket.gethostname() or not previous.gpus:
+        return None
+    if not all(gpu.startswith(("GPU-", "MIG-")) for gpu in previous.gpus):
+        return None
+    if len(previous.gpus) < (cfg.train.nproc_per_node or 1):
+        return None
+    return ",".join(previous.gpus)
 
 
 def _claim(cfg: TunerConfig, path: Path) -> RunDir:

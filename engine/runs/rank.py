@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
     run_dir = Path(argv[0]).absolute()
     # torchrun ends a rank with SIGTERM when another died; under Slurm, SIGTERM is the job's end, which the
     # supervisor gets too and passes on as a stop (SIGKILL follows after Slurm's KillWait)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if "SLURM_JOB_ID" in os.environ else _torn_down(run_dir))
+    from engine.runs.distributed import under_slurm
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if under_slurm() else _torn_down(run_dir))
     from engine.config.schema import build_config, read_config_file
     from engine.errors import UserError
     from engine.quiet import quiet_libraries

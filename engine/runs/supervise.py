@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.distributed import LaunchPlan, free_port, rank_file, torchrun_argv
+from engine.runs.distributed import LaunchPlan, free_port, rank_file, torchrun_argv, under_slurm
 from engine.runs.events import Event, EventWriter, read_events
 from engine.runs.files import open_append, read_json
 from engine.runs.rundir import RunDir
@@ -106,8 +106,8 @@ def follow_node(cfg, plan: LaunchPlan, stop: StopRequest, config_text: str, resu
 
 
 class _Culprit:
-    def __init__(self, rank: int | None, message: str, user_error: bool):
-        self.rank, self.message, self.user_error = rank, message, user_error
+    def __init__(self, rank: int | None, message: str, user_error: bool, silent: bool = False):
+        self.rank, self.message, self.user_error, self.silent = rank, message, user_error, silent
 
 
 class _Launcher:
@@ -124,6 +124,7 @@ class _Launcher:
         self.gone: list[tuple[float, int]] = []  # (when, rank) of ranks that ended, in the order seen
         self.seen: set[int] = set()  # every rank's pid, once seen
         self.told: set[int] = set()  # pids the stop was passed to
+        self.told_at: float | None = None
         self.stragglers_ended = False
 
     def wait(self, stop: StopRequest) -> int:
@@ -135,13 +136,14 @@ class _Launcher:
                 self._watch_ranks()
                 if stop.requested:
                     self._pass_stop_on()
-                    stop.wait(POLL_S) or time.sleep(POLL_S)
+                    time.sleep(POLL_S)
                 else:
                     stop.wait(POLL_S)
         except KeyboardInterrupt:
             self._end_all()
             raise
         finally:
+            self._watch_ranks()  # the ranks that ended since the last look count as gone, in order
             self._end_ranks()  # torchrun gone (killed from outside too): no rank trains on unrecorded
         return self.process.returncode
 
@@ -155,9 +157,12 @@ class _Launcher:
             if pid not in self.told:
                 _signal(process, signal.SIGINT)
                 self.told.add(pid)
-        if self.gone and not self.stragglers_ended and time.monotonic() - self.gone[0][0] > STRAGGLER_GRACE_S:
-            for _, process in self.ranks.values():  # they stopped at another moment, or wait in a collective
-                _signal(process, signal.SIGTERM)
+                self.told_at = self.told_at or time.monotonic()
+        if self.gone and not self.stragglers_ended and self.told_at is not None and \
+                time.monotonic() - max(self.gone[0][0], self.told_at) > STRAGGLER_GRACE_S:
+            # they stopped at another moment, or wait in a collective; under Slurm a rank ignores SIGTERM
+            for _, process in self.ranks.values():
+                _signal(process, signal.SIGKILL if under_slurm() else signal.SIGTERM)
             self.stragglers_ended = True
 
     def _watch_ranks(self) -> None:
@@ -203,7 +208,10 @@ class _Launcher:
         the earliest error; then any error a rank wrote."""
         words = {}
         for path in (Path(run_dir) / "ranks").glob("rank*.json"):
-            data = read_json(path)
+            try:
+                data = read_json(path)
+            except (OSError, ValueError):
+                continue
             if isinstance(data, dict) and isinstance(data.get("rank"), int):
                 words[data["rank"]] = data
         suspects = [(when, rank) for when, rank in self.gone
@@ -213,7 +221,7 @@ class _Launcher:
             silent = [rank for rank in first if rank not in words]
             if silent:
                 return _Culprit(silent[0], "its process ended without a word (killed: by a signal, or out of memory)",
-                                False)
+                                False, silent=True)
             rank = min(first, key=lambda r: words[r].get("time", 0))
             return _Culprit(rank, str(words[rank].get("message")), bool(words[rank].get("user_error")))
         errors = [w for w in words.values() if w.get("outcome") == "error"]
@@ -264,7 +272,8 @@ def _record_outcome(run: RunDir, launcher: _Launcher, code: int, stop: StopReque
                                       "are whole")
         return 0
     culprit = launcher.culprit(run.path)
-    if stop.requested and culprit is None:  # ranks that stopped at other moments were ended: the run is stopped
+    if stop.requested and (culprit is None or culprit.silent):
+        # ranks that stopped at other moments were ended, or one had no handler yet: the run is stopped
         return _record_stop(run, stop)
     if culprit is None:
         message = f"torchrun ended with exit code {code} before the run recorded an end"

@@ -362,6 +362,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         raise
     if events is None:
         trainer.train(resume_from_checkpoint=run.resume_from)
+        _agree_on_stop(stop)
         _weight_digests(cfg, model, trainer)
         if not stop.requested and not divergence.found:
             trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
@@ -408,6 +409,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     finally:
         run_events.close()
     run.status.step = trainer.state.global_step
+    _agree_on_stop(stop)
     digests = _weight_digests(cfg, model, trainer)
     if digests and len(set(digests)) > 1:
         log.warning("the processes' trained weights differ after step %d (digests %s): the run was not one "
@@ -433,6 +435,17 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
 def _several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _agree_on_stop(stop: StopRequest) -> None:
+    """After training, every process takes the same path (save or not: a collective under ZeRO-3 and FSDP): a stop
+    any of them got by now is every one's (a collective itself, so each process calls it once, at this point)."""
+    if not _several_processes():
+        return
+    from engine.train.callbacks import any_process
+
+    if any_process(bool(stop.requested)) and not stop.requested:
+        stop.requested = "a stop asked of another process"
 
 
 def _weight_digests(cfg: TunerConfig, model, trainer) -> list[str] | None:
@@ -620,8 +633,10 @@ def _estimate(cfg: TunerConfig, model_path: str, world_size: int) -> dict | None
 def _device_map(cfg: TunerConfig, hardware) -> dict | None:
     """Quantized models must be placed on this process's GPU at load time; others are moved by the Trainer, and a
     sharding strategy (FSDP, ZeRO-3) places the shards itself."""
-    if cfg.model.quantization_bit is None or not hardware.on_gpu or cfg.train.strategy.startswith(("fsdp", "zero3")):
-        return None
+    from engine.memory.recommend import sharding_of
+
+    if cfg.model.quantization_bit is None or not hardware.on_gpu or sharding_of(cfg) == "zero3":
+        return None  # zero3: the strategy's fsdp* / zero3*, or the user's own ZeRO-3 file or FSDP full shard
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 

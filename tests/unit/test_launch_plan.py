@@ -94,3 +94,18 @@ def test_the_other_machines_type_node_0s_command_with_their_own_rank():
         "tuner train run.yaml --nnodes 3 --node_rank 1 --master_addr head --master_port 6000",
         "tuner train run.yaml --nnodes 3 --node_rank 2 --master_addr head --master_port 6000"]
     assert other_node_commands(plan(gpus=8), command) == []
+
+
+def test_a_resume_pins_the_gpus_the_run_held_only_when_they_are_this_hosts_and_enough():
+    import socket
+
+    from engine.runs.launch import _gpus_of
+    from engine.runs.status import RunStatus
+
+    held = RunStatus(id="r", name="r", host=socket.gethostname(), gpus=["GPU-aaa", "GPU-bbb"])
+    two = build_config({"nproc_per_node": 2})
+    assert _gpus_of(held, two) == "GPU-aaa,GPU-bbb"
+    assert _gpus_of(RunStatus(id="r", name="r", host="elsewhere", gpus=held.gpus), two) is None
+    assert _gpus_of(RunStatus(id="r", name="r", host=held.host, gpus=["GPU-aaa", "gpu-1"]), two) is None
+    assert _gpus_of(held, build_config({"nproc_per_node": 4})) is None
+    assert _gpus_of(None, two) is None

@@ -255,3 +255,9 @@ def test_what_deepspeed_and_fsdp_refuse_applies_to_the_generated_strategies_too(
         "loraplus_lr_ratio cannot be used with strategy fsdp_offload (the Trainer refuses an optimizer made before "
         "FSDP wraps the model): choose strategy zero2 or zero3, or leave out loraplus_lr_ratio"]
     assert launch_problems(monkeypatch, strategy="zero3", nproc_per_node=2, loraplus_lr_ratio=16) == []
+
+
+def test_pissa_under_fsdp_is_refused_before_the_run(monkeypatch):
+    assert launch_problems(monkeypatch, strategy="fsdp", nproc_per_node=2, pissa_init=True) == [
+        "pissa_init saves its adapter from the first process alone, which FSDP's sharded weights would keep waiting: "
+        "leave out pissa_init, or use strategy ddp or zero2"]
