@@ -42,7 +42,7 @@ async def test_the_footer_shows_every_dashboard_key_and_quit_whole(finished_run,
     app = monitor(finished_run)
     async with app.run_test(size=size) as pilot:
         await until(pilot, read(app), "the run to be read")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: "^p palette" in screen_text(app)[-1], "the footer on the last line")
         footer = screen_text(app)[-1]
         for key in ("s Stop", "l Log scale", "c Chat", "p Predict", "e Export", "r Runs", "q Quit", "^p palette"):
             assert key in footer, (key, footer)
