@@ -136,9 +136,9 @@ def check_attention(cfg: TunerConfig, hardware: Hardware) -> None:
 def check_requests(cfg: TunerConfig, hardware: Hardware) -> None:
     """Refuse, before any model loads, what this machine cannot do (the config's own collisions are validation's)."""
     check_attention(cfg, hardware)
-    if cfg.train.strategy.startswith("fsdp") and not hardware.on_gpu:
-        raise UserError(f"strategy {cfg.train.strategy} needs GPUs: on the CPU accelerate wraps the model in plain DDP "
-                        "and shards nothing", "use strategy ddp, zero2 or zero3 on the CPU")
+    from engine.train.strategy import check_machine
+
+    check_machine(cfg.train.strategy, hardware.on_gpu)
 
 
 _IMPORTING = threading.Lock()

@@ -70,6 +70,11 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
             return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
                                 stop=None, wait_for_free_gpus=False)
+        if plan.distributed:  # refused here, before a directory, rather than in every rank
+            from engine.hardware import probe
+            from engine.train.strategy import check_machine
+
+            check_machine(cfg.train.strategy, bool(probe().gpus))
         if plan.distributed and not plan.main_node:
             return _other_node(cfg, plan, detach, stop)
         from engine.models.resolve import resolve_configured

@@ -73,7 +73,11 @@ def supervise(run: RunDir, plan: LaunchPlan, stop: StopRequest, force: bool = Fa
         finally:
             if follower is not None:
                 follower.stop()
-    return _record_stop(run, stop) if code is None else _record_outcome(run, launcher, code, stop)
+    code = _record_stop(run, stop) if code is None else _record_outcome(run, launcher, code, stop)
+    status = read_status(run.path)
+    if echo is not None and status is not None and status.state == "failed":
+        print(f"tuner: error: {status.error}", file=echo)  # the last line a terminal shows, after torchrun's report
+    return code
 
 
 def follow_node(cfg, plan: LaunchPlan, stop: StopRequest, config_text: str, resume_from: str | None = None,
