@@ -1,5 +1,5 @@
-"""LLaMA-Factory's own example configs, written as theirs are, run unchanged but for the model, against LLaMA-Factory's
-real registry and data (../shared/data/llamafactory laid out as their `data/` folder)."""
+"""LLaMA-Factory's own example configs, written as theirs are, run unchanged but for the model, in a folder laid out as
+LLaMA-Factory's checkout (its data/ as tests/llamafactory_layout.py writes it; on their real data: tests/shared)."""
 
 from __future__ import annotations
 
@@ -150,9 +150,9 @@ SHORTER = ["--max_samples", "12", "--num_train_epochs", "1", "--logging_steps", 
 
 
 @pytest.fixture
-def workdir(tmp_path, shared_data, home) -> Path:
-    """A folder laid out as LLaMA-Factory's checkout: its data/ holds their dataset_info.json and data files."""
-    (tmp_path / "data").symlink_to(shared_data / "llamafactory", target_is_directory=True)
+def workdir(tmp_path, llamafactory_data, home) -> Path:
+    """A folder laid out as LLaMA-Factory's checkout: its data/ holds a dataset_info.json and data files."""
+    (tmp_path / "data").symlink_to(llamafactory_data, target_is_directory=True)
     return tmp_path
 
 

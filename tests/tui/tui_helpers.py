@@ -19,7 +19,8 @@ def recorded(machine: str) -> Callable[[], HardwareState]:
     return lambda: state
 
 
-async def until(pilot, predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+async def until(pilot, predicate: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    """Wait for ``predicate`` to hold; the timeout only ends a wait that would never end (a loaded machine is slow)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

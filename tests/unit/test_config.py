@@ -219,9 +219,9 @@ def test_unknown_template_and_dataset_list_the_known_ones():
     assert dataset_problem.startswith("dataset: unknown dataset 'demo_alpca'; closest registered names: demo_alpaca")
 
 
-def test_datasets_from_a_llamafactory_registry_validate(shared_data):
+def test_datasets_from_a_llamafactory_registry_validate(llamafactory_data):
     cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "alpaca_en_demo,identity",
-                        "dataset_dir": str(shared_data / "llamafactory")})
+                        "dataset_dir": str(llamafactory_data)})
     validate(cfg)
 
 

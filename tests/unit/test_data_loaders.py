@@ -11,7 +11,6 @@ import pytest
 from engine.data import load_conversations, split_eval
 from engine.errors import UserError
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 ALPACA = [{"instruction": "Reverse: ab", "input": "", "output": "ba"},
           {"instruction": "Add", "input": "1 2", "output": "3"}]
@@ -22,13 +21,6 @@ ALPACA_MESSAGES = [
 SHAREGPT = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "system": "S"}]
 OPENAI = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
 OPENAI_MESSAGES = [{**OPENAI[0], "tools": ""}]
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data, whose real LLaMA-Factory files these tests read: missing, they fail rather than skip."""
-    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: these tests read LLaMA-Factory's real files from it"
-    return SHARED_DATA
 
 
 def write_json(path: Path, records: list[dict]) -> Path:
@@ -133,34 +125,33 @@ def test_num_samples_draws_seeded_and_tops_up_with_replacement(tmp_path):
     assert first[:2] in (ALPACA_MESSAGES, ALPACA_MESSAGES[::-1])
 
 
-def test_llamafactory_alpaca_demo(shared_data):
-    dataset_dir = str(shared_data / "llamafactory")
+def test_llamafactory_alpaca_file_loads_caps_and_splits(llamafactory_data):
+    dataset_dir = str(llamafactory_data)
     full = load_conversations("alpaca_en_demo", dataset_dir)
-    assert len(full.train) == 999
-    first = json.loads((shared_data / "llamafactory" / "alpaca_en_demo.json").read_text())[0]
-    assert full.train[0]["messages"] == [{"role": "user", "content": first["instruction"]},
+    assert len(full.train) == 40
+    first = json.loads((llamafactory_data / "alpaca_en_demo.json").read_text())[0]
+    assert full.train[0]["messages"] == [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
                                          {"role": "assistant", "content": first["output"]}]
-    assert len(load_conversations("alpaca_en_demo", dataset_dir, max_samples=50).train) == 50
+    assert len(load_conversations("alpaca_en_demo", dataset_dir, max_samples=10).train) == 10
 
     split = load_conversations("alpaca_en_demo", dataset_dir, val_size=0.1, seed=7)
-    assert (len(split.train), len(split.eval)) == (899, 100)
-    assert split.report.split == "split off 100 of 999 for evaluation (val_size=0.1, seed=7)"
-    counted = load_conversations("alpaca_en_demo", dataset_dir, max_samples=100, val_size=25)
-    assert (len(counted.train), len(counted.eval)) == (75, 25)
+    assert (len(split.train), len(split.eval)) == (36, 4)
+    assert split.report.split == "split off 4 of 40 for evaluation (val_size=0.1, seed=7)"
+    counted = load_conversations("alpaca_en_demo", dataset_dir, max_samples=20, val_size=5)
+    assert (len(counted.train), len(counted.eval)) == (15, 5)
 
 
-def test_llamafactory_identity_warns_once_about_its_placeholders(shared_data):
-    path = shared_data / "llamafactory" / "identity.json"
+def test_placeholders_as_in_llamafactorys_identity_are_warned_about_once(llamafactory_data):
+    path = llamafactory_data / "identity.json"
     records = json.loads(path.read_text())
-    loaded = load_conversations("identity", str(shared_data / "llamafactory"))
-    assert len(loaded.train) == len(records) == 91
+    loaded = load_conversations("identity", str(llamafactory_data))
+    assert len(loaded.train) == len(records) == 16
     assert loaded.train[0] == {"messages": [
         {"role": "user", "content": records[0]["instruction"]},
         {"role": "assistant", "content": records[0]["output"]}], "tools": ""}
-    holding = sum("{{" in record["instruction"] + record["output"] for record in records)
     assert loaded.report.lines() == [
-        f"identity: 91 conversations (alpaca, {path.resolve()})",
-        f"warning: identity: {holding} of 91 conversations hold the placeholders {{{{name}}}}, {{{{author}}}}: "
+        f"identity: 16 conversations (alpaca, {path.resolve()})",
+        f"warning: identity: 3 of 16 conversations hold the placeholders {{{{name}}}}, {{{{author}}}}: "
         f"replace them in {path.resolve()} with your own text before training"]
 
 

@@ -1,12 +1,11 @@
-"""The dataset registry: LLaMA-Factory's real dataset_info.json, the bundled entries, resolving names and paths."""
+"""The dataset registry: a dataset_info.json laid out as LLaMA-Factory's (tests/llamafactory_layout.py; the real one
+is checked in tests/shared), the bundled entries, resolving names and paths."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -16,35 +15,6 @@ from engine.errors import UserError
 
 DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
 COLUMNS_EXPECTED = "a mapping of column roles to column names"
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data, whose real LLaMA-Factory files these tests read: missing, they fail rather than skip."""
-    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: these tests read LLaMA-Factory's real files from it"
-    return SHARED_DATA
-
-
-def test_reads_llamafactory_registry_as_it_is(shared_data):
-    registry = load_registry(str(shared_data / "llamafactory"))
-    assert len(registry) == 104 + len(DEMOS)
-    assert dataset_names(str(shared_data / "llamafactory"))[:3] == DEMOS
-
-    demo = registry["alpaca_en_demo"]
-    assert (demo.load_from, demo.formatting) == ("file", "alpaca")
-    assert demo.location == str((shared_data / "llamafactory" / "alpaca_en_demo.json").resolve())
-    assert demo.columns == {"prompt": "instruction", "query": "input", "response": "output"}
-
-    ultrachat = registry["ultrachat_200k"]
-    assert (ultrachat.load_from, ultrachat.location, ultrachat.split) == (
-        "hf_hub", "HuggingFaceH4/ultrachat_200k", "train_sft")
-    assert ultrachat.tags["role_tag"] == "role" and ultrachat.tags["system_tag"] == "system"
-    assert registry["openorca"].columns == {"prompt": "question", "response": "response", "system": "system_prompt"}
-    assert registry["deepctrl"].load_from == "ms_hub"
-    assert registry["llava_1k_en"].subset == "en"
-    assert registry["starcoder_python"].folder == "python"
-    assert registry["dpo_en_demo"].ranking is True
 
 
 def test_bundled_registry_has_the_demo_datasets():
@@ -155,12 +125,12 @@ def test_unregistered_name_with_slash_is_a_hub_id():
     assert (resolved.load_from, resolved.location, resolved.formatting) == ("hf_hub", "someone/some_data", None)
 
 
-def test_hub_dataset_offline_fails_in_one_clear_line(shared_data, monkeypatch):
+def test_hub_dataset_offline_fails_in_one_clear_line(llamafactory_data, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError) as err:
-        load_conversations("alpaca_en", str(shared_data / "llamafactory"))
+        load_conversations("alpaca_en", str(llamafactory_data))
     assert err.value.message == ("dataset 'alpaca_en' needs the Hugging Face hub (llamafactory/alpaca_en), "
                                  "which cannot be reached")
     assert err.value.hint.startswith("download it while online")
@@ -168,9 +138,9 @@ def test_hub_dataset_offline_fails_in_one_clear_line(shared_data, monkeypatch):
 
 
 @pytest.mark.parametrize(("name", "where"), [("deepctrl", "the ModelScope hub (deepctrl/deepctrl-sft-data)")])
-def test_unsupported_sources_fail_only_when_used(shared_data, name, where):
+def test_unsupported_sources_fail_only_when_used(llamafactory_data, name, where):
     with pytest.raises(UserError) as err:
-        load_conversations(name, str(shared_data / "llamafactory"))
+        load_conversations(name, str(llamafactory_data))
     assert err.value.message == f"dataset '{name}' is loaded from {where}, which is not supported"
 
 
@@ -183,11 +153,11 @@ def test_script_and_cloud_sources_are_not_supported(tmp_path):
         load_conversations("cloud", str(tmp_path))
 
 
-def test_registered_file_that_is_absent_names_the_path(shared_data):
+def test_registered_file_that_is_absent_names_the_path(llamafactory_data):
     with pytest.raises(UserError) as err:
-        load_conversations("alpaca_zh_demo", str(shared_data / "llamafactory"))
+        load_conversations("alpaca_zh_demo", str(llamafactory_data))
     assert err.value.message == ("dataset 'alpaca_zh_demo': file not found: "
-                                 f"{(shared_data / 'llamafactory' / 'alpaca_zh_demo.json').resolve()}")
+                                 f"{(llamafactory_data / 'alpaca_zh_demo.json').resolve()}")
 
 
 def _refusal(attr) -> str:
@@ -197,29 +167,6 @@ def _refusal(attr) -> str:
     except UserError as err:
         return err.message.removeprefix(f"dataset '{attr.name}' ")
     return "understood"
-
-
-def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_data):
-    registry = load_registry(str(shared_data / "llamafactory"))
-    refusals = {name: _refusal(attr) for name, attr in registry.items()}
-    kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in refusals.values())
-    assert kinds == {"understood": 68, "is a preference": 12, "is multimodal": 10, "maps no response column": 17}
-    assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
-    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
-    assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
-    for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrafeedback_kto", "ultrachat_200k", "alpaca_en"):
-        assert refusals[name] == "understood"
-    assert set(registry["glaive_toolcall_en"].columns) == {"messages", "tools"}
-    assert registry["kto_mix_en"].columns["kto_tag"] == "label"
-
-
-def test_llamafactory_text_sft_files_that_are_present_load_end_to_end(shared_data):
-    loaded = load_conversations("alpaca_en_demo,identity", str(shared_data / "llamafactory"))
-    assert [(report.name, report.records, report.kept, report.dropped) for report in loaded.report.train] == [
-        ("alpaca_en_demo", 999, 999, {}), ("identity", 91, 91, {})]
-    assert len(loaded.train) == 999 + 91
-    assert all(conversation["tools"] == "" and [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
-               for conversation in loaded.train)
 
 
 def test_default_dataset_dir_that_does_not_exist_still_finds_demos_files_and_hub_ids(tmp_path, monkeypatch):
@@ -281,3 +228,57 @@ def test_absolute_dataset_dir_for_a_saved_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_dataset_dir("data") == str(tmp_path / "data")
     assert (absolute_dataset_dir(None), absolute_dataset_dir("")) == (None, None)
+
+
+def test_reads_a_llamafactory_registry_as_it_is(llamafactory_data):
+    from llamafactory_layout import MIRRORED, OURS
+
+    registry = load_registry(str(llamafactory_data))
+    assert len(registry) == len(MIRRORED) + len(OURS) + len(DEMOS)
+    assert dataset_names(str(llamafactory_data))[:3] == DEMOS
+
+    demo = registry["alpaca_en_demo"]
+    assert (demo.load_from, demo.formatting) == ("file", "alpaca")
+    assert demo.location == str((llamafactory_data / "alpaca_en_demo.json").resolve())
+    assert demo.columns == {"prompt": "instruction", "query": "input", "response": "output"}
+
+    ultrachat = registry["ultrachat_200k"]
+    assert (ultrachat.load_from, ultrachat.location, ultrachat.split) == (
+        "hf_hub", "HuggingFaceH4/ultrachat_200k", "train_sft")
+    assert ultrachat.tags["role_tag"] == "role" and ultrachat.tags["system_tag"] == "system"
+    assert registry["openorca"].columns == {"prompt": "question", "response": "response", "system": "system_prompt"}
+    assert registry["deepctrl"].load_from == "ms_hub"
+    assert registry["llava_1k_en"].subset == "en"
+    assert registry["starcoder_python"].folder == "python"
+    assert registry["dpo_en_demo"].ranking is True
+
+
+def refusal(attr) -> str:
+    """What the entry alone says about a dataset: understood, or the reason it is refused when used."""
+    try:
+        convert([], attr)
+    except UserError as err:
+        return err.message.removeprefix(f"dataset '{attr.name}' ")
+    return "understood"
+
+
+def test_each_kind_of_llamafactory_entry_is_understood_or_refused_with_a_reason(llamafactory_data):
+    refusals = {name: refusal(attr) for name, attr in load_registry(str(llamafactory_data)).items()}
+    assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
+    assert refusals["llava_1k_en"] == "is multimodal (images), which is not supported"
+    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
+    assert refusals["starcoder_python"].startswith("maps no response column")
+    assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
+    for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrachat_200k", "alpaca_en", "openorca", "openai_demo",
+                 "sharegpt_demo", "identity", "alpaca_en_demo"):
+        assert refusals[name] == "understood", name
+
+
+def test_text_sft_files_of_a_llamafactory_registry_load_end_to_end(llamafactory_data):
+    loaded = load_conversations("alpaca_en_demo,identity,sharegpt_demo,openai_demo", str(llamafactory_data))
+    assert [(report.name, report.records, report.kept, report.dropped) for report in loaded.report.train] == [
+        ("alpaca_en_demo", 40, 40, {}), ("identity", 16, 16, {}), ("sharegpt_demo", 6, 6, {}), ("openai_demo", 6, 6, {})]
+    assert len(loaded.train) == 40 + 16 + 6 + 6
+    assert all(conversation["tools"] == "" for conversation in loaded.train)
+    assert loaded.train[56]["messages"][0] == {"role": "system", "content": "You count."}
+    assert [m["role"] for m in loaded.train[-1]["messages"]] == ["system", "user", "assistant"]

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from llamafactory_layout import MIRRORED
 
 from engine.data import convert, detect_format, load_conversations
 from engine.data.converters import KTO_REJECTED
 from engine.data.registry import DEFAULT_TAGS, DatasetAttr
 from engine.errors import UserError
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # Written by hand in the shape of LLaMA-Factory's data/glaive_toolcall_en_demo.json: sharegpt turns, and a
 # "tools" column holding a JSON string of function schemas ("[]" where the sample has none).
@@ -68,19 +67,8 @@ SHAREGPT_TOOLS = attr("sharegpt", {"messages": "conversations", "tools": "tools"
 OPENAI_TOOLS = attr("openai", {"messages": "messages", "tools": "tools"})
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data, whose real LLaMA-Factory files these tests read: missing, they fail rather than skip."""
-    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: these tests read LLaMA-Factory's real files from it"
-    return SHARED_DATA
-
-
-def llamafactory_entry(shared_data: Path, name: str) -> dict:
-    return json.loads((shared_data / "llamafactory" / "dataset_info.json").read_text())[name]
-
-
-def test_glaive_toolcall_file_through_its_real_registry_entry(shared_data, tmp_path):
-    entry = llamafactory_entry(shared_data, "glaive_toolcall_en_demo")
+def test_glaive_toolcall_file_through_llamafactorys_registry_entry(tmp_path):
+    entry = MIRRORED["glaive_toolcall_en_demo"]
     (tmp_path / "dataset_info.json").write_text(json.dumps({"glaive_toolcall_en_demo": entry}))
     (tmp_path / entry["file_name"]).write_text(json.dumps(GLAIVE, indent=2, ensure_ascii=False))
     loaded = load_conversations("glaive_toolcall_en_demo", str(tmp_path))
@@ -276,8 +264,8 @@ KTO = [
 ]
 
 
-def test_kto_tag_false_samples_are_dropped_and_counted_through_the_real_registry_entry(shared_data, tmp_path):
-    entry = llamafactory_entry(shared_data, "kto_en_demo")
+def test_kto_tag_false_samples_are_dropped_and_counted_through_llamafactorys_registry_entry(tmp_path):
+    entry = MIRRORED["kto_en_demo"]
     (tmp_path / "dataset_info.json").write_text(json.dumps({"kto_en_demo": entry}))
     (tmp_path / entry["file_name"]).write_text(json.dumps(KTO, indent=2))
     loaded = load_conversations("kto_en_demo", str(tmp_path))

@@ -1,4 +1,5 @@
-"""Prompt templates: rendering against the published chat templates, label masks, auto, chat_template export, errors."""
+"""Prompt templates: exact renders, label masks, auto, chat_template export, errors (against the published chat
+templates: tests/shared)."""
 
 from __future__ import annotations
 
@@ -42,20 +43,6 @@ CONVERSATIONS = {
     "padded text": PADDED,
 }
 
-# Our name -> the published file in ../shared/data/chat_templates.
-PUBLISHED = {
-    "alpaca": "alpaca",
-    "llama2": "llama-2-chat",
-    "mistral": "mistral-instruct",
-    "llama3": "llama-3-instruct",
-    "chatml": "chatml",
-    "qwen": "qwen2.5-instruct",
-    "vicuna": "vicuna",
-    "zephyr": "zephyr",
-    "gemma": "gemma-it",
-}
-
-
 @pytest.fixture(scope="module")
 def trained_tokenizer():
     """A byte-level BPE trained in milliseconds, with every template's markers as special tokens."""
@@ -86,15 +73,6 @@ def bare_tok(trained_tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=trained_tokenizer, unk_token="<unk>")
-
-
-def published(shared_data, name: str) -> str:
-    text = (shared_data / "chat_templates" / f"{PUBLISHED[name]}.jinja").read_text()
-    if name == "qwen":
-        # Qwen's file is laid out as Qwen ships it: real newlines inside its strings and {%- -%} trimming the rest.
-        # The README's recipe (delete every newline) would delete the newlines of the format itself.
-        return text
-    return text.replace("    ", "").replace("\n", "")
 
 
 def with_default_system(template, conversation):
@@ -197,46 +175,6 @@ def test_segments_mark_the_replies_and_what_follows_them_as_learned(tok):
     ]
 
 
-# --- against the published templates ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-@pytest.mark.parametrize("name", ["alpaca", "llama2", "llama3", "chatml", "qwen", "vicuna", "zephyr"])
-def test_render_equals_the_published_template(shared_data, tok, name, conversation):
-    # The published files carry no default system prompt; ours carry LLaMA-Factory's (Alpaca's preamble, Vicuna's,
-    # Zephyr's), so the published file is given it as the system message (a deliberate change for those three).
-    template, jinja = get_template(name), published(shared_data, name)
-    theirs = with_default_system(template, conversation) if name != "qwen" else conversation
-    assert render_text(template, conversation, tok) == hf_render(tok, jinja, theirs)
-    prompt = conversation[:-1]
-    assert render_text(template, prompt, tok, add_generation_prompt=True) == hf_render(tok, jinja, theirs[:-1], True)
-
-
-@pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-def test_mistral_differs_from_the_published_file_only_in_where_the_system_prompt_goes(shared_data, tok, conversation):
-    ours = render_text(get_template("mistral"), conversation, tok)
-    theirs = hf_render(tok, published(shared_data, "mistral"), conversation)
-    if conversation[0]["role"] != "system":
-        assert ours == theirs
-    else:
-        # Deliberate: the published file writes the system prompt bare before the first [INST]; Mistral's own
-        # chat templates put it inside the first [INST], which is also what the brief's "no system role" means.
-        assert theirs.startswith("<s>Be brief.\n\n[INST] Hi [/INST]")
-        assert ours.startswith("<s>[INST] Be brief.\n\nHi [/INST]")
-        assert ours.replace("[INST] Be brief.\n\n", "Be brief.\n\n[INST] ", 1) == theirs
-
-
-@pytest.mark.parametrize("conversation", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-def test_gemma_adds_bos_to_the_published_file(shared_data, tok, conversation):
-    # Deliberate: the published gemma-it file emits no bos, relying on the tokenizer adding it; we encode with
-    # add_special_tokens=False, and Google's own Gemma chat template starts with bos_token, so ours does too.
-    jinja = published(shared_data, "gemma")
-    assert render_text(get_template("gemma"), conversation, tok) == "<s>" + hf_render(tok, jinja, conversation)
-    prompt = conversation[:-1]
-    ours = render_text(get_template("gemma"), prompt, tok, add_generation_prompt=True)
-    assert ours == "<s>" + hf_render(tok, jinja, prompt, True)
-
-
 # --- token ids and labels ---------------------------------------------------------------------------------------
 
 # Changed on purpose: the whitespace after a reply's end token is learned too (LLaMA-Factory's format_assistant).
@@ -329,8 +267,8 @@ def test_auto_masks_match_the_named_template_on_a_tokenizer_carrying_it(tok, nam
 
 
 @pytest.mark.parametrize("name", ["llama2", "chatml", "alpaca", "llama3", "qwen", "vicuna", "zephyr"])
-def test_auto_masks_match_with_the_published_template(shared_data, tok, name):
-    tok.chat_template = published(shared_data, name)
+def test_auto_masks_match_with_the_templates_own_chat_template(tok, name):
+    tok.chat_template = to_chat_template(get_template(name))
     conversation = [SYSTEM, *TWO_TURNS]
     assert encode(tok, get_template("auto"), conversation) == encode(tok, get_template(name), conversation)
 
@@ -384,15 +322,15 @@ def test_auto_has_no_chat_template_of_its_own():
 # --- template_mismatch ------------------------------------------------------------------------------------------
 
 
-def test_mismatch_is_none_when_the_tokenizer_agrees_or_has_no_template(shared_data, tok):
+def test_mismatch_is_none_when_the_tokenizer_agrees_or_has_no_template(tok):
     assert template_mismatch(get_template("llama2"), tok) is None
-    tok.chat_template = published(shared_data, "llama2")
+    tok.chat_template = to_chat_template(get_template("llama2"))
     assert template_mismatch(get_template("llama2"), tok) is None
     assert template_mismatch(get_template("auto"), tok) is None
 
 
-def test_mismatch_warns_in_one_line_naming_both(shared_data, tok):
-    tok.chat_template = published(shared_data, "llama2")
+def test_mismatch_warns_in_one_line_naming_both(tok):
+    tok.chat_template = to_chat_template(get_template("llama2"))
     tok.name_or_path = "meta-llama/Llama-2-7b-chat-hf"
     warning = template_mismatch(get_template("chatml"), tok)
     assert "\n" not in warning

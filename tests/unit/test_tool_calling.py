@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from engine.errors import UserError
 from engine.templates import IGNORE_INDEX, encode, get_template, render_segments, render_text
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 WEATHER = {
     "name": "get_weather",
@@ -156,9 +154,6 @@ def test_parallel_results_share_one_observation_as_qwens_template_writes_them(to
         "<|im_start|>user\n<tool_response>\n22\n</tool_response>\n<tool_response>\n25\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n", False
     )
-    tok.chat_template = (SHARED_DATA / "chat_templates" / "qwen2.5-instruct.jinja").read_text()
-    wrapped = json.dumps([{"type": "function", "function": WEATHER}])
-    assert pieces("auto", tok, messages, wrapped)[2] == got[2]  # the published file, given the same messages
     # templates whose own format answers each call in a turn of its own keep one turn per result
     assert pieces("llama3", tok, messages)[2][0].count("<|start_header_id|>ipython") == 2
 
@@ -171,21 +166,6 @@ def test_the_tool_call_is_learned_and_the_tool_result_is_not(tok):
         "It is 22 degrees in Paris.<|im_end|>\n"
     )
     assert "temperature" not in learned
-
-
-def test_auto_passes_tools_and_messages_as_they_are_to_the_chat_template(tok):
-    tok.chat_template = (SHARED_DATA / "chat_templates" / "qwen2.5-instruct.jinja").read_text()
-    as_dicts = [dict(m, tool_calls=[{"type": "function", "function": {"name": "get_weather",
-                                                                      "arguments": {"location": "Paris"}}}])
-                if m.get("tool_calls") else m for m in GLAIVE]  # Qwen's file wants the arguments as an object
-    wrapped = json.dumps([{"type": "function", "function": WEATHER}])  # Qwen's file writes the schemas as given
-    assert render_segments(get_template("auto"), as_dicts, tok, tools=wrapped) == render_segments(
-        get_template("qwen"), GLAIVE, tok, tools=TOOLS)
-    assert encode(tok, get_template("auto"), as_dicts, tools=wrapped) == encode(tok, get_template("qwen"), GLAIVE,
-                                                                                   tools=TOOLS)
-    # arguments held as JSON text (as the data layer stores them) reach the chat template as an object, once encoded
-    assert render_segments(get_template("auto"), GLAIVE, tok, tools=wrapped) == render_segments(
-        get_template("auto"), as_dicts, tok, tools=wrapped)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,125 @@
+"""LLaMA-Factory's real registry and demo data (../shared/data/llamafactory) read as they are; the entries the default
+suite mirrors (tests/llamafactory_layout.py) are LLaMA-Factory's own."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from llamafactory_layout import MIRRORED
+
+from engine.config.schema import build_config
+from engine.config.validation import validate
+from engine.data import convert, dataset_names, load_conversations, load_registry
+from engine.errors import UserError
+
+DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
+
+
+def test_the_entries_the_default_suite_mirrors_are_llamafactorys(shared_data):
+    theirs = json.loads((shared_data / "llamafactory" / "dataset_info.json").read_text())
+    assert {name: theirs[name] for name in MIRRORED} == MIRRORED
+
+
+def _refusal(attr) -> str:
+    """What the entry alone says about a dataset: understood, or the reason it is refused when used."""
+    try:
+        convert([], attr)
+    except UserError as err:
+        return err.message.removeprefix(f"dataset '{attr.name}' ")
+    return "understood"
+
+
+def test_llamafactory_alpaca_demo(shared_data):
+    dataset_dir = str(shared_data / "llamafactory")
+    full = load_conversations("alpaca_en_demo", dataset_dir)
+    assert len(full.train) == 999
+    first = json.loads((shared_data / "llamafactory" / "alpaca_en_demo.json").read_text())[0]
+    assert full.train[0]["messages"] == [{"role": "user", "content": first["instruction"]},
+                                         {"role": "assistant", "content": first["output"]}]
+    assert len(load_conversations("alpaca_en_demo", dataset_dir, max_samples=50).train) == 50
+
+    split = load_conversations("alpaca_en_demo", dataset_dir, val_size=0.1, seed=7)
+    assert (len(split.train), len(split.eval)) == (899, 100)
+    assert split.report.split == "split off 100 of 999 for evaluation (val_size=0.1, seed=7)"
+    counted = load_conversations("alpaca_en_demo", dataset_dir, max_samples=100, val_size=25)
+    assert (len(counted.train), len(counted.eval)) == (75, 25)
+
+
+def test_llamafactory_identity_warns_once_about_its_placeholders(shared_data):
+    path = shared_data / "llamafactory" / "identity.json"
+    records = json.loads(path.read_text())
+    loaded = load_conversations("identity", str(shared_data / "llamafactory"))
+    assert len(loaded.train) == len(records) == 91
+    assert loaded.train[0] == {"messages": [
+        {"role": "user", "content": records[0]["instruction"]},
+        {"role": "assistant", "content": records[0]["output"]}], "tools": ""}
+    holding = sum("{{" in record["instruction"] + record["output"] for record in records)
+    assert loaded.report.lines() == [
+        f"identity: 91 conversations (alpaca, {path.resolve()})",
+        f"warning: identity: {holding} of 91 conversations hold the placeholders {{{{name}}}}, {{{{author}}}}: "
+        f"replace them in {path.resolve()} with your own text before training"]
+
+
+def test_reads_llamafactory_registry_as_it_is(shared_data):
+    registry = load_registry(str(shared_data / "llamafactory"))
+    assert len(registry) == 104 + len(DEMOS)
+    assert dataset_names(str(shared_data / "llamafactory"))[:3] == DEMOS
+
+    demo = registry["alpaca_en_demo"]
+    assert (demo.load_from, demo.formatting) == ("file", "alpaca")
+    assert demo.location == str((shared_data / "llamafactory" / "alpaca_en_demo.json").resolve())
+    assert demo.columns == {"prompt": "instruction", "query": "input", "response": "output"}
+
+    ultrachat = registry["ultrachat_200k"]
+    assert (ultrachat.load_from, ultrachat.location, ultrachat.split) == (
+        "hf_hub", "HuggingFaceH4/ultrachat_200k", "train_sft")
+    assert ultrachat.tags["role_tag"] == "role" and ultrachat.tags["system_tag"] == "system"
+    assert registry["openorca"].columns == {"prompt": "question", "response": "response", "system": "system_prompt"}
+    assert registry["deepctrl"].load_from == "ms_hub"
+    assert registry["llava_1k_en"].subset == "en"
+    assert registry["starcoder_python"].folder == "python"
+    assert registry["dpo_en_demo"].ranking is True
+
+
+def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_data):
+    registry = load_registry(str(shared_data / "llamafactory"))
+    refusals = {name: _refusal(attr) for name, attr in registry.items()}
+    kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in refusals.values())
+    assert kinds == {"understood": 68, "is a preference": 12, "is multimodal": 10, "maps no response column": 17}
+    assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
+    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
+    assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
+    for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrafeedback_kto", "ultrachat_200k", "alpaca_en"):
+        assert refusals[name] == "understood"
+    assert set(registry["glaive_toolcall_en"].columns) == {"messages", "tools"}
+    assert registry["kto_mix_en"].columns["kto_tag"] == "label"
+
+
+def test_llamafactory_text_sft_files_that_are_present_load_end_to_end(shared_data):
+    loaded = load_conversations("alpaca_en_demo,identity", str(shared_data / "llamafactory"))
+    assert [(report.name, report.records, report.kept, report.dropped) for report in loaded.report.train] == [
+        ("alpaca_en_demo", 999, 999, {}), ("identity", 91, 91, {})]
+    assert len(loaded.train) == 999 + 91
+    assert all(conversation["tools"] == "" and [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
+               for conversation in loaded.train)
+
+
+def test_every_file_dataset_present_loads_or_is_refused_in_one_line(shared_data):
+    folder = shared_data / "llamafactory"
+    for name, attr in load_registry(str(folder)).items():
+        if attr.load_from != "file" or name in DEMOS or not Path(attr.location).exists():
+            continue
+        try:
+            loaded = load_conversations(name, str(folder))
+        except UserError as err:
+            assert "\n" not in err.message, name
+        else:
+            assert loaded.train, name
+
+
+def test_datasets_from_llamafactorys_registry_validate(shared_data):
+    datasets = "alpaca_en_demo,identity,glaive_toolcall_en_demo,kto_en_demo"
+    validate(build_config({"model_name_or_path": "tiny-llama", "dataset": datasets,
+                           "dataset_dir": str(shared_data / "llamafactory")}))
