@@ -1,12 +1,14 @@
 """``tuner doctor``: what this machine lacks for a first run (driver and torch, GPUs, optional kernels, disk, the hub).
 
 Each check is a function of its inputs (the NVML state, torch's versions, disk usage, the environment), so tests drive
-every branch; ``run_checks`` gathers the real inputs. A finding is ok, a warning, or a problem with the command that
-fixes it.
+every branch; ``run_checks`` gathers the real inputs. A finding is ok, a note (info), a warning, or a problem with the
+command that fixes it. The default checks read files and metadata and take well under two seconds; importing torch
+(only to ask what it sees of the GPUs NVML found) and loading bitsandbytes (``--full``) take seconds each.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -16,23 +18,26 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from engine.hardware import GIB, HardwareState
-from engine.models.download import DEFAULT_ENDPOINT, TRUE_VALUES
+from engine.models.download import DEFAULT_ENDPOINT, TRUE_VALUES, hub_cache_dir
 
-OK, WARNING, PROBLEM = "ok", "warning", "problem"
+OK, INFO, WARNING, PROBLEM = "ok", "info", "warning", "problem"
 WARN_FREE_GIB = 20.0  # a 7B model in 16 bits is ~13 GiB, before checkpoints
 PROBLEM_FREE_GIB = 2.0
 HUB_TIMEOUT_S = 3.0
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 TORCH_CUDA_WHEELS = ("11.8", "12.1", "12.4", "12.6", "12.8", "12.9", "13.0")  # the CUDA builds PyTorch publishes
+FULL = "tuner doctor --full"
+WITHOUT_HUB = "the demo models and local models and data work without it"
 
 
 @dataclasses.dataclass
 class Finding:
     check: str
-    state: str  # ok | warning | problem
+    state: str  # ok | info | warning | problem
     detail: str
     fix: str | None = None
 
@@ -41,8 +46,8 @@ class Finding:
 class TorchInfo:
     version: str
     cuda: str | None  # torch.version.cuda; None for a CPU build
-    cuda_available: bool
-    device_count: int
+    cuda_available: bool | None  # None: not asked (torch not imported: NVML found no GPU, or torch is a CPU build)
+    device_count: int | None
 
 
 @dataclasses.dataclass
@@ -63,8 +68,12 @@ EXTRAS = (
 )
 
 
-def torch_info() -> TorchInfo | None:
-    """The installed torch's version, CUDA build and what it sees; ``None`` when torch is not installed."""
+def torch_info(see_gpus: bool = False) -> TorchInfo | None:
+    """The installed torch's version and CUDA build, read from its ``version.py`` (importing torch takes seconds);
+    with ``see_gpus`` and a CUDA build, torch is imported to ask what it sees. ``None`` when torch is not installed."""
+    build = _torch_build()
+    if build is not None and not (see_gpus and build[1]):
+        return TorchInfo(version=build[0], cuda=build[1], cuda_available=None, device_count=None)
     try:
         import torch
     except ImportError:
@@ -72,6 +81,27 @@ def torch_info() -> TorchInfo | None:
     available = torch.cuda.is_available()
     return TorchInfo(version=torch.__version__, cuda=torch.version.cuda, cuda_available=available,
                      device_count=torch.cuda.device_count() if available else 0)
+
+
+def _torch_build() -> tuple[str, str | None] | None:
+    """``__version__`` and ``cuda`` from torch/version.py (the file torch.version is); ``None`` when it is not there."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse((Path(spec.submodule_search_locations[0]) / "version.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    values = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and getattr(node, "value", None) is not None:
+            try:
+                values[target.id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    version = values.get("__version__")
+    return (version, values.get("cuda")) if isinstance(version, str) else None
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -148,8 +178,19 @@ def load_bitsandbytes(on_gpu: bool) -> str:
     return bitsandbytes.__version__
 
 
+def check_bitsandbytes_installed(on_gpu: bool, find_spec: Callable = importlib.util.find_spec,
+                                 version: Callable[[str], str] = importlib.metadata.version) -> Finding:
+    """bitsandbytes (QLoRA, 8-bit optimizers) is installed, found without importing it: loading it, and its CUDA
+    library on a GPU, takes seconds and is left to ``--full``."""
+    found = _installed("bitsandbytes", "bitsandbytes", find_spec, version)
+    if found is None:
+        return Finding("bitsandbytes", PROBLEM, "bitsandbytes is not installed", "pip install -U bitsandbytes")
+    library = " and its CUDA library" if on_gpu else ""
+    return Finding("bitsandbytes", OK, f"bitsandbytes {found} installed; not loaded: `{FULL}` loads it{library}")
+
+
 def check_bitsandbytes(on_gpu: bool, load: Callable[[bool], str] = load_bitsandbytes) -> Finding:
-    """bitsandbytes (QLoRA, 8-bit optimizers) imports, and on a GPU its CUDA library works."""
+    """``--full``: bitsandbytes imports, and on a GPU its CUDA library works."""
     try:
         version = load(on_gpu)
     except ImportError as exc:
@@ -162,16 +203,23 @@ def check_bitsandbytes(on_gpu: bool, load: Callable[[bool], str] = load_bitsandb
     return Finding("bitsandbytes", OK, f"bitsandbytes {version}; {where}")
 
 
+def _installed(module: str, dist: str, find_spec: Callable, version: Callable[[str], str]) -> str | None:
+    """The installed version of ``dist`` when ``module`` is importable (found, not imported); else ``None``."""
+    if find_spec(module) is None:
+        return None
+    try:
+        return version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 def check_extras(on_gpu: bool, find_spec: Callable = importlib.util.find_spec,
                  version: Callable[[str], str] = importlib.metadata.version) -> list[Finding]:
     """flash-attn, liger-kernel and deepspeed: installed or not; without a GPU none of them would run."""
     findings = []
     for extra in EXTRAS:
-        if find_spec(extra.module) is not None:
-            try:
-                found = version(extra.dist)
-            except importlib.metadata.PackageNotFoundError:
-                found = "(version unknown)"
+        found = _installed(extra.module, extra.dist, find_spec, version)
+        if found is not None:
             findings.append(Finding(extra.dist, OK, f"{extra.dist} {found} installed ({extra.gives})"))
         elif on_gpu:
             findings.append(Finding(extra.dist, WARNING, f"{extra.dist} not installed; it gives {extra.gives}",
@@ -183,12 +231,9 @@ def check_extras(on_gpu: bool, find_spec: Callable = importlib.util.find_spec,
 
 def disk_places() -> dict[str, Path]:
     """Where a run writes: the current directory (runs go to ./saves), the run index, the Hugging Face cache."""
-    from huggingface_hub import constants
-
     from engine.paths import state_dir
 
-    return {"current directory": Path.cwd(), "run index": state_dir(),
-            "Hugging Face cache": Path(constants.HF_HUB_CACHE)}
+    return {"current directory": Path.cwd(), "run index": state_dir(), "Hugging Face cache": hub_cache_dir()}
 
 
 def _existing(path: Path) -> Path:
@@ -226,11 +271,12 @@ def check_disk(places: Mapping[str, Path], usage: Callable = shutil.disk_usage) 
 
 
 def check_hub(env: Mapping[str, str], timeout: float = HUB_TIMEOUT_S) -> Finding:
-    """Offline mode, or whether the hub (HF_ENDPOINT, else huggingface.co) answers a HEAD request in time."""
+    """Offline mode (a note), or whether the hub (HF_ENDPOINT, else huggingface.co) answers a HEAD request in time: one
+    that does not is a warning, since only hub models and datasets, and `tuner download`, need it."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if env.get(name, "").upper() in TRUE_VALUES:
-            return Finding("hub", WARNING, f"offline mode ({name}={env[name]}): models and datasets come from the "
-                           "local cache only")
+            return Finding("hub", INFO, f"offline mode ({name}={env[name]}): hub models and datasets come from the "
+                           f"local cache only; {WITHOUT_HUB}")
     endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     start = time.monotonic()
     try:
@@ -240,10 +286,33 @@ def check_hub(env: Mapping[str, str], timeout: float = HUB_TIMEOUT_S) -> Finding
         status = exc.code
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        return Finding("hub", PROBLEM, f"{endpoint} does not answer within {timeout:g} s ({reason})",
+        return Finding("hub", WARNING, f"{endpoint} does not answer within {timeout:g} s ({reason}): hub models and "
+                       f"datasets not in the cache, and `tuner download`, need it; {WITHOUT_HUB}",
                        "export HTTPS_PROXY=http://PROXY:PORT if this server needs one; or export HF_HUB_OFFLINE=1 "
                        "to use the cache only")
     return Finding("hub", OK, f"{endpoint} answers (HTTP {status}, {time.monotonic() - start:.1f} s)")
+
+
+def hub_needs(cfg) -> list[str]:
+    """What of this run's config comes from the hub (its model when not a directory, a demo model or in the cache; each
+    hub dataset): what an offline or unreachable hub keeps it from fetching. A name that resolves to nothing is left
+    to the config's own checks."""
+    from engine.data.registry import resolve_dataset
+    from engine.errors import UserError
+    from engine.models.resolve import needs_hub
+
+    model = cfg.model
+    needs = []
+    if model.model_name_or_path and needs_hub(model.model_name_or_path, model.model_revision, model.cache_dir):
+        needs.append(f"the model {model.model_name_or_path} (not in the local cache)")
+    names = ",".join(filter(None, (cfg.data.dataset, cfg.data.eval_dataset))).split(",")
+    for name in dict.fromkeys(part.strip() for part in names if part.strip()):
+        try:
+            if resolve_dataset(name, cfg.data.dataset_dir).load_from == "hf_hub":
+                needs.append(f"the hub dataset {name}")
+        except UserError:
+            continue
+    return needs
 
 
 def saved_token() -> str | None:
@@ -263,17 +332,29 @@ def check_token(env: Mapping[str, str], saved: str | None) -> Finding:
                    "`hf auth login` saves one")
 
 
-def run_checks(hw: HardwareState | None = None) -> list[Finding]:
-    """Every check on this machine's real inputs; ``hw`` the GPUs already probed (the wizard's), else probed now."""
-    if hw is None:
-        from engine.hardware import probe
+def run_checks(hw: HardwareState | None = None, full: bool = False) -> list[Finding]:
+    """Every check on this machine's real inputs, the hub's answer and torch's import awaited beside the rest; ``hw``
+    the GPUs already probed (the wizard's), else probed now; ``full`` also loads bitsandbytes (seconds)."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        hub = pool.submit(check_hub, os.environ)
+        if hw is None:
+            from engine.hardware import probe
 
-        hw = probe()
-    torch = torch_info()
-    on_gpu = bool(hw.gpus) and torch is not None and torch.cuda_available
-    return [check_driver(hw, torch), check_torch_gpus(hw, torch, os.environ), check_bitsandbytes(on_gpu),
-            *check_extras(bool(hw.gpus)), *check_disk(disk_places()), check_hub(os.environ),
-            check_token(os.environ, saved_token())]
+            hw = probe()
+        torch = pool.submit(torch_info, see_gpus=bool(hw.gpus))  # imported only to see the GPUs NVML found
+        bits = pool.submit(_loaded_bitsandbytes, hw, torch.result) if full else None
+        extras, disk = check_extras(bool(hw.gpus)), check_disk(disk_places())
+        token = check_token(os.environ, saved_token())
+        found = torch.result()
+        bitsandbytes = bits.result() if bits else check_bitsandbytes_installed(bool(hw.gpus))
+        return [check_driver(hw, found), check_torch_gpus(hw, found, os.environ), bitsandbytes, *extras, *disk,
+                hub.result(), token]
+
+
+def _loaded_bitsandbytes(hw: HardwareState, torch: Callable[[], TorchInfo | None]) -> Finding:
+    """``--full``'s bitsandbytes check, on the GPU when torch (once it answers) can use one."""
+    found = torch()
+    return check_bitsandbytes(bool(hw.gpus) and found is not None and bool(found.cuda_available))
 
 
 def has_problem(findings: list[Finding]) -> bool:

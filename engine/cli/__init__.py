@@ -10,6 +10,7 @@ import dataclasses
 import sys
 
 from engine.cli.args import EXIT_USER_ERROR, Command
+from engine.cli.console import output_width, wrap
 from engine.cli.doctor import cmd_doctor
 from engine.cli.download import cmd_download
 from engine.cli.info import cmd_datasets, cmd_estimate, cmd_gpus, cmd_models, cmd_templates
@@ -20,12 +21,12 @@ from engine.errors import ConfigError, UserError
 __all__ = ["COMMANDS", "Command", "main"]
 
 
-CONFIG_USAGE = "[CONFIG.yaml ...] [key=value ...] [--key value ...]"
+MODEL_USAGE = "[MODEL] [CONFIG.yaml ...] [key=value ...] [--key value ...]"
 
 
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "Fine-tune a model (LoRA, QLoRA, freeze, full).",
-                     f"tuner train {CONFIG_USAGE} [--detach] [--force] [--print-config]", takes_config=True),
+                     f"tuner train {MODEL_USAGE} [--detach] [--force] [--print-config]", takes_config=True),
     "download": Command(cmd_download, "Download a hub model into the cache before a run: access and disk checked "
                         "first, progress, resumable.", "tuner download MODEL [--revision R] [--json]"),
     "runs": Command(cmd_runs, "List every run on this host: state, progress, loss, directory.",
@@ -37,20 +38,22 @@ COMMANDS: dict[str, Command] = {
     "resume": Command(cmd_resume, "Continue a stopped or failed run from its last checkpoint, detached.",
                       "tuner resume [RUN] [--hf_hub_token TOKEN]"),
     "predict": Command(cmd_predict, "Generate for a dataset's prompts and score them (BLEU-4, ROUGE).",
-                       f"tuner predict [--run RUN] {CONFIG_USAGE}", takes_config=True),
-    "export": Command(cmd_export, "Merge an adapter into its base and write a checked safetensors model.",
-                      f"tuner export [--run RUN] {CONFIG_USAGE}", takes_config=True),
+                       f"tuner predict [--run RUN] {MODEL_USAGE}", takes_config=True),
+    "export": Command(cmd_export, "Write a checked safetensors model: a LoRA adapter merged into its base, or a "
+                      "full or freeze fine-tune as it is.",
+                      f"tuner export [--run RUN] {MODEL_USAGE}", takes_config=True),
     "chat": Command(cmd_chat, "Chat in the terminal with a model or adapter (streaming; /clear, /exit).",
-                    f"tuner chat [--run RUN] {CONFIG_USAGE} [--system TEXT]", takes_config=True),
+                    f"tuner chat [--run RUN] {MODEL_USAGE} [--system TEXT]", takes_config=True),
     "preview": Command(cmd_preview, "Show samples as the model will see them, with the learned part marked.",
-                       f"tuner preview {CONFIG_USAGE} [-n N] [--json]", takes_config=True),
+                       f"tuner preview {MODEL_USAGE} [-n N] [--json]", takes_config=True),
     "estimate": Command(cmd_estimate, "Peak GPU memory of a run per method, and the method to use on these GPUs.",
-                        f"tuner estimate {CONFIG_USAGE} [--num_gpus N] [--gpu_memory_gib G] [--json]",
+                        f"tuner estimate {MODEL_USAGE} [--num_gpus N] [--gpu_memory_gib G] [--json]",
                         takes_config=True),
     "gpus": Command(cmd_gpus, "The NVIDIA GPUs found: memory, utilisation, temperature, power, processes.",
                     "tuner gpus [--json]"),
     "doctor": Command(cmd_doctor, "Check this machine before a first run: driver and torch, GPUs, kernels, disk, "
-                      "the hub; exit 1 on a problem.", "tuner doctor [--json]"),
+                      "the hub; exit 1 on a problem. --full also loads bitsandbytes (seconds).",
+                      "tuner doctor [--full] [--json]"),
     "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
     "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
     "datasets": Command(cmd_datasets, "List the registered datasets (bundled, and those of --dataset_dir's "
@@ -70,45 +73,68 @@ def _version() -> str:
 
 
 
-def top_help(commands: dict[str, Command]) -> str:
+def top_help(commands: dict[str, Command], width: int | None = None) -> str:
+    """The commands, one each with its summary, wrapped to ``width`` columns with summaries kept in their column."""
     lines = ["usage: tuner COMMAND [ARGS]", "", "Fine-tune open LLMs on a GPU server from your terminal.", "", "commands:"]
-    width = max(map(len, commands))
-    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in commands.items()]
-    lines += ["", "`tuner COMMAND --help` shows a command's options; every config key works as --key value,",
-              "key=value or in a YAML file, with the names of LLaMA-Factory and Hugging Face TrainingArguments."]
+    names = max(map(len, commands))
+    for name, cmd in commands.items():
+        lines += wrap(f"  {name:<{names}}  {cmd.summary}", width, hang=names + 4)
+    closing = ["`tuner COMMAND --help` shows a command's options. Every config key works as",
+               "--key value, key=value or in a YAML file, with the names of LLaMA-Factory and",
+               "Hugging Face TrainingArguments."]
+    lines += ["", *(part for line in closing for part in wrap(line, width))]
     return "\n".join(lines)
 
 
 
-def command_help(cmd: Command) -> str:
-    lines = [f"usage: {cmd.usage}", "", cmd.summary]
+def command_help(cmd: Command, width: int | None = None) -> str:
+    """A command's usage and summary, and for a config command every key with its default and help, wrapped to
+    ``width`` columns."""
+    lines = [*_usage_lines(cmd.usage, width), "", *wrap(cmd.summary, width)]
+    if "[MODEL]" in cmd.usage:
+        lines += ["", *wrap("MODEL, the first word, is the same as --model_name_or_path MODEL: a name from "
+                            "`tuner models`, a hub id or a local directory.", width)]
     if cmd.takes_config:
         from engine.config.schema import ALIASES, SECTIONS
 
         for section, cls in SECTIONS.items():
             lines += ["", f"{section}:"]
             for f in dataclasses.fields(cls):
-                choices = f.metadata.get("choices")
-                extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-                lines.append(f"  --{f.name} (default {f.default}){extra}\n      {f.metadata['help']}")
-        lines += _passthrough_help()
-        lines += ["", "old spellings accepted: " + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()),
-                  "a bare --flash_attn means flash attention 2 (falls back to SDPA when it is not installed)"]
+                lines += _option_help(f.name, f.default, f.metadata["help"], width, f.metadata.get("choices"))
+        lines += _passthrough_help(width)
+        lines += ["", *wrap("old spellings accepted: " + ", ".join(f"{old} = {new}" for old, new in ALIASES.items()),
+                            width, hang=4),
+                  *wrap("a bare --flash_attn means flash attention 2 (falls back to SDPA when it is not installed)",
+                        width, hang=4)]
     return "\n".join(lines)
 
 
+def _usage_lines(usage: str, width: int | None) -> list[str]:
+    """``usage: tuner CMD [A] [B ...]`` wrapped between bracketed groups, never inside one, continuing under [A]."""
+    import re
 
-def _passthrough_help() -> list[str]:
+    command = " ".join(usage.split()[:2])
+    kept = re.sub(r"\[[^]]*\]", lambda group: group[0].replace(" ", "\xa0"), f"usage: {usage}")
+    return [line.replace("\xa0", " ") for line in wrap(kept, width, hang=len(f"usage: {command} "))]
+
+
+def _option_help(name: str, default, text: str, width: int | None, choices=None) -> list[str]:
+    extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+    return [*wrap(f"  --{name} (default {default}){extra}", width, hang=6), *wrap(f"      {text}", width)]
+
+
+
+def _passthrough_help(width: int | None) -> list[str]:
     """The installed transformers' and TRL's training fields that pass through, read from their source (no import)."""
     from engine.config.schema import passthrough_fields
 
     fields = passthrough_fields()
     if not fields:
         return []
-    lines = ["", "transformers (TrainingArguments / TRL SFTConfig fields of the installed versions, passed through):"]
+    lines = ["", *wrap("transformers (TrainingArguments / TRL SFTConfig fields of the installed versions, passed "
+                       "through):", width)]
     for f in fields.values():
-        first = f.help.split(". ")[0].rstrip(".")
-        lines.append(f"  --{f.name} (default {f.default})\n      {first}.")
+        lines += _option_help(f.name, f.default, f.help.split(". ")[0].rstrip(".") + ".", width)
     return lines
 
 
@@ -142,7 +168,7 @@ def _run(argv: list[str], commands: dict[str, Command]) -> int:
 
     quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(top_help(commands))
+        print(top_help(commands, output_width(sys.stdout)))
         return 0
     if argv[0] == "--version":
         print(f"tuner {_version()}")
@@ -155,7 +181,7 @@ def _run(argv: list[str], commands: dict[str, Command]) -> int:
         hint = f"did you mean `tuner {close[0]}`?" if close else "see `tuner --help`"
         return _fail(UserError(f"unknown command '{name}'", hint))
     if "-h" in rest or "--help" in rest:
-        print(command_help(commands[name]))
+        print(command_help(commands[name], output_width(sys.stdout)))
         return 0
     try:
         return commands[name].run(rest)

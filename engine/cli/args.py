@@ -45,12 +45,33 @@ def no_more(argv: list[str], command: str) -> None:
         raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
 
 
+def take_model(argv: list[str], command: str) -> None:
+    """`tuner estimate MODEL ...`: a first word that is not a config file, key=value or an option names the model,
+    as --model_name_or_path does; both at once must agree."""
+    from pathlib import Path
+
+    from engine.config.schema import parse_overrides
+
+    if not argv or argv[0].startswith("-") or "=" in argv[0] or argv[0].endswith((".yaml", ".yml", ".json")):
+        return
+    model = argv.pop(0)
+    if Path(model).is_file():
+        raise UserError(f"{model} is a file, not a model: config files end in .yaml, .yml or .json")
+    flag = parse_overrides(argv)[1].get("model_name_or_path")
+    if flag is not None and flag != model:
+        raise UserError(f"`tuner {command}` got two models: {model} and --model_name_or_path {flag}; give one")
+    if flag is None:
+        argv += ["--model_name_or_path", model]
+
+
 def load_config(argv: list[str], command: str, base: dict | None = None):
-    """The command's config from files and overrides on top of ``base``, validated for ``command``."""
+    """The command's config from a first word naming the model, files and overrides on top of ``base``, validated
+    for ``command``."""
     from engine.config.schema import parse_args
     from engine.config.validation import problems_in
     from engine.errors import ConfigError
 
+    take_model(argv, command)
     problems: list[str] = []
     cfg = parse_args(argv, base, problems, command)
     problems += problems_in(cfg, command)  # the keys' and the values' problems in one round
@@ -63,12 +84,13 @@ def load_followup_config(argv: list[str], command: str):
     """predict, chat and export: with ``--run RUN`` the run's weights and settings come first, argv on top."""
     import sys
 
+    from engine.cli.console import say
     from engine.runs.files import printable_line
 
     run_ref = take_option(argv, "--run")
     if run_ref is None:
         return load_config(argv, command)
-    from engine.infer.followup import NOT_INHERITED_WARNING, followup_values, run_config_values
+    from engine.infer.followup import NOT_INHERITED_WARNING, followup_values, run_config_values, training_data_warning
     from engine.runs.jobs import find_job
 
     job = find_job(run_ref)
@@ -79,5 +101,9 @@ def load_followup_config(argv: list[str], command: str):
     elif run_config_values(job).get("trust_remote_code") is True:
         print("tuner: warning: " + NOT_INHERITED_WARNING.format(id=job.id, model=printable_line(
             cfg.model.model_name_or_path)), file=sys.stderr)
+    if command == "predict":
+        warning = training_data_warning(job, cfg.data.eval_dataset or cfg.data.dataset)
+        if warning:
+            say(f"tuner: warning: {printable_line(warning)}", file=sys.stderr)
     return cfg
 

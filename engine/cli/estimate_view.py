@@ -1,9 +1,11 @@
-"""How `tuner estimate` prints: the components of the chosen run, every method against the seed table, the advice."""
+"""How `tuner estimate` prints: the components of the chosen run, every method beside the VRAM table of LLaMA-Factory's
+README, the advice and why."""
 
 from __future__ import annotations
 
 from engine.memory.estimate import Estimate, RunShape
-from engine.memory.recommend import STRATEGY_LABELS, Recommendation, strategy_of
+from engine.memory.recommend import (STRATEGY_LABELS, Recommendation, llamafactory_caption, llamafactory_size,
+                                     strategy_of)
 
 
 def strategy_text(strategy: str) -> str:
@@ -59,17 +61,26 @@ def render_estimate(model: str, shape: RunShape, result: Estimate, advice: Recom
     for line in result.assumptions:
         console.print(Text(f"  assumes {line}", style="dim"))
 
-    methods = Table("method", "estimate GiB", "seed table GB", "fits", box=None, header_style="bold",
-                    title="every method, this model and these settings", title_justify="left")
+    size, close = llamafactory_size(shape.geometry)
+    columns = ["method", "estimate GiB", "LLaMA-Factory GB", "fits"] if close else ["method", "estimate GiB", "fits"]
+    methods = Table(*columns, box=None, header_style="bold", title="every method, this model and these settings",
+                    title_justify="left")
     for row in advice.rows:
         fits = "" if row.fits is None else "yes" if row.fits else "no"
         style = "bold green" if row.method == advice.method else ""
-        methods.add_row(Text(row.label, style=style), f"{row.estimate.total_gib:.1f}", str(row.seed_gb), fits)
+        cells = [Text(row.label, style=style), f"{row.estimate.total_gib:.1f}", str(row.llamafactory_gb), fits]
+        methods.add_row(*(cells if close else cells[:2] + cells[3:]))
     console.print()
     console.print(methods)
+    console.print(Text(f"  {llamafactory_caption(size, close)}", style="dim"))
+    for row in advice.rows:
+        if row.note:
+            console.print(Text(f"  {row.label}: {row.note}"))
     for line, labels in other_methods_assume(result, advice).items():
         console.print(Text(f"  {', '.join(labels)} assume{'s' if len(labels) == 1 else ''} {line}", style="dim"))
     console.print()
     console.print(Text(advice.reason, style="bold"))
+    if advice.why:
+        console.print(Text(advice.why))
     for idea in advice.suggestions:
         console.print(f"  - {idea}")

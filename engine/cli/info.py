@@ -28,11 +28,25 @@ def cmd_models(argv: list[str]) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(*header, box=None, header_style="bold")
+    console = Console()
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    shown = list(range(len(header)))
+    for optional in ("family", "template", "params"):  # they give way, so that no name or hub id is cut
+        if sum(widths[i] for i in shown) + len(shown) - 1 <= console.width:
+            break
+        shown.remove(header.index(optional))
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    for i in shown:
+        table.add_column(header[i], no_wrap=True, min_width=widths[i])
     for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+        table.add_row(*(row[i] for i in shown))
+    console.print(table)
+    if len(shown) < len(header):
+        left_out = ", ".join(name for i, name in enumerate(header) if i not in shown)
+        console.print(Text(f"({left_out} left out to fit {console.width} columns; --json has everything)",
+                           style="dim"))
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from engine.cli.args import no_more, take_flag, take_option
+from engine.cli.console import say
 from engine.errors import UserError
 
 
@@ -114,5 +115,5 @@ def cmd_resume(argv: list[str]) -> int:
     if job.state == "completed":
         raise UserError(f"run {job.id} is completed: nothing to resume")
     status = resume_run(job.dir, token)
-    print(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}")
+    say(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}", hang=2)
     return 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.args import load_config, load_followup_config, take_flag, take_option
+from engine.cli.args import load_config, load_followup_config, take_flag, take_model, take_option
+from engine.cli.console import say
 from engine.errors import UserError
 
 
@@ -20,6 +21,7 @@ def cmd_train(argv: list[str]) -> int:
     from engine.errors import ConfigError
     from engine.models.catalog import with_recipe
 
+    take_model(argv, "train")
     values = given_values(argv)
     problems: list[str] = []
     cfg = build_config(values, problems)
@@ -39,13 +41,14 @@ def cmd_train(argv: list[str]) -> int:
     if command == "predict":
         return run_predict(cfg)
     if recipe is not None and recipe.applied:
-        print(recipe.describe(), file=sys.stderr)  # stdout stays the run's line, for scripts
+        say(recipe.describe(), hang=2, file=sys.stderr)  # stdout stays the run's line, for scripts
     from engine.runs.launch import start_run
 
     if detach:
         status = start_run(cfg, detach=True, force=force)
-        print(f"started run {status.id} (pid {status.pid}) in {status.output_dir}")
-        print(f"  follow it: tuner logs {status.id} -f    stop it: tuner stop {status.id}    list: tuner runs")
+        say(f"started run {status.id} (pid {status.pid}) in {status.output_dir}", hang=2)
+        say(f"  follow it: tuner logs {status.id} -f\n  stop it:   tuner stop {status.id}\n  list:      tuner runs",
+            hang=13)
         return 0
     from engine.cli.train_view import TerminalView
 
@@ -80,9 +83,11 @@ def cmd_predict(argv: list[str]) -> int:
 
 def cmd_export(argv: list[str]) -> int:
     cfg = load_followup_config(argv, "export")
-    from engine.infer.export import run_export
+    from engine.infer.export import export_model, render_summary
 
-    return run_export(cfg)
+    summary = export_model(cfg, note=lambda line: say(line, hang=2))
+    say(render_summary(summary), hang=2)
+    return 0
 
 
 def cmd_chat(argv: list[str]) -> int:
@@ -112,7 +117,6 @@ def cmd_preview(argv: list[str]) -> int:
 
 def run_predict(cfg) -> int:
     """Predict with a progress bar, then say where the predictions went and how they score."""
-    from rich.console import Console
     from rich.progress import Progress
 
     from engine.infer.predict import predict, summary_lines
@@ -120,7 +124,5 @@ def run_predict(cfg) -> int:
     with Progress(transient=True) as bar:
         task = bar.add_task("predicting", total=None)
         out, results = predict(cfg, lambda done, total: bar.update(task, completed=done, total=total))
-    console = Console()
-    for line in summary_lines(out, results):
-        console.print(line)
+    say("\n".join(summary_lines(out, results)), hang=2)
     return 0

@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
@@ -31,6 +33,12 @@ SAMPLE = [
 TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
 QUANTIZED_MERGE = ("quantization_bit {bits} ignored for the merge: the base is loaded in 16-bit and the adapter "
                    "merged into it")
+# What an export does, for the dashboard's form: a LoRA run's adapter is merged, a full or freeze run has none.
+MERGES = ("the LoRA adapter is merged into its base (never a quantized one, even after QLoRA); the result is checked "
+          "against base + adapter on a sample before it is moved into place")
+RESAVES = ("a full or freeze fine-tune has no adapter to merge: the trained model is saved again in its base's dtype, "
+           "with the chat template, and checked against the model as trained on a sample before it is moved into "
+           "place")
 
 
 @dataclass
@@ -45,13 +53,9 @@ class ExportSummary:
     merged: bool
 
 
-def run_export(cfg: TunerConfig) -> int:
-    """Export as configured and print where it went; a UserError leaves no export_dir behind."""
-    print(render_summary(export_model(cfg)))
-    return 0
-
-
-def export_model(cfg: TunerConfig) -> ExportSummary:
+def export_model(cfg: TunerConfig, note: Callable[[str], None] = partial(print, flush=True)) -> ExportSummary:
+    """Export as configured and return what was written; a UserError leaves no export_dir behind. ``note`` shows
+    what it is doing (loading, writing): `tuner export` wraps the lines to the terminal."""
     from engine.models.resolve import resolve_configured
 
     target = Path(cfg.export.export_dir).expanduser().absolute()
@@ -64,13 +68,20 @@ def export_model(cfg: TunerConfig) -> ExportSummary:
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        summary = _export(cfg, resolved, staging)
+        summary = _export(cfg, resolved, staging, note)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     summary.directory = target
     return summary
+
+
+def export_note(job) -> str:
+    """What exporting this run (an ``engine.runs.jobs.Job``) does with what it trained, in a sentence."""
+    from engine.infer.followup import followup_values
+
+    return MERGES if followup_values(job, "export").get("adapter_name_or_path") else RESAVES
 
 
 def check_target(target: Path, overwrite: bool, sources: list[Path]) -> None:
@@ -138,7 +149,7 @@ def max_shard_size(export_size: int) -> str:
     return f"{export_size}GB"
 
 
-def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
+def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], None]) -> ExportSummary:
     import torch
 
     from engine.data.tokenize import choose_template
@@ -159,8 +170,9 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
     where = "the GPUs" if device_map else "the CPU"
-    print(f"loading {resolved.path} in {compute} on {where}" + (f" with adapter {adapters}" if adapters else ""),
-          flush=True)
+    note(f"loading {resolved.path} in {compute} on {where}" + (
+        f" with adapter {adapters}, to merge it in" if adapters else
+        ": no adapter to merge (a full or freeze fine-tune, or any whole model), so it is saved again as it is"))
     precision = Precision({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[compute], "export")
     model = load_adapters(load_model(resolved.path, cfg, precision, "sdpa", device_map), adapters, quantized=False)
     model.eval()
@@ -174,7 +186,7 @@ def _export(cfg: TunerConfig, resolved, staging: Path) -> ExportSummary:
         from engine.templates import to_chat_template
 
         tokenizer.chat_template = to_chat_template(template)
-    print(f"writing {save} safetensors to {staging}", flush=True)
+    note(f"writing {save} safetensors to {staging}")
     model.save_pretrained(staging, max_shard_size=max_shard_size(cfg.export.export_size))
     tokenizer.save_pretrained(staging)
     del model

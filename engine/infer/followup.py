@@ -21,6 +21,8 @@ INHERITED = ("model_name_or_path", "template", "model_revision", "cache_dir", "f
 NOT_INHERITED_WARNING = ("run {id} was trained with trust_remote_code; it is not carried over from a run's files: "
                          "add --trust_remote_code true if you trust the code that ships with {model}")
 FOLLOW_UPS = ("predict", "chat", "export")
+TRAINED_ON_WARNING = ("run {id} trained on {datasets}: scores on the data it learned from flatter it; a dataset it "
+                      "has not seen gives a fair score")
 
 
 def trained_weights(job: Job) -> Path:
@@ -75,6 +77,13 @@ def followup_values(job: Job, command: str) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def predicts_on_training_data(job: Job) -> bool:
-    """True when the run had no eval_dataset, so a default prediction scores the data it learned from."""
-    return not run_config_values(job).get("eval_dataset")
+def training_data_warning(job: Job, dataset: str | None) -> str | None:
+    """The warning for predicting on ``dataset`` (a comma list) when it holds data the run trained on, as a run
+    without an eval_dataset does by default: its scores flatter the model. None for data it has not seen."""
+    trained = _names(run_config_values(job).get("dataset"))
+    seen = [name for name in _names(dataset) if name in trained]
+    return TRAINED_ON_WARNING.format(id=job.id, datasets=", ".join(seen)) if seen else None
+
+
+def _names(datasets: str | None) -> list[str]:
+    return [name.strip() for name in str(datasets or "").split(",") if name.strip()]

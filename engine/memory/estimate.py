@@ -1,7 +1,7 @@
 """Peak GPU memory of a fine-tuning run, per component, from the model's geometry alone (no weights loaded).
 
 The estimate models what the engine does (engine/models/loading.py, engine/train/sft.py): which weights stay 16-bit, which are
-quantized or kept in fp32, what the optimizer holds, and what the forward and backward passes keep alive. Four
+quantized or kept in fp32, what the optimizer holds, and what the forward and backward passes keep alive. Three
 constants come from measurement rather than first principles; each says where it was measured, and
 ``tests/unit/test_memory.py`` holds the whole estimate to the measured table in ``bench/results``.
 """
@@ -19,7 +19,6 @@ GIB = 1024**3
 ACT_BYTES_PER_HIDDEN = 28.0  # activations one decoder layer keeps per token, per hidden unit (no checkpointing)
 ACT_BYTES_PER_INTERMEDIATE = 8.0  # ... and per MLP intermediate unit (gate, up, activation, product in 16-bit)
 LOGIT_BYTES_PER_VOCAB = 3.3  # logits and loss buffers per token per vocabulary entry (TRL's loss, 16-bit head)
-INT8_EXTRA_BYTES = 0.30  # bitsandbytes LLM.int8 buffers per quantized parameter, beyond its 1 byte
 CUDA_CONTEXT_GIB = 1.35  # CUDA context + kernels outside torch's allocator (NVML used minus reserved)
 ALLOCATOR_FACTOR, ALLOCATOR_GIB = 1.06, 0.25  # torch's reserved = allocated x factor + constant (fragmentation)
 
@@ -202,7 +201,7 @@ def estimate(shape: RunShape) -> Estimate:
     # Weights: 16-bit unless quantized (QLoRA: Linear layers, and fused experts at 4 bits) or trained (fp32 masters).
     if bits:
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64) if bits == 4 \
-            else 1.0 + INT8_EXTRA_BYTES
+            else 1.0
         experts = layers * expert_params(g)
         quantized_experts = experts if bits == 4 else 0
         components["weights_quantized"] = (linear_params + quantized_experts) * per_param
@@ -215,6 +214,8 @@ def estimate(shape: RunShape) -> Estimate:
         elif g.num_local_experts:
             assumptions.append("mixture-of-experts weights (fused expert tensors) stay 16-bit: bitsandbytes has no "
                                "8-bit path for parameters outside Linear layers")
+        if bits == 8:
+            assumptions.append(INT8_KEPT_INPUTS)
     trainable = _trainable_params(shape, linear_params, other_params)
     frozen = linear_params + other_params - trainable if shape.finetuning_type != "lora" else 0
     if shape.finetuning_type == "lora":
@@ -239,13 +240,18 @@ def estimate(shape: RunShape) -> Estimate:
         biggest = max(linear.params for linear in decoder_linears(g))
         if bits == 4 and g.num_local_experts:
             biggest = max(biggest, expert_params(g) * 2 // 3)  # one fused gate_up tensor, dequantized whole
-        components["dequantized_layer"] = biggest * 2.0
+        # the backward pass dequantizes one weight at a time: 4-bit to the 16-bit compute dtype, 8-bit to its input's
+        # dtype, fp32 after k-bit preparation
+        components["dequantized_layer"] = biggest * (4.0 if bits == 8 else 2.0)
+    if bits == 8:
+        components["int8_kept_inputs"] = shape.batch_size * shape.seq_len * int8_kept_input_bytes(shape)
     components["autocast_weight_copies"] = _autocast_copies(shape, trainable, other_params)
     optimizer_step = trainable * trained if kind == "adamw" and "fused" not in shape.optim and not offloads(shape) \
         else 0.0
     components["optimizer_step_temporaries"] = optimizer_step
 
-    transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "autocast_weight_copies")
+    transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "int8_kept_inputs",
+                      "autocast_weight_copies")
     static = sum(v for k, v in components.items() if k not in transient_keys + ("optimizer_step_temporaries",))
     forward_backward = sum(components.get(k, 0.0) for k in transient_keys)
     peak = static + max(forward_backward, optimizer_step)
@@ -343,6 +349,24 @@ def _activation_bytes(shape: RunShape) -> tuple[float, float]:
         chunk = math.ceil(tokens / math.ceil(g.vocab_size / g.hidden_size))
         return tokens * per_token, chunk * 6.0 * g.vocab_size + tokens * 2.0 * g.hidden_size
     return tokens * per_token, tokens * LOGIT_BYTES_PER_VOCAB * g.vocab_size
+
+
+INT8_KEPT_INPUTS = ("bitsandbytes' 8-bit matmul keeps every layer's inputs (fp32 after k-bit preparation) until the "
+                    "backward pass, out of gradient checkpointing's reach: memory grows with batch x cutoff_len")
+
+
+def int8_kept_input_bytes(shape: RunShape) -> float:
+    """Per token, what 8-bit QLoRA keeps beyond 16-bit LoRA: bitsandbytes' MatMul8bitLt hangs its input on ``ctx``
+    instead of saving it for backward, so non-reentrant checkpointing (the engine's) neither frees nor recomputes it,
+    in every layer. Layers sharing an input (q, k, v; gate, up) keep it once; the norms' outputs and act(gate) x up
+    are fp32 (the embeddings and norms are, and the 8-bit matmul returns its input's dtype), the attention output is
+    in the compute dtype. Fused experts stay 16-bit outside bitsandbytes (engine.models.moe_quant)."""
+    g = shape.geometry
+    compute = 4.0 if shape.precision == "fp32" else 2.0
+    per_layer = 4.0 * g.hidden_size + compute * g.num_attention_heads * g.head_dim
+    if not g.num_local_experts:
+        per_layer += 4.0 * (g.hidden_size + g.intermediate_size)
+    return g.num_hidden_layers * per_layer
 
 
 def _autocast_copies(shape: RunShape, trainable: int, other_params: int) -> float:

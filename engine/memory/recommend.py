@@ -1,5 +1,5 @@
-"""Which method to use on these GPUs: every method's estimate for this model and settings, the familiar seed table
-beside it, the highest-quality method that fits with a safety margin, and what would fit when nothing does."""
+"""Which method to use on these GPUs: every method's estimate for this model and settings, the VRAM table of
+LLaMA-Factory's README beside it, the method recommended (see ``recommend``) and what would fit when nothing does."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from engine.paths import PRESETS_DIR
 SAFETY_MARGIN = 0.10  # keep 10% of the GPU's memory free: estimates are within ~15%, and other processes come and go
 LABELS = {"full": "Full (16-bit)", "freeze": "Freeze (16-bit)", "lora": "LoRA (16-bit)",
           "qlora-8bit": "QLoRA 8-bit", "qlora-4bit": "QLoRA 4-bit"}
-SIXTEEN_BIT, QUANTIZED = METHODS[:3], METHODS[3:]
+# Recommended in this order, the first that fits: LoRA, then QLoRA (8-bit, then 4-bit). Full and freeze are never
+# recommended (see ``recommend``); the table shows whether they fit.
+RECOMMENDED, QUANTIZED = ("lora", "qlora-8bit", "qlora-4bit"), ("qlora-8bit", "qlora-4bit")
 # The strategies a multi-GPU run is offered, cheapest in communication and host memory first: (sharding, offload).
 STRATEGY_ORDER = {"ddp": ("ddp", False), "zero2": ("zero2", False), "zero3": ("zero3", False),
                   "zero3_offload": ("zero3", True)}
@@ -27,20 +29,37 @@ STRATEGY_LABELS = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "FSDP or ZeRO-3", "
 
 
 @functools.cache
-def seed_table() -> dict:
+def llamafactory_table() -> dict:
+    """The VRAM table of LLaMA-Factory's README (GB per method and model size), shown beside the estimate."""
     import yaml
 
     return yaml.safe_load((PRESETS_DIR / "vram_table.yaml").read_text())
 
 
-def seed_column(geometry: ModelGeometry) -> int:
-    """The seed table's column closest to this model (the 8x7B column for mixtures of experts)."""
-    table = seed_table()
+def llamafactory_column(geometry: ModelGeometry) -> int:
+    """The LLaMA-Factory table's column closest to this model (the 8x7B column for mixtures of experts)."""
+    table = llamafactory_table()
     if geometry.num_local_experts:
         return table["sizes"].index("8x7B")
     billions = param_count(geometry) / 1e9
     dense = [i for i, size in enumerate(table["sizes"]) if "x" not in size]
     return min(dense, key=lambda i: abs(table["billions"][i] - billions))
+
+
+def llamafactory_size(geometry: ModelGeometry) -> tuple[str, bool]:
+    """The LLaMA-Factory table's model size for this model ("7B"), and whether it is close enough to this model's
+    size to compare with (within a factor of two)."""
+    column, table = llamafactory_column(geometry), llamafactory_table()
+    ratio = param_count(geometry) / (table["billions"][column] * 1e9)
+    return table["sizes"][column], 0.5 <= ratio <= 2
+
+
+def llamafactory_caption(size: str, close: bool) -> str:
+    """What the LLaMA-Factory column is, or why it is left out (its figures are for another model size)."""
+    if close:
+        return (f"LLaMA-Factory GB: the VRAM table in LLaMA-Factory's README for {size} models, for comparison (it "
+                "does not change with batch or cutoff_len)")
+    return f"LLaMA-Factory's README VRAM table left out: its nearest figures are for {size} models, not this one"
 
 
 def model_geometry(name_or_path: str, model=None) -> ModelGeometry:
@@ -117,32 +136,41 @@ class MethodRow:
     method: str
     label: str
     estimate: Estimate
-    seed_gb: int
+    llamafactory_gb: int  # the figure of LLaMA-Factory's README table for the closest model size
     fits: bool | None  # None: no GPU to compare with
+    note: str = ""  # why this row's figure surprises, where it does
 
 
 @dataclass
 class Recommendation:
     method: str | None
-    reason: str
+    reason: str  # the recommended method's figure against the budget, or why there is none
     rows: list[MethodRow]
     budget_gib: float | None
     suggestions: list[str] = field(default_factory=list)
     strategy: str | None = None  # the cheapest strategy the method fits under; None for one GPU or none
+    why: str = ""  # one line: why this method rather than the others (the rule of ``recommend``)
 
     def to_json(self) -> dict:
+        """``seed_table_gb`` is the LLaMA-Factory README's figure: the key keeps the name scripts already read."""
         return {
-            "method": self.method, "strategy": self.strategy, "reason": self.reason, "budget_gib": self.budget_gib,
-            "suggestions": self.suggestions,
+            "method": self.method, "strategy": self.strategy, "reason": self.reason, "why": self.why,
+            "budget_gib": self.budget_gib, "suggestions": self.suggestions,
             "methods": {r.method: {"total_gib": r.estimate.total_gib, "peak_allocated_gib": r.estimate.peak_allocated_gib,
-                                   "seed_table_gb": r.seed_gb, "fits": r.fits} for r in self.rows},
+                                   "seed_table_gb": r.llamafactory_gb, "fits": r.fits, "note": r.note}
+                        for r in self.rows},
         }
 
 
 def recommend(shape: RunShape, gpu_memory_gib: float | None) -> Recommendation:
-    """The highest-quality method whose estimate fits ``gpu_memory_gib`` (per GPU) with the safety margin; on several
-    GPUs, under the cheapest strategy that fits any method (DDP, ZeRO-2, ZeRO-3, then ZeRO-3 with CPU offload).
-    ``rows`` are every method under the shape's own strategy."""
+    """The method to train with on GPUs of ``gpu_memory_gib`` each: the first of LoRA (16-bit), QLoRA 8-bit and QLoRA
+    4-bit whose estimate fits with the safety margin; on several GPUs, under the cheapest strategy it fits (DDP,
+    ZeRO-2, ZeRO-3, then ZeRO-3 with CPU offload). ``rows`` are every method under the shape's own strategy.
+
+    LoRA whenever it fits: it is LLaMA-Factory's default and the method most tutorials teach, its checkpoints are
+    adapters of megabytes rather than copies of the model, and its quality is close to full fine-tuning's. Full and
+    freeze fine-tuning are never recommended, only marked where they fit: they train whole layers, which a user
+    chooses knowing why (more memory, whole-model checkpoints, more forgetting of what the model knew)."""
     budget = None if gpu_memory_gib is None else round(gpu_memory_gib * (1 - SAFETY_MARGIN), 2)
     rows = _rows(shape, budget)
     if budget is None:
@@ -150,9 +178,9 @@ def recommend(shape: RunShape, gpu_memory_gib: float | None) -> Recommendation:
                                     "models", rows, None)
     per_gpu = f"{budget:g} GiB usable per GPU ({gpu_memory_gib:g} GiB less a {SAFETY_MARGIN:.0%} margin)"
     if shape.num_gpus <= 1:
-        best = next((row for row in rows if row.fits), None)
+        best = next((row for row in rows if row.method in RECOMMENDED and row.fits), None)
         if best:
-            return Recommendation(best.method, _reason(rows, best, per_gpu), rows, budget)
+            return Recommendation(best.method, _reason(best, per_gpu), rows, budget, why=_why(rows, best))
         return Recommendation(None, f"no method fits in {per_gpu}", rows, budget, _what_would_fit(shape, budget))
     rows_of = {strategy_of(shape): rows}
     for strategy, methods, passed in _tiers():
@@ -163,43 +191,60 @@ def recommend(shape: RunShape, gpu_memory_gib: float | None) -> Recommendation:
         best = next((row for row in candidates if row.method in methods and row.fits), None)
         if best:
             label = f"{STRATEGY_LABELS[strategy]} (strategy {strategy})"
-            reason = _reason(candidates, best, f"{per_gpu} over {shape.num_gpus} GPUs", f" with {label}")
+            reason = _reason(best, f"{per_gpu} over {shape.num_gpus} GPUs", f" with {label}")
             return Recommendation(best.method, reason + (f"; {passed}" if passed else ""), rows, budget,
-                                  strategy=strategy)
+                                  strategy=strategy, why=_why(candidates, best))
     return Recommendation(None, f"no method fits in {per_gpu} over {shape.num_gpus} GPUs, with any strategy", rows,
                           budget, _what_would_fit(shape, budget))
 
 
 def _tiers():
-    """(strategy, methods, what did not fit before) in the order tried: the 16-bit methods under DDP, ZeRO-2, ZeRO-3;
-    then QLoRA under the same; CPU offload only when nothing else fits (its optimizer step runs on the CPU)."""
+    """(strategy, methods, what did not fit before) in the order tried: LoRA (16-bit) under DDP, ZeRO-2, ZeRO-3; then
+    QLoRA under the same; CPU offload only when nothing else fits (its optimizer step runs on the CPU)."""
     sharded = [s for s in STRATEGY_ORDER if not STRATEGY_ORDER[s][1]]
-    for methods, kind in ((SIXTEEN_BIT, "16-bit"), (QUANTIZED, "quantized")):
+    for methods in (RECOMMENDED[:1], QUANTIZED):
         for index, strategy in enumerate(sharded):
             before = " or ".join(STRATEGY_LABELS[s] for s in sharded[:index])
-            passed = f"no {kind} method fits with {before}" if before else ""
-            if kind == "quantized":
-                passed = "no 16-bit method fits without CPU offload" + (f", nor QLoRA with {before}" if before else "")
+            passed = f"LoRA (16-bit) does not fit with {before}" if before else ""
+            if methods == QUANTIZED:
+                passed = "LoRA (16-bit) does not fit without CPU offload" + (f", nor QLoRA with {before}" if before
+                                                                            else "")
             yield strategy, methods, passed
-    yield "zero3_offload", METHODS, "no method fits without CPU offload"
+    yield "zero3_offload", RECOMMENDED, "no method fits without CPU offload"
 
 
 def _rows(shape: RunShape, budget: float | None) -> list[MethodRow]:
-    column = seed_column(shape.geometry)
+    column = llamafactory_column(shape.geometry)
     rows = []
     for method in METHODS:
         result = estimate(dataclasses.replace(shape, method=method))
         fits = None if budget is None else result.total_gib <= budget
-        rows.append(MethodRow(method, LABELS[method], result, seed_table()["methods"][method][column], fits))
+        rows.append(MethodRow(method, LABELS[method], result, llamafactory_table()["methods"][method][column], fits))
+    lora, eight = rows[METHODS.index("lora")], rows[METHODS.index("qlora-8bit")]
+    kept, above = eight.estimate.components["int8_kept_inputs"], eight.estimate.total_gib - lora.estimate.total_gib
+    if above > 0 and kept >= max(above / 2, 0.05):  # said where those inputs are most of why, never of a few MiB
+        eight.note = (f"above LoRA (16-bit) at this batch: the layer inputs its 8-bit matmul keeps for the backward "
+                      f"pass take {kept:.1f} GiB at {shape.batch_size} x {shape.seq_len} tokens")
     return rows
 
 
-def _reason(rows: list[MethodRow], best: MethodRow, per_gpu: str, strategy: str = "") -> str:
-    """Why ``best``: its figure against the budget, and what the next better method needs."""
-    better = rows[:rows.index(best)]
-    beyond = "; ".join(f"{r.label} needs {r.estimate.total_gib:g}" for r in better[-1:])
-    reason = f"{best.label}{strategy} is the best method that fits: {best.estimate.total_gib:g} GiB of {per_gpu}"
-    return reason + (f"; {beyond}" if beyond else "")
+def _reason(best: MethodRow, per_gpu: str, strategy: str = "") -> str:
+    """The recommended method's figure against the budget."""
+    return f"{best.label}{strategy} is recommended: {best.estimate.total_gib:g} GiB of {per_gpu}"
+
+
+def _why(rows: list[MethodRow], best: MethodRow) -> str:
+    """One line: the rule that picked ``best`` (see ``recommend``), with the figures that decided it."""
+    if best.method == "lora":
+        whole = [row.label.split(" (")[0] for row in rows if row.method in ("full", "freeze") and row.fits]
+        why = "why: LoRA whenever it fits (LLaMA-Factory's default: small adapters, quality close to full fine-tuning)"
+        if whole:
+            why += f"; {' and '.join(whole)} also fit{'s' if len(whole) == 1 else ''}, to train whole layers"
+        return why
+    earlier = [row for row in rows if row.method in RECOMMENDED[:RECOMMENDED.index(best.method)]]
+    needs = ", ".join(f"{row.label} {'needs ' if not i else ''}{row.estimate.total_gib:.1f} GiB"
+                      for i, row in enumerate(earlier))
+    return f"why: {needs}; {best.label} trains the same LoRA adapters over quantized weights"
 
 
 def _what_would_fit(shape: RunShape, budget: float) -> list[str]:

@@ -108,8 +108,12 @@ def hub_offline() -> bool:
     return flag.upper() in TRUE_VALUES
 
 
-def hub_unreachable(hub_id: str) -> UserError:
-    return UserError(
+class HubUnreachable(UserError):
+    """The hub cannot be asked (offline, or no answer): a caller that needs only the catalog may go on without it."""
+
+
+def hub_unreachable(hub_id: str) -> HubUnreachable:
+    return HubUnreachable(
         f"{hub_id} is not in the local Hugging Face cache and the hub cannot be reached",
         hint=f"download it on a connected machine (`hf download {hub_id}`) and copy the cache over, "
         "or pass a local directory",

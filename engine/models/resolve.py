@@ -63,6 +63,18 @@ def resolve_model(name_or_path: str, *, revision: str | None = None, token: str 
     return ResolvedModel(hub_id, spec, "hub", plan_download(hub_id, revision, token, cache_dir, check_room))
 
 
+def needs_hub(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """Whether loading this model must reach the hub: a hub id (or catalog name) not whole in the cache, as
+    ``resolve_model`` decides, asking the hub nothing."""
+    if Path(name_or_path).expanduser().exists():
+        return False
+    spec = lookup(name_or_path)
+    if spec is not None and spec.demo:
+        return False
+    hub_id = spec.hub_id if spec is not None else name_or_path.strip()
+    return bool(_HUB_ID.fullmatch(hub_id)) and _cached_snapshot(hub_id, revision, cache_dir) is None
+
+
 def resolve_configured(model, check_room: bool = True) -> ResolvedModel:
     """``resolve_model`` for a config's model section: its model, revision, token and cache directory."""
     return resolve_model(model.model_name_or_path, revision=model.model_revision, token=model.hf_hub_token,

@@ -1,5 +1,5 @@
 """Runs as jobs: every indexed run with its state corrected for a process that died without saying so, found by id,
-name or directory, shown as a row, stopped gracefully."""
+name or directory, shown as a row, stopped gracefully; and its elapsed time, the one every face shows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from engine.errors import UserError
@@ -16,6 +16,7 @@ from engine.runs.files import printable, printable_line, tail_lines
 from engine.runs.foreign import foreign_run
 from engine.runs.index import entries
 from engine.runs.process import is_run_process, signal_run
+from engine.runs.series import last_event_time
 from engine.runs.status import UNREADABLE, RunStatus, read_status
 
 
@@ -29,6 +30,7 @@ class Job:
     state: str
     last_log: dict | None
     foreign: bool = False  # written by another tool (HF Trainer, LLaMA-Factory): read-only
+    last_seen: float | None = None  # the time of its last event: when a run that died was last heard of
 
     @property
     def missing(self) -> bool:
@@ -52,8 +54,10 @@ def load_job(run_id: str, run_dir: Path) -> Job:
         return Job(run_id, run_dir, None, "missing", None)
     if status.state == UNREADABLE:
         return Job(run_id, run_dir, status, UNREADABLE, None)
-    logs = [e for e in read_events(run_dir) if e["type"] == Event.LOG]
-    return Job(run_id, run_dir, status, effective_state(status), logs[-1] if logs else None)
+    events = read_events(run_dir)
+    logs = [e for e in events if e["type"] == Event.LOG]
+    return Job(run_id, run_dir, status, effective_state(status), logs[-1] if logs else None,
+               last_seen=last_event_time(events))
 
 
 def list_jobs() -> list[Job]:
@@ -76,7 +80,7 @@ def job_row(job: Job) -> dict[str, str]:
            "method": s.method or "", "progress": f"{s.step}/{s.total_steps}" if s.total_steps else "",
            "loss": f"{s.loss:.4f}" if s.loss is not None else "",
            "started": datetime.fromisoformat(s.started_at).astimezone().strftime("%m-%d %H:%M"),
-           "elapsed": elapsed(s.started_at, s.ended_at or _last_seen(job))}
+           "elapsed": clock(elapsed_s(s, job.state, job.last_seen, time.time()))}
     return {key: printable_line(value) for key, value in row.items()}
 
 
@@ -108,22 +112,29 @@ def why_failed(status: RunStatus, state: str, error_event: dict | None = None) -
     return None
 
 
-def elapsed(started_at: str, ended_at: str | None) -> str:
-    """H:MM:SS between two ISO times (now when ``ended_at`` is None)."""
-    start = datetime.fromisoformat(started_at)
-    end = datetime.fromisoformat(ended_at) if ended_at else datetime.now(timezone.utc)
-    total = max(int((end - start).total_seconds()), 0)
+def elapsed_s(status: RunStatus, state: str, last_seen: float | None, now: float) -> float | None:
+    """How long a run has taken: the one figure `tuner runs`, the runs screen and the dashboard show.
+
+    Wall-clock seconds of its current session, from status.json's ``started_at`` (written when it was launched or
+    resumed, so waiting for GPUs, loading the model and saving count, not only the training steps) to its
+    ``ended_at``; while it is running or queued (``state``, the effective one), to ``now``; for a run that died
+    without an end, to ``last_seen`` (its last event). None when that is not known.
+    """
+    try:
+        start = datetime.fromisoformat(status.started_at).timestamp()
+        end = datetime.fromisoformat(status.ended_at).timestamp() if status.ended_at else \
+            now if state in ("running", "queued") else last_seen
+    except (TypeError, ValueError):
+        return None
+    return None if end is None else max(end - start, 0.0)
+
+
+def clock(seconds: float | None) -> str:
+    """H:MM:SS, hours running past 24 ("" when not known)."""
+    if seconds is None:
+        return ""
+    total = int(seconds)
     return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
-
-
-def _last_seen(job: Job) -> str | None:
-    """When a run that died without an end was last heard of (its last log event), so its clock stops there."""
-    if job.state in ("running", "queued") or not job.last_log:
-        return None
-    when = job.last_log.get("time")
-    if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 < when < 1e11:
-        return None
-    return datetime.fromtimestamp(when, timezone.utc).isoformat()
 
 
 def find_job(ref: str | None) -> Job:

@@ -1,10 +1,12 @@
-"""Events folded into what a watcher shows: the loss and learning-rate series, progress with elapsed time and ETA,
-and the checkpoints. Every number is checked on the way in, so a hostile or corrupt event (a string step, 1e308
-seconds) is left out instead of reaching a chart or a clock."""
+"""Events folded into what a watcher shows: the loss and learning-rate series, progress with its ETA, and the
+checkpoints; and the ETA's estimate itself, which the training process writes into each log event. Every number is
+checked on the way in, so a hostile or corrupt event (a string step, 1e308 seconds) is left out instead of reaching a
+chart or a clock."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,8 @@ from engine.runs.events import Event
 MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run
 MAX_STEP = 2**53
 MAX_VALUE = 1e9  # a loss or learning rate beyond this is corrupt, and charts cannot scale to it
+MAX_TIME = 1e11  # seconds since 1970 (the year 5138): an event time beyond is corrupt
+PACE_LOGS = 10  # the ETA's step time: the mean over this many of the latest intervals between logged steps
 
 
 def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
@@ -42,6 +46,30 @@ def value(value: Any) -> float | None:
     return number(value, -MAX_VALUE, MAX_VALUE)
 
 
+def event_time(event: dict[str, Any]) -> float | None:
+    return number(event.get("time"), 0.0, MAX_TIME)
+
+
+def last_event_time(events: Iterable[dict[str, Any]]) -> float | None:
+    """When the last event (in file order) with a sound time was written: when the run was last heard of."""
+    times = [when for when in map(event_time, events) if when is not None]
+    return times[-1] if times else None
+
+
+def remaining_s(logged: Sequence[tuple[int, float]], total_steps: int) -> float | None:
+    """Seconds left at the recent pace. ``logged`` is (step, time) of each log of this training session, oldest
+    first; the step time is the mean over the last PACE_LOGS intervals between them. What came before the first log
+    (the first step's warm-up and compilation) is never counted, so there is no estimate before the second log."""
+    window = logged[-(PACE_LOGS + 1):]
+    if len(window) < 2:
+        return None
+    (first_step, first_time), (last_step, last_time) = window[0], window[-1]
+    if last_step <= first_step:
+        return None
+    per_step = max(last_time - first_time, 0.0) / (last_step - first_step)
+    return per_step * max(total_steps - last_step, 0)
+
+
 @dataclass(frozen=True)
 class LossSeries:
     """Training loss per logged step (a resumed run's repeated steps replace the old ones), its EMA, eval losses."""
@@ -61,8 +89,8 @@ class Progress:
     loss: float | None = None
     learning_rate: float | None = None
     tokens_per_s: float | None = None
-    elapsed_s: float | None = None
-    remaining_s: float | None = None  # None: not known yet, or the run is over
+    elapsed_s: float | None = None  # engine.runs.jobs.elapsed_s: the run's wall-clock time, as `tuner runs` shows
+    remaining_s: float | None = None  # None: not known yet (before the second log), or the run is over
 
 
 @dataclass(frozen=True)
@@ -98,15 +126,17 @@ class History:
         self.checkpoints: dict[int, tuple[str, float | None]] = {}
         self.start: dict[str, Any] | None = None
         self.last_log: dict[str, Any] | None = None
-        self.end: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self.last_seen: float | None = None  # the time of the last event: when a run that died was last heard of
         self._download: DownloadProgress | None = None
         self.version = 0
 
     def add(self, event: dict[str, Any]) -> None:
-        kind, step = event.get("type"), step_number(event.get("step"))
+        kind, step, when = event.get("type"), step_number(event.get("step")), event_time(event)
+        if when is not None:
+            self.last_seen = when
         if kind == Event.START:
-            self.start, self.end, self.error = event, None, None  # a resumed run starts again in the same file
+            self.start, self.error = event, None  # a resumed run starts again in the same file
             self._download = None
         elif kind == Event.DOWNLOAD:
             self._download = download_progress(event)
@@ -126,7 +156,7 @@ class History:
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
         elif kind == Event.END:
-            self.end, self._download = event, None
+            self._download = None
         elif kind == Event.ERROR:
             self.error = event
 
@@ -139,25 +169,21 @@ class History:
         return (LossSeries(tuple(self.steps), losses, ema(losses), tuple(self.eval_steps), tuple(self.eval_losses)),
                 tuple(self.learning_rates))
 
-    def progress(self, status_step: int, status_total: int | None, alive: bool, now: float) -> Progress:
-        """Elapsed and ETA run on between log events while the run is alive; they stop when it ends."""
+    def progress(self, status_step: int, status_total: int | None, alive: bool, now: float,
+                 elapsed_s: float | None) -> Progress:
+        """Progress as of the last log; ``elapsed_s`` comes from the run's status (``jobs.elapsed_s``). The ETA the
+        log carries counts down while the run is alive and is gone once it ends."""
         log = self.last_log or {}
-        elapsed, remaining = seconds(log.get("elapsed_s")), seconds(log.get("remaining_s"))
+        remaining = seconds(log.get("remaining_s"))
         logged_at = number(log.get("time"), 0.0)
         since = min(max(now - logged_at, 0.0), MAX_SECONDS) if alive and logged_at is not None else 0.0
-        if elapsed is not None:
-            elapsed += since
-        elif alive and self.start and number(self.start.get("time"), 0.0) is not None:
-            elapsed = seconds(now - self.start["time"])
-        if self.end and seconds(self.end.get("runtime_s")) is not None:
-            elapsed = seconds(self.end["runtime_s"])
         remaining = max(0.0, remaining - since) if alive and remaining is not None else None
         return Progress(
             step=max(step_number(log.get("step")) or 0, step_number(status_step) or 0),
             total_steps=step_number(log.get("total_steps")) or step_number(status_total),
             epoch=number(log.get("epoch"), 0.0, MAX_VALUE), loss=value(log.get("loss")),
             learning_rate=value(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
-            elapsed_s=elapsed, remaining_s=remaining,
+            elapsed_s=seconds(elapsed_s), remaining_s=remaining,
         )
 
 

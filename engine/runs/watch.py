@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.runs.events import EVENTS_FILE, EventReader
 from engine.runs.files import LogTail, printable_line, read_text
 from engine.runs.foreign import foreign_run
-from engine.runs.jobs import effective_state, why_failed
+from engine.runs.jobs import effective_state, elapsed_s, why_failed
 from engine.models.download import DownloadProgress
 from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
 from engine.runs.status import UNREADABLE, RunStatus, read_status
@@ -81,7 +81,7 @@ class RunWatcher:
         if status.state == UNREADABLE:
             return RunSnapshot(run_dir=str(self.run_dir), run_id=printable_line(status.id), state=UNREADABLE,
                                error=printable_line(status.error), log_tail=self._log.read())
-        h = self._history
+        h, now = self._history, self._clock()
         state = effective_state(status)
         start = h.start or {}
         estimate = start.get("estimate") if isinstance(start.get("estimate"), dict) else {}
@@ -91,7 +91,8 @@ class RunWatcher:
             state=state, error=why_failed(status, state, h.error), pid=status.pid, host=printable_line(status.host),
             model=_text(status.model or start.get("model")), method=_text(status.method or start.get("method")),
             device=_text(_device(start)),
-            progress=h.progress(status.step, status.total_steps, state in ("running", "queued"), self._clock()),
+            progress=h.progress(status.step, status.total_steps, state in ("running", "queued"), now,
+                                elapsed_s(status, state, h.last_seen, now)),
             loss=loss, learning_rates=learning_rates, checkpoints=self._checkpoints(),
             estimate_gib=number(estimate.get("total_gib"), 0.0, 1e6), log_tail=self._log.read(),
             config_text=read_text(self.run_dir / "config.yaml"),

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import TrainerCallback
 
 from engine.runs.events import Event, EventWriter
 from engine.runs.files import open_append
+from engine.runs.series import PACE_LOGS, remaining_s
 from engine.runs.status import RunStatus, finite, write_status
 from engine.runs.stop import StopRequest
 
@@ -105,14 +107,14 @@ class RunEvents(TrainerCallback):
         self.status = status
         self.trainer_log = TrainerLog(self.run_dir / "trainer_log.jsonl")
         self.start_time = time.time()
-        self.start_step = 0
         self.last_time = self.start_time
         self.last_tokens = 0
+        self.logged: deque[tuple[int, float]] = deque(maxlen=PACE_LOGS + 1)  # (step, time): the ETA's pace
         self.peak_memory: dict[str, float] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_time = self.last_time = time.time()
-        self.start_step = state.global_step
+        self.logged.clear()
         self.last_tokens = state.num_input_tokens_seen
         self.trainer_log.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
         self.status.total_steps = state.max_steps
@@ -132,8 +134,8 @@ class RunEvents(TrainerCallback):
         tokens_per_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, tokens
         elapsed = now - self.start_time
-        done = state.global_step - self.start_step
-        remaining = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        self.logged.append((state.global_step, now))
+        remaining = remaining_s(tuple(self.logged), state.max_steps)
         memory = gpu_memory_gib()
         if memory:
             self.peak_memory = memory

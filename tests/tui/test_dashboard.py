@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from textual.widgets import Static
 from tui_helpers import recorded, shown, until
 
+from engine.cli import main
 from engine.errors import UserError
+from engine.runs.events import read_events
+from engine.runs.jobs import find_job, job_row
 from engine.runs.process import pid_start_time
+from engine.runs.series import remaining_s
 from engine.runs import RunStatus, read_status, write_status
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.screen import DashboardScreen
@@ -204,12 +210,86 @@ async def test_stop_on_a_finished_run_only_says_so(finished_run):
         assert [n.message for n in app._notifications] == ["the run is completed: there is nothing to stop"]
 
 
-async def test_no_gpu_shows_the_probe_message(finished_run):
+async def test_no_gpu_shows_the_machines_memory_and_the_probe_message(finished_run):
     app = dashboard(finished_run, machine="none")
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, sampled(app), "the first samples")
-        assert shown(app.screen.query_one(GpuPanel)).startswith(
-            "no NVIDIA GPU found (NVML Shared Library Not Found)")
+        lines = shown(app.screen.query_one(GpuPanel)).splitlines()
+        assert lines[:2] == ["no process of the run", f"machine · {psutil.cpu_count()} cores"]
+        assert lines[2].startswith("mem ") and lines[2].endswith(f"/{psutil.virtual_memory().total / 2**30:.0f} GiB")
+        assert lines[3].startswith("no NVIDIA GPU found (NVML Shared Library Not Found)")
+        assert app.screen.query_one("#gpus").border_title == "CPU and memory"
+
+
+@pytest.fixture
+def process_tree():
+    """A live stand-in for a run's trainer with two worker processes of its own."""
+    process = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    yield process
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+async def test_without_a_gpu_the_panel_shows_the_cpu_and_memory_of_the_runs_processes(tmp_path, process_tree):
+    app = dashboard(running_run(tmp_path, process_tree.pid), machine="none")
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.screen.query_one(GpuPanel)
+        await until(pilot, lambda: "this run · 3 processes" in shown(panel) and " %" in shown(panel),
+                    "two readings of the run's three processes")
+        lines = shown(panel).splitlines()
+        assert lines[0] == "this run · 3 processes"
+        assert lines[1].startswith("cpu ") and lines[1].endswith(" %")
+        assert lines[2].startswith("rss ") and lines[2].endswith(" MiB")  # three sleeps hold a few MiB
+        assert lines[3] == f"machine · {psutil.cpu_count()} cores" and lines[4].startswith("mem ")
+        assert lines[5].startswith("no NVIDIA GPU found")
+        host = panel.gpus.host
+        assert host.cpu_pct is not None and 0 < host.rss_gib < 1
+
+
+@pytest.mark.parametrize("ending", ["completed", "died"])
+async def test_the_dashboard_and_tuner_runs_show_the_same_elapsed_time(run_copy, ending):
+    if ending == "died":  # its process is gone without an end: both stop its clock at its last event
+        status = read_status(run_copy)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        status.state, status.ended_at, status.pid = "running", None, gone.pid
+        write_status(run_copy, status)
+    row = job_row(find_job(str(run_copy)))
+    assert row["state"] == ("completed" if ending == "completed" else "failed") and row["elapsed"]
+    app = dashboard(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, sampled(app), "the first samples")
+        assert f"{row['elapsed']} elapsed" in stats(app)
+
+
+async def test_tuner_runs_prints_the_elapsed_time_the_dashboard_shows(finished_run, state_home, capsys):
+    assert main(["runs"]) == 0
+    run_id = read_status(finished_run).id
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(run_id))
+    app = dashboard(finished_run)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, sampled(app), "the first samples")
+        elapsed = stats(app).split(" elapsed")[0].rsplit(" ", 1)[-1]
+    assert row.split()[-1] == elapsed
+
+
+async def test_the_eta_comes_with_the_second_log_at_the_pace_since_the_first(finished_run, tmp_path, sleeper):
+    logs = [event for event in read_events(finished_run) if event["type"] == "log"]
+    assert logs[0]["remaining_s"] is None  # until the first log: the first step's warm-up, no pace to go by
+    pace = remaining_s([(event["step"], event["time"]) for event in logs[:2]], 20)
+    assert logs[1]["remaining_s"] == pytest.approx(pace, abs=0.2)
+
+    run_dir = running_run(tmp_path, sleeper.pid)
+    now = time.time()
+    first = json.loads(log_event(10, 6.8, total=100)) | {"time": now, "remaining_s": None}
+    append(run_dir / "events.jsonl", json.dumps(first) + "\n")
+    app = dashboard(run_dir)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: "step 10/100" in stats(app), "the first log")
+        assert "ETA" not in stats(app)
+        second = json.loads(log_event(20, 6.7, total=100)) | {"time": time.time(), "remaining_s": 80.0}
+        append(run_dir / "events.jsonl", json.dumps(second) + "\n")
+        await until(pilot, lambda: "ETA 0:01:" in stats(app), "the ETA from the second log")
 
 
 async def test_a_failing_probe_is_one_notification_and_the_rest_keeps_updating(run_copy):

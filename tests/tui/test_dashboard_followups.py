@@ -52,13 +52,12 @@ async def test_chat_with_a_finished_run_streams_a_reply(run_copy, state_home):
         await until(pilot, ended(app), "the run to be read")
         await pilot.press("c")
         assert isinstance(app.screen, ChatScreen)
-        await until(pilot, lambda: app.screen.session is not None, "the model to load", timeout=60)
+        await until(pilot, lambda: app.screen.session is not None, "the model to load")
         assert "template llama2" in shown(app.screen.query_one("#status", Static))
         prompt = app.screen.query_one("#prompt", Input)
         assert app.focused is prompt
         await pilot.press(*"hello", "enter")
-        await until(pilot, lambda: not prompt.disabled and len(app.screen.query(Turn)) == 2, "the reply",
-                    timeout=60)
+        await until(pilot, lambda: not prompt.disabled and len(app.screen.query(Turn)) == 2, "the reply")
         user, answer = app.screen.query(Turn)
         assert user.text == "hello" and answer.role == "assistant"
         assert app.screen.session.history[-1] == {"role": "assistant", "content": answer.text}

@@ -10,10 +10,11 @@ import os
 from textual.widgets import Input, Static
 from tui_helpers import recorded, shown, until
 
+from engine.cli import main
 from engine.infer.predict import score_line
 from engine.runs.tasks import PredictProgress, TaskResult, read_task, result_path_for
 from tuner_tui.dashboard.screen import DashboardScreen
-from tuner_tui.followup.tasks import PredictScreen, TaskState, progress_text, short_duration
+from tuner_tui.followup.tasks import ExportScreen, PredictScreen, TaskState, progress_text, short_duration
 from tuner_tui.monitor import MonitorApp
 
 FAST = {"interval_s": 0.1, "gpu_interval_s": 0.1}
@@ -26,6 +27,14 @@ def monitor(run_dir) -> MonitorApp:
 async def predict_form(pilot, app) -> PredictScreen:
     await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
     await pilot.press("p")
+    screen = app.screen
+    await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
+    return screen
+
+
+async def export_form(pilot, app) -> ExportScreen:
+    await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
+    await pilot.press("e")
     screen = app.screen
     await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
     return screen
@@ -102,7 +111,7 @@ async def test_leaving_the_chat_stops_its_reply_at_the_next_piece(run_copy, stat
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
         chat = ChatScreen(run_copy, max_new_tokens=1500)  # minutes of CPU if it ran to the end
         app.push_screen(chat)
-        await until(pilot, lambda: chat.session is not None, "the model to load", timeout=60)
+        await until(pilot, lambda: chat.session is not None, "the model to load")
         ended, reply = [], chat.session.reply
 
         def observed(*args, **kwargs):
@@ -114,9 +123,38 @@ async def test_leaving_the_chat_stops_its_reply_at_the_next_piece(run_copy, stat
 
         chat.session.reply = observed
         await pilot.press(*"hello", "enter")
-        await until(pilot, lambda: len(chat.query(Turn)) == 2 and chat.query(Turn)[1].text, "the first piece",
-                    timeout=60)
+        await until(pilot, lambda: len(chat.query(Turn)) == 2 and chat.query(Turn)[1].text, "the first piece")
         await pilot.press("escape")
         assert isinstance(app.screen, DashboardScreen)
-        await until(pilot, lambda: ended, "the reply to stop", timeout=30)
+        await until(pilot, lambda: ended, "the reply to stop")
         assert isinstance(ended[0], ReplyAbandoned)
+
+
+async def test_the_export_form_of_a_lora_run_says_its_adapter_is_merged(run_copy, state_home):
+    app = monitor(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await export_form(pilot, app)
+        assert shown(screen.query_one("#note", Static)).startswith("the LoRA adapter is merged into its base")
+        assert "merge" not in shown(screen.query_one("#title", Static))
+
+
+async def test_the_export_of_a_full_fine_tune_says_there_is_no_adapter_and_saves_the_model(tiny_models, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    run_dir, exported = tmp_path / "full", tmp_path / "exported"
+    assert main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--output_dir",
+                 str(run_dir), "--finetuning_type", "full", "--max_steps", "2", "--logging_steps", "1"]) == 0
+    app = monitor(run_dir)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await export_form(pilot, app)
+        note = shown(screen.query_one("#note", Static))
+        assert note.startswith("a full or freeze fine-tune has no adapter to merge: the trained model is saved again")
+        assert "merge" not in shown(screen.query_one("#title", Static))
+        screen.query_one("#export_dir", Input).value = str(exported)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: shown(screen.query_one("#status", Static)).startswith("finished"),
+                    "the export to finish", timeout=120)
+        assert "match the fine-tuned model within" in shown(screen.query_one("#result", Static))
+    log = next(run_dir.glob("export-*.log")).read_text()
+    assert "no adapter to merge (a full or freeze fine-tune, or any whole model), so it is saved again" in log
+    assert "with adapter" not in log and (exported / "model.safetensors").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import datetime, timezone
 
 from tui_helpers import recorded
 
@@ -52,7 +53,8 @@ def test_log_tail_shows_the_last_lines_as_a_terminal_would(tmp_path):
 
 
 def test_resumed_run_replaces_the_steps_it_repeats(tmp_path):
-    write_status(tmp_path, RunStatus(id="r", name="r", state="completed", pid=1, total_steps=20, step=20))
+    write_status(tmp_path, RunStatus(id="r", name="r", state="completed", pid=1, total_steps=20, step=20,
+                                     started_at="2025-01-01T00:00:00+00:00", ended_at="2025-01-01T00:00:42+00:00"))
     (tmp_path / "events.jsonl").write_text(
         line(type="start", time=0.0) + "".join(line(type="log", step=s, loss=float(s), learning_rate=0.1, time=1.0)
                                                for s in (5, 10, 15)) +
@@ -68,7 +70,8 @@ def test_resumed_run_replaces_the_steps_it_repeats(tmp_path):
 
 def test_running_run_counts_elapsed_and_eta_on_between_log_events(tmp_path):
     write_status(tmp_path, RunStatus(id="r", name="r", state="running", pid=os.getpid(),
-                                     pid_started_at=pid_start_time(os.getpid()), host=socket.gethostname()))
+                                     pid_started_at=pid_start_time(os.getpid()), host=socket.gethostname(),
+                                     started_at=datetime.fromtimestamp(900.0, timezone.utc).isoformat()))
     (tmp_path / "events.jsonl").write_text(line(type="log", step=10, total_steps=40, loss=1.0, elapsed_s=100.0,
                                                 remaining_s=300.0, time=1000.0))
     now = [1000.0]

@@ -52,16 +52,16 @@ async def test_a_template_unlike_the_models_chat_template_is_warned_beside_it(ti
         template = app.screen.query_one("#template-select", Select)
         await until(pilot, lambda: template.value == "llama2", "the model's template")
         await until(pilot, lambda: "renders like the model's own chat_template" in shown(note(app)),
-                    "the template compared", timeout=30)
+                    "the template compared")
         assert not note(app).has_class("warning")
 
         template.value = "chatml"
-        await until(pilot, lambda: "differs from the chat_template" in shown(note(app)), "the warning", timeout=30)
+        await until(pilot, lambda: "differs from the chat_template" in shown(note(app)), "the warning")
         assert note(app).has_class("warning") and shown(note(app)).startswith("⚠ template 'chatml'")
         assert note(app).region.height > 0
 
         template.value = "llama2"
-        await until(pilot, lambda: not note(app).has_class("warning"), "the warning to go", timeout=30)
+        await until(pilot, lambda: not note(app).has_class("warning"), "the warning to go")
         assert "renders like" in shown(note(app))
 
 
@@ -71,7 +71,7 @@ async def test_a_model_without_a_chat_template_gets_a_muted_note_not_a_warning(t
     app = wizard(tmp_path, model_name_or_path=str(model))
     async with app.run_test(size=(80, 24)) as pilot:
         await open_data_step(pilot, app)
-        await until(pilot, lambda: "no chat_template" in shown(note(app)), "the note", timeout=30)
+        await until(pilot, lambda: "no chat_template" in shown(note(app)), "the note")
         assert not note(app).has_class("warning")
         app.screen.query_one("#template-select", Select).value = "chatml"
         await until(pilot, lambda: app.choices.values.get("template") == "chatml", "the template chosen")
@@ -83,7 +83,7 @@ async def test_histogram_marks_cutoff_len_and_follows_a_change_made_on_step_5(ti
     app = wizard(tmp_path, model_name_or_path="tiny-llama", dataset="demo_sharegpt", cutoff_len="64")
     async with app.run_test(size=(120, 40)) as pilot:
         await open_data_step(pilot, app)
-        await until(pilot, lambda: "cutoff_len 64:" in preview(app), "the histogram", timeout=60)
+        await until(pilot, lambda: "cutoff_len 64:" in preview(app), "the histogram")
         over = re.search(r"cutoff_len 64: (\d+) of 200 longer", preview(app))
         assert over and 0 < int(over[1]) < 200
         assert f"{over[1]} over cutoff_len" in preview(app)
@@ -96,7 +96,7 @@ async def test_histogram_marks_cutoff_len_and_follows_a_change_made_on_step_5(ti
         await pilot.pause()
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DataStep), "back on step 4")
-        await until(pilot, lambda: "cutoff_len 128: 0 of 200 longer" in preview(app), "the new cutoff", timeout=60)
+        await until(pilot, lambda: "cutoff_len 128: 0 of 200 longer" in preview(app), "the new cutoff")
         assert "cutoff_len 64" not in preview(app) and "0 over cutoff_len" in preview(app)
         assert cutoff_marked_between_buckets(preview(app), 128)
 
@@ -133,7 +133,7 @@ async def test_browse_picks_a_data_file_by_keyboard_or_mouse_and_esc_cancels(tin
         await until(pilot, lambda: isinstance(app.screen, DataStep), "back on step 4")
         assert field.value == str(folder / "sums.jsonl") and app.choices.values["dataset"] == field.value
         assert field.has_focus
-        await until(pilot, lambda: "tokens: 5 samples" in preview(app), "the picked file previewed", timeout=60)
+        await until(pilot, lambda: "tokens: 5 samples" in preview(app), "the picked file previewed")
 
         # Esc closes the picker and keeps the field; the Parent folder button goes up
         await pilot.click("#browse")
@@ -156,4 +156,4 @@ async def test_browse_picks_a_data_file_by_keyboard_or_mouse_and_esc_cancels(tin
         await pilot.click(DataFileTree, offset=(12, more.children[0].line))
         await until(pilot, lambda: isinstance(app.screen, DataStep), "picked by mouse")
         assert field.value == str(folder / "more" / "other.jsonl")
-        await until(pilot, lambda: "tokens: 3 samples" in preview(app), "the other file previewed", timeout=60)
+        await until(pilot, lambda: "tokens: 3 samples" in preview(app), "the other file previewed")

@@ -26,7 +26,7 @@ async def test_a_hub_model_shows_what_the_run_will_download_and_the_room_for_it(
     async with app.run_test(size=(120, 40)) as pilot:
         await model_step(pilot, app, "org/tiny")
         resolved = app.screen.query_one("#resolved", Static)
-        await until(pilot, lambda: shown(resolved).startswith("✔ on the hub"), "the plan", timeout=30)
+        await until(pilot, lambda: shown(resolved).startswith("✔ on the hub"), "the plan")
         text = " ".join(shown(resolved).split())
         assert "downloaded when the run starts, its progress on the dashboard" in text
         assert "to fetch, 812.0 GB free at" in text and str(tmp_path / "hf" / "hub") in text, text
@@ -36,7 +36,7 @@ async def test_a_gated_model_says_how_to_get_access_at_the_model_step(hub, tmp_p
     app = wizard("a100-80gb", tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         await model_step(pilot, app, "org/gated")
-        await until(pilot, lambda: "gated" in error(app, "model_name_or_path"), "the refusal", timeout=30)
+        await until(pilot, lambda: "gated" in error(app, "model_name_or_path"), "the refusal")
         message = " ".join(error(app, "model_name_or_path").split())
         assert f"accept its licence at {hub.url}/org/gated" in message and "hf auth login" in message, message
 
@@ -46,7 +46,7 @@ async def test_a_model_too_big_for_the_disk_is_refused_at_the_model_step(hub, tm
     app = wizard("a100-80gb", tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         await model_step(pilot, app, "org/tiny")
-        await until(pilot, lambda: "free at" in error(app, "model_name_or_path"), "the refusal", timeout=30)
+        await until(pilot, lambda: "free at" in error(app, "model_name_or_path"), "the refusal")
         assert "HF_HOME" in error(app, "model_name_or_path")
 
 
@@ -55,5 +55,5 @@ async def test_a_gated_model_with_the_token_typed_in_the_wizard_resolves(hub, tm
     async with app.run_test(size=(120, 40)) as pilot:
         await model_step(pilot, app, "org/gated")
         resolved = app.screen.query_one("#resolved", Static)
-        await until(pilot, lambda: shown(resolved).startswith("✔ on the hub"), "the plan", timeout=30)
+        await until(pilot, lambda: shown(resolved).startswith("✔ on the hub"), "the plan")
         assert "architecture unknown" not in shown(resolved) and not error(app, "model_name_or_path")

@@ -41,7 +41,7 @@ async def test_four_of_eight_gpus_recommend_zero3_and_the_choice_reaches_the_sav
         note = app.screen.query_one("#strategy-note", Static)
         assert shown(note).startswith("recommended for 4 GPUs: FSDP or ZeRO-3 (strategy zero3)")
         reason = app.screen.query_one("#reason", Static)
-        await until(pilot, lambda: "with FSDP or ZeRO-3 (strategy zero3) is the best method" in shown(reason),
+        await until(pilot, lambda: "with FSDP or ZeRO-3 (strategy zero3) is recommended" in shown(reason),
                     "the reason naming the strategy")
         assert app.screen.query_one("#row-strategy").display and app.screen.check_action("strategy", ())
         await pilot.press("ctrl+t")
@@ -105,4 +105,4 @@ async def test_one_gpu_offers_no_strategy_and_runs_one_process(tmp_path):
         flat = app.choices.flat()
         assert flat["nproc_per_node"] == "1" and "strategy" not in flat  # the saved YAML trains on one GPU too
         reason = shown(app.screen.query_one("#reason", Static))
-        assert "strategy" not in reason and "is the best method that fits" in reason
+        assert "strategy" not in reason and "is recommended" in reason

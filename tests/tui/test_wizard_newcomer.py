@@ -1,6 +1,6 @@
 """The wizard as a newcomer meets it: the machine check on step 1, a model preselected and the catalog walked from
-its filter, signs while things load, a deliberate start, the seed table only beside a model it describes, and the
-demo model's recipe. Pilot on recorded GPU states, the real doctor checks of this CPU machine (the hub left offline
+its filter, signs while things load, a deliberate start, LLaMA-Factory's table only beside a model it describes, and
+the demo model's recipe. Pilot on recorded GPU states, the real doctor checks of this CPU machine (the hub left offline
 by tests/conftest.py) and the tiny demo models."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def open_step(pilot, app, step) -> None:
     await pilot.pause()
 
 
-async def test_a_newcomer_reaches_a_started_run_in_at_most_12_key_presses(tiny_models, tmp_path, monkeypatch):
+async def test_a_newcomer_reaches_a_started_run_with_one_enter_per_step_and_ctrl_r(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.chdir(tmp_path)
     app = wizard("none", tmp_path)
@@ -54,21 +54,20 @@ async def test_a_newcomer_reaches_a_started_run_in_at_most_12_key_presses(tiny_m
             await press("enter")  # Next is focused
             await on_step(pilot, app, ModelStep)
             await until(pilot, lambda: app.choices.values.get("model_name_or_path") == "tiny-llama", "the preselection")
-            await press("enter")  # the empty filter takes the highlighted model
-            await press("enter")  # the model's field goes on
+            await press("enter")  # the empty filter takes the highlighted model and goes on
             await on_step(pilot, app, MethodStep)
             await until(pilot, lambda: app.screen.query_one(DataTable).row_count == 5, "the estimates")
             await press("enter")  # the recipe's method, full, is highlighted
             await on_step(pilot, app, DataStep)
             await until(pilot, lambda: app.choices.values.get("dataset") == "demo_alpaca", "the demo data")
-            await press("ctrl+n")
+            await press("enter")  # the template's drop-down is focused: closed, Enter goes on
             await on_step(pilot, app, HyperparametersStep)
-            await press("ctrl+n")
+            await press("enter")
             await on_step(pilot, app, ReviewStep)
             await press("ctrl+r")
             await on_step(pilot, app, DashboardScreen)
             assert app.run_dir is not None and app.run_dir.is_dir()
-        assert presses <= 12, presses
+        assert presses == 6, presses
         config = yaml.safe_load((app.run_dir / "config.yaml").read_text().replace("### ", "# "))
         assert (config["finetuning_type"], config["max_steps"], config["learning_rate"]) == ("full", 300, 3e-3)
     finally:
@@ -95,7 +94,7 @@ async def test_hardware_step_shows_the_doctors_problems_with_their_fixes_after_a
 
     real_extras, real_disk = checks.check_extras, checks.check_disk
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(checks, "torch_info", lambda: checks.TorchInfo("2.13.0+cpu", None, False, 0))
+    monkeypatch.setattr(checks, "torch_info", lambda see_gpus: checks.TorchInfo("2.13.0+cpu", None, None, None))
     monkeypatch.setattr(checks, "check_extras", lambda on_gpu: real_extras(on_gpu, find_spec=lambda module: None))
     monkeypatch.setattr(checks, "check_disk",
                         lambda places: real_disk(places, usage=lambda path: usage(1 << 40, 1 << 39, 1 << 39)))
@@ -113,15 +112,16 @@ async def test_hardware_step_shows_the_doctors_problems_with_their_fixes_after_a
         await until(pilot, lambda: "A100-SXM4-80GB" in shown(app.screen.query_one("#gpu-info")), "the GPUs")
         assert shown(doctor) == CHECKING  # the probe's result does not wait for the checks
         release.set()
-        await until(pilot, lambda: "Machine check:" in shown(doctor), "the findings", timeout=60)
+        await until(pilot, lambda: "Machine check:" in shown(doctor), "the findings")
         text = shown(doctor)
         # a CPU torch on the recorded A100: the wheel for its driver, as `tuner doctor` says
         assert "✘ driver: driver 550.54.15 (supports CUDA 12.4), but torch" in text
         assert ("fix: pip uninstall -y torch && pip install torch --index-url https://download.pytorch.org/whl/cu124"
                 in text)
         assert "⚠ flash-attn: flash-attn not installed" in text and "fix: pip install flash-attn" in text
-        assert "⚠ hub: offline mode (HF_HUB_OFFLINE=1)" in text
-        assert text.index("✘") < text.index("⚠") and "✔ " in text and "disk" in text.rsplit("✔", 1)[1]
+        assert "ℹ hub: offline mode (HF_HUB_OFFLINE=1)" in text  # a note, not a problem
+        assert text.index("✘") < text.index("⚠") < text.index("ℹ") and "✔ " in text
+        assert "disk" in text.rsplit("✔", 1)[1]
         assert app.findings and any(f.state == "problem" for f in app.findings)
         await pilot.press("enter")
         await on_step(pilot, app, ModelStep)  # findings inform; they do not block
@@ -144,15 +144,17 @@ async def test_model_step_preselects_a_demo_model_and_the_filter_walks_the_catal
 
         await pilot.press("down")  # from the filter, through the list
         assert catalog.highlighted == 1 and app.screen.focused.id == "filter"
-        await pilot.press("down", "up", "enter")
-        assert field.value == "tiny-mistral" and app.screen.focused is field
+        await pilot.press("down", "up", "enter")  # Enter takes the highlighted model and goes on
+        await on_step(pilot, app, MethodStep)
+        assert app.choices.values["model_name_or_path"] == "tiny-mistral"
 
-        app.screen.query_one("#filter", Input).focus()
-        await pilot.press("enter")  # empty filter: the highlighted model, not "type a model"
-        assert field.value == "tiny-mistral" and not error(app, "model_name_or_path") and app.screen.focused is field
+        await pilot.press("escape")
+        await on_step(pilot, app, ModelStep)
+        assert field.value == "tiny-mistral" and app.screen.focused is field
         app.screen.query_one("#filter", Input).focus()
         await pilot.press(*"mixtral", "enter")
-        assert field.value == "tiny-mixtral"
+        await on_step(pilot, app, MethodStep)
+        assert app.choices.values["model_name_or_path"] == "tiny-mixtral"
 
 
 async def test_a_model_being_checked_shows_a_sign_and_no_stale_message(tmp_path):
@@ -195,9 +197,9 @@ async def test_the_data_preview_shows_a_sign_while_it_loads_and_keeps_the_last_o
             await until(pilot, lambda: "previewing the data…" in shown(busy), "the sign")
         finally:
             PREVIEWING.release()
-        await until(pilot, lambda: "cutoff_len 64:" in preview(app), "the preview", timeout=60)
+        await until(pilot, lambda: "cutoff_len 64:" in preview(app), "the preview")
         await until(pilot, lambda: not shown(busy) and shown(app.screen.query_one("#template-note")),
-                    "the sign to go", timeout=60)
+                    "the sign to go")
         note = shown(app.screen.query_one("#template-note"))
 
         PREVIEWING.acquire()
@@ -207,7 +209,7 @@ async def test_the_data_preview_shows_a_sign_while_it_loads_and_keeps_the_last_o
             assert "cutoff_len 64:" in preview(app) and shown(app.screen.query_one("#template-note")) == note
         finally:
             PREVIEWING.release()
-        await until(pilot, lambda: "of 200 longer" in preview(app), "the new preview", timeout=60)
+        await until(pilot, lambda: "of 200 longer" in preview(app), "the new preview")
 
         app.pop_screen()  # leaving and coming back: the last preview shows at once
         await app.push_screen(DataStep())
@@ -215,7 +217,7 @@ async def test_the_data_preview_shows_a_sign_while_it_loads_and_keeps_the_last_o
         assert "of 200 longer" in preview(app) and shown(app.screen.query_one("#template-note")) == note
 
 
-async def test_the_seed_table_column_shows_only_beside_a_model_its_figures_are_for(tmp_path):
+async def test_the_llamafactory_column_shows_only_beside_a_model_its_figures_are_for(tmp_path):
     model = tmp_path / "llama2-7b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA2_7B))
@@ -229,9 +231,9 @@ async def test_the_seed_table_column_shows_only_beside_a_model_its_figures_are_f
             reason = shown(app.screen.query_one("#reason"))
             assert len(headers) == columns
             if columns == 4:
-                assert headers[3] == "Seed table 7B GB" and str(table.get_row("full")[3]) == "160"
+                assert headers[3] == "LLaMA-Factory GB" and str(table.get_row("full")[3]) == "160"
             else:
-                assert "seed table is left out: its nearest figures are for 7B models" in reason
+                assert "README VRAM table left out: its nearest figures are for 7B models" in reason
 
 
 def test_a_demo_models_recipe_applies_whole_or_not_at_all():

@@ -119,7 +119,7 @@ async def test_advanced_settings_are_collapsed_show_defaults_and_are_checked_as_
         await until(pilot, lambda: not error(app, "bf16"), "the message to clear")
 
         await type_into(pilot, app, "optim", "adamw_8bt")
-        await until(pilot, lambda: error(app, "optim"), "the optimizer look-up")
+        await until(pilot, lambda: error(app, "optim"), "the optimizer look-up")  # imports transformers
         assert error(app, "optim").startswith("optim 'adamw_8bt' is not an optimizer transformers knows: did you "
                                               "mean adamw_8bit")
         await type_into(pilot, app, "optim", "paged_adamw_8bit")
@@ -205,15 +205,15 @@ async def test_keyboard_alone_walks_the_wizard_at_80x24(tiny_models, tmp_path):
         await on_step(pilot, app, ModelStep)
         assert app.screen.focused.id == "filter"
         await until(pilot, lambda: app.screen.query_one("#catalog").option_count > 3, "the catalog")
-        await pilot.press(*"tiny-ll", "enter")  # Enter in the filter takes the model shown
-        assert app.screen.query_one("#model_name_or_path", Input).value == "tiny-llama"
-        assert app.screen.focused.id == "model_name_or_path"
-        await pilot.press("enter")
+        await pilot.press(*"tiny-ll", "enter")  # Enter in the filter takes the model shown and goes on
 
         await on_step(pilot, app, MethodStep)
+        assert app.choices.values["model_name_or_path"] == "tiny-llama"
         table = app.screen.query_one("#methods", DataTable)
         assert app.screen.focused is table
         await until(pilot, lambda: table.row_count == 5, "the estimates")
+        await pilot.press("down", "down")  # LoRA, whose settings show (the demo recipe's full method has none)
+        await until(pilot, lambda: app.screen.query_one("#row-lora_target").display, "LoRA's settings")
         assert "lora_target" in await tab_to(pilot, app)
         await shift_tab_to(pilot, app, app.screen.query_one("#lora_target"))
         await pilot.press("enter")

@@ -74,11 +74,14 @@ def test_mixtral_qlora_8bit_keeps_experts_16bit():
     assert not recommend(RunShape(MIXTRAL, method="qlora-8bit"), 80.0).rows[3].fits
 
 
-def test_llama2_70b_on_8x80gb_shards_with_zero3_instead_of_ddp():
+def test_llama2_70b_on_8x80gb_shards_lora_with_zero3_instead_of_ddp():
     advice = recommend(RunShape(LLAMA2_70B, num_gpus=8), 80.0)
-    assert advice.strategy == "zero3" and advice.method == "freeze"
-    assert "with FSDP or ZeRO-3 (strategy zero3)" in advice.reason
-    assert "no 16-bit method fits with DDP or ZeRO-2" in advice.reason
+    assert advice.strategy == "zero3" and advice.method == "lora"
+    assert advice.reason == ("LoRA (16-bit) with FSDP or ZeRO-3 (strategy zero3) is recommended: 22.413 GiB of 72 GiB "
+                             "usable per GPU (80 GiB less a 10% margin) over 8 GPUs; LoRA (16-bit) does not fit with "
+                             "DDP or ZeRO-2")
+    assert advice.why.startswith("why: LoRA whenever it fits") and advice.why.endswith(
+        "Freeze also fits, to train whole layers")  # under ZeRO-3, the strategy recommended
     lora_zero3 = estimate(RunShape(LLAMA2_70B, method="lora", num_gpus=8, sharding="zero3"))
     assert lora_zero3.total_gib <= 72.0 < estimate(RunShape(LLAMA2_70B, method="lora", num_gpus=8)).total_gib
     assert advice.to_json()["strategy"] == "zero3"
@@ -87,12 +90,13 @@ def test_llama2_70b_on_8x80gb_shards_with_zero3_instead_of_ddp():
 def test_llama2_7b_lora_on_2x24gb_stays_ddp():
     advice = recommend(RunShape(LLAMA2_7B, num_gpus=2), 24.0)
     assert (advice.method, advice.strategy) == ("lora", "ddp")
-    assert advice.reason.startswith("LoRA (16-bit) with DDP (strategy ddp) is the best method that fits: ")
+    assert advice.reason.startswith("LoRA (16-bit) with DDP (strategy ddp) is recommended: ")
 
 
 def test_quantized_under_a_sharded_strategy_beats_offload():
     advice = recommend(RunShape(LLAMA2_70B, num_gpus=4), 24.0)
     assert (advice.method, advice.strategy) == ("qlora-4bit", "zero3")
+    assert advice.reason.endswith("; LoRA (16-bit) does not fit without CPU offload, nor QLoRA with DDP or ZeRO-2")
 
 
 def test_offload_is_chosen_only_when_nothing_else_fits():
@@ -106,7 +110,7 @@ def test_offload_is_chosen_only_when_nothing_else_fits():
 
 def test_one_gpu_has_no_strategy():
     advice = recommend(RunShape(LLAMA2_7B, batch_size=4), 80.0)
-    assert advice.strategy is None and advice.method == "freeze"
+    assert advice.strategy is None and advice.method == "lora"
 
 
 def test_estimate_command_shows_the_strategy_and_the_recommended_one(capsys):
@@ -119,4 +123,4 @@ def test_estimate_command_shows_the_strategy_and_the_recommended_one(capsys):
                  "--gpu_memory_gib", "80"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
     assert "8 GPUs with FSDP or ZeRO-3 (strategy zero3)" in out
-    assert "with FSDP or ZeRO-3 (strategy zero3) is the best method that fits" in out
+    assert "with FSDP or ZeRO-3 (strategy zero3) is recommended" in out

@@ -21,11 +21,12 @@ from engine.runs.checkpoints import discard_incomplete, last_complete
 from engine.runs.events import Event, EventReader, EventWriter, read_events
 from engine.runs.files import open_append, printable
 from engine.runs.index import entries, index_path, register
-from engine.runs.jobs import effective_state, find_job, list_jobs, stop_job
+from engine.process_usage import ProcessReading, UsageReading, cpu_percent
+from engine.runs.jobs import clock, effective_state, elapsed_s, find_job, list_jobs, stop_job
 from engine.runs.launch import saved_config
 from engine.runs.lock import RunLock
 from engine.runs.process import is_run_process, signal_run
-from engine.runs.series import History
+from engine.runs.series import History, last_event_time, remaining_s
 from engine.runs.process import pid_start_time
 from engine.runs.status import RunStatus, read_status, write_status
 from engine.runs.stop import StopRequest
@@ -120,11 +121,46 @@ def test_hostile_numbers_are_folded_out_of_the_series_and_clocks(tmp_path):
                   {"type": "eval", "step": 4, "eval_loss": -1e308}, {"type": "checkpoint", "step": True},
                   {"type": "end", "runtime_s": 1e308}):
         history.add(event)
-    progress = history.progress(status_step=3, status_total=None, alive=True, now=100.0)
+    progress = history.progress(status_step=3, status_total=None, alive=True, now=100.0, elapsed_s=1e308)
     assert history.steps == [3] and history.losses == [2.0] and history.learning_rates == [0.0]
     assert history.eval_steps == [] and history.checkpoints == {}
     assert progress.elapsed_s is None and progress.remaining_s is None and progress.total_steps is None
     assert progress.learning_rate is None and progress.epoch is None and progress.tokens_per_s is None
+
+
+def test_elapsed_is_the_runs_wall_clock_from_its_start_to_its_end_or_now_or_when_last_heard_of():
+    start = 1735689600.0  # 2025-01-01 00:00:00 UTC
+    ended = RunStatus(id="r", name="r", state="completed", started_at="2025-01-01T00:00:00+00:00",
+                      ended_at="2025-01-01T00:03:36+00:00")
+    assert elapsed_s(ended, "completed", last_seen=start + 999, now=start + 9999) == 216.0
+    running = RunStatus(id="r", name="r", state="running", started_at="2025-01-01T00:00:00+00:00")
+    assert elapsed_s(running, "running", last_seen=start + 10, now=start + 229.5) == 229.5
+    assert elapsed_s(running, "failed", last_seen=start + 10, now=start + 229.5) == 10.0  # died without an end
+    assert elapsed_s(running, "failed", last_seen=None, now=start + 229.5) is None
+    assert [clock(s) for s in (216.0, 229.9, 90061.0, None)] == ["0:03:36", "0:03:49", "25:01:01", ""]
+    events = [{"type": "log", "time": start + 5}, {"type": "end", "time": 1e308}, {"type": "end"}]
+    assert last_event_time(events) == start + 5 and last_event_time([]) is None
+
+
+def test_the_eta_takes_the_pace_of_recent_logs_and_never_the_warm_up_before_the_first():
+    assert remaining_s([(5, 100.0)], 20) is None  # the first log's time holds the warm-up: no pace yet
+    assert remaining_s([(5, 100.0), (10, 110.0), (15, 118.0)], 20) == 9.0  # 18 s over 10 steps, 5 steps left
+    slow_start = [(0, 0.0), (1, 10.0), (2, 20.0)] + [(step, 18.0 + step) for step in range(3, 13)]
+    assert remaining_s(slow_start, 20) == 8.0  # the last 10 intervals, 1 s a step
+    assert remaining_s([(10, 100.0), (20, 110.0)], 20) == 0.0
+    assert remaining_s([(10, 100.0), (10, 110.0)], 20) is None
+
+
+def test_a_run_process_trees_cpu_share_counts_what_each_process_gained():
+    def reading(time, *processes):
+        return UsageReading(time, tuple(ProcessReading(*p) for p in processes), 4 << 30, 16 << 30, 2)
+
+    before = reading(100.0, (1, 50.0, 10.0, 1 << 30), (2, 60.0, 5.0, 0), (3, 70.0, 1.0, 0))
+    after = reading(102.0, (1, 50.0, 12.0, 1 << 30), (2, 60.0, 6.0, 0), (4, 101.0, 0.5, 0), (5, 90.0, 30.0, 0))
+    # 1 and 2 gained 2 s and 1 s; 4 started in between (0.5 s); 3 ended; 5 joined the tree but is older: left out
+    assert cpu_percent(before, after) == 175.0
+    assert after.rss_bytes == 1 << 30
+    assert cpu_percent(after, after) is None
 
 
 def test_a_hangup_ignored_by_nohup_stays_ignored():

@@ -1,6 +1,7 @@
 """What the dashboard shows, as immutable snapshots built off the UI thread: a run's directory through the engine's
 ``RunWatcher`` (which owns the run directory's format and folds its events into series) and the GPUs through an
-injectable probe (``GpuSampler``), keeping the short history the sparklines need.
+injectable probe (``GpuSampler``; on a machine without one, the CPU and memory the run's processes use instead),
+keeping the short history the sparklines need.
 
 A sampler is called by one thread at a time (the screen starts the next sample only after the previous ended).
 """
@@ -12,13 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.hardware import HardwareState
+from engine.process_usage import UsageReading, cpu_percent, read_usage
 from engine.runs.series import Checkpoint, LossSeries, Progress, ema
 from engine.runs.watch import RunSnapshot, RunWatcher
 
-__all__ = ["Checkpoint", "GpuReading", "GpuSampler", "GpuSnapshot", "LossSeries", "Progress", "RunSampler",
-           "RunSnapshot", "ema"]
+__all__ = ["Checkpoint", "GpuReading", "GpuSampler", "GpuSnapshot", "HostSnapshot", "LossSeries", "Progress",
+           "RunSampler", "RunSnapshot", "ema"]
 
 GPU_HISTORY = 60
+GIB = 1024**3
 
 RunSampler = RunWatcher
 
@@ -42,23 +45,44 @@ class GpuReading:
 
 
 @dataclass(frozen=True)
+class HostSnapshot:
+    """Without a GPU: the CPU and memory the run's processes use and the machine's memory, with recent history."""
+
+    processes: int  # the run's process and its descendants alive now; 0 once the run has ended
+    cpu_pct: float | None  # 100 for each busy core; None until a second reading
+    rss_gib: float
+    cpu_count: int
+    memory_used_gib: float
+    memory_total_gib: float
+    cpu_history: tuple[float, ...] = ()
+    rss_history: tuple[float, ...] = ()
+    memory_history: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class GpuSnapshot:
     gpus: tuple[GpuReading, ...] = ()
     message: str | None = None  # why there is no GPU to show
+    host: HostSnapshot | None = None  # what the run uses of the CPU and memory instead, when there is no GPU
 
 
 class GpuSampler:
-    """Calls the probe (``engine.hardware.probe`` or a test's recorded state) and keeps a short history per GPU."""
+    """Calls the probe (``engine.hardware.probe`` or a test's recorded state) and keeps a short history per GPU; when
+    there is none, reads the CPU and memory of the process ``run_pid()`` names (None: no run process to read)."""
 
-    def __init__(self, probe: Callable[[], HardwareState], history: int = GPU_HISTORY):
+    def __init__(self, probe: Callable[[], HardwareState], history: int = GPU_HISTORY,
+                 run_pid: Callable[[], int | None] = lambda: None):
         self._probe = probe
         self._length = history
+        self._run_pid = run_pid
         self._history: dict[str, tuple[deque, deque, deque]] = {}
+        self._host_history = tuple(deque(maxlen=history) for _ in range(3))
+        self._last_usage: UsageReading | None = None
 
     def sample(self) -> GpuSnapshot:
         state = self._probe()
         if not state.gpus:
-            return GpuSnapshot(message=state.message or "no NVIDIA GPU found")
+            return GpuSnapshot(message=state.message or "no NVIDIA GPU found", host=self._host())
         readings = []
         for gpu in state.gpus:
             key = gpu.uuid or str(gpu.physical_index)
@@ -73,3 +97,14 @@ class GpuSampler:
                 pids=tuple(p.pid for p in gpu.processes or ()), utilization_history=tuple(util),
                 memory_history=tuple(memory), power_history=tuple(power)))
         return GpuSnapshot(gpus=tuple(readings))
+
+    def _host(self) -> HostSnapshot:
+        usage, before = read_usage(self._run_pid()), self._last_usage
+        self._last_usage = usage
+        cpu = cpu_percent(before, usage) if before is not None and usage.processes else None
+        rss, used = usage.rss_bytes / GIB, usage.memory_used_bytes / GIB
+        cpu_history, rss_history, memory_history = self._host_history
+        for series, value in ((cpu_history, cpu or 0.0), (rss_history, rss), (memory_history, used)):
+            series.append(value)
+        return HostSnapshot(len(usage.processes), cpu, rss, usage.cpu_count, used, usage.memory_total_bytes / GIB,
+                            tuple(cpu_history), tuple(rss_history), tuple(memory_history))

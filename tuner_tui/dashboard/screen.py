@@ -67,7 +67,8 @@ class DashboardScreen(Screen):
         Binding("l", "toggle_log_scale", "Log scale", tooltip="Show the loss on a log or a linear scale"),
         Binding("c", "chat", "Chat", tooltip="Chat with what the run trained (once it has ended)"),
         Binding("p", "predict", "Predict", tooltip="Generate for a dataset and score it (once the run has ended)"),
-        Binding("e", "export", "Export", tooltip="Merge and export what the run trained (once it has ended)"),
+        Binding("e", "export", "Export",
+                tooltip="Write what the run trained as a standalone model (once it has ended)"),
         Binding("r", "runs", "Runs", tooltip="Every run on this host; this one goes on"),
         Binding("q", "quit", "Quit", tooltip="Close the dashboard; the run goes on (the shell gets how to return)"),
     ]
@@ -89,9 +90,11 @@ class DashboardScreen(Screen):
         self.run: RunSnapshot | None = None
         self._samplers = {
             RUN_SAMPLER: Sampling("reading the run", interval_s, RunSampler(self.run_dir), RunSampled),
-            GPU_SAMPLER: Sampling("reading the GPUs", gpu_interval_s, GpuSampler(probe), GpusSampled),
+            GPU_SAMPLER: Sampling("reading the GPUs", gpu_interval_s, GpuSampler(probe, run_pid=self._run_pid),
+                                  GpusSampled),
         }
         self._last_failure: dict[str, str] = {}
+        self._gpu_sampling_started = False  # the GPU sampler's first round has started
 
     def compose(self) -> ComposeResult:
         yield StateBanner(id="banner")
@@ -113,8 +116,7 @@ class DashboardScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#gpus").border_title = "GPUs"
-        for group in self._samplers:
-            self._sample(group)
+        self._sample(RUN_SAMPLER)  # the GPU sampler starts once the run is read: it reads the run's process too
 
     def _sample(self, group: str) -> None:
         sampling = self._samplers[group]
@@ -135,6 +137,9 @@ class DashboardScreen(Screen):
                 self.notify(worker.result, title="stop requested", markup=False)
         if group in self._samplers and event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
             self.set_timer(self._samplers[group].interval_s, partial(self._sample, group))
+            if group == RUN_SAMPLER and not self._gpu_sampling_started:
+                self._gpu_sampling_started = True
+                self._sample(GPU_SAMPLER)
 
     def on_run_sampled(self, message: RunSampled) -> None:
         run = self.run = message.snapshot
@@ -150,8 +155,14 @@ class DashboardScreen(Screen):
         self.query_one(CheckpointList).checkpoints = run.checkpoints
         self.query_one(ConfigView).text = run.config_text
 
+    def _run_pid(self) -> int | None:
+        """The run's process while it is alive, whose CPU and memory the GPU sampler reads on a machine without GPUs."""
+        run = self.run
+        return run.pid if run is not None and run.active else None
+
     def on_gpus_sampled(self, message: GpusSampled) -> None:
         self.query_one(GpuPanel).gpus = message.snapshot
+        self.query_one("#gpus").border_title = "GPUs" if message.snapshot.gpus else "CPU and memory"
 
     @staticmethod
     def _follow(scroll: VerticalScroll, view: LogView, lines: tuple[str, ...]) -> None:
@@ -243,5 +254,5 @@ class DashboardScreen(Screen):
                             self.action_chat)
         yield SystemCommand("Predict with this run", "Generate for a dataset and score it (once it has ended)",
                             self.action_predict)
-        yield SystemCommand("Export this run", "Merge it into its base and write safetensors (once it has ended)",
-                            self.action_export)
+        yield SystemCommand("Export this run", "Write it as a standalone safetensors model, a LoRA adapter merged "
+                            "into its base (once it has ended)", self.action_export)

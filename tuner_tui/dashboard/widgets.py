@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from textual.app import ComposeResult
 from textual.color import Color
@@ -18,7 +18,9 @@ from textual_plotext import PlotextPlot
 
 from engine.cli.download import progress_line
 from engine.models.download import DownloadProgress
-from tuner_tui.dashboard.sampler import Checkpoint, GpuReading, GpuSnapshot, LossSeries, Progress, RunSnapshot
+from engine.runs.jobs import clock
+from tuner_tui.dashboard.sampler import (Checkpoint, GpuReading, GpuSnapshot, HostSnapshot, LossSeries, Progress,
+                                         RunSnapshot)
 
 BARS = "▁▂▃▄▅▆▇█"
 STATE_MARKS = {"running": "●", "queued": "◌", "completed": "✔", "stopped": "■", "failed": "✖", "external": "◇",
@@ -97,7 +99,8 @@ def round_ticks(low: float, high: float, count: int, whole: bool = False) -> tup
 
 
 def duration(seconds: float | None) -> str:
-    return "—" if seconds is None else str(timedelta(seconds=int(seconds)))
+    """H:MM:SS as `tuner runs` writes it; "—" when not known."""
+    return clock(seconds) or "—"
 
 
 def number(value: float | None, spec: str, unit: str = "") -> str:
@@ -232,7 +235,8 @@ class LearningRate(Widget):
 
 
 class GpuPanel(Widget):
-    """Per GPU: utilisation, memory against the total (and the run's estimate), temperature and power, with history."""
+    """Per GPU: utilisation, memory against the total (and the run's estimate), temperature and power, with history.
+    Without a GPU: the CPU and memory the run's processes use and the machine's memory, then why there is no GPU."""
 
     gpus: reactive[GpuSnapshot | None] = reactive(None)
     estimate_gib: reactive[float | None] = reactive(None)
@@ -252,8 +256,24 @@ class GpuPanel(Widget):
         if snapshot is None:
             return Content.styled("reading the GPUs…", "$text-muted")
         if not snapshot.gpus:
-            return Content.styled(snapshot.message or "no NVIDIA GPU found", "$text-muted")
+            why = Content.styled(snapshot.message or "no NVIDIA GPU found", "$text-muted")
+            return Content("\n").join([*self._host(snapshot.host), why] if snapshot.host else [why])
         return Content("\n").join(self._gpu(g) for g in snapshot.gpus)
+
+    def _host(self, h: HostSnapshot) -> list[Content]:
+        width = max(self.size.width - 18, 4)
+        cores = f"{h.cpu_count} core" + ("" if h.cpu_count == 1 else "s")
+        machine = [Content.styled(f"machine · {cores}", "bold"),
+                   self._row("mem  ", h.memory_history, h.memory_total_gib,
+                             f"{h.memory_used_gib:.1f}/{h.memory_total_gib:.0f} GiB", width)]
+        if not h.processes:
+            return [Content.styled("no process of the run", "$text-muted"), *machine]
+        processes = f"{h.processes} process" + ("" if h.processes == 1 else "es")
+        return [Content.styled(f"this run · {processes}", "bold"),
+                self._row("cpu  ", h.cpu_history, h.cpu_count * 100.0, number(h.cpu_pct, ".0f", " %"), width),
+                self._row("rss  ", h.rss_history, h.memory_total_gib,
+                          f"{h.rss_gib:.1f} GiB" if h.rss_gib >= 1 else f"{h.rss_gib * 1024:.0f} MiB", width),
+                *machine]
 
     def _gpu(self, g: GpuReading) -> Content:
         width = max(self.size.width - 18, 4)
@@ -279,7 +299,10 @@ class GpuPanel(Widget):
 
 
 def _shape(snapshot: GpuSnapshot | None) -> tuple:
-    return (None,) if snapshot is None else (snapshot.message, len(snapshot.gpus))
+    if snapshot is None:
+        return (None,)
+    running = None if snapshot.host is None else bool(snapshot.host.processes)  # five lines, or three
+    return snapshot.message, len(snapshot.gpus), running
 
 
 class LogView(Widget):

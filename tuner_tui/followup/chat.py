@@ -117,14 +117,18 @@ class ChatScreen(Screen):
                         exit_on_error=False)
 
     def _reply(self, text: str, answer: Turn) -> str:
-        def show(piece: str) -> None:
+        def show(piece: str) -> bool:
+            """False once the screen is leaving (its widgets may already be gone while the piece was on its way)."""
+            conversation = self.query("#conversation")
+            if self._gone.is_set() or not conversation:
+                return False
             answer.add(piece)
-            self._conversation().scroll_end(animate=False)
+            conversation.first().scroll_end(animate=False)
+            return True
 
         def on_token(piece: str) -> None:
-            if self._gone.is_set():
+            if self._gone.is_set() or not self.app.call_from_thread(show, piece):
                 raise ReplyAbandoned
-            self.app.call_from_thread(show, piece)
 
         reply = self.session.reply(text, on_token=on_token)
         if not reply.strip():
@@ -141,6 +145,7 @@ class ChatScreen(Screen):
         self._conversation().remove_children()
 
     def action_back(self) -> None:
+        self._gone.set()
         self.dismiss()
 
     def system_commands(self):

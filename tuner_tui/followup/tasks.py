@@ -1,10 +1,11 @@
-"""Predict with a run or export it merged: a short form prefilled from the run, then the command started as its own
-process (`tuner predict|export --run RUN ...`, in its own session like a run, so leaving the app or losing SSH
-does not stop it), its log followed and its result shown.
+"""Predict with a run or export it as a standalone model: a short form prefilled from the run, then the command
+started as its own process (`tuner predict|export --run RUN ...`, in its own session like a run, so leaving the app
+or losing SSH does not stop it), its log followed and its result shown.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -12,7 +13,10 @@ from pathlib import Path
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
+from textual.reactive import reactive
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
@@ -64,6 +68,33 @@ def took(task: TaskResult) -> str:
     return f" in {short_duration(seconds)}"
 
 
+def path_lines(path: str, width: int) -> list[str]:
+    """``path`` in lines of at most ``width`` characters, each broken after a '/' (inside a name only where the name
+    alone is wider than a line)."""
+    width = max(width, 1)
+    lines = [""]
+    for part in re.findall(r"[^/]*/|[^/]+", path):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+        while len(lines[-1]) > width:
+            lines[-1:] = [lines[-1][:width], lines[-1][width:]]
+    return lines
+
+
+class WholePath(Widget):
+    """A path field's value, whole, under the field when the field is too narrow to show all of it."""
+
+    path = reactive("", layout=True)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return 0 if len(self.path) < width else len(path_lines(self.path, width))  # the field's cursor takes a cell
+
+    def render(self) -> Content:
+        width = self.content_size.width
+        return Content("" if len(self.path) < width else "\n".join(path_lines(self.path, width)))
+
+
 class TaskScreen(Screen):
     """A follow-up command on a run. Subclasses name the command, the fields and how the outcome reads."""
 
@@ -90,6 +121,8 @@ class TaskScreen(Screen):
                 with Horizontal(classes="row"):
                     yield Label(label, classes="label")
                     yield Input(id=key, disabled=True, compact=True)
+                if key == self.TARGET:
+                    yield WholePath(id="whole-path")
             yield Static("", id="note", markup=False)
             yield Button("Start", id="start", variant="primary", disabled=True, compact=True)
             yield Static("reading the run…", id="status", markup=False)
@@ -108,9 +141,10 @@ class TaskScreen(Screen):
 
         job = find_job(str(self.run_dir))
         values = {key: printable_line(value) for key, value in followup_values(job, self.COMMAND).items()}
-        return {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}, self.note(job)
+        fields = {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}
+        return fields, self.note(job, fields)
 
-    def note(self, job) -> str:
+    def note(self, job, fields: dict[str, str]) -> str:
         return ""
 
     def flags(self) -> list[str]:
@@ -214,6 +248,10 @@ class TaskScreen(Screen):
             status.update(f"failed{code}" + (f": {state.error}" if state.error else ""))
             status.add_class("error")
 
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == self.TARGET:
+            self.query_one(WholePath).path = event.value
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.action_start()
@@ -239,12 +277,10 @@ class PredictScreen(TaskScreen):
     DEFAULTS = {"max_samples": "100", "max_new_tokens": "256"}
     TARGET = "output_dir"
 
-    def note(self, job) -> str:
-        from engine.infer.followup import predicts_on_training_data
+    def note(self, job, fields: dict[str, str]) -> str:
+        from engine.infer.followup import training_data_warning
 
-        if predicts_on_training_data(job):
-            return "the run had no eval_dataset: this dataset is the one it trained on, so the scores flatter it"
-        return "the dataset is the run's eval_dataset"
+        return training_data_warning(job, fields["dataset"]) or "the dataset is the run's eval_dataset"
 
     def log_path(self) -> Path:
         return self.target / "predict.log"
@@ -252,13 +288,15 @@ class PredictScreen(TaskScreen):
 
 class ExportScreen(TaskScreen):
     COMMAND = "export"
-    TITLE = "Export: merge into the base, write checked safetensors"
+    TITLE = "Export: a standalone model, written as checked safetensors"
     FIELDS = (("export_dir", "Export dir"), ("export_size", "Shard size GB"))
     DEFAULTS = {"export_size": "5"}
     TARGET = "export_dir"
 
-    def note(self, job) -> str:
-        return "the merged model is compared with the adapter on a sample before it is moved into place"
+    def note(self, job, fields: dict[str, str]) -> str:
+        from engine.infer.export import export_note
+
+        return export_note(job)
 
     def log_path(self) -> Path:
         return self.run_dir / f"export-{datetime.now():%Y%m%d-%H%M%S}.log"

@@ -1,4 +1,5 @@
-"""`tuner` with no arguments: the wizard app. Quitting (q, Ctrl-C) never touches a run it started."""
+"""`tuner` with no arguments: the wizard app. Quitting (Ctrl+Q or Ctrl+C on any screen, q on a run's dashboard) never
+touches a run it started."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from engine.hardware import Gpu, HardwareState, probe
+from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.runs.navigation import RunsNavigation
 from tuner_tui.wizard.steps import STEPS, WizardStep
 from tuner_tui.wizard.steps.hardware import doctor_findings
@@ -19,8 +21,9 @@ from tuner_tui.wizard.state import Choices
 
 class WizardApp(RunsNavigation, App):
     TITLE = "tuner"
+    # Ctrl+Q, not q: a letter typed into a field stays there. (The dashboard's own q shares its footer entry.)
     BINDINGS = [
-        Binding("q", "quit", "Quit", tooltip="Leave the wizard; a started run goes on"),
+        Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Leave the wizard; a started run goes on"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
@@ -66,6 +69,14 @@ class WizardApp(RunsNavigation, App):
     def open_dashboard(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.push_screen(self.dashboard(self.run_dir))
+
+    async def action_quit(self) -> None:
+        """Leave; from a run's dashboard (or a screen over it) as its own q does: the shell gets how to return."""
+        dashboard = next((s for s in reversed(self.screen_stack) if isinstance(s, DashboardScreen)), None)
+        if dashboard is not None:
+            dashboard.action_quit()
+        else:
+            self.exit()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

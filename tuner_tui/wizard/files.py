@@ -43,6 +43,8 @@ class DatasetPicker(ModalScreen[str | None]):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", tooltip="Close without choosing a file"),
         Binding("backspace", "parent", "Parent folder", tooltip="Show the folder above this one"),
+        # a modal's footer leaves out the app's keys: Ctrl+Q (the app's, whichever screen is on top) shown here too
+        Binding("ctrl+q", "app.quit", "Quit", tooltip="Leave the wizard; a started run goes on"),
     ]
 
     def __init__(self, folder: Path):

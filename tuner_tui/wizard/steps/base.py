@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rich.text import Text
+from textual.actions import SkipAction
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Button, Footer, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Collapsible, Footer, Input, Label, Select, Static, Switch
 from textual.worker import Worker, WorkerState
 
 from tuner_tui.errors import failure_text
@@ -74,12 +75,19 @@ def setting_row(key: str, label: str, choices: Choices, **kwargs: Any) -> Compos
 
 class WizardStep(Screen):
     """A step: title, body, Back/Next, footer. Subclasses say what Next checks (in a worker) and what to do with
-    workers' results."""
+    workers' results.
+
+    Enter goes on from wherever a value is chosen: a text field, a closed drop-down, a switch, a list or table (its
+    highlighted row taken on the way, see ``take_highlighted``) and Next. It stays with the few widgets whose Enter is
+    their own: another button presses itself, an open drop-down picks its row, a section's title opens it. Space (or
+    ↓) opens a drop-down and flips a switch; Ctrl+N goes on from anywhere."""
 
     CSS_PATH = "../wizard.tcss"  # Textual resolves it beside the module of each step's own class (steps/)
     BINDINGS = [
         Binding("escape", "back", "Back", tooltip="The previous step; what was entered is kept"),
-        Binding("ctrl+n", "next", "Next", tooltip="Check this step and go on"),
+        Binding("enter", "go_on", "Next", priority=True,
+                tooltip="Check this step and go on, the highlighted row of a list taken on the way"),
+        Binding("ctrl+n", "next", "Next", show=False, tooltip="Check this step and go on, wherever the focus is"),
     ]
     AUTO_FOCUS = "#body *, #next"  # the first field, or Next where there is none
     VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]  # -short: one-line fields and buttons (wizard.tcss)
@@ -166,6 +174,31 @@ class WizardStep(Screen):
         return self.choices.problems(self.CHECKED)
 
     # actions
+    def enter_goes_on(self) -> bool:
+        """Whether Enter goes on from the focused widget, rather than being that widget's own key."""
+        focused = self.focused
+        if focused is None:
+            return True
+        if isinstance(focused, Button):
+            return focused.id == "next"
+        if isinstance(focused.parent, Collapsible):  # its title: Enter opens or closes the section
+            return False
+        return not any(isinstance(node, Select) for node in focused.ancestors)  # an open drop-down's list picks
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "go_on":
+            return True if self.enter_goes_on() else None  # None: the footer dims it, the widget takes Enter
+        return True
+
+    def take_highlighted(self) -> None:
+        """Enter's first half, where the step has a list whose highlighted row is not yet the choice."""
+
+    def action_go_on(self) -> None:
+        if not self.enter_goes_on():
+            raise SkipAction()  # where check_action is not asked first (a step's own check_action)
+        self.take_highlighted()
+        self.action_next()
+
     def action_next(self) -> None:
         self.work(NEXT, self.check, "checking this step")
 
@@ -205,10 +238,6 @@ class WizardStep(Screen):
                 field.prompt = _prompt(field.key, recipe)
             elif isinstance(field, Field):
                 field.placeholder = default_text(field.key, recipe)
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.action_next()
 
     def changed(self, key: str) -> None:
         """A field changed (its value is already in the choices)."""

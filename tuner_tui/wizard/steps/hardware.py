@@ -15,23 +15,25 @@ from engine.hardware import HardwareState
 from tuner_tui.wizard.steps.base import WizardStep
 
 CHECKING = "checking this machine as `tuner doctor` does (driver, torch, kernels, disk, the hub)…"
-MARKS = {"problem": ("✘", "bold $text-error"), "warning": ("⚠", "$text-warning"), "ok": ("✔", "$text-success")}
+MARKS = {"problem": ("✘", "bold $text-error"), "warning": ("⚠", "$text-warning"), "info": ("ℹ", "$text-primary"),
+         "ok": ("✔", "$text-success")}
 
 
 def doctor_findings(hw: HardwareState) -> list:
-    """`tuner doctor`'s checks on the GPUs this wizard probed, imported in the worker that runs them: their HTTP
-    modules stay off the first frame."""
+    """`tuner doctor`'s quick checks (not `--full`) on the GPUs this wizard probed, imported in the worker that runs
+    them: their HTTP modules stay off the first frame."""
     from engine.doctor import run_checks
 
     return run_checks(hw)
 
 
 def render_findings(findings: list) -> Content:
-    """Problems, then warnings, each with its fix below it; the checks that passed by name, on one line."""
+    """Problems, then warnings, each with its fix below it, then notes (offline mode); the checks that passed by name,
+    on one line."""
     counts = {state: sum(f.state == state for f in findings) for state in MARKS}
     parts: list = [(f"Machine check: {counts['problem']} problem(s), {counts['warning']} warning(s), "
                     f"{counts['ok']} ok (`tuner doctor` shows every detail)\n", "bold")]
-    for state in ("problem", "warning"):
+    for state in ("problem", "warning", "info"):
         mark, style = MARKS[state]
         for f in (f for f in findings if f.state == state):
             parts.append((f"{mark} {f.check}: {f.detail}\n", style))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from textual.app import ComposeResult
-from textual.widgets import Collapsible
+from textual.widgets import Collapsible, Static
 
+from engine.errors import ConfigError
 from tuner_tui.wizard.state import method_keys
 from tuner_tui.wizard.steps.base import WizardStep, setting_row
 
@@ -39,6 +40,8 @@ class HyperparametersStep(WizardStep):
     def body(self) -> ComposeResult:
         for key, label in HYPERPARAMETERS:
             yield from setting_row(key, label, self.choices)
+            if key == "max_steps":
+                yield Static("", id="length-note", classes="hint")
         with Collapsible(title="Advanced", id="advanced"):
             for key, label in ADVANCED:
                 yield from setting_row(key, label, self.choices)
@@ -50,8 +53,24 @@ class HyperparametersStep(WizardStep):
             if not lora and not self.choices.values.get(key):
                 for widget in self.query(f"#row-{key}, #err-{key}"):
                     widget.display = False
+        self._show_length()
+
+    def _show_length(self) -> None:
+        """Which of Epochs and Max steps sets the run's length (the recipe's max_steps included): max_steps above 0
+        overrides num_train_epochs, as in HF Trainer."""
+        try:
+            train = self.choices.config().train
+        except ConfigError:
+            return  # a value half typed: the note stays as it was until the values build again
+        if train.max_steps > 0:
+            text = (f"Max steps {train.max_steps} is above 0, so it sets the run's length and Epochs is unused (as in "
+                    "HF Trainer)")
+        else:
+            text = f"Epochs {train.num_train_epochs:g} sets the run's length (Max steps above 0 would override it)"
+        self.query_one("#length-note", Static).update(text)
 
     def changed(self, key: str) -> None:
+        self._show_length()
         self.later("validate", lambda: self.work("validate", self.check, "checking the values"))
 
     def done(self, group: str, result: Any) -> None:

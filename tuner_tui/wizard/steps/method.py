@@ -1,5 +1,5 @@
 """Step 3, Method: what trains (LoRA, QLoRA, freeze or full), with the memory estimate for each and whether it
-fits the chosen GPUs, and the LoRA settings."""
+fits the chosen GPUs, the method recommended and why, and the settings of the method chosen."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from textual.widgets import DataTable, Label, Select, Static
 from engine.errors import ConfigError
 from tuner_tui.wizard.state import method_keys
 from tuner_tui.wizard.steps.base import WizardStep, setting_row
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target")
+# The settings that act for each method (row ids of the body); the others are hidden while it is chosen.
+METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LORA_FIELDS,
+                 "qlora-8bit": (*LORA_FIELDS, "qlora-bits"), "qlora-4bit": (*LORA_FIELDS, "qlora-bits")}
 
 
 class ListSuggester(Suggester):
@@ -41,6 +47,7 @@ class MethodStep(WizardStep):
     def __init__(self) -> None:
         super().__init__()
         self.target_names = ListSuggester()
+        self.troubled: set[str] = set()  # fields with a problem shown: they stay in sight whatever the method
 
     def body(self) -> ComposeResult:
         yield DataTable(id="methods", cursor_type="row")
@@ -52,14 +59,32 @@ class MethodStep(WizardStep):
         yield from setting_row("lora_target", "LoRA targets", self.choices, suggester=self.target_names)
         yield Static("", id="targets", classes="hint")
         yield from setting_row("freeze_trainable_layers", "Freeze layers", self.choices)
-        with Horizontal(classes="row"):
+        with Horizontal(classes="row", id="row-qlora-bits"):
             yield Label("QLoRA bits", classes="label")
             yield Select([("4-bit", 4), ("8-bit", 8)], id="qlora-bits", prompt="none: 16-bit weights")
         yield Static("", classes="error")
 
     def on_mount(self) -> None:
         self._show_strategy(False)
+        self._show_method_fields()
         self._estimate()
+
+    def _show_method_fields(self) -> None:
+        """Only the settings that act for the method chosen (LoRA's for LoRA and QLoRA, the bits for QLoRA, the
+        layers for freeze); one with a problem stays, so that it can be mended."""
+        wanted = METHOD_FIELDS[self.choices.method or "lora"]
+        for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits"):
+            shown = key in wanted or key in self.troubled
+            for widget in self.query(f"#row-{key}, #err-{key}" + (", #targets" if key == "lora_target" else "")):
+                widget.display = shown
+        focused = self.focused
+        if focused is not None and not all(node.display for node in (focused, *focused.ancestors)):
+            self.query_one("#methods", DataTable).focus()  # its row was hidden: back to the table of methods
+
+    def show_problems(self, problems: dict[str, str]) -> None:
+        super().show_problems(problems)
+        self.troubled = set(problems)
+        self._show_method_fields()
 
     def _show_strategy(self, shown: bool) -> None:
         """The strategy row, only for a run of several processes."""
@@ -70,7 +95,7 @@ class MethodStep(WizardStep):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "strategy":
             return self.query_one("#row-strategy").display
-        return True
+        return super().check_action(action, parameters)
 
     def action_strategy(self) -> None:
         self.query_one("#strategy", Select).focus()
@@ -85,7 +110,8 @@ class MethodStep(WizardStep):
 
     def _recommend(self):
         from engine.memory.estimate import linear_names
-        from engine.memory.recommend import memory_budget, model_geometry, recommend, shape_from_config
+        from engine.memory.recommend import (llamafactory_size, memory_budget, model_geometry, recommend,
+                                             shape_from_config)
 
         geometry = model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section())
         problems, layers = self._problems(geometry), linear_names(geometry)
@@ -98,7 +124,7 @@ class MethodStep(WizardStep):
         gpus = self.app.chosen_gpus()
         world = self.choices.world_size(len(gpus))
         rec = recommend(shape_from_config(cfg, geometry, world), memory_budget(gpus))
-        return rec, problems, layers, _seed_size(geometry), world
+        return rec, problems, layers, llamafactory_size(geometry), world
 
     def _problems(self, geometry) -> dict[str, str]:
         """The engine's complaints, and LoRA targets this model does not have (they would fail once it loads)."""
@@ -116,7 +142,7 @@ class MethodStep(WizardStep):
         return self._problems(model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section()))
 
     def done(self, group: str, result: Any) -> None:
-        rec, problems, layers, seed, world = result
+        rec, problems, layers, size, world = result
         self.show_problems(problems)
         self._strategy(rec, world)
         self.target_names.names = ["all", *layers]
@@ -132,16 +158,17 @@ class MethodStep(WizardStep):
             self.choices.method = None  # the recipe of the model now chosen decides, not the last one's method
             self.choices.method = self.choices.recipe_method() or rec.method or "lora"
             self.choices.preselected_for = model
-        size, close = seed if seed else (None, False)
-        self._fill_table(rec, f"Seed table {size} GB" if close else None)
-        lines = [rec.reason, *(f"  · {idea}" for idea in rec.suggestions)]
-        if size and not close:
-            lines.append(f"LLaMA-Factory's seed table is left out: its nearest figures are for {size} models, "
-                         "not this one")
+        from engine.memory.recommend import llamafactory_caption
+
+        self._fill_table(rec, "LLaMA-Factory GB" if size[1] else None)
+        self._show_method_fields()
+        notes = [f"{row.label}: {row.note}" for row in rec.rows if row.note]
+        lines = [*(f"  · {idea}" for idea in rec.suggestions), *notes, llamafactory_caption(*size)]
         recipe = self.choices.recipe()
         if recipe.model:
             lines.append(recipe.describe())
-        self.query_one("#reason", Static).update(Text("\n".join(lines)))
+        why = Text(f"\n{rec.why}", style="bold") if rec.why else ""  # beside the recommendation, in sight
+        self.query_one("#reason", Static).update(Text.assemble(rec.reason, why, "\n", "\n".join(lines)))
 
     def _strategy(self, rec, world: int | None) -> None:
         """Several processes: the strategy row, preselected to the recommended one until the user chooses; one: none."""
@@ -178,7 +205,7 @@ class MethodStep(WizardStep):
         for row in rec.rows:
             fits = "—" if row.fits is None else "✔ yes" if row.fits else "✘ no"
             star = " ★" if row.method == rec.method else ""
-            cells[row.method] = [row.label + star, f"{row.estimate.total_gib:g}", fits, str(row.seed_gb)]
+            cells[row.method] = [row.label + star, f"{row.estimate.total_gib:g}", fits, str(row.llamafactory_gb)]
         if [key.value for key in table.columns] == list(columns) and table.row_count == len(cells):
             for method, values in cells.items():
                 for key, value in zip(columns, values):
@@ -231,19 +258,9 @@ class MethodStep(WizardStep):
         if method != self.choices.method:
             self.choices.preselected_for = None  # the user's choice from now on
         self.choices.method = method
+        self._show_method_fields()
         if bool(self.choices.recipe().applied) != recipe_before:
             self.later("estimate", self._estimate)
-
-
-def _seed_size(geometry) -> tuple[str, bool]:
-    """The seed table's column for this model, and whether it is close enough to this model's size to compare
-    (within a factor of two)."""
-    from engine.models.catalog import param_count
-    from engine.memory.recommend import seed_column, seed_table
-
-    column, table = seed_column(geometry), seed_table()
-    ratio = param_count(geometry) / (table["billions"][column] * 1e9)
-    return table["sizes"][column], 0.5 <= ratio <= 2
 
 
 def _count(n: int) -> str:

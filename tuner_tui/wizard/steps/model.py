@@ -66,7 +66,8 @@ class ModelStep(WizardStep):
         self.suggested: str | None = None  # the model preselected, while it is the one chosen
 
     def body(self) -> ComposeResult:
-        yield CatalogFilter(placeholder="filter the catalog (↑↓ move through it, Enter takes one)", id="filter")
+        yield CatalogFilter(placeholder="filter the catalog (↑↓ move through it, Enter takes one and goes on)",
+                            id="filter")
         yield OptionList(id="catalog")
         yield from field_row("Model", Field("model_name_or_path", self.choices, "name, hub id or path"))
         yield Static("", id="resolved")
@@ -130,17 +131,17 @@ class ModelStep(WizardStep):
         if event.input.id == "filter":
             self._show_catalog()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        """Enter in the filter takes the highlighted model; with none highlighted (the model typed is not in the
-        catalog) it goes on, as Enter does elsewhere."""
-        if event.input.id != "filter":
-            return
+    def take_highlighted(self) -> None:
+        """Enter from the filter or the catalog takes the highlighted model on its way on; with none highlighted (the
+        model typed is not in the catalog) it goes on with the model typed."""
         catalog = self.query_one("#catalog", OptionList)
-        if catalog.highlighted is not None:
-            event.prevent_default()
-            self._choose(catalog.get_option_at_index(catalog.highlighted).id)
+        if self.focused in (catalog, self.query_one("#filter")) and catalog.highlighted is not None:
+            name = catalog.get_option_at_index(catalog.highlighted).id
+            self.choices.values["model_name_or_path"] = name  # now: Next's check reads it before the field's event
+            self._choose(name)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        """A click on a model takes it; Enter on one also goes on (take_highlighted)."""
         self._choose(event.option.id)
 
     def _choose(self, name: str) -> None:
@@ -171,6 +172,11 @@ class ModelStep(WizardStep):
             self._resolved("")
 
     def check(self) -> dict[str, str]:
+        """The model resolved as a run will (downloading nothing); a catalog model whose weights cannot be had now
+        (the hub out of reach) goes on with a warning: its estimate needs only the catalog, and the run's start
+        refuses it until the weights are there."""
+        from engine.models.catalog import lookup
+        from engine.models.download import HubUnreachable
         from engine.models.resolve import resolve_configured, resolve_model
 
         name = str(self.choices.values.get("model_name_or_path", "")).strip()
@@ -179,6 +185,14 @@ class ModelStep(WizardStep):
         model = self.choices.model_section()  # the typed token, revision and cache directory, when they build
         try:
             resolved = resolve_configured(model) if model is not None else resolve_model(name)
+        except HubUnreachable as exc:
+            if lookup(name) is None:
+                return {"model_name_or_path": str(exc)}
+            self.app.call_from_thread(self._resolved, Content.assemble(
+                (f"⚠ weights not here yet: {exc.message}\n", "$text-warning"),
+                f"a run downloads them when it starts (or now: `tuner download {name}`); offline it cannot start "
+                f"until they are in the cache\n{describe(name, model)}"))
+            return {}
         except UserError as exc:
             return {"model_name_or_path": str(exc)}
         where = f"✔ {WHERE[resolved.source]}: {resolved.path}"
@@ -187,8 +201,8 @@ class ModelStep(WizardStep):
         self.app.call_from_thread(self._resolved, f"{where}\n{describe(name, model)}")
         return {}
 
-    def _resolved(self, text: str) -> None:
-        self.query_one("#resolved", Static).update(Content(text))
+    def _resolved(self, text: str | Content) -> None:
+        self.query_one("#resolved", Static).update(Content(text) if isinstance(text, str) else text)
 
     def done(self, group: str, result: Any) -> None:
         if group == "catalog":

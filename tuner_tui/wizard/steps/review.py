@@ -17,15 +17,24 @@ from tuner_tui.wizard.state import save_config, start_run
 from tuner_tui.wizard.steps.base import WizardStep, field_row
 
 
-def auto_fit_line(cfg) -> str:
-    """What auto-fit will do with the batch settings, in one line."""
+def auto_fit_line(cfg, on_gpu: bool) -> str:
+    """What auto-fit will do with the batch settings, in one line: on a GPU it lays the batch out for the free
+    memory; on the CPU it keeps the batch and decides only checkpointing (engine.memory.autofit.fit_cpu)."""
     t = cfg.train
-    samples = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    batch = f"micro-batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps}"
     if not t.auto_fit:
-        return (f"Auto-fit off: micro-batch {t.per_device_train_batch_size} x accumulation "
-                f"{t.gradient_accumulation_steps} as given")
+        return f"Auto-fit off: {batch} as given"
+    if not on_gpu:
+        checkpointing = ("gradient checkpointing off unless the activations would crowd the RAM"
+                         if t.gradient_checkpointing is None else
+                         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} as given")
+        return f"Auto-fit on the CPU: {batch} kept, {checkpointing}"
+    samples = t.per_device_train_batch_size * t.gradient_accumulation_steps
     return (f"Auto-fit on: batch layout and checkpointing chosen at the start for the free GPU memory, "
             f"{samples} samples per step kept")
+
+
+CHECKING_HUB = "checking whether this run needs the hub…"
 
 
 class ReviewStep(WizardStep):
@@ -39,6 +48,7 @@ class ReviewStep(WizardStep):
     def body(self) -> ComposeResult:
         yield Static("estimating memory…", id="estimate")
         yield Static("", id="setup")
+        yield Static("", id="hub-need")
         yield Static("", id="recipe", classes="hint")
         yield Static("", id="command")
         yield Static("", id="other-nodes")
@@ -52,12 +62,31 @@ class ReviewStep(WizardStep):
         yield Button("Start", id="start", variant="success")
 
     def _show_setup_problems(self) -> None:
-        """The machine check's problems (step 1), named once more before the run starts."""
-        problems = [f.check for f in self.app.findings or [] if f.state == "problem"]
+        """The machine check's problems (step 1), named once more before the run starts; an offline or unreachable hub
+        only when this run needs it."""
+        findings = self.app.findings or []
+        problems = [f.check for f in findings if f.state == "problem"]
         setup = self.query_one("#setup", Static)
         setup.display = bool(problems)
         setup.update(Content.styled(f"✘ the machine check found {len(problems)} set-up problem(s): "
                                     f"{', '.join(problems)}; step 1 shows their fixes", "bold $text-error"))
+        hub = next((f for f in findings if f.check == "hub" and f.state != "ok"), None)
+        need = self.query_one("#hub-need", Static)
+        need.display = hub is not None
+        if hub is not None:
+            need.update(Content(CHECKING_HUB))
+            self.work("hub", partial(self._hub_need, hub.state), "checking what the run needs of the hub")
+
+    def _hub_need(self, hub_state: str) -> str:
+        """What this run needs of a hub that step 1 found off or silent, in one line; empty when it needs nothing."""
+        from engine.doctor import INFO, hub_needs
+
+        needs = hub_needs(self.choices.config())
+        if not needs:
+            return ""
+        why = ("offline mode is on: unset HF_HUB_OFFLINE, or download them where the hub answers" if hub_state == INFO
+               else "the hub does not answer: step 1 shows the fix")
+        return f"⚠ this run needs the hub for {' and '.join(needs)}, but {why}"
 
     def on_mount(self) -> None:
         self._show_setup_problems()
@@ -89,7 +118,7 @@ class ReviewStep(WizardStep):
             strategy = strategy_of(shape)
             needs = (f"{row.label} with {STRATEGY_LABELS[strategy]} (strategy {strategy}) needs about "
                      f"{row.estimate.total_gib:g} GiB per GPU over {world} GPUs")
-        fit = "\n" + auto_fit_line(cfg)
+        fit = "\n" + auto_fit_line(cfg, on_gpu=bool(gpus))
         if rec.budget_gib is None:
             return f"{needs}; no NVIDIA GPU here, so it trains on the CPU{fit}", False
         on = f"{len(gpus)} x {gpus[0].name}" if gpus else "the GPUs"
@@ -110,6 +139,10 @@ class ReviewStep(WizardStep):
             nodes.display = bool(others)
             nodes.update(Text("\n".join(["On each other machine, once this one has started:",
                                           *(f"  {line}" for line in others)])))
+        elif group == "hub":
+            need = self.query_one("#hub-need", Static)
+            need.display = bool(result)
+            need.update(Content.styled(result, "bold $text-warning"))
         elif group == "save":
             self.query_one("#err-save_path", Static).update("")
             self.notify(f"saved to {result}", title="config saved", markup=False)
@@ -127,6 +160,11 @@ class ReviewStep(WizardStep):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.choices.values["_save_path"] = event.value
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Nothing comes after this step, so Enter is not Next here: in the path it saves, on a button it presses it
+        (never Start unless Start is focused); Ctrl+R starts."""
+        return False if action == "go_on" else super().check_action(action, parameters)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         """Enter in the path saves; it never starts a run."""
