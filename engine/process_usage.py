@@ -62,5 +62,5 @@ def cpu_percent(before: UsageReading, after: UsageReading) -> float | None:
         return None
     earlier = {(p.pid, p.started): p.cpu_s for p in before.processes}
     gained = sum(p.cpu_s - earlier.get((p.pid, p.started), 0.0) for p in after.processes
-                 if (p.pid, p.started) in earlier or p.started >= before.time)
+                 if (p.pid, p.started) in earlier or p.started >= before.time - 1.0)  # start times: whole-second boot
     return max(gained, 0.0) / wall * 100

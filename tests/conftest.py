@@ -56,7 +56,7 @@ def pytest_configure(config):
 
 
 def pytest_ignore_collect(collection_path, config):
-    if collection_path == SHARED_SUITE and not _asks_for_the_shared_suite(config):
+    if collection_path.resolve() == SHARED_SUITE and not _asks_for_the_shared_suite(config):
         return True
     return None
 

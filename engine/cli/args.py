@@ -45,6 +45,9 @@ def no_more(argv: list[str], command: str) -> None:
         raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def take_model(argv: list[str], command: str) -> None:
     """`tuner estimate MODEL ...`: a first word that is not a config file, key=value or an option names the model,
     as --model_name_or_path does; both at once must agree."""
@@ -52,7 +55,7 @@ def take_model(argv: list[str], command: str) -> None:
 
     from engine.config.schema import parse_overrides
 
-    if not argv or argv[0].startswith("-") or "=" in argv[0] or argv[0].endswith((".yaml", ".yml", ".json")):
+    if not argv or argv[0].startswith("-") or "=" in argv[0] or argv[0].endswith(CONFIG_SUFFIXES):
         return
     model = argv.pop(0)
     if Path(model).is_file():
@@ -90,6 +93,9 @@ def load_followup_config(argv: list[str], command: str):
     run_ref = take_option(argv, "--run")
     if run_ref is None:
         return load_config(argv, command)
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].endswith(CONFIG_SUFFIXES):
+        raise UserError(f"`tuner {command} --run {run_ref}` takes its model from the run: leave out '{argv[0]}'",
+                        hint="--model_name_or_path puts another base under a LoRA run's adapter")
     from engine.infer.followup import NOT_INHERITED_WARNING, followup_values, run_config_values, training_data_warning
     from engine.runs.jobs import find_job
 

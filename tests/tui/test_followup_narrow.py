@@ -53,3 +53,17 @@ async def test_an_output_dir_that_fits_its_field_takes_no_extra_line(run_copy, s
         await until(pilot, lambda: whole.region.height > 1, "the whole path under the field")
         screen.query_one("#output_dir", Input).value = "/tmp/predict-1"
         await until(pilot, lambda: whole.region.height == 0, "the line to go")
+
+
+async def test_the_predict_forms_warning_follows_the_dataset_typed(run_copy, state_home):
+    app = MonitorApp(run_copy, probe=recorded("a100-80gb"), interval_s=0.1, gpu_interval_s=0.1)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await predict_form(pilot, app)
+        note, dataset = screen.query_one("#note", Static), screen.query_one("#dataset", Input)
+        warning = training_data_warning(find_job(str(run_copy)), "demo_alpaca")
+        assert dataset.value == "demo_alpaca" and shown(note) == warning
+        dataset.value = "demo_openai"  # data the run never saw: a fair score, nothing to warn of
+        await until(pilot, lambda: shown(note) == "", "the warning to go")
+        dataset.value = "demo_openai,demo_alpaca"
+        await until(pilot, lambda: shown(note) == training_data_warning(find_job(str(run_copy)), dataset.value),
+                    "the warning back")

@@ -80,7 +80,7 @@ async def test_step_6_says_clearly_that_an_uncached_hub_model_needs_the_hub_offl
     app = wizard("none", tmp_path, choices=Choices(values={**DEMO, "model_name_or_path": "llama2-7b"}))
     async with app.run_test(size=(120, 40)) as pilot:
         line = await review(pilot, app)
-        await until(pilot, lambda: line.display, "the hub line")
+        await until(pilot, lambda: shown(line) not in ("", CHECKING_HUB), "the hub line")
         assert shown(line) == ("⚠ this run needs the hub for the model llama2-7b (not in the local cache), but "
                                "offline mode is on: unset HF_HUB_OFFLINE, or download them where the hub answers")
         assert not app.screen.query_one("#setup", Static).display  # the hub is not a set-up problem
@@ -91,6 +91,6 @@ async def test_step_6_names_the_hub_dataset_a_silent_hub_keeps_out(tmp_path, mon
     app = wizard("none", tmp_path, choices=Choices(values={**DEMO, "dataset": "demo_alpaca,someone/chats"}))
     async with app.run_test(size=(120, 40)) as pilot:
         line = await review(pilot, app)
-        await until(pilot, lambda: line.display, "the hub line")
+        await until(pilot, lambda: shown(line) not in ("", CHECKING_HUB), "the hub line")
         assert shown(line) == ("⚠ this run needs the hub for the hub dataset someone/chats, but the hub does not "
                                "answer: step 1 shows the fix")

@@ -268,3 +268,12 @@ def test_command_help_names_the_model_word(capsys, monkeypatch):
     assert out.splitlines()[0] == ("usage: tuner chat [--run RUN] [MODEL] [CONFIG.yaml ...] [key=value ...] "
                                    "[--key value ...] [--system TEXT]")
     assert "MODEL, the first word, is the same as --model_name_or_path MODEL" in out
+
+
+@pytest.mark.parametrize("command", ["chat", "predict", "export"])
+def test_a_model_word_beside_run_is_refused_in_one_line(command, capsys):
+    assert main([command, "--run", "my-run", "tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"tuner: error: `tuner {command} --run my-run` takes its model from the run: leave out "
+                                "'tiny-llama' (--model_name_or_path puts another base under a LoRA run's adapter)"]
+    assert "Traceback" not in err

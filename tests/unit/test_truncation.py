@@ -5,7 +5,6 @@ default_system, tools; all of them in the cache key."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,6 @@ from engine.data.tokenize import cache_key, encode_conversations, training_templ
 from engine.errors import UserError
 from engine.templates import IGNORE_INDEX as X
 from engine.templates import EncodedTurns, get_template, infer_seqlen, render_segments, render_text
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 PAIRS = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
 
@@ -195,19 +192,25 @@ def llama_factory_rows(tokenizer, pairs: list[tuple[str, str]], cutoff_len: int,
     return {"input_ids": input_ids, "labels": labels}
 
 
-@pytest.mark.parametrize("mask_history", [False, True])
-def test_llama_factorys_identity_data_tokenizes_as_llama_factory_cuts_it(demo_tokenizer, mask_history):
-    records = json.loads((SHARED_DATA / "llamafactory" / "identity.json").read_text())  # missing: the test fails
-    conversations = []
-    for a, b in zip(records[0::2], records[1::2]):  # two records make one two-turn conversation
-        conversations.append({"messages": [{"role": "user", "content": a["instruction"]},
-                                           {"role": "assistant", "content": a["output"]},
-                                           {"role": "user", "content": b["instruction"]},
-                                           {"role": "assistant", "content": b["output"]}]})
-    encoded = encode_conversations(conversations, demo_tokenizer, "qwen", 48, mask_history=mask_history)
+def pairs_of(records: list[dict]) -> list[dict]:
+    """Two alpaca records make one two-turn conversation."""
+    return [{"messages": [{"role": "user", "content": a["instruction"]}, {"role": "assistant", "content": a["output"]},
+                          {"role": "user", "content": b["instruction"]}, {"role": "assistant", "content": b["output"]}]}
+            for a, b in zip(records[0::2], records[1::2])]
+
+
+def assert_cut_as_llama_factory_cuts(conversations: list[dict], tokenizer, mask_history: bool) -> None:
+    encoded = encode_conversations(conversations, tokenizer, "qwen", 48, mask_history=mask_history)
     template = get_template("qwen")
     for conversation, row in zip(conversations, encoded.rows):
-        segments = render_segments(template, conversation["messages"], demo_tokenizer)
+        segments = render_segments(template, conversation["messages"], tokenizer)
         pairs = [(segments[i].text, segments[i + 1].text) for i in range(0, len(segments), 2)]
-        assert row == llama_factory_rows(demo_tokenizer, pairs, 48, mask_history)
+        assert row == llama_factory_rows(tokenizer, pairs, 48, mask_history)
     assert encoded.truncated == sum(n > 48 for n in encoded.lengths) > 0 and not encoded.dropped
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_identity_style_data_tokenizes_as_llama_factory_cuts_it(demo_tokenizer, mask_history):
+    from llamafactory_layout import IDENTITY  # LLaMA-Factory's own identity.json: tests/shared
+
+    assert_cut_as_llama_factory_cuts(pairs_of(IDENTITY), demo_tokenizer, mask_history)

@@ -113,6 +113,8 @@ class TaskScreen(Screen):
         self.started: TaskResult | None = None  # the started command
         self.target: Path | None = None  # where the output goes, fixed at Start
         self._tail: LogTail | None = None
+        self.job = None  # the run, once the form is prepared
+        self.prefilled: dict[str, str] = {}  # the fields as the run filled them
 
     def compose(self) -> ComposeResult:
         yield Static(f"{self.TITLE} · run {printable_line(self.run_dir.name)}", id="title", markup=False)
@@ -139,9 +141,9 @@ class TaskScreen(Screen):
         from engine.infer.followup import followup_values
         from engine.runs.jobs import find_job
 
-        job = find_job(str(self.run_dir))
+        job = self.job = find_job(str(self.run_dir))
         values = {key: printable_line(value) for key, value in followup_values(job, self.COMMAND).items()}
-        fields = {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}
+        fields = self.prefilled = {key: values.get(key, self.DEFAULTS.get(key, "")) for key, _ in self.FIELDS}
         return fields, self.note(job, fields)
 
     def note(self, job, fields: dict[str, str]) -> str:
@@ -280,7 +282,15 @@ class PredictScreen(TaskScreen):
     def note(self, job, fields: dict[str, str]) -> str:
         from engine.infer.followup import training_data_warning
 
-        return training_data_warning(job, fields["dataset"]) or "the dataset is the run's eval_dataset"
+        warning = training_data_warning(job, fields["dataset"])
+        if warning or fields["dataset"] != self.prefilled["dataset"]:
+            return warning or ""
+        return "the dataset is the run's eval_dataset"
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        super().on_input_changed(event)
+        if event.input.id == "dataset" and self.job is not None:
+            self.query_one("#note", Static).update(self.note(self.job, {"dataset": event.value.strip()}))
 
     def log_path(self) -> Path:
         return self.target / "predict.log"
