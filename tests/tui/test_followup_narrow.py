@@ -4,22 +4,13 @@ for it; the warning about scoring the data the run trained on, from the engine f
 from __future__ import annotations
 
 from test_dashboard_narrow import screen_text
+from test_followup_screens import monitor, predict_form
 from textual.widgets import Input, Static
-from tui_helpers import recorded, shown, until
+from tui_helpers import shown, until
 
 from engine.infer.followup import training_data_warning
 from engine.runs.jobs import find_job
-from tuner_tui.dashboard.screen import DashboardScreen
-from tuner_tui.followup.tasks import PredictScreen, WholePath, path_lines
-from tuner_tui.monitor import MonitorApp
-
-
-async def predict_form(pilot, app) -> PredictScreen:
-    await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
-    await pilot.press("p")
-    screen = app.screen
-    await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
-    return screen
+from tuner_tui.followup.tasks import WholePath, path_lines
 
 
 def test_a_path_breaks_after_a_slash_and_inside_a_name_only_when_the_name_is_wider_than_a_line():
@@ -29,7 +20,7 @@ def test_a_path_breaks_after_a_slash_and_inside_a_name_only_when_the_name_is_wid
 
 
 async def test_the_predict_forms_output_dir_is_shown_whole_at_80x24(run_copy, state_home):
-    app = MonitorApp(run_copy, probe=recorded("a100-80gb"), interval_s=0.1, gpu_interval_s=0.1)
+    app = monitor(run_copy)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await predict_form(pilot, app)
         field, whole = screen.query_one("#output_dir", Input), screen.query_one(WholePath)
@@ -46,7 +37,7 @@ async def test_the_predict_forms_output_dir_is_shown_whole_at_80x24(run_copy, st
 
 
 async def test_an_output_dir_that_fits_its_field_takes_no_extra_line(run_copy, state_home):
-    app = MonitorApp(run_copy, probe=recorded("a100-80gb"), interval_s=0.1, gpu_interval_s=0.1)
+    app = monitor(run_copy)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await predict_form(pilot, app)
         whole = screen.query_one(WholePath)
@@ -56,7 +47,7 @@ async def test_an_output_dir_that_fits_its_field_takes_no_extra_line(run_copy, s
 
 
 async def test_the_predict_forms_warning_follows_the_dataset_typed(run_copy, state_home):
-    app = MonitorApp(run_copy, probe=recorded("a100-80gb"), interval_s=0.1, gpu_interval_s=0.1)
+    app = monitor(run_copy)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await predict_form(pilot, app)
         note, dataset = screen.query_one("#note", Static), screen.query_one("#dataset", Input)
