@@ -61,7 +61,24 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def _has_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu check the CUDA paths: left out (deselected, and named in the summary) where there is no GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not _has_a_gpu():
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 def pytest_terminal_summary(terminalreporter, config):
+    if not _has_a_gpu():
+        terminalreporter.write_line("tests marked gpu (the CUDA attention paths): not run: no CUDA device here (the "
+                                    "default run includes them on a machine with one)")
     if _asks_for_the_shared_suite(config):
         return
     why = ("it runs on its own: python3 -m pytest tests/shared (as .ci/run does)" if SHARED_DATA.is_dir()
