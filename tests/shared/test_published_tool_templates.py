@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_tool_calling import CALL, GLAIVE, TOOLS, WEATHER, pieces, tok
+from test_tool_calling import GLAIVE, PARALLEL, TOOLS, WEATHER, pieces, tok
 
 from engine.templates import encode, get_template, render_segments
 
@@ -13,14 +13,7 @@ __all__ = ["tok"]  # the unit suite's tiny tokenizer fixture, used here as it is
 
 
 def test_parallel_results_share_one_observation_in_qwens_published_file(shared_data, tok):
-    other = {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Rome"}}}
-    messages = [
-        GLAIVE[0],
-        {"role": "assistant", "content": "Checking both.", "tool_calls": [CALL, other]},
-        {"role": "tool", "content": "22"},
-        {"role": "tool", "content": "25"},
-        {"role": "assistant", "content": "22 and 25."},
-    ]
+    messages = PARALLEL
     tok.chat_template = (shared_data / "chat_templates" / "qwen2.5-instruct.jinja").read_text()
     wrapped = json.dumps([{"type": "function", "function": WEATHER}])
     assert pieces("auto", tok, messages, wrapped)[2] == pieces("qwen", tok, messages)[2]

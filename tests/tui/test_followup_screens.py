@@ -24,20 +24,21 @@ def monitor(run_dir) -> MonitorApp:
     return MonitorApp(run_dir, probe=recorded("a100-80gb"), **FAST)
 
 
-async def predict_form(pilot, app) -> PredictScreen:
+async def open_form(pilot, app, key: str):
+    """The dashboard's form behind ``key``, once the run has filled it."""
     await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
-    await pilot.press("p")
+    await pilot.press(key)
     screen = app.screen
     await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
     return screen
+
+
+async def predict_form(pilot, app) -> PredictScreen:
+    return await open_form(pilot, app, "p")
 
 
 async def export_form(pilot, app) -> ExportScreen:
-    await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.run is not None, "the run")
-    await pilot.press("e")
-    screen = app.screen
-    await until(pilot, lambda: not screen.query_one("#start").disabled, "the form")
-    return screen
+    return await open_form(pilot, app, "e")
 
 
 def test_predict_progress_is_recorded_in_the_result_file_with_the_total_and_time_left(tmp_path, capsys):

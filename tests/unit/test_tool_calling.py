@@ -136,15 +136,18 @@ def test_glm4_writes_one_call_as_name_and_arguments_and_refuses_parallel_calls(t
         render_text(get_template("glm4"), parallel, tok, tools=TOOLS)
 
 
+ROME = {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Rome"}}}
+PARALLEL = [  # two calls in one reply, each answered by a tool message of its own
+    GLAIVE[0],
+    {"role": "assistant", "content": "Checking both.", "tool_calls": [CALL, ROME]},
+    {"role": "tool", "content": "22"},
+    {"role": "tool", "content": "25"},
+    {"role": "assistant", "content": "22 and 25."},
+]
+
+
 def test_parallel_results_share_one_observation_as_qwens_template_writes_them(tok):
-    other = {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Rome"}}}
-    messages = [
-        GLAIVE[0],
-        {"role": "assistant", "content": "Checking both.", "tool_calls": [CALL, other]},
-        {"role": "tool", "content": "22"},
-        {"role": "tool", "content": "25"},
-        {"role": "assistant", "content": "22 and 25."},
-    ]
+    messages = PARALLEL
     got = pieces("qwen", tok, messages)
     assert got[1] == (
         'Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n</tool_call>\n'
