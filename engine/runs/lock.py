@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from engine.errors import UserError
 
 LOCK_FILE = ".tuner.lock"
 LOCK_FD_ENV = "TUNER_RUN_LOCK_FD"
+# A killed run's process is gone (a zombie, or reaped) a moment before the kernel releases its lock: so long, at most,
+# is a lock whose run has ended waited for.
+RELEASE_WAIT_S = 5.0
 
 
 class RunLock:
@@ -30,13 +34,17 @@ class RunLock:
         except OSError as exc:
             raise UserError(f"cannot lock {path}: {exc.strerror}",
                             "remove it if it is a link; tuner creates it itself") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{run_dir} is in use by a run that is still alive ({_holder(run_dir)})",
-                            "choose another output_dir, or `tuner stop` that run first") from None
-        return cls(fd, path)
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return cls(fd, path)
+            except BlockingIOError:
+                if _holder_alive(run_dir) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise UserError(f"{run_dir} is in use by a run that is still alive ({_holder(run_dir)})",
+                                    "choose another output_dir, or `tuner stop` that run first") from None
+                time.sleep(0.05)
 
     @classmethod
     def inherited(cls, run_dir: Path) -> RunLock | None:
@@ -57,6 +65,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holder_alive(run_dir: Path) -> bool:
+    """Whether the process status.json names is alive; a lock held with none named (a launcher at work) counts as
+    alive."""
+    from engine.runs.process import is_run_process
+    from engine.runs.status import read_status
+
+    status = read_status(run_dir)
+    return status is None or not status.pid or is_run_process(status)
 
 
 def _holder(run_dir: Path) -> str:

@@ -36,7 +36,18 @@ def is_alive(pid, started_at, host: str | None = None) -> bool:
     if host is not None and host != socket.gethostname():
         return False
     started = pid_start_time(pid)
-    return started is not None and abs(started - started_at) <= START_TIME_TOLERANCE_S
+    return started is not None and abs(started - started_at) <= START_TIME_TOLERANCE_S and not _ended(pid)
+
+
+def _ended(pid: int) -> bool:
+    """Whether ``pid`` has ended but is not reaped yet (a zombie): a run started from the wizard is the TUI's child,
+    and stays one, unreaped, after it ends until the TUI waits for it."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def is_run_process(status: RunStatus) -> bool:

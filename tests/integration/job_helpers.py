@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,9 +15,43 @@ RUN = ["--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--per_
        "--logging_steps", "5", "--learning_rate", "1e-3"]
 
 
-def tuner(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=180, **kwargs)
+def tuner(*args: str, cwd: Path, input: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`tuner ARGS` typed in the folder ``cwd``, with ``env`` added to the environment: the same code the shell's
+    `tuner` runs (engine.cli.main), in this process, so it costs no new interpreter and its ten seconds of imports.
+    What it starts (a detached run, a resumed one) is a real process of its own. A test about the process that types
+    the command (its session, its signals) uses tuner_process."""
+    from engine.cli import main
+
+    added = dict(env or {})
+    before = {name: os.environ.get(name) for name in added}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.update(added)
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                _stdin(io.StringIO(input)):
+            code = main(list(args))
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(["tuner", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _stdin(stream):
+    saved, sys.stdin = sys.stdin, stream
+    try:
+        yield
+    finally:
+        sys.stdin = saved
+
+
+def tuner_process(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """`tuner ARGS` as a process of its own, for the tests about that process."""
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], check=False, cwd=cwd, capture_output=True,
+                          text=True, timeout=180, **kwargs)
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -35,7 +35,7 @@ def rank_processes(supervisor_pid: int) -> dict[int, psutil.Process]:
 
 
 def test_two_processes_train_as_one_run_that_stops_and_resumes(home):
-    run_dir, run_id = start_detached(home, "ddp", *TWO, "--max_steps", "400", "--save_steps", "5000")
+    run_dir, run_id = start_detached(home, "ddp", *TWO, "--max_steps", "100", "--save_steps", "5000")
     wait_for(lambda: events_of(run_dir, "log"), 120, "the first logged step")
     assert len(rank_processes(read_status(run_dir).pid)) == 2, "the run's own process supervises both ranks"
     result = tuner("stop", run_id, cwd=home)
@@ -55,7 +55,7 @@ def test_two_processes_train_as_one_run_that_stops_and_resumes(home):
     assert [s["world_size"] for s in starts] == [2, 2]
     assert starts[1]["resumed_from"] == str(run_dir.resolve() / f"checkpoint-{end['step']}")
     steps = [e["step"] for e in events_of(run_dir, "log")]
-    assert steps == sorted(set(steps)) and steps[-1] == 400, "one loss per logged step: rank 0 alone records"
+    assert steps == sorted(set(steps)) and steps[-1] == 100, "one loss per logged step: rank 0 alone records"
     last = events_of(run_dir, "end")[-1]
     digests = last["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "both ranks hold the same weights after training"
@@ -101,7 +101,7 @@ def test_a_killed_rank_fails_the_run_on_every_rank(home):
     assert errors[-1]["message"] == status.error and errors[-1]["rank"] == 1
     assert events_of(run_dir, "end")[-1]["state"] == "failed"
     assert (run_dir / "checkpoint-5").is_dir() and (run_dir / "train.log").is_file(), "nothing the run wrote is lost"
-    listed = tuner("runs", cwd=home, env={**os.environ, "COLUMNS": "160"}).stdout
+    listed = tuner("runs", cwd=home, env={"COLUMNS": "160"}).stdout
     assert "rank 1 failed" in listed
 
 

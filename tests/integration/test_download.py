@@ -12,15 +12,21 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import job_helpers
 import pytest
+from job_helpers import wait_for
 
 from engine.cli import main
 from engine.errors import UserError
 from engine.models import download as downloads
-from engine.models.download import DISK_MARGIN_BYTES, DownloadStopped, download, plan_download
+from engine.models.download import (
+    DISK_MARGIN_BYTES,
+    DownloadStopped,
+    download,
+    plan_download,
+)
 from engine.models.resolve import resolve_model
 from engine.runs import read_events, read_status
-from job_helpers import wait_for
 
 RUN_FILES = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "model.safetensors", "config.json"]
@@ -183,9 +189,8 @@ def test_train_of_a_hub_model_downloads_it_with_progress_events_then_trains(hub,
     assert "downloaded org/tiny in " in log
 
 
-def tuner(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=180,
-                          **kwargs)
+def tuner(*args: str) -> subprocess.CompletedProcess:
+    return job_helpers.tuner(*args, cwd=Path.cwd())
 
 
 def test_download_command_prints_the_plan_progress_and_the_snapshot_then_needs_nothing(hub):

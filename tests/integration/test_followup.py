@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from job_helpers import tuner
 
 from engine.errors import UserError
 from engine.infer.followup import followup_values, trained_weights
-from engine.runs.jobs import find_job
 from engine.runs import read_status
+from engine.runs.jobs import find_job
 from engine.runs.process import pid_start_time
 
 TRAIN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template", "alpaca",
          "--max_samples", "40", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--learning_rate", "1e-3"]
-
-
-def tuner(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +64,7 @@ def test_predict_with_run_scores_into_the_run_directory(project):
 
 def test_chat_with_run_by_its_id(project):
     run_id = read_status(project / "lora-done").id
-    env = {**os.environ}
-    result = tuner("chat", "--run", run_id, "--max_new_tokens", "4", cwd=project, input="hello\n", env=env)
+    result = tuner("chat", "--run", run_id, "--max_new_tokens", "4", cwd=project, input="hello\n")
     assert result.returncode == 0, result.stderr
     assert "(template alpaca)" in result.stdout and "assistant:" in result.stdout
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+import job_helpers
 import pytest
 import yaml
 
@@ -157,8 +157,7 @@ def workdir(tmp_path, llamafactory_data, home) -> Path:
 
 
 def tuner(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=workdir, capture_output=True, text=True,
-                          timeout=600)
+    return job_helpers.tuner(*args, cwd=workdir)
 
 
 def write(workdir: Path, name: str, text: str, model: Path) -> str:

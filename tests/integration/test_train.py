@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import job_helpers
 import pytest
 import yaml
+from job_helpers import wait_for
 
 from engine.cli import main
 from engine.runs import read_events, read_status
-from job_helpers import wait_for
 
 CLASSIC = (
     "train --stage sft --model_name_or_path {model} --do_train --dataset demo_alpaca --template {template} "
@@ -27,8 +28,16 @@ CLASSIC = (
 
 
 def tuner(*args: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    """`tuner ARGS` as a process of its own, for the tests of what a process is sent (signals)."""
     return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def typed(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`tuner ARGS` typed here (in this process, job_helpers.tuner): its exit code and its output, stdout then
+    stderr."""
+    done = job_helpers.tuner(*args, cwd=Path.cwd(), env=env)
+    return done.returncode, done.stdout + done.stderr
 
 
 def logged_losses(run_dir: Path) -> list[float]:
@@ -41,9 +50,8 @@ def events_of(run_dir: Path, kind: str) -> list[dict]:
 
 def test_classic_qlora_command_runs_as_written(tiny_models, tmp_path):
     out = tmp_path / "out"
-    proc = tuner(*CLASSIC.format(model="tiny-llama", template="llama2", out=out).split())
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
+    code, output = typed(*CLASSIC.format(model="tiny-llama", template="llama2", out=out).split())
+    assert code == 0, output
 
     for name in ("config.yaml", "status.json", "events.jsonl", "train.log", "trainer_log.jsonl",
                  "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "checkpoint-16"):
@@ -110,8 +118,8 @@ def test_each_method_trains_and_the_loss_falls(tiny_models, tmp_path, method):
     assert (out / weights).is_file()
 
 
-LONG_RUN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "400",
-            "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "1000",
+LONG_RUN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "200",
+            "--per_device_train_batch_size", "2", "--logging_steps", "5", "--save_steps", "1000",
             "--learning_rate", "1e-3"]
 
 
@@ -124,7 +132,7 @@ def test_sigterm_stops_gracefully_and_the_rerun_resumes_the_step_count(tiny_mode
     assert proc.returncode == 128 + signal.SIGTERM, output  # stopped, not completed: `&& tuner export` stops here
 
     status = read_status(out)
-    assert status.state == "stopped" and status.step < 400
+    assert status.state == "stopped" and status.step < 200
     end = events_of(out, "end")[-1]
     assert end["state"] == "stopped" and end["signal"] == "SIGTERM"
     checkpoint = out / f"checkpoint-{end['step']}"
@@ -137,7 +145,7 @@ def test_sigterm_stops_gracefully_and_the_rerun_resumes_the_step_count(tiny_mode
     resumed_fit = {f["feature"]: f for f in starts[1]["speed"]}["auto-fit"]
     assert starts[1]["batch"] == starts[0]["batch"] and "resumed" in resumed_fit["why"], "the same layout resumes"
     steps = [e["step"] for e in events_of(out, "log")]
-    assert steps == sorted(steps) and steps[-1] == 400, "the resumed curve continues the same step count"
+    assert steps == sorted(steps) and steps[-1] == 200, "the resumed curve continues the same step count"
     assert len(set(steps)) == len(steps)
     assert read_status(out).state == "completed" and read_status(out).id == status.id
 
@@ -147,9 +155,8 @@ def test_completed_run_is_not_overwritten_without_asking(tiny_models, tmp_path):
     args = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--output_dir", str(out),
             "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_steps", "1000"]
     assert main(args) == 0
-    proc = tuner(*args)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    code, output = typed(*args)
+    assert code == 2
     assert output.strip().splitlines()[-1] == (
         f"tuner: error: output_dir {out} holds a completed run (choose another output_dir, "
         "or set overwrite_output_dir true to replace it)")
@@ -161,9 +168,8 @@ def test_bad_data_fails_with_one_line_and_leaves_the_run_directory(tiny_models, 
     data = tmp_path / "bad.json"
     data.write_text('[{"instruction": "hi", "output": "ho"},\n {"instruction": "x", "output": }]\n')
     out = tmp_path / "bad-run"
-    proc = tuner("train", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--output_dir", str(out))
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--output_dir", str(out))
+    assert code == 2
     last = output.strip().splitlines()[-1]
     assert last.startswith("tuner: error: ") and "bad.json" in last and "line 2" in last
     assert "Traceback" not in output
@@ -188,11 +194,15 @@ def test_training_arguments_transformers_refuses_end_the_run_in_one_line(tiny_mo
     if case == "an optimizer's missing package" and importlib.util.find_spec("lomo_optim"):
         pytest.skip("lomo_optim is installed here")
     out = tmp_path / "refused"
-    proc = tuner("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "1",
-                 "--output_dir", str(out), *flags,
-                 env={**{k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}, **env})
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in output
+    args = ("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "1",
+            "--output_dir", str(out), *flags)
+    if env:  # a process's launch environment: its own process (torch.distributed keeps what it found)
+        proc = tuner(*args, env={**{k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}, **env})
+        output, _ = proc.communicate(timeout=120)
+        code = proc.returncode
+    else:
+        code, output = typed(*args)
+    assert code == 2 and "Traceback" not in output
     last = output.strip().splitlines()[-1]
     assert last.startswith("tuner: error: transformers refused the training arguments: ") and named in last
     assert read_status(out).state == "failed"

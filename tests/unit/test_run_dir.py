@@ -209,12 +209,31 @@ def test_stop_never_signals_a_process_that_is_not_the_runs(state_home, sleeper, 
     assert sleeper.poll() is None, "the unrelated process was left alone"
 
 
-def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home, sleeper):
-    status = a_run(state_home / "alive", state="running", pid=sleeper.pid, host=socket.gethostname(),
-                   pid_started_at=pid_start_time(sleeper.pid))
+def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home):
+    """Stopped, a run finishes its step first: its process outlives the signal a while, as this one does."""
+    run = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                            "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM', flush=True))\n"
+                            "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "ready\n"
+    status = a_run(state_home / "alive", state="running", pid=run.pid, host=socket.gethostname(),
+                   pid_started_at=pid_start_time(run.pid))
     assert is_run_process(status) and effective_state(status) == "running"
     assert stop_job(find_job("alive")) == "stopping"
-    assert sleeper.wait(10) == -15
+    assert run.stdout.readline() == "SIGTERM\n"
+    run.kill()
+    run.wait()
+
+
+def test_a_run_that_ended_unreaped_under_the_process_that_started_it_is_not_alive(state_home):
+    """A run started from the wizard is the TUI's child: killed, it stays a zombie until the TUI reaps it."""
+    child = subprocess.Popen(["sleep", "60"])
+    status = a_run(state_home / "zombie", state="running", pid=child.pid, host=socket.gethostname(),
+                   pid_started_at=pid_start_time(child.pid))
+    os.kill(child.pid, signal.SIGKILL)
+    while not open(f"/proc/{child.pid}/stat").read().rsplit(") ", 1)[1].startswith("Z"):  # killed: a zombie soon
+        pass
+    assert not is_run_process(status) and effective_state(status) == "failed"
+    child.wait()
 
 
 def test_the_newest_whole_checkpoint_is_the_one_resumed(tmp_path):
