@@ -35,6 +35,29 @@ for _size in ("COLUMNS", "LINES"):  # output is wrapped to these; a test that wa
     os.environ.pop(_size, None)
 
 
+# Python's full garbage collections walk every object alive, and torch, transformers, peft, trl and textual leave
+# millions once imported: walking them took a sixth of the TUI tests' CPU. After a test that imported a good many
+# modules, what is alive then is frozen (gc.freeze: the collector skips it from then on); and cycles are looked for
+# less often (a test's garbage without cycles is freed at once all the same).
+_modules_when_frozen = 0
+
+
+def pytest_sessionstart(session):
+    import gc
+
+    gc.set_threshold(10_000, 10, 100)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    global _modules_when_frozen
+    if len(sys.modules) - _modules_when_frozen > 300:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        _modules_when_frozen = len(sys.modules)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _state_home(tmp_path_factory):
     os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
