@@ -15,9 +15,9 @@ from engine.errors import UserError
 
 LOCK_FILE = ".tuner.lock"
 LOCK_FD_ENV = "TUNER_RUN_LOCK_FD"
-# A killed run's process is gone (a zombie, or reaped) a moment before the kernel releases its lock: so long, at most,
-# is a lock whose run has ended waited for.
-RELEASE_WAIT_S = 5.0
+# A killed run's process is gone (a zombie, or reaped) a moment before the kernel releases its lock, and the workers it
+# forked (data loaders) may take seconds more to notice: so long, at most, is a lock whose run has ended waited for.
+RELEASE_WAIT_S = 10.0
 
 
 class RunLock:
@@ -40,10 +40,14 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return cls(fd, path)
             except BlockingIOError:
-                if _holder_alive(run_dir) or time.monotonic() > deadline:
+                if _holder_alive(run_dir):
                     os.close(fd)
                     raise UserError(f"{run_dir} is in use by a run that is still alive ({_holder(run_dir)})",
                                     "choose another output_dir, or `tuner stop` that run first") from None
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise UserError(f"{run_dir} is still locked though its run has ended ({_holder(run_dir)}): a "
+                                    "process it started is still ending", "try again in a moment") from None
                 time.sleep(0.05)
 
     @classmethod

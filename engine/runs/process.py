@@ -35,19 +35,16 @@ def is_alive(pid, started_at, host: str | None = None) -> bool:
         return False
     if host is not None and host != socket.gethostname():
         return False
-    started = pid_start_time(pid)
-    return started is not None and abs(started - started_at) <= START_TIME_TOLERANCE_S and not _ended(pid)
-
-
-def _ended(pid: int) -> bool:
-    """Whether ``pid`` has ended but is not reaped yet (a zombie): a run started from the wizard is the TUI's child,
-    and stays one, unreaped, after it ends until the TUI waits for it."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
+        process = psutil.Process(pid)
+        # A process that has ended but is not reaped yet (a zombie) has ended: a run started from the wizard is the
+        # TUI's child, and stays one, unreaped, after it ends until the TUI waits for it.
+        return abs(process.create_time() - started_at) <= START_TIME_TOLERANCE_S and \
+            process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError, OverflowError):
+        return False
 
 
 def is_run_process(status: RunStatus) -> bool:

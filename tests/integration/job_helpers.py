@@ -19,24 +19,65 @@ def tuner(*args: str, cwd: Path, input: str = "", env: dict[str, str] | None = N
     """`tuner ARGS` typed in the folder ``cwd``, with ``env`` added to the environment: the same code the shell's
     `tuner` runs (engine.cli.main), in this process, so it costs no new interpreter and its ten seconds of imports.
     What it starts (a detached run, a resumed one) is a real process of its own. A test about the process that types
-    the command (its session, its signals) uses tuner_process."""
+    the command (its session, its signals) starts `python -m engine.cli` itself."""
     from engine.cli import main
 
-    added = dict(env or {})
-    before = {name: os.environ.get(name) for name in added}
     stdout, stderr = io.StringIO(), io.StringIO()
+    with _environment(env or {}), _folder(cwd), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr), _stdin(io.StringIO(input)), _as_a_new_process_shows_them():
+        code = main(list(args))
+    return subprocess.CompletedProcess(["tuner", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _as_a_new_process_shows_them():
+    """Warnings and log records reach stderr as they would in a process of its own, not pytest's captures: Python's
+    default warning filters, and logging's last resort (warnings and worse, to stderr) where no handler of the run
+    takes a record."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    pytest_handlers, root.handlers = root.handlers, []
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        root.handlers = pytest_handlers
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _environment(added: dict[str, str]):
+    before = {name: os.environ.get(name) for name in added}
     os.environ.update(added)
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                _stdin(io.StringIO(input)):
-            code = main(list(args))
+        yield
     finally:
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return subprocess.CompletedProcess(["tuner", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _folder(path: Path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 @contextlib.contextmanager
@@ -46,12 +87,6 @@ def _stdin(stream):
         yield
     finally:
         sys.stdin = saved
-
-
-def tuner_process(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    """`tuner ARGS` as a process of its own, for the tests about that process."""
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True, timeout=180, **kwargs)
 
 
 def wait_for(predicate, timeout: float, what: str):

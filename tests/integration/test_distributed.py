@@ -4,7 +4,6 @@ the CPU (gloo): one run directory written by rank 0, stop and resume, and a dyin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -168,7 +168,8 @@ def test_bad_data_fails_with_one_line_and_leaves_the_run_directory(tiny_models, 
     data = tmp_path / "bad.json"
     data.write_text('[{"instruction": "hi", "output": "ho"},\n {"instruction": "x", "output": }]\n')
     out = tmp_path / "bad-run"
-    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--output_dir", str(out))
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--output_dir",
+                         str(out))
     assert code == 2
     last = output.strip().splitlines()[-1]
     assert last.startswith("tuner: error: ") and "bad.json" in last and "line 2" in last

@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -234,6 +236,35 @@ def test_a_run_that_ended_unreaped_under_the_process_that_started_it_is_not_aliv
         pass
     assert not is_run_process(status) and effective_state(status) == "failed"
     child.wait()
+
+
+def test_a_lock_outliving_its_ended_run_a_moment_is_waited_for_and_a_live_runs_is_refused_at_once(state_home):
+    """The kernel lets a killed process's lock go a moment after it has ended (and forked workers later still)."""
+    run_dir = state_home / "ended"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    a_run(run_dir, state="running", pid=ended.pid, host=socket.gethostname(), pid_started_at=time.time() - 60)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.runs.lock import RunLock\n"
+                               f"lock = RunLock.acquire({str(run_dir)!r})\nprint('held', flush=True)\n"
+                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        threading.Timer(0.5, holder.stdin.close).start()  # the holder ends, and its lock goes, half a second on
+        with RunLock.acquire(run_dir):
+            assert time.monotonic() - started >= 0.5, "acquired once the holder had let go"
+
+        holder = subprocess.Popen(holder.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        a_run(run_dir, id="live", state="running", pid=holder.pid, host=socket.gethostname(),
+              pid_started_at=pid_start_time(holder.pid))
+        started = time.monotonic()
+        with pytest.raises(UserError, match=r"still alive \(run live, pid "):
+            RunLock.acquire(run_dir)
+        assert time.monotonic() - started < 1, "a live run's lock is refused at once"
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_the_newest_whole_checkpoint_is_the_one_resumed(tmp_path):
