@@ -98,6 +98,13 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def logged(run_dir: Path, at_least: int = 1) -> bool:
+    """Whether the run has logged a step of at least ``at_least``."""
+    from engine.runs import read_events
+
+    return any(e["type"] == "log" and e["step"] >= at_least for e in read_events(run_dir))
+
+
 def runs_json(cwd: Path) -> list[dict]:
     result = tuner("runs", "--json", cwd=cwd)
     assert result.returncode == 0, result.stderr

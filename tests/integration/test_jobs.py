@@ -11,14 +11,10 @@ import signal
 import subprocess
 import sys
 
-from job_helpers import RUN, runs_json, start_detached, tuner, wait_for
+from job_helpers import RUN, logged, runs_json, start_detached, tuner, wait_for
 
 from engine.runs import read_events, read_status
 from engine.runs.checkpoints import checkpoints
-
-
-def logged(run_dir, at_least: int = 1) -> bool:
-    return any(e["type"] == "log" and e["step"] >= at_least for e in read_events(run_dir))
 
 
 def test_a_detached_run_outlives_its_terminal_is_listed_from_anywhere_and_goes_missing_with_its_directory(home):

@@ -16,14 +16,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from job_helpers import RUN, runs_json, start_detached, tuner, wait_for
+from job_helpers import RUN, logged, runs_json, start_detached, tuner, wait_for
 
 from engine.runs import read_events, read_status
 from engine.runs.checkpoints import checkpoints
-
-
-def logged(run_dir: Path, at_least: int = 1) -> bool:
-    return any(e["type"] == "log" and e["step"] >= at_least for e in read_events(run_dir))
 
 
 def strict_events(run_dir: Path) -> list[dict]:
