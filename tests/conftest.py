@@ -6,6 +6,7 @@ without it says so in one summary line."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -33,6 +34,11 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _size in ("COLUMNS", "LINES"):  # output is wrapped to these; a test that wants a width sets it
     os.environ.pop(_size, None)
+# Tests type commands as at a terminal, where Ctrl-C reaches them. A suite started in the background of a script
+# (`python3 -m pytest &`) inherits SIGINT ignored, and every command it started would ignore Ctrl-C too (as it should
+# there): `tuner download` interrupted would then run to its end.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Python's full garbage collections walk every object alive, and torch, transformers, peft, trl and textual leave

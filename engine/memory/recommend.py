@@ -12,7 +12,7 @@ from pathlib import Path
 from engine.models.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of, offloads
+from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of
 from engine.paths import PRESETS_DIR
 
 SAFETY_MARGIN = 0.10  # keep 10% of the GPU's memory free: estimates are within ~15%, and other processes come and go

@@ -73,9 +73,15 @@ def test_two_nodes_on_one_machine_train_as_one(tiny_models, tmp_path, monkeypatc
             "--master_port", port]
     first = subprocess.Popen([*node, "--node_rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, cwd=tmp_path)
-    zero = subprocess.run([*node, "--node_rank", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    zero = subprocess.Popen([*node, "--node_rank", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    launcher = psutil.Process(first.pid)
+    wait_for(lambda: launcher.children(), 60, "node 1 to start its ranks")
+    assert not [m.path for m in launcher.memory_maps() if "libtorch" in m.path], \
+        "a node's own process only launches and supervises: torch is loaded by its ranks"
+    _, zero_err = zero.communicate(timeout=300)
     other, _ = first.communicate(timeout=120)
-    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert zero.returncode == 0, zero_err[-3000:]
     assert first.returncode == 0, other[-3000:]
     assert "node 1 of 2: 2 processes, 1 on each of 2 machines, this one node 1" in other
     assert events_of(out, "start")[0]["world_size"] == 2

@@ -12,6 +12,7 @@ from tui_helpers import recorded, shown, until
 
 from engine.runs import read_status, write_status
 from engine.runs.process import pid_start_time
+from engine.runs.tasks import read_task, result_path_for
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.followup.chat import ChatScreen, Turn
 from tuner_tui.followup.tasks import ExportScreen, PredictScreen
@@ -68,9 +69,9 @@ async def test_chat_with_a_finished_run_streams_a_reply(run_copy, state_home):
         assert isinstance(app.screen, DashboardScreen)
 
 
-async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, state_home):
+async def test_predict_runs_as_its_own_process_and_shows_its_result_once_with_the_scores(run_copy, state_home):
     app = monitor(run_copy)
-    async with app.run_test(size=(100, 30)) as pilot:
+    async with app.run_test(size=(120, 40)) as pilot:
         screen = await open_form(pilot, app, "p", PredictScreen)
         assert screen.query_one("#dataset", Input).value == "demo_alpaca"
         assert "trained on" in shown(screen.query_one("#note", Static))
@@ -78,16 +79,25 @@ async def test_predict_runs_as_its_own_process_and_shows_the_scores(run_copy, st
         await pilot.press("ctrl+r")
         await until(pilot, lambda: "max_samples" in shown(screen.query_one("#status", Static)), "the complaint")
         assert screen.started is None
-        screen.query_one("#max_samples", Input).value = "4"
+        screen.query_one("#max_samples", Input).value = "6"
         screen.query_one("#max_new_tokens", Input).value = "4"
         await pilot.press("ctrl+r")
         await until(pilot, lambda: screen.started is not None, "the start")
         assert os.getsid(screen.started.pid) == screen.started.pid  # its own session: a hangup does not reach it
-        await until(pilot, lambda: "finished" in shown(screen.query_one("#status", Static)), "predict to finish",
-                    timeout=120)
-        assert "4 predictions" in shown(screen.query_one("#result", Static))
+        await until(pilot, lambda: shown(screen.query_one("#status", Static)).startswith("finished"),
+                    "predict to finish", timeout=120)
+        result = read_task(result_path_for(screen.target / "predict.log"))
+        assert (result.done, result.total) == (6, 6)
+        log = (screen.target / "predict.log").read_text()
+        assert "predicting 6 samples" in log and "6 of 6 predicted" in log
+        text = shown(screen.query_one("#result", Static))
+        assert text.count("6 predictions in") == 1 and " s " in text + " " and "samples/s" in text
+        assert not screen.query_one("#log").display  # the log ends with the same result: not shown twice
+        status = shown(screen.query_one("#status", Static))
+        assert status.startswith("finished in ") and str(screen.target / "predict.log") in status
+        assert screen.query_one("#result", Static).region.width > 100  # wrapped to the screen, not to 80 columns
         results = json.loads((screen.target / "predict_results.json").read_text())
-        assert results["predict_samples"] == 4 and screen.target.parent == run_copy
+        assert results["predict_samples"] == 6 and screen.target.parent == run_copy
         await pilot.press("escape")
         assert isinstance(app.screen, DashboardScreen)
 

@@ -4,7 +4,6 @@ gets the task's output, the result once with units; the chat screen letting a re
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from textual.widgets import Input, Static
@@ -12,7 +11,7 @@ from tui_helpers import recorded, shown, until
 
 from engine.cli import main
 from engine.infer.predict import score_line
-from engine.runs.tasks import PredictProgress, TaskResult, read_task, result_path_for
+from engine.runs.tasks import PredictProgress, TaskResult, read_task
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.followup.tasks import ExportScreen, PredictScreen, TaskState, progress_text, short_duration
 from tuner_tui.monitor import MonitorApp
@@ -79,29 +78,6 @@ async def test_a_running_predict_shows_how_far_it_is_of_the_total(run_copy, stat
                               TaskResult("predict", "running", os.getpid(), done=8, total=40, remaining_s=72.0)))
         status = shown(screen.query_one("#status", Static))
         assert "8 of 40 done · ETA 1m 12s" in status and str(screen.target / "predict.log") in status
-
-
-async def test_a_finished_predict_shows_its_result_once_and_its_log_got_the_output(run_copy, state_home):
-    app = monitor(run_copy)
-    async with app.run_test(size=(120, 40)) as pilot:
-        screen = await predict_form(pilot, app)
-        screen.query_one("#max_samples", Input).value = "6"
-        screen.query_one("#max_new_tokens", Input).value = "4"
-        await pilot.press("ctrl+r")
-        await until(pilot, lambda: shown(screen.query_one("#status", Static)).startswith("finished"),
-                    "predict to finish", timeout=120)
-        result = read_task(result_path_for(screen.target / "predict.log"))
-        assert (result.done, result.total) == (6, 6)
-        log = (screen.target / "predict.log").read_text()
-        assert "predicting 6 samples" in log and "6 of 6 predicted" in log
-        text = shown(screen.query_one("#result", Static))
-        assert text.count("6 predictions in") == 1 and " s " in text + " " and "samples/s" in text
-        assert not screen.query_one("#log").display  # the log ends with the same result: not shown twice
-        status = shown(screen.query_one("#status", Static))
-        assert status.startswith("finished in ") and str(screen.target / "predict.log") in status
-        region = screen.query_one("#result", Static).region
-        assert region.width > 100  # wrapped to the screen, not to 80 columns
-        assert json.loads((screen.target / "predict_results.json").read_text())["predict_samples"] == 6
 
 
 async def test_leaving_the_chat_stops_its_reply_at_the_next_piece(run_copy, state_home):
