@@ -6,10 +6,11 @@ full disk) leaves a ``checkpoint-N`` without a readable state: such a one is nev
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
+
+from engine.runs.files import read_json
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
@@ -35,7 +36,7 @@ def is_complete(checkpoint: Path) -> bool:
     if not any((checkpoint / name).is_file() for name in WEIGHT_FILES):
         return False
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        state = read_json(checkpoint / "trainer_state.json", max_bytes=1 << 30)
     except (OSError, ValueError):
         return False
     return isinstance(state, dict) and state.get("global_step") == step_of(checkpoint)

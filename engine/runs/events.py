@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from engine.runs.files import open_append
+from engine.runs.files import open_append, open_regular
 from engine.runs.status import finite
 
 EVENTS_FILE = "events.jsonl"
@@ -68,7 +68,7 @@ class EventReader:
     def read(self, max_bytes: int = 64 << 20) -> tuple[list[dict[str, Any]], bool]:
         """The new events, and whether the file started over (the caller drops what it built from the old one)."""
         try:
-            with open(self.path, "rb") as file:
+            with open_regular(self.path) as file:
                 stat = os.fstat(file.fileno())
                 restarted = self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self._offset)
                 if restarted:

@@ -1,5 +1,7 @@
 """Files of a run directory as a careful writer and reader treat them: appends that never follow a planted symlink,
-atomic JSON, text made safe for a terminal, and the end of a log read without reading all of it."""
+reads only of regular files (a device or FIFO planted in a file's place is unreadable, never a read that blocks or
+never ends), lines longer than a limit skipped, atomic JSON, text made safe for a terminal, and the end of a log read
+without reading all of it."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import errno
 import json
 import os
 import re
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from engine.errors import UserError
 
@@ -26,6 +30,40 @@ def printable(text: Any) -> str:
 def printable_line(text: Any) -> str:
     """One line of shown text: like ``printable`` with newlines and tabs turned into spaces."""
     return printable(str(text).replace("\n", " ").replace("\t", " "))
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading bytes when it is a regular file; an OSError when it is a FIFO, a device
+    (``/dev/urandom``, ``/dev/zero``), a socket or a directory. A link is followed (a user's files may be links), and
+    what it points at is checked; the open itself never waits for a FIFO's writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a directory" if stat.S_ISDIR(mode) else "a socket"
+            raise OSError(errno.EINVAL, f"not a regular file but {kind}", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def lines_of(file: IO[bytes], max_line_bytes: int, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of ``file`` without their newline, read a chunk at a time; a line longer than ``max_line_bytes`` is
+    skipped without being held whole, and so is a last line without its newline (a writer may be mid-line)."""
+    partial, skipping = b"", False
+    while data := file.read(chunk):
+        *lines, rest = (partial + data).split(b"\n")
+        for line in lines:
+            if skipping:
+                skipping = False
+            elif len(line) <= max_line_bytes:
+                yield line
+        if len(rest) > max_line_bytes:
+            rest, skipping = b"", True
+        partial = b"" if skipping else rest
 
 
 def open_append(path: Path):
@@ -61,8 +99,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_json(path: Path, max_bytes: int = 1 << 20) -> Any:
-    """The JSON in ``path``; ValueError when it is not JSON, too big or not UTF-8, OSError when it cannot be read."""
-    with open(path, "rb") as file:
+    """The JSON in ``path``; ValueError when it is not JSON, too big or not UTF-8, OSError when it cannot be read or
+    is not a regular file."""
+    with open_regular(path) as file:
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes} bytes")
@@ -76,11 +115,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: Path, max_bytes: int = 1 << 20) -> str | None:
+    """A text file to show, its first ``max_bytes`` at most, made printable; None when it cannot be read."""
     try:
-        return printable(Path(path).read_text(encoding="utf-8", errors="replace"))
+        with open_regular(path) as file:
+            data = file.read(max_bytes)
     except OSError:
         return None
+    return printable(data.decode("utf-8", errors="replace"))
 
 
 class LogTail:
@@ -97,7 +139,7 @@ class LogTail:
 
     def read(self) -> tuple[str, ...]:
         try:
-            with open(self.path, "rb") as file:
+            with open_regular(self.path) as file:
                 stat = os.fstat(file.fileno())
                 if self._seen == (stat.st_size, stat.st_mtime_ns):
                     return self._tail

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from engine.runs.checkpoints import checkpoints, step_of
 from engine.runs.events import Event
-from engine.runs.files import read_json
+from engine.runs.events import MAX_LINE_BYTES
+from engine.runs.files import lines_of, open_regular, read_json
 from engine.runs.status import RunStatus
 
 
@@ -57,12 +58,13 @@ def llamafactory_events(run_dir: Path) -> list[dict] | None:
         return None
     events = []
     try:
-        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        with open_regular(path) as file:
+            lines = list(lines_of(file, MAX_LINE_BYTES))
     except OSError:
         return None
     for line in lines:
         try:
-            entry = json.loads(line)
+            entry = json.loads(line.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError):
             continue
         if not isinstance(entry, dict):

@@ -1,5 +1,6 @@
 """The per-user index of runs (``$XDG_STATE_HOME/tuner-tui/runs.jsonl``, a line per run: id and directory), so
-`tuner runs` finds every run from any directory. A line that is not an entry (torn, hostile) is skipped."""
+`tuner runs` finds every run from any directory. A line that is not an entry (torn, hostile, longer than an entry
+can be) is skipped; an index that is not a regular file (a FIFO, a device) lists nothing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import json
 from pathlib import Path
 
 from engine.paths import state_dir
-from engine.runs.files import open_append
+from engine.runs.files import lines_of, open_append, open_regular
 from engine.runs.status import RUN_ID
+
+
+MAX_ENTRY_BYTES = 16 << 10  # an id and a directory: a path is at most 4 KiB on Linux
 
 
 def index_path() -> Path:
@@ -17,14 +21,15 @@ def index_path() -> Path:
 
 def entries() -> list[tuple[str, Path]]:
     """(id, directory) of every indexed run, oldest first, each id once."""
+    found: dict[str, Path] = {}
     try:
-        data = index_path().read_bytes()
+        with open_regular(index_path()) as file:
+            lines = list(lines_of(file, MAX_ENTRY_BYTES))
     except OSError:
         return []
-    found: dict[str, Path] = {}
-    for line in data.decode("utf-8", errors="replace").splitlines():
+    for line in lines:
         try:
-            entry = json.loads(line)
+            entry = json.loads(line.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError):
             continue
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("dir"), str) \

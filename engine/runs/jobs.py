@@ -217,10 +217,10 @@ def follow(path: Path, out, follow_on: bool, alive=lambda: True, poll_s: float =
     appended while ``alive()``."""
     import codecs
 
-    from engine.runs.files import printable
+    from engine.runs.files import open_regular, printable
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         while True:
             chunk = file.read(1 << 16)
             if chunk:
