@@ -36,7 +36,7 @@ def is_complete(checkpoint: Path) -> bool:
     if not any((checkpoint / name).is_file() for name in WEIGHT_FILES):
         return False
     try:
-        state = read_json(checkpoint / "trainer_state.json", max_bytes=1 << 30)
+        state = read_json(checkpoint / "trainer_state.json", max_bytes=1 << 30, nan=True)
     except (OSError, ValueError):
         return False
     return isinstance(state, dict) and state.get("global_step") == step_of(checkpoint)

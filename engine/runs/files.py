@@ -36,7 +36,13 @@ def open_regular(path: Path) -> IO[bytes]:
     """``path`` opened for reading bytes when it is a regular file; an OSError when it is a FIFO, a device
     (``/dev/urandom``, ``/dev/zero``), a socket or a directory. A link is followed (a user's files may be links), and
     what it points at is checked; the open itself never waits for a FIFO's writer."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    _regular_or_closed(fd, path)
+    return os.fdopen(fd, "rb")
+
+
+def _regular_or_closed(fd: int, path: Path) -> None:
+    """Keep ``fd`` when it is a regular file, made blocking again; else close it and raise OSError saying what it is."""
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -47,7 +53,6 @@ def open_regular(path: Path) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
-    return os.fdopen(fd, "rb")
 
 
 def lines_of(file: IO[bytes], max_line_bytes: int, chunk: int = 1 << 16) -> Iterator[bytes]:
@@ -67,13 +72,19 @@ def lines_of(file: IO[bytes], max_line_bytes: int, chunk: int = 1 << 16) -> Iter
 
 
 def open_append(path: Path):
-    """``path`` opened for appending text, refusing to write through a symbolic link planted in its place."""
+    """``path`` opened for appending text, refusing to write through a symbolic link planted in its place or into
+    anything but a regular file (a FIFO planted there would block the open until something read it)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                     0o644)
+        _regular_or_closed(fd, path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link: tuner does not write through links in a run directory",
                             "remove the link") from None
+        if exc.errno in (errno.EINVAL, errno.ENXIO, errno.EISDIR):  # ENXIO: a FIFO nothing reads
+            raise UserError(f"{path} is not a regular file: tuner writes only to files it can append to",
+                            "remove it") from None
         raise
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -98,15 +109,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def read_json(path: Path, max_bytes: int = 1 << 20) -> Any:
+def read_json(path: Path, max_bytes: int = 1 << 20, nan: bool = False) -> Any:
     """The JSON in ``path``; ValueError when it is not JSON, too big or not UTF-8, OSError when it cannot be read or
-    is not a regular file."""
+    is not a regular file. Our files hold no NaN; ``nan=True`` reads what transformers writes (trainer_state.json
+    logs an fp16 overflow's grad_norm as NaN or Infinity)."""
     with open_regular(path) as file:
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes} bytes")
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(data.decode("utf-8"), parse_constant=None if nan else _no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

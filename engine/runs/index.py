@@ -12,7 +12,7 @@ from engine.runs.files import lines_of, open_append, open_regular
 from engine.runs.status import RUN_ID
 
 
-MAX_ENTRY_BYTES = 16 << 10  # an id and a directory: a path is at most 4 KiB on Linux
+MAX_ENTRY_BYTES = 64 << 10  # an id and a directory: a path is at most 4 KiB on Linux, 24 KiB as escaped JSON
 
 
 def index_path() -> Path:

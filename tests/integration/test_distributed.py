@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -71,18 +72,28 @@ def test_two_nodes_on_one_machine_train_as_one(tiny_models, tmp_path, monkeypatc
     node = [sys.executable, "-m", "engine.cli", "train", *RUN, "--output_dir", str(out), "--max_steps", "6",
             "--save_strategy", "no", "--nproc_per_node", "1", "--nnodes", "2", "--master_addr", "127.0.0.1",
             "--master_port", port]
-    first = subprocess.Popen([*node, "--node_rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd=tmp_path)
-    zero = subprocess.Popen([*node, "--node_rank", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
-    launcher = psutil.Process(first.pid)
-    wait_for(lambda: launcher.children(), 60, "node 1 to start its ranks")
-    assert not [m.path for m in launcher.memory_maps() if "libtorch" in m.path], \
-        "a node's own process only launches and supervises: torch is loaded by its ranks"
-    _, zero_err = zero.communicate(timeout=300)
-    other, _ = first.communicate(timeout=120)
-    assert zero.returncode == 0, zero_err[-3000:]
-    assert first.returncode == 0, other[-3000:]
+    with open(tmp_path / "node1.out", "w+") as out1, open(tmp_path / "node0.out", "w+") as out0:
+        first = subprocess.Popen([*node, "--node_rank", "1"], stdout=out1, stderr=subprocess.STDOUT, cwd=tmp_path)
+        zero = subprocess.Popen([*node, "--node_rank", "0"], stdout=out0, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            launcher, mapped = psutil.Process(first.pid), set()
+            wait_for(lambda: launcher.children(), 60, "node 1 to start its ranks")
+            while first.poll() is None:  # for as long as node 1's own process lives
+                try:
+                    mapped |= {m.path for m in launcher.memory_maps() if "libtorch" in m.path}
+                except psutil.Error:
+                    break
+                time.sleep(0.5)
+            zero.wait(timeout=300)
+            first.wait(timeout=120)
+        finally:
+            for process in (first, zero):
+                if process.poll() is None:
+                    process.kill()
+        other = (tmp_path / "node1.out").read_text()
+        assert zero.returncode == 0, (tmp_path / "node0.out").read_text()[-3000:]
+        assert first.returncode == 0, other[-3000:]
+        assert not mapped, "a node's own process only launches and supervises: torch is loaded by its ranks"
     assert "node 1 of 2: 2 processes, 1 on each of 2 machines, this one node 1" in other
     assert events_of(out, "start")[0]["world_size"] == 2
     assert read_status(out).state == "completed" and (out / "adapter_model.safetensors").is_file()

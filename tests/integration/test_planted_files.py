@@ -13,7 +13,9 @@ import threading
 import pytest
 
 from engine.runs.events import EventReader, read_events
-from engine.runs.files import LogTail, lines_of, open_regular, read_json, read_text
+from engine.errors import UserError
+from engine.runs.checkpoints import is_complete, last_complete
+from engine.runs.files import LogTail, lines_of, open_append, open_regular, read_json, read_text
 from engine.runs.foreign import llamafactory_events
 from engine.runs.index import entries, index_path, register
 from engine.runs.status import RunStatus, read_status, write_status
@@ -66,18 +68,37 @@ def plant(path, kind: str) -> None:
 
 def tuner(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`tuner ARGS` as a process of its own, so that a hang is a timeout this test reports, not a stuck worker."""
+    limited = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+               "runpy.run_module('engine.cli', run_name='__main__')")  # reading a device for ever fails, not swaps
     try:
-        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", limited, *args], capture_output=True, text=True,
                               timeout=SECONDS * 3, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`tuner {' '.join(args)}` still running after {SECONDS * 3} s")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "/dev/urandom", "/dev/zero", "directory"])
-def test_what_is_not_a_regular_file_is_unreadable_at_once(tmp_path, kind):
+@pytest.fixture
+def silent_writer():
+    """Opens a FIFO for writing and never writes: a read of it would wait forever (and use no memory meanwhile)."""
+    opened = []
+
+    def hold(path):
+        opened.append(os.open(path, os.O_RDWR))  # read-write: the open does not wait for a reader
+
+    yield hold
+    for fd in opened:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fifo with a silent writer", "/dev/null", "directory"])
+def test_what_is_not_a_regular_file_is_unreadable_at_once(tmp_path, kind, silent_writer):
+    """The endless devices (/dev/urandom, /dev/zero) are tried by the commands below, in processes of their own."""
     planted = tmp_path / "events.jsonl"
     if kind == "directory":
         planted.mkdir()
+    elif kind == "fifo with a silent writer":
+        plant(planted, "fifo")
+        silent_writer(planted)
     else:
         plant(planted, kind)
     with pytest.raises(OSError, match="not a regular file"):
@@ -97,14 +118,40 @@ def test_a_link_to_a_regular_file_is_read_through(tmp_path):
     assert read_json(tmp_path / "linked.json") == {"a": 1}
 
 
-def test_a_status_or_trainer_log_planted_as_a_device_is_unreadable(tmp_path):
+def test_a_status_or_trainer_log_planted_as_a_device_or_fifo_is_unreadable(tmp_path, silent_writer):
     run = tmp_path / "run"
     a_run(run)
-    plant(run / "status.json", "/dev/zero")
+    plant(run / "status.json", "/dev/zero")  # read_json reads a megabyte at most: bounded even if it were followed
     status = within(lambda: read_status(run))
     assert status.state == "unreadable" and "not a regular file but a device" in status.error
-    plant(run / "trainer_log.jsonl", "/dev/urandom")
+    plant(run / "trainer_log.jsonl", "fifo")
+    silent_writer(run / "trainer_log.jsonl")
     assert within(lambda: llamafactory_events(run)) is None
+
+
+def test_a_checkpoint_is_whole_though_its_trainer_state_logs_an_fp16_overflow(tmp_path, silent_writer):
+    """transformers writes NaN and Infinity into trainer_state.json (an overflowed step's grad_norm): still whole."""
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 5, "log_history": [{"grad_norm": Infinity}, '
+                                                  '{"grad_norm": NaN}]}')
+    assert is_complete(checkpoint) and last_complete(tmp_path) == checkpoint
+    plant(checkpoint / "trainer_state.json", "fifo")
+    silent_writer(checkpoint / "trainer_state.json")
+    assert not within(lambda: is_complete(checkpoint))
+
+
+def test_appending_to_a_fifo_planted_as_the_index_or_a_log_is_refused_in_one_line(state_home, tmp_path,
+                                                                                   silent_writer):
+    index_path().parent.mkdir(parents=True)
+    plant(index_path(), "fifo")  # nothing reads it: opening it to write would wait for a reader
+    with pytest.raises(UserError, match="runs.jsonl is not a regular file"):
+        within(lambda: register(tmp_path / "run", "20260101-000000-aaaaaa"))
+    plant(tmp_path / "train.log", "fifo")
+    silent_writer(tmp_path / "train.log")  # something holds it open: the open succeeds, and it is still no file
+    with pytest.raises(UserError, match="train.log is not a regular file"):
+        within(lambda: open_append(tmp_path / "train.log"))
 
 
 def test_lines_longer_than_the_limit_are_skipped_without_being_held(tmp_path):
@@ -145,9 +192,10 @@ def test_commands_that_read_every_run_answer_when_one_run_is_planted_with_device
     assert "mine" in listed.stdout and "hostile" in listed.stdout and len(listed.stdout) < 10_000
     logs = tuner("logs", "mine", env=env)
     assert logs.returncode == 0 and logs.stdout == "mine trained\n", logs.stderr
-    for command in ("stop", "resume"):
-        answered = tuner(command, "mine", env=env)
-        assert answered.returncode in (0, 2) and len(answered.stdout + answered.stderr) < 10_000
+    stopped = tuner("stop", "mine", env=env)
+    assert stopped.returncode == 2 and "is completed, not running" in stopped.stderr, stopped.stderr
+    resumed = tuner("resume", "mine", env=env)
+    assert resumed.returncode == 2 and "nothing to resume" in resumed.stderr, resumed.stderr
 
     plant(index_path(), "fifo")
     assert tuner("runs", env=env).returncode == 0

@@ -1,5 +1,6 @@
-"""The predict and export screens while their process runs and after: progress with a total and an ETA, a log that
-gets the task's output, the result once with units; the chat screen letting a reply go when it is left."""
+"""The predict and export screens while their process runs and after: progress with a total and an ETA, the export
+of a full fine-tune; the chat screen letting a reply go when it is left. (A finished predict's result, shown once with
+its units: test_dashboard_followups.)"""
 
 from __future__ import annotations
 
