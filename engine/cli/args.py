@@ -40,9 +40,17 @@ def take_option(argv: list[str], name: str, default: str | None = None) -> str |
     return default
 
 
-def no_more(argv: list[str], command: str) -> None:
+def no_more(argv: list[str], command: str, why: str = "") -> None:
     if argv:
-        raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'")
+        raise UserError(f"`tuner {command}` takes no argument '{argv[0]}'{why}")
+
+
+def take_run(argv: list[str], command: str, why: str = "") -> str | None:
+    """The optional RUN of `tuner logs|stop|resume [RUN]` (its own options already taken); any other word or option
+    is refused, never ignored."""
+    run = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    no_more(argv, command, why if argv and argv[0].startswith("-") else "")
+    return run
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")

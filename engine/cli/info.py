@@ -130,9 +130,10 @@ def cmd_estimate(argv: list[str]) -> int:
 def _gpu_budget(num_gpus: str | None, memory: str | None, cfg) -> tuple[int, float | None]:
     """How many GPUs and how much memory each has for the run: as given, else the run's processes (its
     nproc_per_node x nnodes, every GPU the probe finds by default) and the least free memory among them."""
-    for name, value in (("--num_gpus", num_gpus), ("--gpu_memory_gib", memory)):
-        if value is not None and not value.replace(".", "", 1).isdigit():
-            raise UserError(f"{name} takes a number, got '{value}'")
+    if num_gpus is not None and not (num_gpus.isdigit() and 1 <= int(num_gpus) <= 100_000):
+        raise UserError(f"--num_gpus takes a whole number of GPUs, 1 or more, got '{num_gpus}'")
+    if memory is not None and not (memory.replace(".", "", 1).isdigit() and 0 < float(memory) <= 1e6):
+        raise UserError(f"--gpu_memory_gib takes a number of GiB above 0, got '{memory}'")
     if num_gpus is not None and memory is not None:
         return int(num_gpus), float(memory)
     from engine.hardware import probe

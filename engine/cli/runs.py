@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from engine.cli.args import no_more, take_flag, take_option
+from engine.cli.args import no_more, take_flag, take_option, take_run
 from engine.cli.console import say
 from engine.errors import UserError
 
@@ -79,7 +79,7 @@ def cmd_logs(argv: list[str]) -> int:
     from engine.runs.jobs import find_job, follow
     from engine.runs.process import is_run_process
 
-    job = find_job(argv[0] if argv else None)
+    job = find_job(take_run(argv, "logs"))
     log_file = job.dir / "train.log"
     if not log_file.is_file():
         raise UserError(f"run {job.id} has no train.log in {job.dir}")
@@ -91,7 +91,7 @@ def cmd_stop(argv: list[str]) -> int:
     from engine.runs.jobs import find_job, stop_job
     from engine.runs.status import read_status
 
-    job = find_job(argv[0] if argv else None)
+    job = find_job(take_run(argv, "stop"))
     state = stop_job(job, wait_s=30.0)
     status = read_status(job.dir)
     step = f" at step {status.step}" if status and state == "stopped" else ""
@@ -105,7 +105,7 @@ def cmd_resume(argv: list[str]) -> int:
     from engine.runs.launch import resume_run
 
     token = take_option(argv, "--hf_hub_token")  # never in config.yaml: a gated or private model asks again
-    job = find_job(argv[0] if argv else None)
+    job = find_job(take_run(argv, "resume", ": a run resumes with the config it started with, its config.yaml"))
     if job.foreign:
         raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
     if not job.readable:

@@ -277,3 +277,14 @@ def test_a_model_word_beside_run_is_refused_in_one_line(command, capsys):
     assert err.splitlines() == [f"tuner: error: `tuner {command} --run my-run` takes its model from the run: leave out "
                                 "'tiny-llama' (--model_name_or_path puts another base under a LoRA run's adapter)"]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--num_gpus", "0"], "--num_gpus takes a whole number of GPUs, 1 or more, got '0'"),
+    (["--num_gpus", "1.5"], "--num_gpus takes a whole number of GPUs, 1 or more, got '1.5'"),
+    (["--gpu_memory_gib", "0", "--num_gpus", "1"], "--gpu_memory_gib takes a number of GiB above 0, got '0'"),
+])
+def test_estimate_refuses_a_count_of_gpus_or_memory_that_cannot_be(capsys, args, message):
+    assert main(["estimate", "llama2-7b", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

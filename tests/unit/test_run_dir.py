@@ -319,3 +319,16 @@ def test_the_saved_config_has_absolute_paths_and_no_one_shot_keys(tmp_path, monk
     assert not saved.train.overwrite_output_dir and saved.train.resume_from_checkpoint is None
     assert not saved.data.overwrite_cache and saved.train.output_dir == str(tmp_path / "run")
     assert "hf_secret" not in saved.to_yaml()
+
+
+@pytest.mark.parametrize("args", [["logs", "done", "--bogus", "extra"], ["logs", "--bogus"], ["stop", "done", "x"],
+                                  ["resume", "done", "extra"], ["resume", "done", "--max_steps", "5"]])
+def test_logs_stop_and_resume_refuse_what_they_do_not_use_in_one_line(state_home, capsys, args):
+    a_run(state_home / "done", state="stopped", step=3, total_steps=60)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    refused = next(a for a in args[2:] if a != "done") if args[1] == "done" else args[1]
+    assert err.count("\n") == 1 and f"`tuner {args[0]}` takes no argument '{refused}'" in err
+    if refused.startswith("--") and args[0] == "resume":
+        assert "a run resumes with the config it started with" in err
+    assert read_status(state_home / "done").state == "stopped", "nothing was started or stopped"
