@@ -12,6 +12,8 @@ from engine.errors import ConfigError, UserError
 
 # Longest sample accepted (2**20 tokens), far beyond any model's context; a larger one is a typo.
 MAX_CUTOFF_LEN = 1_048_576
+MAX_STEPS = 10**9  # a billion optimizer steps: more is a typo, and clocks and ETAs overflow long before torch does
+FLOAT32_MAX = 3.4e38  # the optimizer's state and step are float32: a larger learning rate overflows at the first step
 
 # The directory each command writes into, and what it holds (for the message when it names a file).
 TARGETS = {"train": ("output_dir", "the run"), "predict": ("output_dir", "the predictions"),
@@ -37,9 +39,27 @@ def validate(cfg: TunerConfig, command: str = "train") -> None:
 
 def problems_in(cfg: TunerConfig, command: str = "train") -> list[str]:
     """Every problem found in ``cfg`` for ``command``, one line each."""
-    problems = _missing(cfg, command) + _ranges(cfg) + _targets(cfg, command) + _collisions(cfg) + _names(cfg)
+    problems = _missing(cfg, command) + _ranges(cfg) + _targets(cfg, command) + _collisions(cfg) + _names(cfg) + \
+        _adapters(cfg)
     if command == "train":
         problems += _optimizer(cfg) + _scheduler(cfg) + _trackers(cfg) + _launch(cfg)
+    return problems
+
+
+def _adapters(cfg: TunerConfig) -> list[str]:
+    """An adapter given as a local path (absolute, ./, ../ or ~) must be one: a directory with adapter_config.json.
+    A name like user/adapter is a hub id, looked for when the model loads."""
+    problems = []
+    for given in (cfg.model.adapter_name_or_path or "").split(","):
+        given = given.strip()
+        if not given.startswith(("/", "./", "../", "~")):
+            continue
+        path = Path(given).expanduser()
+        if not path.exists():
+            problems.append(f"adapter_name_or_path {given}: no such directory (a LoRA adapter, as training saves one)")
+        elif not (path / "adapter_config.json").is_file():
+            problems.append(f"{given} is not a LoRA adapter (no adapter_config.json): a freeze or full fine-tune "
+                            "output is a whole model, pass it as model_name_or_path")
     return problems
 
 
@@ -77,12 +97,19 @@ def _ranges(cfg: TunerConfig) -> list[str]:
         (t.gradient_accumulation_steps < 1,
          f"gradient_accumulation_steps must be at least 1, got {t.gradient_accumulation_steps}"),
         (t.learning_rate <= 0, f"learning_rate must be positive, got {t.learning_rate}"),
+        (not t.learning_rate <= FLOAT32_MAX,  # also NaN
+         f"learning_rate {t.learning_rate} cannot be held by the optimizer (float32, at most 3.4e38); usual values "
+         "are 1e-6 to 1e-3"),
         (not 0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.warmup_steps < 0, f"warmup_steps must be at least 0, got {t.warmup_steps}"),
         (t.max_steps != -1 and t.max_steps < 1,
          f"max_steps must be at least 1, or -1 to train for num_train_epochs, got {t.max_steps}"),
         (t.max_steps <= 0 and t.num_train_epochs <= 0,
          "num_train_epochs must be positive when max_steps is not set"),
+        *[(value is not None and value > MAX_STEPS, f"{name} must be at most {MAX_STEPS:,}, got {value}")
+          for name, value in (("max_steps", t.max_steps), ("save_steps", t.save_steps),
+                              ("logging_steps", t.logging_steps), ("eval_steps", t.eval_steps),
+                              ("warmup_steps", t.warmup_steps))],
         (t.logging_steps < 1, f"logging_steps must be at least 1, got {t.logging_steps}"),
         (t.save_steps < 1, f"save_steps must be at least 1, got {t.save_steps}"),
         (t.save_total_limit is not None and t.save_total_limit < 1,

@@ -163,6 +163,34 @@ def test_the_edges_of_the_valid_ranges_are_accepted():
     assert problems_of(cfg) == ["max_steps must be at least 1, or -1 to train for num_train_epochs, got 0"]
 
 
+def test_numbers_too_large_for_the_optimizer_or_a_clock_are_refused_before_they_reach_torch(tmp_path, capsys):
+    code = main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--learning_rate",
+                 "1e300", "--max_steps", "99999999999999999999999", "--save_steps", "2000000000",
+                 "--output_dir", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and not (tmp_path / "x").exists()
+    assert err[0] == ("tuner: error: learning_rate 1e+300 cannot be held by the optimizer (float32, at most 3.4e38); "
+                      "usual values are 1e-6 to 1e-3")
+    assert err[1].startswith("tuner: error: max_steps must be at most 1,000,000,000, got ")
+    assert err[2] == "tuner: error: save_steps must be at most 1,000,000,000, got 2000000000"
+    validate(build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "max_steps": 10**9,
+                           "learning_rate": 3e38}))
+
+
+def test_an_adapter_given_as_a_path_must_be_an_adapter_directory(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    base = {"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "finetuning_type": "lora"}
+    assert problems_of(build_config({**base, "adapter_name_or_path": "/nonexistent"})) == [
+        "adapter_name_or_path /nonexistent: no such directory (a LoRA adapter, as training saves one)"]
+    assert problems_of(build_config({**base, "adapter_name_or_path": str(adapter)})) == [
+        f"{adapter} is not a LoRA adapter (no adapter_config.json): a freeze or full fine-tune output is a whole "
+        "model, pass it as model_name_or_path"]
+    (adapter / "adapter_config.json").write_text("{}")
+    validate(build_config({**base, "adapter_name_or_path": f"{adapter}, user/on-the-hub"}))
+
+
 def test_out_of_range_numbers_on_the_command_line_are_one_line_each_and_exit_2(tmp_path, capsys):
     code = main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "-5",
                  "--cutoff_len", "1e9", "--max_grad_norm", "-1", "--output_dir", str(tmp_path / "x")])
