@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from engine.runs.checkpoints import checkpoints, step_of
-from engine.runs.events import Event
-from engine.runs.events import MAX_LINE_BYTES
+from engine.runs.events import MAX_LINE_BYTES, Event
 from engine.runs.files import lines_of, open_regular, read_json
 from engine.runs.status import RunStatus
 
