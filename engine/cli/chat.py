@@ -25,6 +25,8 @@ def run_chat(cfg: TunerConfig, stdin: TextIO | None = None, stdout: TextIO | Non
 
     Piped input is echoed after the "user: " prompt, so the output reads as a transcript."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if stdin is sys.stdin and hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused below, never a traceback
     session = start_chat(cfg, system)
     echo = not stdin.isatty()
 
@@ -45,8 +47,12 @@ def run_chat(cfg: TunerConfig, stdin: TextIO | None = None, stdout: TextIO | Non
             say()
             return 0
         text = line.strip()
+        undecodable = not _utf8(text)
         if echo:
-            say(text)
+            say(text.encode("utf-8", errors="replace").decode() if undecodable else text)
+        if undecodable:  # the terminal or the piped file is not UTF-8: its bytes came through as surrogates
+            say("error: that line is not UTF-8 text, so it was not sent (is the terminal's encoding UTF-8?)")
+            continue
         if not text:
             continue
         if text.startswith("/"):
@@ -72,3 +78,11 @@ def run_chat(cfg: TunerConfig, stdin: TextIO | None = None, stdout: TextIO | Non
             say(" (interrupted; this turn is dropped)")
         except UserError as exc:
             say(f"error: {exc}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

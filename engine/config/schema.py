@@ -402,15 +402,18 @@ def _library_key(key: str, value: Any, passthrough: dict[str, Any], command: str
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Flat keys from a YAML (or JSON) file; one clear line when it is missing or not a mapping."""
+    from engine.runs.files import read_user_text
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
+    text = read_user_text(p, "config file", max_bytes=16 << 20)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"config file {p}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise UserError(f"config file {p} nests too deeply to be a config of key: value") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must be a mapping of key: value, not a {type(data).__name__}")
     return data

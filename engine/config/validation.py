@@ -328,10 +328,15 @@ def _deepspeed_collisions(cfg: TunerConfig) -> list[str]:
 
     ds: dict = {}
     if cfg.train.deepspeed is not None:
+        from engine.errors import UserError
+        from engine.runs.files import read_user_text
+
         try:
-            ds = json.loads(Path(cfg.train.deepspeed).read_text())
-        except (OSError, ValueError) as exc:
-            return [f"deepspeed config file {cfg.train.deepspeed} cannot be read: {exc}"]
+            ds = json.loads(read_user_text(cfg.train.deepspeed, "deepspeed config file"))
+        except UserError as exc:
+            return [str(exc)]
+        except ValueError as exc:
+            return [f"deepspeed config file {cfg.train.deepspeed} is not JSON: {exc}"]
         if not isinstance(ds, dict):
             return [f"deepspeed config file {cfg.train.deepspeed} is not a JSON object"]
     zero3 = (ds.get("zero_optimization") or {}).get("stage") == 3 or cfg.train.strategy.startswith("zero3")

@@ -143,10 +143,15 @@ def _read_registry(folder: Path) -> dict[str, DatasetAttr]:
     path = folder / REGISTRY_FILE
     if not path.is_file():
         return {}
+    from engine.runs.files import read_user_text
+
+    text = read_user_text(path, "dataset registry")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a dataset registry") from None
     if not isinstance(entries, dict):
         raise UserError(f"{path}: expected a JSON object mapping dataset names to entries")
     return {name: _parse_entry(name, entry, folder, path) for name, entry in entries.items()}

@@ -158,7 +158,7 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
-        prepare = d.overwrite_cache or not (entry / META).is_file()
+        prepare = d.overwrite_cache or _meta(entry) is None  # none yet, or damaged: prepared again
         if prepare:
             _prepare(entry, key, loaded, tokenizer, template, cfg)
         data = _load(entry, loaded.report.lines())
@@ -183,10 +183,13 @@ def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg:
                 raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
                                 "give an empty or new directory, or one a previous run prepared")
             _prepare(path, key, loaded, tokenizer, template, cfg)
+    if _meta(path) is None:
+        raise UserError(f"tokenized_path {path} holds a damaged {META}: it is not data tuner prepared, or was cut "
+                        "short", "remove the directory, or give a new one, to prepare it again")
     data = _load(path, loaded.report.lines())
     if prepares:
         data.saved_to = path
-    elif json.loads((path / META).read_text()).get("key") != key:
+    elif _meta(path)["key"] != key:
         log.warning("tokenized_path %s was prepared from other data, template, tokenizer or cutoff_len than this "
                     "run's: training on it as it is", path)
     return data
@@ -294,10 +297,23 @@ def _lengths(dataset) -> Lengths:
     return Lengths(pc.mean(lengths).as_py(), pc.max(lengths).as_py())
 
 
+def _meta(entry: Path) -> dict | None:
+    """What ``_prepare`` wrote of a prepared entry; None when there is none, or it is damaged (not JSON, not ours)."""
+    from engine.runs.files import read_user_text
+
+    try:
+        meta = json.loads(read_user_text(entry / META, "tokenized data's", max_bytes=1 << 20))
+    except (UserError, ValueError, RecursionError):
+        return None
+    fields = {"key": str, "template": str, "summaries": list, "mean_length": (int, float), "longest": int}
+    whole = isinstance(meta, dict) and all(isinstance(meta.get(name), kind) for name, kind in fields.items())
+    return meta if whole else None
+
+
 def _load(entry: Path, load_report: list[str]) -> TrainingData:
     from datasets import load_from_disk
 
-    meta = json.loads((entry / META).read_text())
+    meta = _meta(entry)
     train = load_from_disk(str(entry / "train"))
     evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
     return TrainingData(train, evaluation, meta["template"], load_report + meta["summaries"],

@@ -108,7 +108,14 @@ def recorded_dtype(model: str, cfg: TunerConfig) -> str | None:
         return None
     if path is None:  # a local directory without config.json
         return None
-    config = json.loads(Path(path).read_text())
+    from engine.runs.files import read_user_text
+
+    try:
+        config = json.loads(read_user_text(path, "the model's config.json"))
+    except ValueError:
+        raise UserError(f"{path} is not JSON: the model's config.json is damaged") from None
+    if not isinstance(config, dict):
+        return None
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in DTYPES else None
 
@@ -120,9 +127,10 @@ def export_dtype(model: str, cfg: TunerConfig) -> str:
 
     run_config = Path(model) / "config.yaml"
     if run_config.is_file() and not (Path(model) / "adapter_config.json").is_file():
-        import yaml
+        from engine.config.schema import read_config_file
 
-        origin = (yaml.safe_load(run_config.read_text()) or {}).get("model_name_or_path")
+        origin = read_config_file(run_config).get("model_name_or_path")
+        origin = origin if isinstance(origin, str) else None
         try:
             dtype = recorded_dtype(resolve_model(origin).path, cfg) if origin else None
         except UserError:

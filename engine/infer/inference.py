@@ -26,12 +26,11 @@ def trained_template(run_dir: str | None) -> str | None:
     """The template a tuner run was trained with, from its config.yaml, so predict and chat format prompts alike."""
     if not run_dir:
         return None
-    path = Path(run_dir.split(",")[-1].strip()) / "config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
+    from engine.config.schema import read_config_file
 
-    return (yaml.safe_load(path.read_text()) or {}).get("template")
+    path = Path(run_dir.split(",")[-1].strip()) / "config.yaml"
+    template = read_config_file(path).get("template") if path.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def load_adapters(model, adapters: str | None, quantized: bool):

@@ -2,13 +2,21 @@
 
 The writer keeps the file strict JSON (no NaN or infinity) and never writes through a planted link; the reader takes
 only what was appended since its last read and survives torn, hostile and huge input (such lines are skipped).
+
+A run that logged every step for weeks has a million log lines (~300 MB). Nobody who only needs its end reads all of
+it: ``newest_events`` reads from the end backwards (``tuner runs``: the last log), and a watcher that has many
+megabytes to catch up on skims them (``EventReader(skim=True)``): every event that is not a log is read, and of the
+log events an even sample (LOG_SAMPLES a chunk), the chunk's last one always among them, which is what a chart of
+the loss can draw anyway.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,12 @@ from engine.runs.status import finite
 
 EVENTS_FILE = "events.jsonl"
 MAX_LINE_BYTES = 1 << 20
+CHUNK_BYTES = 8 << 20  # what a reader holds at once; a watcher skims a whole chunk (more is waiting)
+LOG_SAMPLES = 64  # log events read of a skimmed chunk: ~3,000 points for a million steps
+NEWEST_BYTES = 16 << 20  # how far back from the end newest_events looks
+
+# How the writer (json.dumps) writes an event type other than "log": found at C speed in a chunk being skimmed.
+_NOT_A_LOG = re.compile(rb'"type": "(?!log")')
 
 
 class Event(str, Enum):
@@ -57,44 +71,72 @@ class EventReader:
     over in the same directory) sets ``restarted``.
     """
 
-    def __init__(self, path: Path, max_line_bytes: int = MAX_LINE_BYTES):
+    def __init__(self, path: Path, max_line_bytes: int = MAX_LINE_BYTES, skim: bool = False):
         self.path = Path(path)
         self.max_line_bytes = max_line_bytes
-        self._offset = 0
-        self._partial = b""
+        self.skim = skim
+        self._offset = 0  # where the first line not yet read starts (a torn last line is read again next time)
         self._skipping = False  # inside an over-long line: drop bytes up to its newline
         self._inode: int | None = None
 
-    def read(self, max_bytes: int = 64 << 20) -> tuple[list[dict[str, Any]], bool]:
-        """The new events, and whether the file started over (the caller drops what it built from the old one)."""
+    def read(self, max_bytes: int = -1) -> tuple[list[dict[str, Any]], bool]:
+        """The new events (up to ``max_bytes`` of the file; -1: all), and whether the file started over (the caller
+        drops what it built from the old one). The file is read a chunk at a time into one buffer; with ``skim``, a
+        whole chunk has its log events sampled."""
+        events: list[dict[str, Any]] = []
         try:
             with open_regular(self.path) as file:
                 stat = os.fstat(file.fileno())
                 restarted = self._inode is not None and (stat.st_ino != self._inode or stat.st_size < self._offset)
                 if restarted:
-                    self._offset, self._partial, self._skipping = 0, b"", False
+                    self._offset, self._skipping = 0, False
                 self._inode = stat.st_ino
-                file.seek(self._offset)
-                data = file.read(max_bytes)
+                left = stat.st_size - self._offset if max_bytes < 0 else min(max_bytes, stat.st_size - self._offset)
+                buffer = bytearray(min(CHUNK_BYTES, max(left, 0)))
+                while left > 0:
+                    file.seek(self._offset)
+                    size = file.readinto(memoryview(buffer)[:min(len(buffer), left)])
+                    chunk = buffer if size == len(buffer) else bytes(buffer[:size])
+                    found, used = self._parse(chunk, skim=self.skim and size == CHUNK_BYTES)
+                    events += found
+                    self._offset += used
+                    left -= used
+                    if used == 0 or size < len(buffer):
+                        break
         except OSError:
-            return [], False
-        self._offset += len(data)
-        return self._parse(data), restarted
+            return events, False
+        return events, restarted
 
-    def _parse(self, data: bytes) -> list[dict[str, Any]]:
-        events = []
-        *lines, rest = (self._partial + data).split(b"\n")
-        for line in lines:
-            if self._skipping:
-                self._skipping = False
-                continue
-            event = parse_event(line, self.max_line_bytes)
-            if event is not None:
-                events.append(event)
-        if len(rest) > self.max_line_bytes:
-            rest, self._skipping = b"", True
-        self._partial = b"" if self._skipping else rest
-        return events
+    def _parse(self, data: bytes | bytearray, skim: bool) -> tuple[list[dict[str, Any]], int]:
+        """The events of the complete lines in ``data``, and how many bytes of it they (or a skipped line) took."""
+        start = 0
+        if self._skipping:  # the rest of an over-long line, up to its newline
+            end = data.find(b"\n")
+            if end == -1:
+                return [], len(data)
+            start, self._skipping = end + 1, False
+        cut = data.rfind(b"\n") + 1
+        if cut <= start:  # no whole line: a line being written, or one already longer than any event may be
+            if len(data) - start > self.max_line_bytes:
+                self._skipping = True
+                return [], len(data)
+            return [], start
+        lines = skimmed(data, start, cut) if skim else data[start:cut].split(b"\n")[:-1]
+        return [event for line in lines if (event := parse_event(line, self.max_line_bytes)) is not None], cut
+
+
+def skimmed(data: bytes | bytearray, start: int, end: int) -> Iterator[bytes]:
+    """Of the complete lines in ``data[start:end]`` (which ends with a newline): those that hold an event other than
+    a log, and LOG_SAMPLES lines evenly spaced through them, the last one among them; in file order."""
+    size = end - start
+    starts = {max(start, data.rfind(b"\n", start, end - 1) + 1)}
+    starts.update(data.find(b"\n", start + k * size // LOG_SAMPLES, end) + 1 if k else start
+                  for k in range(LOG_SAMPLES))
+    starts.update(max(start, data.rfind(b"\n", start, found.start()) + 1)
+                  for found in _NOT_A_LOG.finditer(data, start, end))
+    for line_start in sorted(starts):
+        if line_start < end:
+            yield bytes(data[line_start:data.find(b"\n", line_start, end)])
 
 
 def _no_constants(name: str):
@@ -116,4 +158,51 @@ def parse_event(line: bytes, max_bytes: int = MAX_LINE_BYTES) -> dict[str, Any] 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete event so far."""
-    return EventReader(Path(run_dir) / EVENTS_FILE).read(max_bytes=-1)[0]
+    return EventReader(Path(run_dir) / EVENTS_FILE).read()[0]
+
+
+def newest_events(run_dir: Path, types: tuple[str, ...] | None = None,
+                  max_bytes: int | None = NEWEST_BYTES) -> Iterator[dict[str, Any]]:
+    """The run's complete events, newest first, read backwards from the end of the file: those within its last
+    ``max_bytes`` (None: all of it), of ``types`` only when given (other lines the writer wrote are not parsed).
+    Nothing when the file cannot be read."""
+    try:
+        file = open_regular(Path(run_dir) / EVENTS_FILE)
+    except OSError:
+        return
+    with file:
+        for line in lines_backward(file, max_bytes):
+            if types is not None:
+                written = _WRITTEN_TYPE.match(line)
+                if written and written.group(1).decode() not in types:
+                    continue
+            event = parse_event(line)
+            if event is not None and (types is None or event["type"] in types):
+                yield event
+
+
+# The writer's own line: {"time": ..., "type": "..."; its type is known before the rest is parsed.
+_WRITTEN_TYPE = re.compile(rb'\{"time": [-+.\deE]+, "type": "([a-z_]+)"')
+
+
+def lines_backward(file, max_bytes: int | None = None, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """The complete lines of ``file`` from the last to the first (or to the first that starts within its last
+    ``max_bytes``), without their newline. A last line without its newline (a writer mid-line) is left out, and so
+    is a line longer than MAX_LINE_BYTES, without holding it whole."""
+    end = os.fstat(file.fileno()).st_size
+    low = 0 if max_bytes is None else max(0, end - max_bytes)
+    position, carry, dropping = end, b"", True  # dropping: the piece after the next newline found is not whole
+    while position > low:
+        size = min(chunk, position - low)
+        position -= size
+        file.seek(position)
+        pieces = (file.read(size) + carry).split(b"\n")
+        carry = pieces.pop(0)
+        if pieces and dropping:
+            pieces.pop()
+            dropping = False
+        yield from (piece for piece in reversed(pieces) if len(piece) <= MAX_LINE_BYTES)
+        if len(carry) > MAX_LINE_BYTES:
+            carry, dropping = b"", True
+    if low == 0 and not dropping and len(carry) <= MAX_LINE_BYTES:
+        yield carry

@@ -127,6 +127,28 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def read_user_text(path: str | Path, what: str, max_bytes: int = 64 << 20) -> str:
+    """The text of a file the user named or a run directory holds (a config, dataset_info.json, a DeepSpeed config,
+    a model's config.json), a leading byte-order mark dropped; one UserError line when it is missing, not a regular
+    file, larger than ``max_bytes`` or not UTF-8."""
+    path = Path(path)
+    shown = printable_line(path)
+    try:
+        with open_regular(path) as file:
+            data = file.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise UserError(f"{what} {shown} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"{what} {shown} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{what} {shown} is larger than {max_bytes >> 20} MiB: it is not the file it should be")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                        "save it as UTF-8") from None
+
+
 def read_text(path: Path, max_bytes: int = 1 << 20) -> str | None:
     """A text file to show, its first ``max_bytes`` at most, made printable; None when it cannot be read."""
     try:

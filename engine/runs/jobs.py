@@ -11,12 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.events import Event, read_events
+from engine.runs.events import Event, newest_events, read_events
 from engine.runs.files import printable, printable_line, tail_lines
 from engine.runs.foreign import foreign_run
 from engine.runs.index import entries
 from engine.runs.process import is_run_process, signal_run
-from engine.runs.series import last_event_time
+from engine.runs.series import event_time
 from engine.runs.status import UNREADABLE, RunStatus, read_status
 
 
@@ -54,10 +54,13 @@ def load_job(run_id: str, run_dir: Path) -> Job:
         return Job(run_id, run_dir, None, "missing", None)
     if status.state == UNREADABLE:
         return Job(run_id, run_dir, status, UNREADABLE, None)
-    events = read_events(run_dir)
-    logs = [e for e in events if e["type"] == Event.LOG]
-    return Job(run_id, run_dir, status, effective_state(status), logs[-1] if logs else None,
-               last_seen=last_event_time(events))
+    last_log, last_seen = None, None
+    for event in newest_events(run_dir):  # from the end: a run may have logged a million steps
+        last_seen = last_seen if last_seen is not None else event_time(event)
+        last_log = last_log or (event if event["type"] == Event.LOG else None)
+        if last_log is not None and last_seen is not None:
+            break
+    return Job(run_id, run_dir, status, effective_state(status), last_log, last_seen=last_seen)
 
 
 def list_jobs() -> list[Job]:
@@ -188,7 +191,7 @@ def gpu_claims(gpus: list[str], except_id: str) -> list[Job]:
 
 
 def job_events(job: Job) -> list[dict]:
-    """The run's events: its own events.jsonl, or what another tool's files say."""
+    """All the run's events: its own events.jsonl, or what another tool's files say."""
     if job.foreign:
         return foreign_run(job.dir)[1]
     return read_events(job.dir)

@@ -6,7 +6,7 @@ chart or a clock."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ MAX_STEP = 2**53
 MAX_VALUE = 1e9  # a loss or learning rate beyond this is corrupt, and charts cannot scale to it
 MAX_TIME = 1e11  # seconds since 1970 (the year 5138): an event time beyond is corrupt
 PACE_LOGS = 10  # the ETA's step time: the mean over this many of the latest intervals between logged steps
+MAX_POINTS = 4096  # a series keeps between this many and twice as many points, however long the run
 
 
 def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
@@ -48,12 +49,6 @@ def value(value: Any) -> float | None:
 
 def event_time(event: dict[str, Any]) -> float | None:
     return number(event.get("time"), 0.0, MAX_TIME)
-
-
-def last_event_time(events: Iterable[dict[str, Any]]) -> float | None:
-    """When the last event (in file order) with a sound time was written: when the run was last heard of."""
-    times = [when for when in map(event_time, events) if when is not None]
-    return times[-1] if times else None
 
 
 def remaining_s(logged: Sequence[tuple[int, float]], total_steps: int) -> float | None:
@@ -114,15 +109,44 @@ def ema(values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
+class Thinned:
+    """Points ``(step, *values)`` in step order, at most 2 * ``limit`` of them however long the run: when full, every
+    other point goes, and from then on a point is kept only as far from the last kept one as the points left are
+    from each other. The latest point is always there. A step at or before the last one (a resumed run's repeated
+    steps) replaces the points from that step on."""
+
+    def __init__(self, limit: int = MAX_POINTS):
+        self.limit = limit
+        self.kept: list[tuple] = []
+        self.latest: tuple | None = None  # the newest point, when it was not kept
+        self.spacing = 0.0
+
+    def add(self, point: tuple) -> None:
+        step = point[0]
+        while self.kept and self.kept[-1][0] >= step:
+            self.kept.pop()
+        if self.kept and step - self.kept[-1][0] < self.spacing:
+            self.latest = point
+            return
+        self.kept.append(point)
+        self.latest = None
+        if len(self.kept) >= 2 * self.limit:
+            self.kept = self.kept[::2]
+            self.spacing = (self.kept[-1][0] - self.kept[0][0]) / (len(self.kept) - 1)
+            self.latest = point if self.kept[-1] is not point else None
+
+    def columns(self) -> list[tuple]:
+        """The steps, then each value, as tuples."""
+        points = self.kept + ([self.latest] if self.latest is not None else [])
+        return [tuple(column) for column in zip(*points)] if points else []
+
+
 class History:
     """Everything folded from a run's events so far; ``version`` changes whenever a series does."""
 
-    def __init__(self):
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.learning_rates: list[float] = []
-        self.eval_steps: list[int] = []
-        self.eval_losses: list[float] = []
+    def __init__(self, limit: int = MAX_POINTS):
+        self.losses = Thinned(limit)  # (step, loss, learning rate)
+        self.evals = Thinned(limit)  # (step, eval loss)
         self.checkpoints: dict[int, tuple[str, float | None]] = {}
         self.start: dict[str, Any] | None = None
         self.last_log: dict[str, Any] | None = None
@@ -142,16 +166,11 @@ class History:
             self._download = download_progress(event)
             self.version += 1
         elif kind == Event.LOG and step is not None and value(event.get("loss")) is not None:
-            while self.steps and self.steps[-1] >= step:
-                self.steps.pop(), self.losses.pop(), self.learning_rates.pop()
-            self.steps.append(step)
-            self.losses.append(value(event["loss"]))
-            self.learning_rates.append(value(event.get("learning_rate")) or 0.0)
+            self.losses.add((step, value(event["loss"]), value(event.get("learning_rate")) or 0.0))
             self.last_log = event
             self.version += 1
         elif kind == Event.EVAL and step is not None and value(event.get("eval_loss")) is not None:
-            self.eval_steps.append(step)
-            self.eval_losses.append(value(event["eval_loss"]))
+            self.evals.add((step, value(event["eval_loss"])))
             self.version += 1
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
@@ -165,9 +184,9 @@ class History:
         return self._download
 
     def series(self) -> tuple[LossSeries, tuple[float, ...]]:
-        losses = tuple(self.losses)
-        return (LossSeries(tuple(self.steps), losses, ema(losses), tuple(self.eval_steps), tuple(self.eval_losses)),
-                tuple(self.learning_rates))
+        steps, losses, rates = self.losses.columns() or ((), (), ())
+        eval_steps, eval_losses = self.evals.columns() or ((), ())
+        return LossSeries(steps, losses, ema(losses), eval_steps, eval_losses), rates
 
     def progress(self, status_step: int, status_total: int | None, alive: bool, now: float,
                  elapsed_s: float | None) -> Progress:

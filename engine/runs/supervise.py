@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.runs.distributed import LaunchPlan, free_port, rank_file, torchrun_argv, under_slurm
-from engine.runs.events import Event, EventWriter, read_events
+from engine.runs.events import Event, EventWriter, newest_events
 from engine.runs.files import open_append, read_json
 from engine.runs.rundir import RunDir
 from engine.runs.status import now_iso, read_status, write_status
@@ -314,11 +314,8 @@ def _record_stop(run: RunDir, stop: StopRequest) -> int:
 
 def _ended(run_dir: Path) -> bool:
     """Whether the last start of the run has its end event."""
-    for event in reversed(read_events(run_dir)):
-        if event.get("type") == Event.END:
-            return True
-        if event.get("type") == Event.START:
-            return False
+    for event in newest_events(run_dir, types=(Event.START, Event.END), max_bytes=None):
+        return event["type"] == Event.END
     return False
 
 

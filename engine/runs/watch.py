@@ -53,14 +53,16 @@ class RunSnapshot:
 
 
 class RunWatcher:
-    """Reads a run directory: the whole ``events.jsonl`` on the first sample, then only what was appended.
+    """Reads a run directory: the whole ``events.jsonl`` on the first sample, then only what was appended; many
+    megabytes at once are skimmed (``EventReader``), and the series keep a few thousand points (``Thinned``), so a run
+    with a million log lines opens in a second or two and holds little memory.
 
     Called by one thread at a time (a watcher starts the next sample only after the previous one ended).
     """
 
     def __init__(self, run_dir: Path, log_lines: int = LOG_LINES, clock: Callable[[], float] = time.time):
         self.run_dir = Path(run_dir)
-        self._events = EventReader(self.run_dir / EVENTS_FILE)
+        self._events = EventReader(self.run_dir / EVENTS_FILE, skim=True)
         self._log = LogTail(self.run_dir / "train.log", log_lines)
         self._clock = clock
         self._history = History()

@@ -143,7 +143,10 @@ def run_training(cfg: TunerConfig, run: RunDir, stop: StopRequest | None, view=N
         ended = {}
         resolved = None if stop.requested and not _several_processes() else _downloaded(cfg, run, events, stop, view)
         if resolved is not None and (not stop.requested or _several_processes()):  # several: they stop together
-            ended = _train(cfg, resolved, run, events, view, stop)
+            from engine.train.strategy import one_process_group
+
+            with one_process_group(cfg.train.deepspeed, cfg.train.ddp_timeout):
+                ended = _train(cfg, resolved, run, events, view, stop)
         events.emit(Event.END, state="stopped" if stop.requested else "completed", signal=stop.requested,
                     **{"step": run.status.step, **ended})
         run.status.state = "stopped" if stop.requested else "completed"
@@ -380,8 +383,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if run.resume_from:
         own = Path(run.resume_from).parent == run.path
         for skipped in newer_incomplete(run.path, Path(run.resume_from)) if own else []:
-            log.warning("%s is incomplete (its save was cut short): resuming from %s instead", skipped,
-                        Path(run.resume_from).name)
+            log.warning("%s is not whole (a save cut short, or a file of it cut or damaged since): resuming from %s "
+                        "instead", skipped, Path(run.resume_from).name)
         log.info("resuming from %s", run.resume_from)
         if cfg.passthrough.get("save_only_model"):
             log.warning("save_only_model: the checkpoint holds the weights only, so the optimizer's state and the "
@@ -530,14 +533,14 @@ def _plan_speed(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunD
 def _layout_trained_with(run: RunDir):
     """The batch layout of this run's last start event, when it resumes its own checkpoint."""
     from engine.memory.autofit import Fit
-    from engine.runs.events import read_events
+    from engine.runs.events import newest_events
 
     if Path(run.resume_from).parent != run.path:
         return None
-    starts = [e for e in read_events(run.path) if e.get("type") == "start" and isinstance(e.get("batch"), dict)]
-    if not starts:
+    batch = next((e["batch"] for e in newest_events(run.path, types=("start",), max_bytes=None)
+                  if isinstance(e.get("batch"), dict)), None)
+    if batch is None:
         return None
-    batch = starts[-1]["batch"]
     try:
         return Fit(int(batch["per_device_train_batch_size"]), int(batch["gradient_accumulation_steps"]),
                    bool(batch["gradient_checkpointing"]),

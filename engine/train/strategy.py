@@ -7,7 +7,9 @@ for what to tell the model about activation checkpointing, and calls ``before_mo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +132,38 @@ class Strategy:
         where = (f", config {self.deepspeed_path}" if self.deepspeed_path
                  else f", accelerate config {self.accelerate_path}" if self.accelerate_path else "")
         return f"strategy {self.name}: {TITLES[self.name]} over {processes}{where}"
+
+
+@contextlib.contextmanager
+def one_process_group(deepspeed: str | None, timeout_s: int):
+    """While a run of one process given a DeepSpeed config (``deepspeed: ds_z2.json`` with no launcher) trains: its
+    process group of one, the rendezvous kept in memory and the backend's own socket on the loopback interface.
+    Without it DeepSpeed, finding no launcher's RANK and MASTER_ADDR, asks MPI (mpi4py) who it is and fails; a
+    launcher's env:// rendezvous would listen on a TCP port of every interface for nobody. Nothing for any other run.
+    """
+    if not deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    told = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",  # what a launcher tells
+            "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}  # a group of one talks to nobody else
+    added = [name for name in told if name not in os.environ]
+    os.environ.update({name: told[name] for name in added})
+    try:
+        dist.init_process_group("nccl" if _cuda_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timedelta(seconds=timeout_s))
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def check_machine(strategy: str, on_gpu: bool) -> None:

@@ -113,9 +113,10 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(started):
     assert out.getvalue().endswith("user: \n")
 
 
-def test_empty_lines_are_ignored_and_unknown_commands_list_the_commands(started):
-    code, output = chat("\n   \n/frobnicate\n/help\n/exit\n")
+def test_empty_lines_are_ignored_and_unknown_commands_and_lines_not_utf8_answered(started):
+    code, output = chat("\n   \n/frobnicate\ncaf\udce9\n/help\n/exit\n")  # caf\xe9 in Latin-1, as stdin decodes it
     assert code == 0 and "assistant: " not in output
+    assert "user: caf?\nerror: that line is not UTF-8 text, so it was not sent" in output
     assert "unknown command /frobnicate; commands: /help, /clear, /system <text>, /exit\n" in output
     assert "/clear           forget the conversation, keep the system prompt" in output
     assert started[0].history == []

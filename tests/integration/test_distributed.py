@@ -138,3 +138,19 @@ def test_zero3_through_tuner_writes_its_configs_and_saves_the_whole_adapter(home
     shapes = {tuple(t.shape) for t in load_file(out / "adapter_model.safetensors").values()}
     assert (8, hidden) in shapes and all(len(shape) == 2 and 8 in shape and 0 not in shape for shape in shapes), \
         "the adapter gathered whole from its shards"
+
+
+def test_a_deepspeed_config_in_a_run_of_one_process_trains_without_a_launcher(home):
+    """LLaMA-Factory's ZeRO-3 example given to a run of one process (no torchrun, as `qwen3_lora_sft_ds3.yaml` on one
+    GPU): DeepSpeed, finding no launcher's RANK, asked MPI who it was and failed with `No module named 'mpi4py'`.
+    The run gives it a process group of one held in memory; its own process, since the group lives in it."""
+    (home / "ds_z3.json").write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    out = home / "one"
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "train", *RUN, "--output_dir", str(out), "--deepspeed",
+                             "ds_z3.json", "--max_steps", "2", "--save_strategy", "no"], cwd=home, capture_output=True,
+                            text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_status(out).state == "completed" and events_of(out, "start")[0]["world_size"] == 1
+    assert (out / "adapter_model.safetensors").is_file()

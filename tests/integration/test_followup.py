@@ -86,7 +86,7 @@ def test_stopped_run_uses_its_newest_checkpoint(project, tmp_path):
         checkpoint = stopped / f"checkpoint-{step}"
         checkpoint.mkdir()
         (checkpoint / "adapter_config.json").write_text("{}")
-        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # safetensors, no tensor
         if step != 12:  # checkpoint-12's save was cut short: it has no trainer_state.json
             (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     status = read_status(lora.dir)

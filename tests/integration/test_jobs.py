@@ -5,6 +5,7 @@ costs ten seconds of imports on this machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,10 +52,10 @@ def test_a_detached_run_outlives_its_terminal_is_listed_from_anywhere_and_goes_m
         "tuner: error: no run 'nope' (`tuner runs` lists them)"
 
 
-def test_kill_9_shows_failed_and_resume_skips_a_half_written_checkpoint_continuing_the_step_count(home):
-    run_dir, run_id = start_detached(home, "killed", "--max_steps", "60", "--save_steps", "10")
+def test_kill_9_shows_failed_and_resume_skips_checkpoints_cut_short_or_damaged_continuing_the_step_count(home):
+    run_dir, run_id = start_detached(home, "killed", "--max_steps", "60", "--save_steps", "5")
     wait_for(lambda: (run_dir / "checkpoint-20" / "trainer_state.json").is_file() and logged(run_dir, 25), 120,
-             "two checkpoints and more steps")
+             "four checkpoints and more steps")
     os.kill(read_status(run_dir).pid, signal.SIGKILL)
     wait_for(lambda: runs_json(home)[0]["state"] == "failed", 20, "the dead run to show as failed")
     last_lines = runs_json(home)[0]["log_tail"]
@@ -63,16 +64,20 @@ def test_kill_9_shows_failed_and_resume_skips_a_half_written_checkpoint_continui
     assert f"{run_id} failed; the end of {run_dir.resolve() / 'train.log'}:" in listed
     assert last_lines[-1] in listed
 
-    newest = checkpoints(run_dir)[-1]
+    newest, truncated, garbled, previous = checkpoints(run_dir)[-4:][::-1]
     (newest / "trainer_state.json").unlink(missing_ok=True)  # a save cut short: the Trainer writes this file last
-    previous = checkpoints(run_dir)[-2]
+    weights = truncated / "adapter_model.safetensors"  # a copy cut short: its header promises more than is there
+    os.truncate(weights, weights.stat().st_size - 100)
+    state = json.loads((garbled / "trainer_state.json").read_text())  # a hand edit: not the Trainer's log
+    (garbled / "trainer_state.json").write_text(json.dumps({**state, "log_history": "oops"}))
     result = tuner("resume", run_id, cwd=home)  # at once: the killed run's lock is let go a moment after it ends
     assert result.returncode == 0 and result.stdout.startswith(f"resumed run {run_id}"), result.stderr
     wait_for(lambda: runs_json(home)[0]["state"] == "completed", 120, "the resumed run to complete")
     events = read_events(run_dir)
     starts = [e for e in events if e["type"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] == str(previous)
-    assert f"{newest} is incomplete" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert all(f"{skipped} is not whole" in log for skipped in (newest, truncated, garbled))
     after = [e["step"] for e in events[events.index(starts[1]):] if e["type"] == "log"]
     assert after[0] > int(previous.name.rsplit("-", 1)[1]) >= 10 and after[-1] == 60
     assert read_status(run_dir).step == 60

@@ -5,6 +5,7 @@ and a line longer than an entry can be is skipped, not printed. The commands tha
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_a_checkpoint_is_whole_though_its_trainer_state_logs_an_fp16_overflow(tm
     """transformers writes NaN and Infinity into trainer_state.json (an overflowed step's grad_norm): still whole."""
     checkpoint = tmp_path / "checkpoint-5"
     checkpoint.mkdir()
-    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # safetensors, no tensor
     (checkpoint / "trainer_state.json").write_text('{"global_step": 5, "log_history": [{"grad_norm": Infinity}, '
                                                   '{"grad_norm": NaN}]}')
     assert is_complete(checkpoint) and last_complete(tmp_path) == checkpoint
@@ -174,6 +175,25 @@ def test_an_index_line_of_20_mb_is_skipped_and_the_runs_around_it_listed(state_h
         file.write('{"id": "20260101-000000-aaaaaa", "dir": "' + "x" * (20 << 20) + '"}\n')
     a_run(state_home / "after")
     assert [run_id for run_id, _ in entries()] == ["before", "after"]
+
+
+def test_a_run_with_gigabytes_of_events_is_listed_from_their_end(state_home):
+    """A run that logged every step for months: `tuner runs` and finding another run by name read its events.jsonl
+    backwards from the end, never all of it (4 GB here, sparse so that it takes no disk; the commands have 2 GiB of
+    address space, where reading it whole fails)."""
+    env = {"XDG_STATE_HOME": str(state_home / "state"), "COLUMNS": "160"}
+    a_run(state_home / "mine")
+    long = state_home / "long"
+    a_run(long)
+    with open(long / "events.jsonl", "wb") as file:
+        file.truncate(4 << 30)
+        file.seek(4 << 30)
+        file.write(b'\n{"time": 1700000000.5, "type": "log", "step": 10, "loss": 0.25}\n')
+    listed = tuner("runs", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert {run["id"]: run["last_log"] for run in json.loads(listed.stdout)}["long"]["loss"] == 0.25
+    logs = tuner("logs", "mine", env=env)
+    assert logs.returncode == 0 and logs.stdout == "mine trained\n", logs.stderr
 
 
 def test_commands_that_read_every_run_answer_when_one_run_is_planted_with_devices(state_home):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import yaml
@@ -264,6 +265,17 @@ def test_missing_config_file_and_bad_yaml_are_one_line(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="must be a mapping"):
         parse_args([str(listed)])
+    for name, data, says in (
+            ("bin.yaml", bytes(range(128, 256)), r"is not UTF-8 text \(byte 0x80 at offset 0\)"),
+            ("latin.yaml", "dataset: café\n".encode("latin-1"), r"is not UTF-8 text \(byte 0xe9 at offset 12\)"),
+            ("deep.yaml", b"[" * 100_000, "nests too deeply"),
+            ("fifo.yaml", None, "cannot be read: .*not a regular file but a FIFO")):
+        path = tmp_path / name
+        os.mkfifo(path) if data is None else path.write_bytes(data)
+        with pytest.raises(UserError, match=f"config file .*{name} {says}"):
+            parse_args([str(path)])
+    (tmp_path / "bom.yaml").write_bytes("\ufeffmodel_name_or_path: tiny-llama\n".encode())  # Notepad's UTF-8
+    assert parse_args([str(tmp_path / "bom.yaml")]).model.model_name_or_path == "tiny-llama"
 
 
 def test_no_is_a_choice_not_false_on_the_command_line_and_in_yaml(tmp_path):

@@ -45,6 +45,16 @@ def test_malformed_registry_names_file_line_and_column(tmp_path):
                                  "Expecting property name enclosed in double quotes")
 
 
+@pytest.mark.parametrize("data, says", [
+    (b'{"caf\xe9": {"file_name": "a.json"}}', "is not UTF-8 text (byte 0xe9 at offset 5)"),
+    (b'{"a": ' * 100_000, "nested too deeply to be a dataset registry")])
+def test_a_registry_not_utf8_or_nested_without_end_is_one_line(tmp_path, data, says):
+    (tmp_path / "dataset_info.json").write_bytes(data)
+    with pytest.raises(UserError) as err:
+        load_registry(str(tmp_path))
+    assert says in str(err.value) and str(tmp_path / "dataset_info.json") in str(err.value)
+
+
 def test_entry_without_a_source_says_which_keys_give_one(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"formatting": "alpaca"}}))
     with pytest.raises(UserError) as err:

@@ -28,7 +28,7 @@ from engine.runs.jobs import clock, effective_state, elapsed_s, find_job, list_j
 from engine.runs.launch import saved_config
 from engine.runs.lock import RunLock
 from engine.runs.process import is_run_process, signal_run
-from engine.runs.series import History, last_event_time, remaining_s
+from engine.runs.series import History, remaining_s
 from engine.runs.process import pid_start_time
 from engine.runs.status import RunStatus, read_status, write_status
 from engine.runs.stop import StopRequest
@@ -124,8 +124,9 @@ def test_hostile_numbers_are_folded_out_of_the_series_and_clocks(tmp_path):
                   {"type": "end", "runtime_s": 1e308}):
         history.add(event)
     progress = history.progress(status_step=3, status_total=None, alive=True, now=100.0, elapsed_s=1e308)
-    assert history.steps == [3] and history.losses == [2.0] and history.learning_rates == [0.0]
-    assert history.eval_steps == [] and history.checkpoints == {}
+    loss, rates = history.series()
+    assert loss.steps == (3,) and loss.losses == (2.0,) and rates == (0.0,)
+    assert loss.eval_steps == () and history.checkpoints == {}
     assert progress.elapsed_s is None and progress.remaining_s is None and progress.total_steps is None
     assert progress.learning_rate is None and progress.epoch is None and progress.tokens_per_s is None
 
@@ -140,8 +141,6 @@ def test_elapsed_is_the_runs_wall_clock_from_its_start_to_its_end_or_now_or_when
     assert elapsed_s(running, "failed", last_seen=start + 10, now=start + 229.5) == 10.0  # died without an end
     assert elapsed_s(running, "failed", last_seen=None, now=start + 229.5) is None
     assert [clock(s) for s in (216.0, 229.9, 90061.0, None)] == ["0:03:36", "0:03:49", "25:01:01", ""]
-    events = [{"type": "log", "time": start + 5}, {"type": "end", "time": 1e308}, {"type": "end"}]
-    assert last_event_time(events) == start + 5 and last_event_time([]) is None
 
 
 def test_the_eta_takes_the_pace_of_recent_logs_and_never_the_warm_up_before_the_first():
@@ -271,10 +270,20 @@ def test_the_newest_whole_checkpoint_is_the_one_resumed(tmp_path):
     for step in (5, 10, 15):
         checkpoint = tmp_path / f"checkpoint-{step}"
         checkpoint.mkdir()
-        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"\x02" + bytes(7) + b"{}")  # safetensors, no tensor
         (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"global_step": 1')  # cut short
     (tmp_path / "checkpoint-20").mkdir()  # the save had not written its weights yet
+    assert last_complete(tmp_path).name == "checkpoint-10"
+    whole = tmp_path / "checkpoint-10"
+    for damage, undo in (("adapter_model.safetensors", b"\x02" + bytes(7) + b"{"),  # a header cut short
+                         ("adapter_model.safetensors", b"\x40" + bytes(7) + b'{"w": {"data_offsets": [0, 64]}}'),
+                         ("optimizer.pt", b"PK\x03\x04 a zip archive cut short"),
+                         ("trainer_state.json", b'{"global_step": 10, "log_history": "oops"}')):
+        kept = (whole / damage).read_bytes() if (whole / damage).exists() else None
+        (whole / damage).write_bytes(undo)
+        assert last_complete(tmp_path).name == "checkpoint-5", damage
+        (whole / damage).unlink() if kept is None else (whole / damage).write_bytes(kept)
     assert last_complete(tmp_path).name == "checkpoint-10"
     assert sorted(p.name for p in discard_incomplete(tmp_path)) == ["checkpoint-15", "checkpoint-20"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5"]
