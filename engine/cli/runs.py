@@ -99,12 +99,33 @@ def cmd_stop(argv: list[str]) -> int:
     return 0
 
 
+def _check_trust(job, given: str | None) -> None:
+    """A run directory is a file anyone can craft: a config.yaml that turns on trust_remote_code (the model's own
+    Python code runs) is followed only when the resume asks for it too."""
+    from engine.infer.followup import run_config_values
+    from engine.runs.files import printable_line
+
+    wanted = job.readable and not job.foreign and (job.dir / "config.yaml").is_file() and \
+        run_config_values(job).get("trust_remote_code") is True
+    if given is not None and (given.lower() != "true" or not wanted):
+        raise UserError(f"--trust_remote_code {printable_line(given)}: a run resumes with its own config, and run "
+                        f"{job.id}'s {'turns it on' if wanted else 'does not use it'}",
+                        "give --trust_remote_code true only to resume a run whose config.yaml turns it on"
+                        if wanted else "leave it out")
+    if wanted and given is None:
+        model = printable_line(job.status.model or "its model")
+        raise UserError(f"run {job.id}'s config.yaml turns on trust_remote_code: the Python code that ships with "
+                        f"{model} would run, and tuner never takes that from a run directory's files",
+                        f"`tuner resume {job.id} --trust_remote_code true` if you trust that code")
+
+
 def cmd_resume(argv: list[str]) -> int:
     """Start a stopped or failed run again with its own config; it continues from its newest whole checkpoint."""
     from engine.runs.jobs import failure_reason, find_job
     from engine.runs.launch import resume_run
 
     token = take_option(argv, "--hf_hub_token")  # never in config.yaml: a gated or private model asks again
+    trust = take_option(argv, "--trust_remote_code")
     job = find_job(take_run(argv, "resume", ": a run resumes with the config it started with, its config.yaml"))
     if job.foreign:
         raise UserError(f"{job.dir} was written by another tool: tuner only reads it")
@@ -114,6 +135,7 @@ def cmd_resume(argv: list[str]) -> int:
         raise UserError(f"run {job.id} is still {job.state}")
     if job.state == "completed":
         raise UserError(f"run {job.id} is completed: nothing to resume")
+    _check_trust(job, trust)
     status = resume_run(job.dir, token)
     say(f"resumed run {status.id} (pid {status.pid}) in {status.output_dir}", hang=2)
     return 0

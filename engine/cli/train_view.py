@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from engine.runs.files import printable
+
 
 class TerminalView:
     """What ``engine.train.sft.run_training`` shows in a terminal: log handlers and training-loop callbacks."""
@@ -19,11 +21,15 @@ class TerminalView:
         """Plain lines on stderr when it is not a terminal; in a terminal, Rich's lines above the progress bar."""
         if not self.console.is_terminal:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(formatter)
+            handler.setFormatter(_Shown(formatter))
             return [handler]
         from rich.logging import RichHandler
 
-        return [RichHandler(console=self.console, show_path=False, markup=False, log_time_format="%H:%M:%S")]
+        class ShownRichHandler(RichHandler):
+            def render_message(self, record, message):
+                return super().render_message(record, printable(message))
+
+        return [ShownRichHandler(console=self.console, show_path=False, markup=False, log_time_format="%H:%M:%S")]
 
     def download_display(self):
         """A hub model's download before training, shown as `tuner download` shows it: (show, context)."""
@@ -38,3 +44,16 @@ class TerminalView:
         from engine.cli.train_progress import ConsoleProgress
 
         return [ConsoleProgress(self.console)]
+
+
+class _Shown(logging.Formatter):
+    """The run's log lines as a terminal shows them: what they quote from a dataset, a config or a path (a role
+    with an escape sequence, an output_dir with a bidi override) is shown, never obeyed. train.log keeps them as
+    written; `tuner logs` and the dashboard clean them the same way."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(self.inner.format(record))

@@ -114,7 +114,7 @@ class TrainArgs:
     output_dir: str | None = _opt(None, "The run directory: checkpoints, adapter or model, logs and events.")
     overwrite_output_dir: bool = _opt(False, "Start afresh in an output_dir that has checkpoints instead of resuming.")
     do_train: bool = _opt(False, "Train (implied by `tuner train`).")
-    do_eval: bool = _opt(False, "Evaluate on the eval split.")
+    do_eval: bool = _opt(False, "Evaluate on the eval split once training ends (eval_results.json, perplexity).")
     do_predict: bool = _opt(False, "Predict on the dataset (classic spelling of `tuner predict`).")
     per_device_train_batch_size: int = _opt(8, "Samples per GPU per step.")
     per_device_eval_batch_size: int = _opt(8, "Samples per GPU per evaluation or prediction step.")

@@ -195,6 +195,8 @@ def _collisions(cfg: TunerConfig) -> list[str]:
         (t.deepspeed is not None and t.fsdp is not None, "deepspeed and fsdp are both set: choose one"),
         (t.eval_strategy != "no" and not (cfg.data.val_size or cfg.data.eval_dataset),
          f"eval_strategy {t.eval_strategy} needs evaluation data: set val_size or eval_dataset"),
+        (t.do_eval and not (cfg.data.val_size or cfg.data.eval_dataset),
+         "do_eval evaluates once training ends, on evaluation data: set val_size or eval_dataset"),
         (t.lr_scheduler_type == "reduce_lr_on_plateau" and t.eval_strategy == "no",
          "lr_scheduler_type reduce_lr_on_plateau lowers the rate when the eval loss stops falling: it needs "
          "eval_strategy steps or epoch, and val_size or eval_dataset"),

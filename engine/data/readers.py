@@ -18,9 +18,9 @@ LOCAL_HINT = "download it and register it with a file_name, or pass a path to a 
 
 
 def read_records(attr: DatasetAttr) -> list[dict]:
-    """All records of one dataset, as plain dicts."""
+    """All records of one dataset (of its ``split``), as plain dicts."""
     if attr.load_from == "file":
-        return _read_local(attr)
+        return _split_of(attr, _read_local(attr))
     if attr.load_from == "hf_hub":
         return _read_hub(attr)
     raise UserError(f"dataset '{attr.name}' is loaded from {UNSUPPORTED_SOURCES[attr.load_from]} "
@@ -37,6 +37,21 @@ def read_file(path: Path) -> list[dict]:
         return reader(path)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def _split_of(attr: DatasetAttr, records: list[dict]) -> list[dict]:
+    """The records ``split`` names, as ``datasets.load_dataset`` reads a local file: it holds one split, train, and
+    a slice of it such as ``train[:100]``, ``train[10%:20%]`` or ``train[:50]+train[-50:]`` takes part of it."""
+    if attr.split == "train":
+        return records
+    from datasets import ReadInstruction
+
+    try:
+        parts = ReadInstruction.from_spec(attr.split).to_absolute({"train": len(records)})
+    except (ValueError, AssertionError) as err:
+        raise UserError(f"dataset '{attr.name}': split {attr.split!r}: {err}",
+                        hint="a local file holds one split, train: give train or a slice such as train[:100]") from None
+    return [record for part in parts for record in records[part.from_:part.to]]
 
 
 def _read_local(attr: DatasetAttr) -> list[dict]:

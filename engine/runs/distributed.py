@@ -169,10 +169,11 @@ def free_port(host: str = LOCAL_ADDR) -> int:
 
 
 def torchrun_argv(plan: LaunchPlan, worker_args: list[str], port: int) -> list[str]:
-    """PyTorch's launcher (``python -m torch.distributed.run``, what ``torchrun`` runs) starting this machine's
-    processes, each ``python -m engine.runs.rank WORKER_ARGS``. Static rendezvous at master_addr:port: every machine
-    names the same address and port, node 0 listens."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node),
+    """PyTorch's launcher (``torch.distributed.run``, what ``torchrun`` runs, through ``engine.runs.torchrun``, which
+    keeps a loopback rendezvous on the loopback interface) starting this machine's processes, each ``python -m
+    engine.runs.rank WORKER_ARGS``. Static rendezvous at master_addr:port: every machine names the same address and
+    port, node 0 listens."""
+    return [sys.executable, "-m", "engine.runs.torchrun", "--nproc_per_node", str(plan.nproc_per_node),
             "--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--master_addr", plan.master_addr,
             "--master_port", str(port), "--max_restarts", "0", "-m", "engine.runs.rank", *worker_args]
 

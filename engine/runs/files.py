@@ -18,12 +18,15 @@ from engine.errors import UserError
 
 # Escape sequences (CSI, OSC, DCS/PM/APC and two-byte ones) and every other control character but newline and tab.
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?|\x9b[0-?]*[ -/]*[@-~]")
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069, the marks U+200E, U+200F, U+061C) reorder what
+# follows them on screen: "run-\u202eexe.txt" shows as "run-txt.exe".
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: Any) -> str:
-    """``text`` with terminal escape sequences and control characters removed: what came from a file or a run is
-    shown, never obeyed (a crafted run name cannot retitle the terminal or move the cursor)."""
+    """``text`` with terminal escape sequences, control characters and bidirectional overrides removed: what came
+    from a file or a run is shown, never obeyed (a crafted run name cannot retitle the terminal, move the cursor or
+    turn the text after it around)."""
     return _CONTROLS.sub("", _ESCAPES.sub("", str(text)))
 
 

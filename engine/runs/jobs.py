@@ -205,7 +205,7 @@ def stop_job(job: Job, wait_s: float = 0.0) -> str:
         raise UserError(f"run {job.id} cannot be stopped: {failure_reason(job) or 'its status.json is missing'}")
     if job.state not in ("running", "queued"):
         raise UserError(f"run {job.id} is {job.state}, not running")
-    signal_run(job.status, signal.SIGTERM)
+    signal_run(job.status, signal.SIGTERM, job.dir)
     deadline = time.time() + wait_s
     while time.time() < deadline and is_run_process(job.status):
         time.sleep(0.2)

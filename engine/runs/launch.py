@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.config.schema import TunerConfig, build_config, read_config_file
 from engine.errors import UserError
 from engine.runs.checkpoints import checkpoints, last_complete
-from engine.runs.files import open_append, write_text_atomic
+from engine.runs.files import open_append, printable_line, write_text_atomic
 from engine.runs.index import register
 from engine.runs.lock import LOCK_FD_ENV, LOCK_FILE, RunLock
 from engine.runs.rundir import RunDir, is_main_process
@@ -161,10 +161,20 @@ def _gpus_of(previous: RunStatus | None, cfg: TunerConfig) -> str | None:
     return ",".join(previous.gpus)
 
 
+def _refuse_links(path: Path) -> None:
+    """What the Trainer writes into a run directory (the model card README.md, weights, a checkpoint-N directory) it
+    writes through a symbolic link planted in its place, into wherever that points: a link there is refused."""
+    for child in sorted(path.iterdir()):
+        if child.is_symlink():
+            raise UserError(f"{printable_line(child)} is a symbolic link: tuner does not write through links in a run "
+                            "directory", "remove the link")
+
+
 def _claim(cfg: TunerConfig, path: Path) -> RunDir:
     """Decide, under the lock, whether the run starts afresh or resumes; a finished run is never overwritten by
     accident, nor a directory another tool wrote."""
     t = cfg.train
+    _refuse_links(path)  # before anything is removed or written
     previous = read_status(path)
     if t.overwrite_output_dir:
         for child in checkpoints(path):

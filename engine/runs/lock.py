@@ -86,3 +86,24 @@ def _holder(run_dir: Path) -> str:
 
     status = read_status(run_dir)
     return f"run {status.id}, pid {status.pid}" if status and status.pid else "another tuner process"
+
+
+def holds_lock(pid: int, run_dir: Path) -> bool:
+    """Whether the process ``pid`` has this run directory's lock file open, as the run's own process does for its
+    life (a crafted status.json may name any process, with its true start time). Where /proc cannot tell (another
+    system), True: the pid and start time checked before are all there is."""
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    try:
+        lock = os.lstat(Path(run_dir) / LOCK_FILE)
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in descriptors:
+        try:
+            opened = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (opened.st_dev, opened.st_ino) == (lock.st_dev, lock.st_ino):
+            return True
+    return False

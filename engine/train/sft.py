@@ -364,11 +364,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
             run_events.close()
         raise
     if events is None:
-        trainer.train(resume_from_checkpoint=run.resume_from)
-        _agree_on_stop(stop)
-        _weight_digests(cfg, model, trainer)
-        if not stop.requested and not divergence.found:
-            trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every rank takes part
+        result = trainer.train(resume_from_checkpoint=run.resume_from)
+        _after_training(cfg, trainer, result, model, tokenizer, run, divergence, stop, main=False)
         return {}
     start = dict(
         run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
@@ -409,31 +406,60 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
                                      divergence, plan, strategy)
             events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan),
                         backed_off=True)
-    finally:
+    except BaseException:
         run_events.close()
+        raise
+    try:
+        digests = _after_training(cfg, trainer, result, model, tokenizer, run, divergence, stop, main=True)
+    finally:
+        run_events.close()  # after the final evaluation, whose eval event and trainer_log line it writes
+    memory = gpu_memory_gib()
+    if memory:
+        events.emit(Event.MEMORY, **memory)
+    return {"step": trainer.state.global_step, "train_loss": result.training_loss,
+            "runtime_s": round(time.time() - started, 2), **({"weight_digests": digests} if digests else {})}
+
+
+def _after_training(cfg: TunerConfig, trainer, result, model, tokenizer, run: RunDir, divergence, stop: StopRequest,
+                    main: bool) -> list[str]:
+    """Once training ended, in every process: agree on a stop, compare the processes' weights, refuse a diverged
+    run, and save what it trained with LLaMA-Factory's results files (and ``do_eval``'s evaluation). Returns the
+    weight digests (several processes)."""
     run.status.step = trainer.state.global_step
     _agree_on_stop(stop)
     digests = _weight_digests(cfg, model, trainer)
     if digests and len(set(digests)) > 1:
         log.warning("the processes' trained weights differ after step %d (digests %s): the run was not one "
                     "synchronised training", trainer.state.global_step, ", ".join(digests))
-    if divergence.found:
+    if divergence.found and main:
         raise UserError(divergence.message(cfg, last_complete(run.path)))
-    if not stop.requested:
-        trainer.save_model(str(run.path))
+    if divergence.found or stop.requested:
+        return digests
+    trainer.save_model(str(run.path))  # collective under FSDP / DeepSpeed: every process takes part
+    if main:
         tokenizer.save_pretrained(str(run.path))
         trainer.save_state()
         if cfg.finetune.pissa_convert:
             _save_pissa_converted(model, run)
-        if cfg.train.plot_loss:
-            from engine.train.plots import plot_loss
+    _save_results(cfg, trainer, result, run, main)
+    if main and cfg.train.plot_loss:
+        from engine.train.plots import plot_loss
 
-            plot_loss(run.path)
-    memory = gpu_memory_gib()
-    if memory:
-        events.emit(Event.MEMORY, **memory)
-    return {"step": trainer.state.global_step, "train_loss": result.training_loss,
-            "runtime_s": round(time.time() - started, 2), **({"weight_digests": digests} if digests else {})}
+        plot_loss(run.path)
+    return digests
+
+
+def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool) -> None:
+    """LLaMA-Factory's train_results.json and, with ``do_eval``, one evaluation on the eval data (a collective: every
+    process takes part; its ``eval`` event is logged as any evaluation's) and eval_results.json with perplexity."""
+    from engine.train.results import save_results, with_perplexity
+
+    if main:
+        save_results(run.path, "train", result.metrics)
+    if cfg.train.do_eval:
+        metrics = with_perplexity(trainer.evaluate(metric_key_prefix="eval"))
+        if main:
+            save_results(run.path, "eval", metrics)
 
 
 def _several_processes() -> bool:

@@ -3,6 +3,7 @@ the CPU (gloo): one run directory written by rank 0, stop and resume, and a dyin
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import socket
@@ -34,10 +35,19 @@ def rank_processes(supervisor_pid: int) -> dict[int, psutil.Process]:
     return found
 
 
+def run_tree(pid: int) -> list[psutil.Process]:
+    supervisor = psutil.Process(pid)
+    return [supervisor, *supervisor.children(recursive=True)]
+
+
 def test_two_processes_train_as_one_run_that_stops_and_resumes(home):
     run_dir, run_id = start_detached(home, "ddp", *TWO, "--max_steps", "100", "--save_steps", "5000")
     wait_for(lambda: events_of(run_dir, "log"), 120, "the first logged step")
     assert len(rank_processes(read_status(run_dir).pid)) == 2, "the run's own process supervises both ranks"
+    listening = [(process.name(), c.laddr) for process in run_tree(read_status(run_dir).pid)
+                 for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(ipaddress.ip_address(address.ip).is_loopback for _, address in listening), \
+        f"a run on one machine listens on its loopback interface alone (torch's store, gloo): {listening}"
     result = tuner("stop", run_id, cwd=home)
     assert result.returncode == 0, result.stderr
     wait_for(lambda: read_status(run_dir).state == "stopped", 60, "the run to stop")

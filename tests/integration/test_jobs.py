@@ -79,5 +79,5 @@ def test_kill_9_shows_failed_and_resume_skips_checkpoints_cut_short_or_damaged_c
     log = (run_dir / "train.log").read_text()
     assert all(f"{skipped} is not whole" in log for skipped in (newest, truncated, garbled))
     after = [e["step"] for e in events[events.index(starts[1]):] if e["type"] == "log"]
-    assert after[0] > int(previous.name.rsplit("-", 1)[1]) >= 10 and after[-1] == 60
+    assert after[0] > int(previous.name.rsplit("-", 1)[1]) >= 5 and after[-1] == 60
     assert read_status(run_dir).step == 60

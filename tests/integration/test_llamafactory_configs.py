@@ -4,6 +4,7 @@ LLaMA-Factory's checkout (its data/ as tests/llamafactory_layout.py writes it; o
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def test_llamafactory_lora_sft_config_runs_unchanged(workdir, tiny_models):
     assert read_status(out).state == "completed"
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # plot_loss, as LLaMA-Factory names it
+    results = json.loads((out / "train_results.json").read_text())  # LLaMA-Factory's results files, its keys
+    assert {"train_loss", "train_runtime", "train_samples_per_second", "epoch"} <= set(results)
+    assert json.loads((out / "all_results.json").read_text()) == results
     lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert lines and list(lines[0])[:2] == ["current_steps", "total_steps"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -187,12 +191,16 @@ def test_llamafactory_lora_sft_config_runs_unchanged(workdir, tiny_models):
 
 def test_llamafactory_qlora_config_then_predict_and_merge_configs_run_unchanged(workdir, tiny_models):
     model = tiny_models["tiny-llama"]
-    done = tuner(workdir, "train", write(workdir, "otfq.yaml", QLORA_SFT, model), *SHORTER)
+    done = tuner(workdir, "train", write(workdir, "otfq.yaml", QLORA_SFT, model), *SHORTER, "--do_eval")
     assert done.returncode == 0, done.stdout + done.stderr
     out = workdir / "saves/llama3-8b/lora/sft"
     status = read_status(out)
     assert status.state == "completed" and status.method == "qlora-4bit"
-    assert any(e["type"] == "eval" for e in read_events(out))  # val_size 0.1 with eval at the end
+    evals = [e for e in read_events(out) if e["type"] == "eval"]  # val_size 0.1: eval steps, and do_eval's at the end
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss"] == evals[-1]["eval_loss"] and results["perplexity"] == pytest.approx(
+        math.exp(results["eval_loss"]))
+    assert json.loads((out / "all_results.json").read_text()).keys() >= {"train_loss", "eval_loss", "perplexity"}
 
     predicted = tuner(workdir, "train", write(workdir, "predict.yaml", PREDICT, model), "--max_samples", "2",
                       "--max_new_tokens", "4")

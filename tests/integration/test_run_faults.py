@@ -179,7 +179,7 @@ def test_a_stop_in_the_first_moments_of_a_detached_run_is_a_stop(home):
     assert strict_events(run_dir)[-1]["state"] == "stopped"
 
 
-def test_follow_ups_never_inherit_trust_remote_code_from_a_run_directory(home, tiny_models):
+def test_follow_ups_and_resume_never_inherit_trust_remote_code_from_a_run_directory(home, tiny_models):
     run_dir = home / "crafted"
     shutil.copytree(tiny_models["tiny-llama"], run_dir)
     marker = home / "code-ran"
@@ -199,22 +199,41 @@ def test_follow_ups_never_inherit_trust_remote_code_from_a_run_directory(home, t
             "run's files") in result.stderr
     assert not marker.exists(), "the run directory's own Python file ran"
 
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "state": "stopped"}))
+    resumed = tuner("resume", str(run_dir), cwd=home)  # nor does a resume, which would train with it in the dark
+    assert resumed.returncode == 2 and resumed.stderr.strip() == (
+        "tuner: error: run crafted-run's config.yaml turns on trust_remote_code: the Python code that ships with its "
+        "model would run, and tuner never takes that from a run directory's files (`tuner resume crafted-run "
+        "--trust_remote_code true` if you trust that code)")
+    refused = tuner("resume", str(run_dir), "--trust_remote_code", "false", cwd=home)
+    assert refused.returncode == 2 and "a run resumes with its own config, and run crafted-run's turns it on" in \
+        refused.stderr
+    assert not marker.exists(), "the run directory's own Python file ran"
+
 
 def test_a_symlink_planted_in_a_run_directory_is_not_written_through(home):
+    """A log appended to, the model card (README.md) and a checkpoint-N directory the Trainer writes: a link planted
+    in their place is refused before anything is written, on a resume and on overwrite_output_dir alike."""
     run_dir = home / "linked"
     run_dir.mkdir()
     precious = home / "precious.txt"
     precious.write_text("keep me\n")
-    (run_dir / "train.log").symlink_to(precious)
+    elsewhere = home / "elsewhere"
+    elsewhere.mkdir()
     (run_dir / "status.json").write_text(json.dumps({"id": "linked-run", "name": "linked", "state": "stopped",
                                                       "started_at": "2026-01-01T00:00:00+00:00"}))
-    result = tuner("train", *RUN, "--max_steps", "2", "--output_dir", str(run_dir), cwd=home)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"tuner: error: {run_dir / 'train.log'} is a symbolic link: tuner does not write through links in a run "
-        "directory (remove the link)")
-    assert precious.read_text() == "keep me\n"
-    assert read_status(run_dir).state == "failed"
+    for planted, target, overwrite in (("train.log", precious, ()), ("README.md", precious, ()),
+                                       ("checkpoint-2", elsewhere, ("--overwrite_output_dir", "true"))):
+        (run_dir / planted).symlink_to(target)
+        result = tuner("train", *RUN, "--max_steps", "2", "--output_dir", str(run_dir), *overwrite, cwd=home)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"tuner: error: {run_dir / planted} is a symbolic link: tuner does not write through links in a run "
+            "directory (remove the link)")
+        (run_dir / planted).unlink()
+    assert precious.read_text() == "keep me\n" and not any(elsewhere.iterdir())
+    assert read_status(run_dir).state == "stopped"  # refused before the run claimed the directory: nothing changed
 
 
 def test_runs_in_one_process_close_their_log_files(home):
@@ -240,3 +259,17 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(home):
     assert result.returncode == 2
     assert result.stderr == (f"tuner: error: cannot write the run directory {home / 'a-file' / 'run'}: "
                              "Not a directory\n")
+
+
+def test_a_foreground_run_shows_what_it_quotes_without_obeying_it(home):
+    """A dataset's role and an output_dir that hold a terminal's title sequence and a bidi override: the lines the
+    terminal gets (the error, the log lines the run echoes) show them, never pass them on."""
+    (home / "chat.json").write_text(json.dumps([{"conversations": [
+        {"from": "\x1b]2;pwned\x07human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+    out = home / "out\u202etxt.exe\x1b]2;pwned\x07"
+    result = tuner("train", "--model_name_or_path", "tiny-llama", "--dataset", "chat.json", "--max_steps", "2",
+                   "--output_dir", str(out), cwd=home)
+    assert result.returncode == 2 and "role 'human'" in result.stderr
+    for seen in (result.stdout, result.stderr):
+        assert "\x1b" not in seen and "\x07" not in seen and "\u202e" not in seen, seen
+    assert "role '\x1b]2;pwned\x07human'" in (out / "train.log").read_text()  # the log keeps what was there

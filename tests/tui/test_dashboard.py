@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def log_event(step: int, loss: float, total: int = 30) -> str:
 
 def running_run(tmp_path: Path, pid: int, run_id: str = "20250101-000000-abcdef") -> Path:
     run_dir = tmp_path / "live"
-    run_dir.mkdir()
+    run_dir.mkdir(exist_ok=True)
     write_status(run_dir, RunStatus(id=run_id, name="live", state="running", pid=pid, pid_started_at=pid_start_time(pid),
                                     output_dir=str(run_dir),
                                     model="tiny-llama", method="lora", total_steps=100))
@@ -65,13 +66,19 @@ def running_run(tmp_path: Path, pid: int, run_id: str = "20250101-000000-abcdef"
 
 
 @pytest.fixture
-def sleeper():
-    """A harmless process standing in for a run's trainer."""
-    process = subprocess.Popen(["sleep", "60"])
+def sleeper(tmp_path):
+    """A harmless process standing in for the trainer of the run ``running_run`` writes: it holds that directory's
+    lock, as a run's own process does (`tuner stop` signals nothing else), and sleeps."""
+    (tmp_path / "live").mkdir()
+    process = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                "print('ready', flush=True)\ntime.sleep(60)", str(tmp_path / "live" / ".tuner.lock")],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
     yield process
     if process.poll() is None:
         process.kill()
-        process.wait()
+    process.wait()
 
 
 async def test_finished_real_run_shows_progress_losses_checkpoints_and_gpu(finished_run):

@@ -319,6 +319,9 @@ def test_training_settings_that_would_fail_once_the_model_has_loaded_are_refused
         "deepspeed /nonexistent/ds_z3.json: the deepspeed package is not installed (pip install deepspeed), or leave "
         "deepspeed out" if importlib.util.find_spec("deepspeed") is None
         else "deepspeed config file /nonexistent/ds_z3.json does not exist"]
+    no_data = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "do_eval": True})
+    assert problems_of(no_data) == ["do_eval evaluates once training ends, on evaluation data: set val_size or "
+                                    "eval_dataset"]
 
     fine = build_config({"model_name_or_path": "tiny-llama", "dataset": "demo_alpaca", "optim": "adamw_8bit",
                          "lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps", "val_size": 0.1,

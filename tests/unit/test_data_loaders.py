@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,21 @@ def test_num_samples_draws_seeded_and_tops_up_with_replacement(tmp_path):
     first = load_conversations("a", str(tmp_path)).train
     assert len(first) == 5 and first == load_conversations("a", str(tmp_path)).train
     assert first[:2] in (ALPACA_MESSAGES, ALPACA_MESSAGES[::-1])
+
+
+def test_split_in_the_registry_takes_part_of_a_local_file_as_datasets_would(tmp_path):
+    """LLaMA-Factory passes ``split`` to ``datasets.load_dataset``; a local file is one split, train, to slice."""
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]
+    write_json(tmp_path / "a.json", records)
+    for split, kept in (("train", range(10)), ("train[:4]", range(4)), ("train[10%:30%]", [1, 2]),
+                        ("train[:1]+train[-1:]", [0, 9])):
+        (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json", "split": split}}))
+        train = load_conversations("a", str(tmp_path)).train
+        assert [c["messages"][0]["content"] for c in train] == [f"q{i}" for i in kept], split
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json", "split": "test"}}))
+    said = """dataset 'a': split 'test': Unknown split "test". Should be one of ['train']. (a local file holds one"""
+    with pytest.raises(UserError, match=re.escape(said)):
+        load_conversations("a", str(tmp_path))
 
 
 def test_llamafactory_alpaca_file_loads_caps_and_splits(llamafactory_data):

@@ -82,7 +82,7 @@ def test_inside_a_launched_process_the_world_size_is_the_launchers():
 
 def test_torchrun_runs_each_rank_with_a_static_rendezvous():
     argv = torchrun_argv(plan(gpus=1, nnodes=2, node_rank=1, master_addr="head"), ["/runs/a", "--config", "c"], 29500)
-    assert argv == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "2",
+    assert argv == [sys.executable, "-m", "engine.runs.torchrun", "--nproc_per_node", "1", "--nnodes", "2",
                     "--node_rank", "1", "--master_addr", "head", "--master_port", "29500", "--max_restarts", "0",
                     "-m", "engine.runs.rank", "/runs/a", "--config", "c"]
 

@@ -178,21 +178,24 @@ def test_a_hangup_ignored_by_nohup_stays_ignored():
 def test_printable_removes_escape_sequences_and_control_characters():
     assert printable(f"run{OSC_TITLE}\x1b[2J\x07\x9b1m name") == "run name"
     assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"
+    assert printable("run-\u202eexe.txt \u2067isolated\u2069\u200f") == "run-exe.txt isolated"  # bidi: not reordered
 
 
 def test_runs_and_logs_never_pass_terminal_escapes_through(state_home, capsys):
     run = state_home / "escapes"
-    a_run(run, id="esc-run", name=f"evil{OSC_TITLE}[/]", state="failed", model=f"m{OSC_TITLE}[bold]")
-    (run / "train.log").write_text(f"role {OSC_TITLE}assistant\x1b[31m is not allowed\n")
+    a_run(run, id="esc-run", name=f"evil{OSC_TITLE}[/]\u202etxt.exe", state="failed", model=f"m{OSC_TITLE}[bold]")
+    (run / "train.log").write_text(f"role {OSC_TITLE}assistant\x1b[31m is not\u202e allowed\n")
     assert main(["runs"]) == 0
     assert main(["runs", "--json"]) == 0
     assert main(["logs", "esc-run"]) == 0
     shown = capsys.readouterr().out
     runs_table, logs = shown.split("[", 1)[0], shown.rsplit("}", 1)[-1]
     assert "\x1b" not in runs_table and "\x1b" not in logs and "\x07" not in logs
+    assert "\u202e" not in runs_table and "\u202e" not in logs
     assert "role assistant is not allowed" in logs
     snapshot = RunWatcher(run).sample()
     assert "\x1b" not in snapshot.name and not any("\x1b" in line for line in snapshot.log_tail)
+    assert "\u202e" not in snapshot.name and not any("\u202e" in line for line in snapshot.log_tail)
 
 
 def test_stop_never_signals_a_process_that_is_not_the_runs(state_home, sleeper, capsys):
@@ -212,7 +215,9 @@ def test_stop_never_signals_a_process_that_is_not_the_runs(state_home, sleeper, 
 
 def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home):
     """Stopped, a run finishes its step first: its process outlives the signal a while, as this one does."""
-    run = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+    (state_home / "alive").mkdir()
+    run = subprocess.Popen([sys.executable, "-c", "import signal, time\nfrom engine.runs.lock import RunLock\n"
+                            f"lock = RunLock.acquire({str(state_home / 'alive')!r})\n"
                             "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM', flush=True))\n"
                             "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert run.stdout.readline() == "ready\n"
@@ -223,6 +228,18 @@ def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home):
     assert run.stdout.readline() == "SIGTERM\n"
     run.kill()
     run.wait()
+
+
+def test_stop_never_signals_a_live_process_a_crafted_status_names_with_its_true_start_time(state_home, sleeper):
+    """pid and start time can be read off any process: the run's own also holds the directory's lock."""
+    status = a_run(state_home / "crafted", state="running", pid=sleeper.pid, host=socket.gethostname(),
+                   pid_started_at=pid_start_time(sleeper.pid))
+    RunLock.acquire(state_home / "crafted").release()  # the lock file is there, and nobody holds it
+    assert is_run_process(status)
+    with pytest.raises(UserError, match=f"process {sleeper.pid}, which run crafted's status.json names, does not "
+                                        "hold the run's lock .*: it is not the run's, and nothing was signalled"):
+        stop_job(find_job("crafted"))
+    assert sleeper.poll() is None, "the unrelated process was left alone"
 
 
 def test_a_run_that_ended_unreaped_under_the_process_that_started_it_is_not_alive(state_home):
