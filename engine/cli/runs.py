@@ -82,7 +82,9 @@ def cmd_logs(argv: list[str]) -> int:
     job = find_job(take_run(argv, "logs"))
     log_file = job.dir / "train.log"
     if not log_file.is_file():
-        raise UserError(f"run {job.id} has no train.log in {job.dir}")
+        there = log_file.exists() or log_file.is_symlink()
+        raise UserError(f"run {job.id}'s train.log in {job.dir} is not a regular file (a link to a device, a FIFO?)"
+                        if there else f"run {job.id} has no train.log in {job.dir}")
     follow(log_file, sys.stdout, follow_on, alive=lambda: job.status is not None and is_run_process(job.status))
     return 0
 

@@ -46,6 +46,23 @@ def problems_in(cfg: TunerConfig, command: str = "train") -> list[str]:
     return problems
 
 
+# The learning rates runs of each kind are usually given (LLaMA-Factory's examples, PEFT's and TRL's docs): a value
+# ten times beyond them either way is almost always a typo (1e4 for 1e-4) and gets a warning before the run.
+USUAL_LEARNING_RATES = {"lora": (1e-5, 1e-3), "freeze": (1e-6, 1e-4), "full": (1e-6, 1e-4)}
+
+
+def learning_rate_warning(cfg: TunerConfig) -> str | None:
+    """One line when ``learning_rate`` is far outside what runs of this method are usually given; None when not."""
+    low, high = USUAL_LEARNING_RATES.get(cfg.finetune.finetuning_type, USUAL_LEARNING_RATES["lora"])
+    rate = cfg.train.learning_rate
+    if low / 10 <= rate <= high * 10:
+        return None
+    effect = ("the first steps may wreck the weights: the run then ends failed, diverged or collapsed"
+              if rate > high else "the weights will barely move")
+    return (f"learning_rate {rate:g} is far {'above' if rate > high else 'below'} what {cfg.finetune.finetuning_type} "
+            f"runs are usually given ({low:g} to {high:g}): {effect}")
+
+
 def _adapters(cfg: TunerConfig) -> list[str]:
     """An adapter given as a local path (absolute, ./, ../ or ~) must be one: a directory with adapter_config.json.
     A name like user/adapter is a hub id, looked for when the model loads."""

@@ -19,13 +19,14 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
-from engine.errors import UserError
+from engine.errors import UserError, disk_full
 from engine.paths import cache_dir
 from engine.templates import AUTO, IGNORE_INDEX, Template, encode_many, get_template, template_mismatch
 
@@ -107,8 +108,14 @@ def encode_conversations(conversations: list[dict], tokenizer, template_name: st
     return encoded
 
 
-def _encode_batch(batch: dict, tokenizer, template_name: str, default_system: str | None, masking: Masking) -> dict:
-    """``datasets.map``'s function: a batch of conversations to columns (dropped rows kept, marked, for counting)."""
+def _encode_batch(batch: dict, tokenizer, template_name: str, default_system: str | None, masking: Masking,
+                  stop_flag: str | None = None, owner_pid: int | None = None) -> dict:
+    """``datasets.map``'s function: a batch of conversations to columns (dropped rows kept, marked, for counting);
+    PreparationStopped instead when ``stop_flag`` exists (a stop came)."""
+    if stop_flag is not None and os.path.exists(stop_flag):
+        raise PreparationStopped("stopped while the data was being prepared")
+    if owner_pid is not None and os.getpid() != owner_pid:  # a worker forked from the run's process
+        _default_stop_signals()
     template = training_template(template_name, default_system)
     out: dict[str, list] = {"input_ids": [], "labels": [], "full_length": [], "dropped": []}
     for turns in encode_many(tokenizer, template, batch["messages"], batch["tools"]):
@@ -134,9 +141,11 @@ class TrainingData:
     from_cache: bool = False  # loaded as prepared by an earlier run (or another process of this one)
 
 
-def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None) -> TrainingData:
+def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None,
+                   stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
     """Load, render and tokenize the configured datasets into ``datasets.Dataset`` objects TRL trains on as they are,
-    from the cache when the same data was prepared before."""
+    from the cache when the same data was prepared before. With ``stop_wait`` (a run's StopRequest.wait), a stop
+    while the data is tokenized ends that within a batch (PreparationStopped), the cache left as it was."""
     d = cfg.data
     # whether this launch prepares tokenized_path (and so stops) is decided before anything is read: every process
     # of a multi-GPU run looks at once, well before the first of them writes it
@@ -154,13 +163,14 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     key = cache_key(loaded.train, loaded.eval, tokenizer, template, d.cutoff_len, d.train_on_prompt,
                     mask_history=d.mask_history, default_system=d.default_system)
     if d.tokenized_path:
-        return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg, prepares)
+        return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg, prepares,
+                               stop_wait)
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
         prepare = d.overwrite_cache or _meta(entry) is None  # none yet, or damaged: prepared again
         if prepare:
-            _prepare(entry, key, loaded, tokenizer, template, cfg)
+            _prepare(entry, key, loaded, tokenizer, template, cfg, stop_wait)
         data = _load(entry, loaded.report.lines())
     data.from_cache = not prepare
     log.info("data: tokenized data %s (%s)", "prepared" if prepare else "loaded from the cache", entry)
@@ -168,7 +178,7 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
 
 
 def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig,
-                    prepares: bool) -> TrainingData:
+                    prepares: bool, stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
     """LLaMA-Factory's ``tokenized_path``: load it when it holds a tokenized dataset; otherwise prepare it there and
     stop (the processes of a multi-GPU run prepare it once: the first to take the lock)."""
     if path.exists() and not path.is_dir():
@@ -182,7 +192,7 @@ def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg:
             if path.exists() and any(path.iterdir()):
                 raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
                                 "give an empty or new directory, or one a previous run prepared")
-            _prepare(path, key, loaded, tokenizer, template, cfg)
+            _prepare(path, key, loaded, tokenizer, template, cfg, stop_wait)
     if _meta(path) is None:
         raise UserError(f"tokenized_path {path} holds a damaged {META}: it is not data tuner prepared, or was cut "
                         "short", "remove the directory, or give a new one, to prepare it again")
@@ -243,24 +253,80 @@ def workers_for(count: int, asked: int | None) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1, count // SAMPLES_PER_WORKER))
 
 
-def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> None:
-    """Tokenize both splits and write them with their report into ``entry`` (whole or not at all)."""
-    d = cfg.data
+class PreparationStopped(Exception):
+    """A stop came while the data was being prepared: it ended at the next batch, and nothing of it was kept."""
+
+
+STOP_FLAG = ".stop"  # in the entry being built: made when a stop comes, seen by every tokenizing process
+
+
+def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig,
+             stop_wait: Callable[[float], bool] | None = None) -> None:
+    """Tokenize both splits and write them with their report into ``entry``, whole or not at all: a stop
+    (``stop_wait`` answers whether one came, waiting up to its argument in seconds), an error or a full disk leaves
+    nothing behind."""
     for stale in entry.parent.glob(f"{entry.name}.building-*"):  # left by a process killed mid-way (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     building = entry.with_name(f"{entry.name}.building-{os.getpid()}")
-    building.mkdir(parents=True)
+    try:
+        building.mkdir(parents=True)
+        with _flagged_on_stop(building / STOP_FLAG, stop_wait):
+            _build(building, key, loaded, tokenizer, template, cfg)
+    except BaseException as exc:
+        shutil.rmtree(building, ignore_errors=True)
+        if stop_wait is not None and stop_wait(0):
+            raise PreparationStopped("stopped while the data was being prepared") from None
+        if not isinstance(exc, UserError) and disk_full(exc, entry.parent):
+            free = shutil.disk_usage(entry.parent).free / 1024**2
+            raise UserError(f"disk full: no space left on the device that holds {entry.parent} ({free:.0f} MiB "
+                            "free now) for the tokenized data; what was written of it was removed",
+                            "free some space there, or point XDG_CACHE_HOME (or tokenized_path) at a larger disk") \
+                from None
+        raise
+    if entry.exists():
+        shutil.rmtree(entry)
+    os.rename(building, entry)
+
+
+@contextlib.contextmanager
+def _flagged_on_stop(flag: Path, stop_wait: Callable[[float], bool] | None):
+    """While the body runs, a thread makes ``flag`` as soon as a stop comes: the tokenizing processes (other
+    processes, which a signal to this one never reaches) look for it before each batch."""
+    if stop_wait is None:
+        yield
+        return
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if stop_wait(0.2):
+                flag.touch()
+                return
+
+    watcher = threading.Thread(target=watch, name="stop-flag", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(1.0)
+
+
+def _build(building: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig) -> None:
+    d = cfg.data
     summaries, lengths = [], None
     for split, conversations in (("train", loaded.train), ("eval", loaded.eval)):
         if not conversations:
             continue
         masking = Masking(d.cutoff_len, d.train_on_prompt, d.mask_history)
         dataset, dropped, truncated = _tokenize(conversations, tokenizer, template, d.default_system, masking,
-                                                workers_for(len(conversations), d.preprocessing_num_workers))
+                                                workers_for(len(conversations), d.preprocessing_num_workers),
+                                                str(building / STOP_FLAG))
         summaries.append(_summary(split, template, len(dataset), dropped, truncated, d.cutoff_len))
         if split == "train":
             if not len(dataset):
-                shutil.rmtree(building, ignore_errors=True)
                 raise UserError(f"no training sample is left after tokenization ({_drops(dropped)})",
                                 "raise cutoff_len or check the dataset's replies")
             lengths = _lengths(dataset)
@@ -269,18 +335,26 @@ def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: Tuner
     meta = {"key": key, "template": template,
             "summaries": summaries, "mean_length": lengths.mean, "longest": lengths.longest}
     (building / META).write_text(json.dumps(meta))
-    if entry.exists():
-        shutil.rmtree(entry)
-    os.rename(building, entry)
+
+
+def _default_stop_signals() -> None:
+    """A tokenizing worker forked from the run's process inherits its stop handlers, which would log a stop of their
+    own when the pool ends it (SIGTERM): a worker just ends, and the run's process alone handles a stop."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _tokenize(conversations: list[dict], tokenizer, template: str, default_system: str | None, masking: Masking,
-              workers: int):
+              workers: int, stop_flag: str | None = None):
     from datasets import Dataset
 
     source = Dataset.from_list([{"messages": c["messages"], "tools": c.get("tools") or ""} for c in conversations])
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, template_name=template,
-                               default_system=default_system, masking=masking)
+                               default_system=default_system, masking=masking, stop_flag=stop_flag,
+                               owner_pid=os.getpid())
     encoded = source.map(encode, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
                          remove_columns=source.column_names, desc="tokenizing")
     reasons = encoded["dropped"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from engine.runs.checkpoints import checkpoints, step_of
 from engine.runs.events import MAX_LINE_BYTES, Event
 from engine.runs.files import lines_of, open_regular, read_json
-from engine.runs.status import RunStatus
+from engine.runs.status import RunStatus, finite
 
 
 def _latest_trainer_state(run_dir: Path) -> Path | None:
@@ -28,7 +28,7 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
     if path is None:
         return None
     try:
-        state = read_json(path, max_bytes=64 << 20)
+        state = read_json(path, max_bytes=64 << 20, nan=True)  # an fp16 overflow's grad_norm is NaN there
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict) or not isinstance(state.get("log_history", []), list):
@@ -39,12 +39,12 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
         if not isinstance(entry, dict):
             continue
         if "loss" in entry:
-            events.append({"type": Event.LOG.value, "step": entry.get("step"), "total_steps": total,
-                           "epoch": entry.get("epoch"), "loss": entry["loss"],
-                           "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm")})
+            events.append(finite({"type": Event.LOG.value, "step": entry.get("step"), "total_steps": total,
+                                  "epoch": entry.get("epoch"), "loss": entry["loss"],
+                                  "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm")}))
         elif "eval_loss" in entry:
-            events.append({"type": Event.EVAL.value, "step": entry.get("step"), "epoch": entry.get("epoch"),
-                           "eval_loss": entry["eval_loss"]})
+            events.append(finite({"type": Event.EVAL.value, "step": entry.get("step"), "epoch": entry.get("epoch"),
+                                  "eval_loss": entry["eval_loss"]}))
     for checkpoint in checkpoints(run_dir):
         events.append({"type": Event.CHECKPOINT.value, "step": step_of(checkpoint), "path": str(checkpoint)})
     return events

@@ -140,7 +140,9 @@ def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
     hub token a gated or private model needs: config.yaml never holds one)."""
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
-        raise UserError(f"{run_dir} has no {CONFIG_FILE} to resume with")
+        there = config.exists() or config.is_symlink()
+        raise UserError(f"{run_dir}'s {CONFIG_FILE} is not a regular file (a link to a device, a FIFO?): nothing to "
+                        "resume with" if there else f"{run_dir} has no {CONFIG_FILE} to resume with")
     cfg = build_config(read_config_file(config))
     cfg.train.output_dir = str(Path(run_dir).absolute())
     cfg.model.hf_hub_token = hf_hub_token

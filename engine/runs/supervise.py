@@ -269,6 +269,10 @@ def _record_outcome(run: RunDir, launcher: _Launcher, code: int, stop: StopReque
     """What status.json says after torchrun ended: rank 0's own record when the run ended as it should, else a
     failure naming the rank that ended it."""
     status = read_status(run.path) or run.status
+    if status.state == "stopped" and code == 0 and stop.requested and status.exit_code != stop.exit_code:
+        # rank 0 recorded the SIGINT this process passed on to every rank; the run itself got stop.requested
+        status.exit_code = stop.exit_code
+        write_status(run.path, status)
     if status.state in ("completed", "stopped") and code == 0:
         return status.exit_code or 0
     if status.state == "completed":
@@ -350,11 +354,11 @@ class _Echo:
         self._thread.start()
 
     def _run(self) -> None:
-        from engine.runs.files import printable
+        from engine.runs.files import open_regular, printable
 
         while True:
             last = self._done.is_set()
-            with open(self.path, "rb") as file:
+            with open_regular(self.path) as file:
                 file.seek(self.offset)
                 chunk = file.read()
             if chunk:

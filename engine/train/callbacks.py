@@ -188,14 +188,21 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
 
+COLLAPSE_LOGS = 3  # logged steps in a row with a zero gradient and an unchanged loss: a collapsed run
+COLLAPSED = "collapse"
+
+
 class Divergence(TrainerCallback):
     """A non-finite loss (any step) or gradient norm (a logged step) ends training without saving what diverged,
     so the last checkpoint stays the last good one. Under fp16 an infinite gradient norm is the loss scaler's
-    business (it skips that step), not divergence."""
+    business (it skips that step), not divergence. So does a collapse: COLLAPSE_LOGS logged steps in a row with a
+    gradient norm of exactly 0 and the same loss (weights a far too high learning rate wrecked, which learn nothing
+    more however long the run goes on)."""
 
     def __init__(self, grad_norm_may_overflow: bool = False):
         self.grad_norm_may_overflow = grad_norm_may_overflow
         self.found: tuple[int, str, float] | None = None  # step, what, value
+        self.recent: deque[tuple[float, float]] = deque(maxlen=COLLAPSE_LOGS)  # (grad norm, loss) of the last logs
 
     def watching(self, trainer_class):
         """``trainer_class`` with each training step's loss checked (the Trainer syncs on it anyway)."""
@@ -227,11 +234,23 @@ class Divergence(TrainerCallback):
             self.found = (state.global_step, "loss on another process", math.nan)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        grad_norm = (logs or {}).get("grad_norm")
+        grad_norm, loss = (logs or {}).get("grad_norm"), (logs or {}).get("loss")
         if self.found is None and isinstance(grad_norm, float) and not math.isfinite(grad_norm) \
                 and not self.grad_norm_may_overflow:
             self.found = (state.global_step, "gradient norm", grad_norm)
+        if isinstance(grad_norm, (int, float)) and isinstance(loss, (int, float)):
+            self.recent.append((float(grad_norm), float(loss)))
+            if self.found is None and self._collapsed():
+                self.found = (state.global_step, COLLAPSED, float(loss))
         self._halt(control)
+
+    def _collapsed(self) -> bool:
+        """The last COLLAPSE_LOGS logged steps had no gradient at all and the very same loss: nothing is learned."""
+        if len(self.recent) < COLLAPSE_LOGS:
+            return False
+        losses = [loss for _, loss in self.recent]
+        return all(norm == 0.0 for norm, _ in self.recent) and \
+            max(losses) - min(losses) <= 1e-6 * max(1.0, abs(losses[-1]))
 
     def _halt(self, control) -> None:
         if self.found is not None:
@@ -241,6 +260,12 @@ class Divergence(TrainerCallback):
     def message(self, cfg, last_good: Path | None) -> str:
         step, what, value = self.found
         kept = f"; {last_good} is the last good checkpoint" if last_good else "; no checkpoint was saved before it"
+        if what == COLLAPSED:
+            return (f"training collapsed at step {step}: the gradient norm has been exactly 0 and the loss stuck at "
+                    f"{value:.4f} for the last {COLLAPSE_LOGS} logged steps, so the model learns nothing more (a "
+                    f"learning rate far too high wrecks the weights in the first steps: {cfg.train.learning_rate:g} "
+                    f"here){kept}. Lower learning_rate (LoRA usually 1e-5 to 1e-3, full 1e-6 to 1e-4) and start "
+                    "again with overwrite_output_dir true")
         return (f"training diverged at step {step}: the {what} is {value}{kept}. Lower learning_rate "
                 f"({cfg.train.learning_rate:g}), add warmup (warmup_ratio 0.03), keep max_grad_norm at 1.0, or "
                 "prefer bf16 to fp16, then start again with overwrite_output_dir true")

@@ -4,12 +4,12 @@ training_eval_loss.png), so a migrated user finds them where they were."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 from engine.runs import Event, read_events
+from engine.runs.files import read_json
 
 log = logging.getLogger("tuner")
 
@@ -33,7 +33,8 @@ def log_history(run_dir: Path) -> list[dict]:
     without one, the run's log and eval events, which carry the same step and loss keys."""
     state = Path(run_dir) / "trainer_state.json"
     if state.is_file():
-        return json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+        history = read_json(state, max_bytes=1 << 30, nan=True).get("log_history", [])  # regular files only
+        return [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
     return [event for event in read_events(run_dir) if event["type"] in (Event.LOG, Event.EVAL)]
 
 

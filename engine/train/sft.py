@@ -7,7 +7,6 @@ model, build TRL's SFTTrainer with the callbacks that write the run's files, tra
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
-from engine.errors import UserError
+from engine.errors import UserError, disk_full
 from engine.quiet import quiet_libraries
 from engine.runs.checkpoints import discard_incomplete, last_complete, newer_incomplete
 from engine.runs.events import Event, EventWriter
@@ -28,10 +27,6 @@ from engine.runs.stop import StopRequest
 
 log = logging.getLogger("tuner")
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_MARKERS = ("No space left on device", "StorageFull", "os error 28", "file write failed",
-                     "Disk quota exceeded", "iostream error", "unexpected pos")  # the last two: torch.save's words
-NEARLY_FULL_BYTES = 1 << 20
 LOGGERS = {"tuner": logging.INFO, "transformers": logging.WARNING, "py.warnings": logging.WARNING}
 
 
@@ -227,7 +222,7 @@ def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
         message, error = "interrupted", None
     elif isinstance(exc, UserError):  # first: a download's disk-full line names the cache's disk, not the run's
         message = str(exc)
-    elif _disk_full(exc, run.path):
+    elif disk_full(exc, run.path):
         removed = discard_incomplete(run.path)
         error = UserError(_disk_full_message(run, exc, removed))
         message = error.message
@@ -258,24 +253,6 @@ def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
     except OSError as write_error:
         log.error("could not record the failure in %s: %s", run.path / "status.json", write_error.strerror)
     return error
-
-
-def _disk_full(exc: BaseException, path: Path) -> bool:
-    """Whether ``exc`` is a full disk: its errno, the words the writing libraries use, or no space left now."""
-    try:
-        if shutil.disk_usage(path).free < NEARLY_FULL_BYTES:
-            return True
-    except OSError:
-        pass
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(marker in str(exc) for marker in DISK_FULL_MARKERS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _disk_full_message(run: RunDir, exc: BaseException, removed: list[Path]) -> str:
@@ -316,7 +293,14 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
     model_path = resolved.path
     tokenizer = load_tokenizer(model_path, cfg)
-    datasets = build_datasets(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
+    from engine.data.tokenize import PreparationStopped
+
+    try:  # stoppable only in a run of one process: several stop together, at their first step
+        datasets = build_datasets(cfg, tokenizer, resolved.spec.template if resolved.spec else None,
+                                  None if _several_processes() else stop.wait)
+    except PreparationStopped:
+        log.info("stopped while the data was being prepared: nothing of it was kept")
+        return {}
     if events is not None and cfg.model.template != datasets.template:
         cfg.model.template = datasets.template  # config.yaml records the template the run resolved to
         write_text_atomic(run.path / "config.yaml", cfg.to_yaml())
@@ -329,6 +313,10 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if stop.requested and not _several_processes():  # several: step 1 stops them all together
         return {}
 
+    from engine.config.validation import learning_rate_warning
+
+    if events is not None and learning_rate_warning(cfg):
+        log.warning(learning_rate_warning(cfg))
     plan = _plan_speed(cfg, hardware, model_path, datasets, run)
     for line in plan.lines():
         log.info("speed: %s", line)

@@ -51,6 +51,8 @@ def test_two_processes_train_as_one_run_that_stops_and_resumes(home):
     result = tuner("stop", run_id, cwd=home)
     assert result.returncode == 0, result.stderr
     wait_for(lambda: read_status(run_dir).state == "stopped", 60, "the run to stop")
+    wait_for(lambda: read_status(run_dir).exit_code == 128 + signal.SIGTERM, 60,
+             "the stop's exit code: `tuner stop` is SIGTERM, 143 as README says, though the ranks were sent SIGINT")
     end = events_of(run_dir, "end")[-1]
     assert end["state"] == "stopped" and (run_dir / f"checkpoint-{end['step']}").is_dir(), \
         "both ranks stopped after the same step and saved it"

@@ -34,6 +34,11 @@ def test_hf_trainer_directory_reads_as_events(our_run, tmp_path):
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [10, 20]
     assert status.state == "completed" and status.step == 20 and status.total_steps == 20
     assert status.method == "hf-trainer" and status.pid is None
+    state = json.loads((hf / "trainer_state.json").read_text())  # fp16: an overflowed step logs grad_norm NaN
+    state["log_history"][0]["grad_norm"] = float("nan")
+    (hf / "trainer_state.json").write_text(json.dumps(state))
+    status, events = foreign_run(hf)
+    assert status.step == 20 and next(e for e in events if e["type"] == "log")["grad_norm"] is None
 
 
 def test_hf_trainer_state_found_in_the_newest_checkpoint(our_run, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import pty
 import shutil
@@ -91,6 +92,7 @@ def test_divergence_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint
                    *saving, "--logging_steps", "1", "--output_dir", "diverged", cwd=home)
     run_dir = home / "diverged"
     assert result.returncode == 2
+    assert "learning_rate 10000 is far above what full runs are usually given (1e-06 to 0.0001)" in result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("tuner: error: training diverged at step 2: the gradient norm is nan; ")
     kept = ["checkpoint-1"] if saving[0] == "--save_steps" else []
@@ -106,6 +108,28 @@ def test_divergence_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in trainer_log.jsonl"))
 
 
+def test_a_collapsed_run_fails_with_its_step_and_a_hint_instead_of_completing(home, tiny_models):
+    """Weights a far too high learning rate wrecked learn nothing more: here a base whose final norm is all zeros
+    (what such a run left), so every logit is 0, the loss pinned at ln(vocabulary) and every gradient exactly 0."""
+    from safetensors.torch import load_file, save_file
+
+    wrecked = home / "wrecked"
+    shutil.copytree(tiny_models["tiny-llama"], wrecked)
+    weights = load_file(wrecked / "model.safetensors")
+    weights["model.norm.weight"].zero_()
+    save_file(weights, wrecked / "model.safetensors", metadata={"format": "pt"})
+    result = tuner("train", *RUN, "--model_name_or_path", str(wrecked), "--max_steps", "30", "--logging_steps", "1",
+                   "--output_dir", "collapsed", cwd=home)
+    assert result.returncode == 2
+    vocabulary = json.loads((wrecked / "config.json").read_text())["vocab_size"]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"tuner: error: training collapsed at step 3: the gradient norm has been exactly 0 and "
+                              f"the loss stuck at {math.log(vocabulary):.4f} for the last 3 logged steps"), message
+    assert "Lower learning_rate (LoRA usually 1e-5 to 1e-3" in message
+    status = read_status(home / "collapsed")
+    assert status.state == "failed" and "collapsed at step 3" in status.error
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 30 MB filesystem of its own (tmpfs), mostly filled: a checkpoint of the tiny model no longer fits."""
@@ -117,6 +141,23 @@ def small_disk(tmp_path):
     yield mount
     gc.collect()  # the save that failed left its open file to a traceback's frames: freed with them, by the collector
     subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_under_the_tokenized_cache_is_named_and_nothing_of_the_data_is_left_on_it(home, small_disk,
+                                                                                              tiny_models):
+    """The case as found: the message named the run directory's disk (73 GB free), and a partial .building-*
+    directory kept the cache's disk full."""
+    with open(small_disk / "filler", "ab") as file:  # a few kilobytes left: the tokenized demo data does not fit
+        file.write(b"\0" * ((30 << 20) - (24 << 20) - (16 << 10)))
+    tokenized = small_disk / "tuner-tui" / "tokenized"
+    result = tuner("train", *RUN, "--model_name_or_path", str(tiny_models["tiny-llama"]), "--max_steps", "2",
+                   "--output_dir", "elsewhere", cwd=home, env={"XDG_CACHE_HOME": str(small_disk)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"tuner: error: disk full: no space left on the device that holds {tokenized} (")
+    assert "for the tokenized data; what was written of it was removed" in result.stderr
+    assert [p.name for p in tokenized.iterdir() if p.is_dir()] == [], "no partial .building-* left"
+    assert read_status(home / "elsewhere").state == "failed"
 
 
 def test_a_full_disk_ends_the_run_in_one_line_naming_the_cause_and_the_path(home, small_disk):
@@ -273,3 +314,26 @@ def test_a_foreground_run_shows_what_it_quotes_without_obeying_it(home):
     for seen in (result.stdout, result.stderr):
         assert "\x1b" not in seen and "\x07" not in seen and "\u202e" not in seen, seen
     assert "role '\x1b]2;pwned\x07human'" in (out / "train.log").read_text()  # the log keeps what was there
+
+
+def test_a_stop_while_the_data_is_tokenized_ends_it_at_once_and_keeps_nothing_of_it(home, tiny_models):
+    """The case as found: a stop during the tokenization of 60k samples waited for all of it (~40 s here), and a
+    second stop failed the run with a TimeoutError and a traceback, leaving a .building-* directory in the cache.
+    100k samples take a minute or more to tokenize on this machine; the stop must end the run well before."""
+    records = [{"instruction": f"Reverse the word {i}", "input": "", "output": str(i)[::-1]} for i in range(100_000)]
+    (home / "big.json").write_text(json.dumps(records))
+    cache = home / "cache"
+    started = tuner("train", "--model_name_or_path", str(tiny_models["tiny-llama"]), "--dataset", "big.json",
+                    "--max_steps", "5", "--output_dir", "big", "--detach", cwd=home, env={"XDG_CACHE_HOME": str(cache)})
+    assert started.returncode == 0, started.stderr
+    run_id, run_dir, tokenized = started.stdout.split()[2], home / "big", cache / "tuner-tui" / "tokenized"
+    wait_for(lambda: list(tokenized.glob("*.building-*")), 120, "the tokenization to start")
+    stopped = tuner("stop", run_id, cwd=home)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: read_status(run_dir).state == "stopped", 30, "the stop to end the data's preparation")
+    status = read_status(run_dir)
+    assert status.exit_code == 128 + signal.SIGTERM and status.step == 0
+    assert [p.name for p in tokenized.iterdir() if p.is_dir()] == [], "nothing of the tokenized data was kept"
+    log = (run_dir / "train.log").read_text()
+    assert "stopped while the data was being prepared: nothing of it was kept" in log
+    assert log.count("SIGTERM received") == 1, "the tokenizing workers end without a stop of their own"
