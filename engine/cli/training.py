@@ -44,11 +44,11 @@ def cmd_train(argv: list[str]) -> int:
         say(recipe.describe(), hang=2, file=sys.stderr)  # stdout stays the run's line, for scripts
     from engine.runs.launch import start_run
 
-    if detach:
-        from engine.config.validation import learning_rate_warning
+    from engine.config.validation import learning_rate_warning
 
-        if learning_rate_warning(cfg):  # the run's log says it too; a detached run's terminal gets it now
-            say(f"tuner: warning: {learning_rate_warning(cfg)}", hang=2, file=sys.stderr)
+    if "learning_rate" in values and learning_rate_warning(cfg):  # the user's own rate: a recipe's is meant
+        say(f"tuner: warning: {learning_rate_warning(cfg)}", hang=2, file=sys.stderr)
+    if detach:
         status = start_run(cfg, detach=True, force=force)
         say(f"started run {status.id} (pid {status.pid}) in {status.output_dir}", hang=2)
         say(f"  follow it: tuner logs {status.id} -f\n  stop it:   tuner stop {status.id}\n  list:      tuner runs",

@@ -283,6 +283,7 @@ def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: Tuner
                             "free some space there, or point XDG_CACHE_HOME (or tokenized_path) at a larger disk") \
                 from None
         raise
+    (building / STOP_FLAG).unlink(missing_ok=True)  # a stop that came as the last batch ended: the data is whole
     if entry.exists():
         shutil.rmtree(entry)
     os.rename(building, entry)
@@ -339,12 +340,15 @@ def _build(building: Path, key: str, loaded, tokenizer, template: str, cfg: Tune
 
 def _default_stop_signals() -> None:
     """A tokenizing worker forked from the run's process inherits its stop handlers, which would log a stop of their
-    own when the pool ends it (SIGTERM): a worker just ends, and the run's process alone handles a stop."""
+    own when the pool ends it (SIGTERM): a worker just ends then, ignores the Ctrl-C or hangup its process group gets
+    (the run's process handles those, and stops the workers through the stop flag), and has no stop of its own."""
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGHUP):
         if signal.getsignal(sig) not in (signal.SIG_IGN, signal.SIG_DFL):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _tokenize(conversations: list[dict], tokenizer, template: str, default_system: str | None, masking: Masking,

@@ -91,7 +91,9 @@ class EventReader:
                 if restarted:
                     self._offset, self._skipping = 0, False
                 self._inode = stat.st_ino
-                left = stat.st_size - self._offset if max_bytes < 0 else min(max_bytes, stat.st_size - self._offset)
+                whole_line = self.max_line_bytes + 1  # a read never stops short of a line that may still end
+                remaining = stat.st_size - self._offset
+                left = remaining if max_bytes < 0 else min(max(max_bytes, whole_line), remaining)
                 buffer = bytearray(min(CHUNK_BYTES, max(left, 0)))
                 while left > 0:
                     file.seek(self._offset)
@@ -101,7 +103,9 @@ class EventReader:
                     events += found
                     self._offset += used
                     left -= used
-                    if used == 0 or size < len(buffer):
+                    if used == 0 and size == len(buffer) < min(whole_line, left):
+                        buffer = bytearray(min(whole_line, left))  # one line longer than the buffer: read it whole
+                    elif used == 0 or size < len(buffer):
                         break
         except OSError:
             return events, False
@@ -127,9 +131,11 @@ class EventReader:
 
 def skimmed(data: bytes | bytearray, start: int, end: int) -> Iterator[bytes]:
     """Of the complete lines in ``data[start:end]`` (which ends with a newline): those that hold an event other than
-    a log, and LOG_SAMPLES lines evenly spaced through them, the last one among them; in file order."""
+    a log, and LOG_SAMPLES lines evenly spaced through them, the last line and the last log among them; in file
+    order."""
     size = end - start
-    starts = {max(start, data.rfind(b"\n", start, end - 1) + 1)}
+    last_log = data.rfind(b'"type": "log"', start, end)  # as the writer writes it: its line is the run's latest log
+    starts = {max(start, data.rfind(b"\n", start, at) + 1) for at in (end - 1, last_log) if at >= start}
     starts.update(data.find(b"\n", start + k * size // LOG_SAMPLES, end) + 1 if k else start
                   for k in range(LOG_SAMPLES))
     starts.update(max(start, data.rfind(b"\n", start, found.start()) + 1)

@@ -15,6 +15,7 @@ from engine.runs.events import Event, newest_events, read_events
 from engine.runs.files import printable, printable_line, tail_lines
 from engine.runs.foreign import foreign_run
 from engine.runs.index import entries
+from engine.runs.lock import LOCK_FILE, holds_lock
 from engine.runs.process import is_run_process, signal_run
 from engine.runs.series import event_time
 from engine.runs.status import UNREADABLE, RunStatus, read_status
@@ -205,7 +206,11 @@ def stop_job(job: Job, wait_s: float = 0.0) -> str:
         raise UserError(f"run {job.id} cannot be stopped: {failure_reason(job) or 'its status.json is missing'}")
     if job.state not in ("running", "queued"):
         raise UserError(f"run {job.id} is {job.state}, not running")
-    signal_run(job.status, signal.SIGTERM, job.dir)
+    if not holds_lock(job.status.pid, job.dir):  # pid and start time can be read off any process
+        raise UserError(f"process {job.status.pid}, which run {job.id}'s status.json names, does not hold the run's "
+                        f"lock ({printable_line(job.dir / LOCK_FILE)}): it is not the run's, and nothing was "
+                        "signalled")
+    signal_run(job.status, signal.SIGTERM)
     deadline = time.time() + wait_s
     while time.time() < deadline and is_run_process(job.status):
         time.sleep(0.2)

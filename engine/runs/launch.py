@@ -165,9 +165,11 @@ def _gpus_of(previous: RunStatus | None, cfg: TunerConfig) -> str | None:
 
 def _refuse_links(path: Path) -> None:
     """What the Trainer writes into a run directory (the model card README.md, weights, a checkpoint-N directory) it
-    writes through a symbolic link planted in its place, into wherever that points: a link there is refused."""
+    writes through a symbolic link planted in its place, into wherever that points: a link there that leads out of
+    the directory is refused (one of the user's own within it, such as latest -> checkpoint-500, is fine)."""
+    inside = path.resolve()
     for child in sorted(path.iterdir()):
-        if child.is_symlink():
+        if child.is_symlink() and not child.resolve().is_relative_to(inside):
             raise UserError(f"{printable_line(child)} is a symbolic link: tuner does not write through links in a run "
                             "directory", "remove the link")
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.files import printable_line
 from engine.runs.status import RunStatus
 
 START_TIME_TOLERANCE_S = 1.0
@@ -54,17 +52,10 @@ def is_run_process(status: RunStatus) -> bool:
     return is_alive(status.pid, status.pid_started_at, status.host)
 
 
-def signal_run(status: RunStatus, sig: int = signal.SIGTERM, run_dir: Path | None = None) -> None:
-    """Send ``sig`` to the run's own process; UserError (nothing sent) when the pid is not that process, or (given
-    the run's directory) when that process does not hold the directory's lock."""
-    from engine.runs.lock import holds_lock
-
+def signal_run(status: RunStatus, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the run's own process; UserError (nothing sent) when the pid is not that process."""
     if not is_run_process(status):
         raise UserError(f"run {status.id}'s process (pid {status.pid}) is not running: nothing was signalled")
-    if run_dir is not None and not holds_lock(status.pid, run_dir):
-        raise UserError(f"process {status.pid}, which run {status.id}'s status.json names, does not hold the run's "
-                        f"lock ({printable_line(Path(run_dir) / '.tuner.lock')}): it is not the run's, and nothing "
-                        "was signalled")
     try:
         os.kill(status.pid, sig)
     except ProcessLookupError:

@@ -116,15 +116,17 @@ class Thinned:
     steps) replaces the points from that step on."""
 
     def __init__(self, limit: int = MAX_POINTS):
-        self.limit = limit
+        self.limit = max(limit, 2)
         self.kept: list[tuple] = []
         self.latest: tuple | None = None  # the newest point, when it was not kept
         self.spacing = 0.0
 
     def add(self, point: tuple) -> None:
         step = point[0]
-        while self.kept and self.kept[-1][0] >= step:
-            self.kept.pop()
+        if self.kept and self.kept[-1][0] >= step:  # a run started again, or resumed from an earlier step
+            while self.kept and self.kept[-1][0] >= step:
+                self.kept.pop()
+            self.spacing = self._spacing() if len(self.kept) >= self.limit else 0.0
         if self.kept and step - self.kept[-1][0] < self.spacing:
             self.latest = point
             return
@@ -132,8 +134,11 @@ class Thinned:
         self.latest = None
         if len(self.kept) >= 2 * self.limit:
             self.kept = self.kept[::2]
-            self.spacing = (self.kept[-1][0] - self.kept[0][0]) / (len(self.kept) - 1)
+            self.spacing = self._spacing()
             self.latest = point if self.kept[-1] is not point else None
+
+    def _spacing(self) -> float:
+        return (self.kept[-1][0] - self.kept[0][0]) / (len(self.kept) - 1) if len(self.kept) > 1 else 0.0
 
     def columns(self) -> list[tuple]:
         """The steps, then each value, as tuples."""

@@ -11,9 +11,6 @@ import os
 import socket
 import sys
 
-_KEPT: list[socket.socket] = []  # the listening sockets handed to the store: open for as long as the launcher lives
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -32,18 +29,30 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _listening(address: str, port: int) -> int:
+    """A socket listening on ``address`` alone, as a file descriptor the store takes over."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return socket.create_server((address, port), family=family, backlog=1024).detach()
+
+
 def _store_on_loopback() -> None:
-    """The static rendezvous' store, when it serves a loopback address, given a socket bound to that address."""
+    """The static rendezvous' store, when it serves a loopback address, given a socket bound to that address (the
+    store owns it from then on). torch before 2.8 takes a listening socket only in its older backend."""
     from torch.distributed.elastic.rendezvous import static_tcp_rendezvous
 
     real = static_tcp_rendezvous.TCPStore
 
     def store(host, port, world_size=None, is_master=False, *args, **kwargs):
-        if is_master and is_loopback(host) and kwargs.get("master_listen_fd") is None:
-            server = socket.create_server(("127.0.0.1" if host == "localhost" else host, port), backlog=1024)
-            _KEPT.append(server)
-            kwargs["master_listen_fd"] = server.fileno()
-        return real(host, port, world_size, is_master, *args, **kwargs)
+        if not is_master or not is_loopback(host) or kwargs.get("master_listen_fd") is not None:
+            return real(host, port, world_size, is_master, *args, **kwargs)
+        address = "127.0.0.1" if host == "localhost" else host
+        fd = _listening(address, port)
+        try:
+            return real(host, port, world_size, is_master, *args, **kwargs, master_listen_fd=fd)
+        except NotImplementedError:  # "libuv TCPStore backend does not support initialization with an listen fd"
+            os.close(fd)
+        return real(host, port, world_size, is_master, *args, **kwargs, master_listen_fd=_listening(address, port),
+                    use_libuv=False)
 
     static_tcp_rendezvous.TCPStore = store
 
@@ -51,7 +60,8 @@ def _store_on_loopback() -> None:
 def main() -> None:
     address = _option(sys.argv[1:], "--master_addr")
     if address is not None and is_loopback(address):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # Linux's name for the loopback interface
         _store_on_loopback()
     from torch.distributed.run import main as torchrun
 

@@ -249,8 +249,8 @@ class Divergence(TrainerCallback):
         if len(self.recent) < COLLAPSE_LOGS:
             return False
         losses = [loss for _, loss in self.recent]
-        return all(norm == 0.0 for norm, _ in self.recent) and \
-            max(losses) - min(losses) <= 1e-6 * max(1.0, abs(losses[-1]))
+        return all(norm == 0.0 for norm, _ in self.recent) and losses[-1] > 1e-6 and \
+            max(losses) - min(losses) <= 1e-6 * max(1.0, abs(losses[-1]))  # a loss of 0: learnt by heart, not lost
 
     def _halt(self, control) -> None:
         if self.found is not None:

@@ -313,10 +313,6 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if stop.requested and not _several_processes():  # several: step 1 stops them all together
         return {}
 
-    from engine.config.validation import learning_rate_warning
-
-    if events is not None and learning_rate_warning(cfg):
-        log.warning(learning_rate_warning(cfg))
     plan = _plan_speed(cfg, hardware, model_path, datasets, run)
     for line in plan.lines():
         log.info("speed: %s", line)
@@ -444,7 +440,10 @@ def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool) ->
 
     if main:
         save_results(run.path, "train", result.metrics)
-    if cfg.train.do_eval:
+    if cfg.train.do_eval and trainer.eval_dataset is None:  # every sample of it dropped in tokenization
+        if main:
+            log.warning("do_eval: no evaluation sample is left after tokenization, so there is no evaluation to run")
+    elif cfg.train.do_eval:
         metrics = with_perplexity(trainer.evaluate(metric_key_prefix="eval"))
         if main:
             save_results(run.path, "eval", metrics)

@@ -264,6 +264,7 @@ def test_a_symlink_planted_in_a_run_directory_is_not_written_through(home):
     elsewhere.mkdir()
     (run_dir / "status.json").write_text(json.dumps({"id": "linked-run", "name": "linked", "state": "stopped",
                                                       "started_at": "2026-01-01T00:00:00+00:00"}))
+    (run_dir / "latest").symlink_to("status.json")  # a link of the user's within the directory: never the refusal
     for planted, target, overwrite in (("train.log", precious, ()), ("README.md", precious, ()),
                                        ("checkpoint-2", elsewhere, ("--overwrite_output_dir", "true"))):
         (run_dir / planted).symlink_to(target)

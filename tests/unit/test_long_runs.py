@@ -127,3 +127,33 @@ def test_the_dashboard_of_a_long_run_shows_its_whole_span_every_eval_and_checkpo
     assert len(snapshot.loss.steps) < 20_000 / 5 and len(snapshot.learning_rates) == len(snapshot.loss.steps)
     last_log = [e for e in events if e["type"] == "log"][-1]
     assert snapshot.progress.step == 20_000 and snapshot.progress.loss == last_log["loss"]
+
+
+def test_a_series_started_again_from_an_early_step_keeps_its_points_dense_again():
+    series = Thinned(limit=100)
+    for step in range(1, 100_001):
+        series.add((step, 1.0))
+    for step in range(1, 51):  # the run started over in the same directory: a short new run shows all its points
+        series.add((step, 2.0))
+    assert series.columns()[0] == tuple(range(1, 51))
+
+
+def test_a_skimmed_chunk_ending_in_other_events_keeps_its_last_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(events_module, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(events_module, "LOG_SAMPLES", 2)
+    events = [log(step) for step in range(1, 3000)] + [{"time": 1.7e9, "type": "eval", "step": 2999, "eval_loss": 1.0}] * 50
+    write_events(tmp_path, events)
+    reader = EventReader(tmp_path / "events.jsonl", skim=True)
+    read = []
+    while True:  # a chunk at a time, as a watcher catching up on a long file would
+        found, _ = reader.read(max_bytes=64 << 10)
+        if not found:
+            break
+        read += found
+    assert [e for e in read if e["type"] == "log"][-1]["step"] == 2999
+
+
+def test_a_read_limited_below_a_line_still_gets_past_it(tmp_path):
+    write_events(tmp_path, [log(1), log(2)])
+    reader = EventReader(tmp_path / "events.jsonl", max_line_bytes=1000)
+    assert [e["step"] for e in reader.read(max_bytes=10)[0]] == [1, 2]  # never stuck short of a whole line
