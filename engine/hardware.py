@@ -175,3 +175,12 @@ def _gib(n_bytes: int) -> float:
 
 def _watts(milliwatts: int | None) -> float | None:
     return None if milliwatts is None else round(milliwatts / 1000, 1)
+
+
+def check_machine(strategy: str, on_gpu: bool) -> None:
+    """One line for a strategy this machine cannot run: FSDP shards only GPU process groups."""
+    from engine.errors import UserError
+
+    if strategy.startswith("fsdp") and not on_gpu:
+        raise UserError(f"strategy {strategy} needs GPUs: on the CPU accelerate wraps the model in plain DDP "
+                        "and shards nothing", "use strategy ddp, zero2 or zero3 on the CPU")

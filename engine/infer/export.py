@@ -161,7 +161,8 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
     import torch
 
     from engine.data.tokenize import choose_template
-    from engine.infer.inference import load_adapters, trained_template
+    from engine.infer.inference import trained_template
+    from engine.models.loading import load_adapters
     from engine.models.loading import Hardware, Precision, load_model, load_tokenizer
     from engine.templates import get_template, render_text
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
-from engine.errors import UserError
 
 log = logging.getLogger("tuner")
 
@@ -33,40 +32,12 @@ def trained_template(run_dir: str | None) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def load_adapters(model, adapters: str | None, quantized: bool):
-    """Apply a comma list of LoRA adapters: all but the last merged in, the last kept (a 4-bit base takes one)."""
-    if not adapters:
-        return model
-    from peft import PeftModel
-
-    paths = [p.strip() for p in adapters.split(",") if p.strip()]
-    if quantized and len(paths) > 1:
-        raise UserError("several adapters cannot be stacked on a quantized base",
-                        "merge them first with `tuner export`, or leave out quantization_bit")
-    for index, path in enumerate(paths):
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",
-                            "a freeze or full fine-tune output is a whole model: pass it as model_name_or_path")
-        try:
-            model = PeftModel.from_pretrained(model, path)
-        except RuntimeError as exc:
-            if "size mismatch" not in str(exc):
-                raise
-            raise UserError(f"the adapter {path} was trained on another base model than "
-                            f"{getattr(model, 'name_or_path', 'this one')} (its weight shapes differ)",
-                            "pass the base it was trained on as model_name_or_path (see its adapter_config.json)"
-                            ) from None
-        if index < len(paths) - 1:
-            model = model.merge_and_unload()
-    return model
-
-
 def load_for_inference(cfg: TunerConfig) -> Inference:
     """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
     from engine.models.resolve import resolve_configured
     from engine.data.tokenize import choose_template
-    from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision, load_model,
-                                       load_tokenizer)
+    from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision, load_adapters,
+                                       load_model, load_tokenizer)
 
     resolved = resolve_configured(cfg.model)
     hardware = Hardware.detect()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.runs.events import DownloadProgress  # the download event's content, in the run's format
 
 log = logging.getLogger("tuner.download")
 
@@ -66,15 +67,6 @@ class DownloadPlan:
     @property
     def snapshot_dir(self) -> Path:
         return self.cache_dir / _repo_folder(self.hub_id) / "snapshots" / self.commit
-
-
-@dataclass(frozen=True)
-class DownloadProgress:
-    done_bytes: int
-    total_bytes: int
-    speed_bytes_s: float | None  # over the last few seconds; None before any byte moved
-    eta_s: float | None
-    file: str
 
 
 class DownloadStopped(Exception):

@@ -13,6 +13,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
@@ -135,9 +136,9 @@ def check_attention(cfg: TunerConfig, hardware: Hardware) -> None:
 
 def check_requests(cfg: TunerConfig, hardware: Hardware) -> None:
     """Refuse, before any model loads, what this machine cannot do (the config's own collisions are validation's)."""
-    check_attention(cfg, hardware)
-    from engine.train.strategy import check_machine
+    from engine.hardware import check_machine
 
+    check_attention(cfg, hardware)
     check_machine(cfg.train.strategy, hardware.on_gpu)
 
 
@@ -350,11 +351,37 @@ def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
 
 
 def _merge_adapters(model, adapters: list[str], quantized: bool):
-    from engine.infer.inference import load_adapters
-
     merged = load_adapters(model, ",".join(adapters), quantized).merge_and_unload()
     log.info("merged %d adapter(s) into the base: %s", len(adapters), ",".join(adapters))
     return merged
+
+
+def load_adapters(model, adapters: str | None, quantized: bool):
+    """Apply a comma list of LoRA adapters: all but the last merged in, the last kept (a 4-bit base takes one)."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    paths = [p.strip() for p in adapters.split(",") if p.strip()]
+    if quantized and len(paths) > 1:
+        raise UserError("several adapters cannot be stacked on a quantized base",
+                        "merge them first with `tuner export`, or leave out quantization_bit")
+    for index, path in enumerate(paths):
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",
+                            "a freeze or full fine-tune output is a whole model: pass it as model_name_or_path")
+        try:
+            model = PeftModel.from_pretrained(model, path)
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            raise UserError(f"the adapter {path} was trained on another base model than "
+                            f"{getattr(model, 'name_or_path', 'this one')} (its weight shapes differ)",
+                            "pass the base it was trained on as model_name_or_path (see its adapter_config.json)"
+                            ) from None
+        if index < len(paths) - 1:
+            model = model.merge_and_unload()
+    return model
 
 
 def lora_config(model, cfg: TunerConfig):

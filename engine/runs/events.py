@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,18 @@ class Event(str, Enum):
     DOWNLOAD = "download"  # the model from the hub, before training: file, done, total (bytes), speed, eta_s
     END = "end"
     ERROR = "error"
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """What a ``download`` event says: a hub model's files coming down before training (engine.models.download
+    makes these; a watcher reads them back)."""
+
+    done_bytes: int
+    total_bytes: int
+    speed_bytes_s: float | None  # over the last few seconds; None before any byte moved
+    eta_s: float | None
+    file: str
 
 
 class EventWriter:

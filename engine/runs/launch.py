@@ -72,7 +72,7 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
                                 stop=None, wait_for_free_gpus=False)
         if plan.distributed:  # refused here, before a directory, rather than in every rank
             from engine.hardware import probe
-            from engine.train.strategy import check_machine
+            from engine.hardware import check_machine
 
             check_machine(cfg.train.strategy, bool(probe().gpus))
         if plan.distributed and not plan.main_node:

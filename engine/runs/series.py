@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.models.download import DownloadProgress
+from engine.runs.events import DownloadProgress
 from engine.runs.events import Event
 
 MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run

@@ -13,7 +13,7 @@ from engine.runs.events import EVENTS_FILE, EventReader
 from engine.runs.files import LogTail, printable_line, read_text
 from engine.runs.foreign import foreign_run
 from engine.runs.jobs import effective_state, elapsed_s, why_failed
-from engine.models.download import DownloadProgress
+from engine.runs.events import DownloadProgress
 from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
 from engine.runs.status import UNREADABLE, RunStatus, read_status
 

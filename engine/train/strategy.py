@@ -166,15 +166,6 @@ def one_process_group(deepspeed: str | None, timeout_s: int):
             os.environ.pop(name, None)
 
 
-def check_machine(strategy: str, on_gpu: bool) -> None:
-    """One line for a strategy this machine cannot run: FSDP shards only GPU process groups."""
-    from engine.errors import UserError
-
-    if strategy.startswith("fsdp") and not on_gpu:
-        raise UserError(f"strategy {strategy} needs GPUs: on the CPU accelerate wraps the model in plain DDP "
-                        "and shards nothing", "use strategy ddp, zero2 or zero3 on the CPU")
-
-
 def prepare_strategy(cfg: TunerConfig, run_dir: Path, model_path: str, precision_name: str, world: World,
                      gradient_checkpointing: bool = False) -> Strategy:
     """The run's strategy, its files written into ``run_dir``: nothing for ddp (a user's own ``deepspeed`` file or

@@ -35,7 +35,7 @@ def logits(base: Path, *adapters: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.infer.inference import load_adapters
+    from engine.models.loading import load_adapters
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = load_adapters(model, ",".join(map(str, adapters)), quantized=False).eval()

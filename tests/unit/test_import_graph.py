@@ -1,0 +1,133 @@
+"""The engine's layering, read from the source: every import, those inside functions included (they run too, only
+later). No circle of modules; the engine never imports the TUI; models sit below training and inference; the run
+directory's format sits below everything that writes or starts runs. Each rule names what broke it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("engine", "tuner_tui")
+# The run directory's format: what every part reads and writes, so it imports none of them.
+FORMAT = ("engine.runs.status", "engine.runs.events", "engine.runs.files", "engine.runs.checkpoints",
+          "engine.runs.lock", "engine.runs.process", "engine.runs.index", "engine.runs.series", "engine.runs.rundir")
+ABOVE_THE_FORMAT = ("engine.train", "engine.infer", "engine.cli", "engine.models", "engine.data", "engine.runs.launch",
+                    "engine.runs.supervise", "engine.runs.worker", "engine.runs.rank", "engine.runs.tasks",
+                    "engine.runs.gpu_queue", "engine.runs.distributed", "engine.runs.jobs", "engine.runs.watch",
+                    "tuner_tui")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (a ``from package import name`` counts as the module ``name`` when
+    there is one, else the package)."""
+    known = modules()
+
+    def ours(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(ours(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets.update(ours(f"{base}.{alias.name}") or ours(base) for alias in node.names)
+        graph[name] = {target for target in targets if target and target != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, without recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def arrows(graph: dict[str, set[str]], sources: tuple[str, ...], targets: tuple[str, ...]) -> list[str]:
+    def within(name: str, prefixes: tuple[str, ...]) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+    return sorted(f"{source} -> {target}" for source, imported in graph.items() if within(source, sources)
+                  for target in imported if within(target, targets))
+
+
+def test_no_module_takes_part_in_a_circle_of_imports():
+    assert circles(import_graph()) == []
+
+
+def test_the_engine_never_imports_the_tui():
+    assert arrows(import_graph(), ("engine",), ("tuner_tui",)) == []
+
+
+ORCHESTRATION = ("engine.runs.launch", "engine.runs.supervise", "engine.runs.worker", "engine.runs.rank",
+                 "engine.runs.tasks", "engine.runs.gpu_queue", "engine.runs.distributed", "engine.runs.jobs",
+                 "engine.runs.stop")
+
+
+def test_models_sit_below_training_inference_and_what_starts_runs():
+    """Models may write into a run's format (a download's events), never reach up into what uses them."""
+    assert arrows(import_graph(), ("engine.models",), ("engine.train", "engine.infer", "engine.cli", *ORCHESTRATION)) \
+        == []
+
+
+def test_the_run_directorys_format_imports_nothing_above_it():
+    assert arrows(import_graph(), FORMAT, ABOVE_THE_FORMAT) == []
+
+
+def test_the_graph_sees_imports_inside_functions_and_relative_ones():
+    graph = import_graph()
+    assert "engine.train.sft" in graph["engine.runs.launch"]  # `from engine.train.sft import run_training`, inside
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
