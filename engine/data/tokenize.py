@@ -109,13 +109,11 @@ def encode_conversations(conversations: list[dict], tokenizer, template_name: st
 
 
 def _encode_batch(batch: dict, tokenizer, template_name: str, default_system: str | None, masking: Masking,
-                  stop_flag: str | None = None, owner_pid: int | None = None) -> dict:
+                  stop_flag: str | None = None) -> dict:
     """``datasets.map``'s function: a batch of conversations to columns (dropped rows kept, marked, for counting);
     PreparationStopped instead when ``stop_flag`` exists (a stop came)."""
     if stop_flag is not None and os.path.exists(stop_flag):
         raise PreparationStopped("stopped while the data was being prepared")
-    if owner_pid is not None and os.getpid() != owner_pid:  # a worker forked from the run's process
-        _default_stop_signals()
     template = training_template(template_name, default_system)
     out: dict[str, list] = {"input_ids": [], "labels": [], "full_length": [], "dropped": []}
     for turns in encode_many(tokenizer, template, batch["messages"], batch["tools"]):
@@ -338,10 +336,17 @@ def _build(building: Path, key: str, loaded, tokenizer, template: str, cfg: Tune
     (building / META).write_text(json.dumps(meta))
 
 
-def _default_stop_signals() -> None:
-    """A tokenizing worker forked from the run's process inherits its stop handlers, which would log a stop of their
-    own when the pool ends it (SIGTERM): a worker just ends then, ignores the Ctrl-C or hangup its process group gets
-    (the run's process handles those, and stops the workers through the stop flag), and has no stop of its own."""
+_TOKENIZING = False  # while datasets.map forks its workers: what a process forked then is
+
+
+def _as_a_tokenizing_worker() -> None:
+    """In a process forked while the data is tokenized, from the moment it exists: the run's stop handlers it
+    inherited go. Else the pool's SIGTERM at the end (or at a stop) reached a handler that only noted a stop, and a
+    worker still waiting for its first batch never ended, the pool waiting on it for ever. A worker ends on SIGTERM,
+    ignores the Ctrl-C or hangup its process group gets (the run's process handles those, and stops the workers
+    through the stop flag), and has no stop of its own."""
+    if not _TOKENIZING:
+        return
     import signal
 
     if signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL):
@@ -351,16 +356,23 @@ def _default_stop_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+os.register_at_fork(after_in_child=_as_a_tokenizing_worker)
+
+
 def _tokenize(conversations: list[dict], tokenizer, template: str, default_system: str | None, masking: Masking,
               workers: int, stop_flag: str | None = None):
     from datasets import Dataset
 
     source = Dataset.from_list([{"messages": c["messages"], "tools": c.get("tools") or ""} for c in conversations])
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, template_name=template,
-                               default_system=default_system, masking=masking, stop_flag=stop_flag,
-                               owner_pid=os.getpid())
-    encoded = source.map(encode, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
-                         remove_columns=source.column_names, desc="tokenizing")
+                               default_system=default_system, masking=masking, stop_flag=stop_flag)
+    global _TOKENIZING
+    _TOKENIZING = True
+    try:
+        encoded = source.map(encode, batched=True, batch_size=500, num_proc=workers if workers > 1 else None,
+                             remove_columns=source.column_names, desc="tokenizing")
+    finally:
+        _TOKENIZING = False
     reasons = encoded["dropped"]
     dropped = Counter(reason for reason in reasons if reason)
     truncated = sum(1 for n, reason in zip(encoded["full_length"], reasons) if not reason and n > masking.cutoff_len)
