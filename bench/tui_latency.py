@@ -46,7 +46,7 @@ class Terminal:
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(ROWS)}
-        self.process = subprocess.Popen([sys.executable, "-m", "tuner_tui.main", "monitor", str(run_dir)],
+        self.process = subprocess.Popen([sys.executable, "-c", "from engine.cli import tuner; tuner()", "monitor", str(run_dir)],
                                         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
         os.close(slave)
 

@@ -7,7 +7,9 @@ only inside the subcommand that needs them, so ``tuner --help`` answers at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from collections.abc import Callable
 
 from engine.cli.args import EXIT_USER_ERROR, Command
 from engine.cli.console import output_width, wrap
@@ -142,7 +144,7 @@ EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what the shell reports for `yes | head 
 
 
 def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None) -> int:
-    """Run one command; ``extra`` holds the commands the TUI package adds (the engine never imports it).
+    """Run one of the engine's commands, or one of ``extra`` (a face's: ``tuner`` finds them).
 
     A reader that closes the pipe early (``tuner models | head -1``) ends the command quietly, as SIGPIPE would."""
     try:
@@ -151,6 +153,54 @@ def main(argv: list[str] | None = None, extra: dict[str, Command] | None = None)
         return code
     except BrokenPipeError:
         return _pipe_closed()
+
+
+FACES = "tuner.faces"  # the entry-point group through which the terminal app adds its commands (pyproject.toml)
+
+
+def tuner(argv: list[str] | None = None) -> int:
+    """The whole `tuner` command: the engine's commands and those the installed faces add (the terminal app's
+    wizard and dashboard), found through their entry points, so the engine never imports a face. No command, or
+    ``--config FILE``, runs a face's default: the wizard."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands, default = _faces() if _wants_face(argv) else ({}, None)
+    if not argv or argv[0] == "--config" or argv[0].startswith("--config="):
+        if default is None:
+            return _fail(UserError("the terminal app is not installed with this engine, so `tuner` alone has nothing "
+                                   "to open", "reinstall: pip install -e . (or run `tuner --help`)"))
+        return default(argv)
+    return main(argv, extra=commands)
+
+
+def _wants_face(argv: list[str]) -> bool:
+    """Whether the faces must be looked up: no command, --config, help (it lists every command), or a command the
+    engine does not have. The engine's own commands start without reading any package's metadata."""
+    return not argv or argv[0] not in COMMANDS
+
+
+def _faces() -> tuple[dict[str, Command], Callable[[list[str]], int] | None]:
+    """The commands, and the default, of every installed face."""
+    from importlib.metadata import entry_points
+
+    commands: dict[str, Command] = {}
+    default = None
+    for entry in entry_points(group=FACES):
+        face = entry.load()
+        commands.update({name: Command(run, summary, usage) for name, (run, summary, usage) in face.COMMANDS.items()})
+        default = default or getattr(face, "DEFAULT", None)
+    return commands, default
+
+
+def executable() -> None:
+    """The `tuner` executable: ``tuner``, then, after a screen that loaded a model (chat), an exit that skips the
+    interpreter's seconds-long teardown of torch; the screen is closed and every run is its own process by then."""
+    face = _wants_face(sys.argv[1:])
+    code = tuner()
+    if face and "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _pipe_closed() -> int:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from engine.cli.args import no_more, take_flag
+from engine.config.argv import no_more, take_flag
 from engine.cli.console import output_width, wrap
 
 EXIT_PROBLEM = 1

@@ -12,7 +12,8 @@ import sys
 import time
 from contextlib import nullcontext
 
-from engine.cli.args import take_flag, take_option
+from engine.config.argv import take_flag, take_option
+from engine.models.download import eta_clock as clock, progress_line  # what both faces show of a download
 from engine.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -70,26 +71,6 @@ def cmd_download(argv: list[str]) -> int:
     else:
         print(path)
     return 0
-
-
-def clock(seconds: float | None) -> str:
-    """3m56s, 1h02m; ? when not known."""
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def progress_line(progress) -> str:
-    from engine.models.download import human_bytes
-
-    p = progress
-    percent = 100 * p.done_bytes / p.total_bytes if p.total_bytes else 100.0
-    speed = f"{human_bytes(p.speed_bytes_s)}/s" if p.speed_bytes_s is not None else "?/s"
-    return (f"{p.file}  {human_bytes(p.done_bytes)} / {human_bytes(p.total_bytes)} ({percent:.0f}%)  {speed}  "
-            f"ETA {clock(p.eta_s)}")
 
 
 def progress_display(remember=lambda progress: None):

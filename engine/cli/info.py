@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from engine.cli.args import load_config, no_more, take_flag, take_option
+from engine.config.argv import load_config, no_more, take_flag, take_option
 from engine.errors import UserError
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from engine.cli.args import no_more, take_flag, take_option, take_run
+from engine.config.argv import no_more, take_flag, take_option, take_run
 from engine.cli.console import say
 from engine.errors import UserError
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.args import load_config, load_followup_config, take_flag, take_model, take_option
+from engine.config.argv import load_config, take_flag, take_model, take_option
+from engine.infer.followup import load_followup_config
 from engine.cli.console import say
 from engine.errors import UserError
 

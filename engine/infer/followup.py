@@ -87,3 +87,34 @@ def training_data_warning(job: Job, dataset: str | None) -> str | None:
 
 def _names(datasets: str | None) -> list[str]:
     return [name.strip() for name in str(datasets or "").split(",") if name.strip()]
+
+
+def load_followup_config(argv: list[str], command: str):
+    """predict, chat and export: with ``--run RUN`` the run's weights and settings come first, argv on top (both
+    faces: `tuner predict|chat|export --run` and the dashboard's forms). Warnings go to stderr, one line each."""
+    import sys
+
+    from engine.config.argv import CONFIG_SUFFIXES, load_config, take_option
+    from engine.runs.files import printable_line
+
+    run_ref = take_option(argv, "--run")
+    if run_ref is None:
+        return load_config(argv, command)
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].endswith(CONFIG_SUFFIXES):
+        raise UserError(f"`tuner {command} --run {run_ref}` takes its model from the run: leave out '{argv[0]}'",
+                        hint="--model_name_or_path puts another base under a LoRA run's adapter")
+    from engine.runs.jobs import find_job
+
+    job = find_job(run_ref)
+    cfg = load_config(argv, command, followup_values(job, command))
+    if cfg.model.trust_remote_code:
+        print(f"tuner: warning: trust_remote_code is on: the Python code that ships with "
+              f"{printable_line(cfg.model.model_name_or_path)} will run", file=sys.stderr)
+    elif run_config_values(job).get("trust_remote_code") is True:
+        print("tuner: warning: " + NOT_INHERITED_WARNING.format(id=job.id, model=printable_line(
+            cfg.model.model_name_or_path)), file=sys.stderr)
+    if command == "predict":
+        warning = training_data_warning(job, cfg.data.eval_dataset or cfg.data.dataset)
+        if warning:
+            print(f"tuner: warning: {printable_line(warning)}", file=sys.stderr)
+    return cfg

@@ -464,3 +464,21 @@ class _Meter:
         if self.stop is not None and self.stop():
             raise DownloadStopped(self.done, self.plan.total_bytes)
 
+
+def eta_clock(seconds: float | None) -> str:
+    """3m56s, 1h02m; ? when not known."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(progress: DownloadProgress) -> str:
+    """A download as one line of text: `tuner download`'s plain lines and the dashboard's before the first step."""
+    p = progress
+    percent = 100 * p.done_bytes / p.total_bytes if p.total_bytes else 100.0
+    speed = f"{human_bytes(p.speed_bytes_s)}/s" if p.speed_bytes_s is not None else "?/s"
+    return (f"{p.file}  {human_bytes(p.done_bytes)} / {human_bytes(p.total_bytes)} ({percent:.0f}%)  {speed}  "
+            f"ETA {eta_clock(p.eta_s)}")

@@ -127,7 +127,7 @@ class PredictProgress:
 
 def _run(command: str, argv: list[str], result_path: Path, result: TaskResult) -> tuple[list[str], TaskResult]:
     """The command's summary lines, and the result as last written (predict's progress on it)."""
-    from engine.cli.args import load_followup_config
+    from engine.infer.followup import load_followup_config
 
     cfg = load_followup_config(argv, command)
     if command == "predict":

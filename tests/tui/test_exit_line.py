@@ -10,7 +10,7 @@ from tui_helpers import recorded, until, wizard
 from engine.runs import RunStatus, write_status
 from engine.runs.process import pid_start_time
 from tuner_tui.dashboard.screen import DashboardScreen
-from tuner_tui.main import main
+from engine.cli import tuner as main
 from tuner_tui.monitor import MonitorApp
 
 RUN_ID = "20250101-000000-abcdef"

@@ -10,7 +10,7 @@ from tui_helpers import error, on_step, shown, type_into, until, wizard
 from engine.runs import read_status
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.dashboard.widgets import StateBanner
-from tuner_tui.main import main
+from engine.cli import tuner as main
 from tuner_tui.wizard.steps import (LEARNED, DataStep, HardwareStep, HyperparametersStep, MethodStep, ModelStep,
                                     ReviewStep)
 from tuner_tui.wizard.state import Choices

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from engine.cli.args import load_config
+from engine.config.argv import load_config
 from engine.config.library import ENGINE_SET, library_fields
 from engine.config.schema import build_config, parse_args
 from engine.config.validation import problems_in

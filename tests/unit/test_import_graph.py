@@ -1,6 +1,7 @@
 """The engine's layering, read from the source: every import, those inside functions included (they run too, only
-later). No circle of modules; the engine never imports the TUI; models sit below training and inference; the run
-directory's format sits below everything that writes or starts runs. Each rule names what broke it."""
+later). No circle of modules; neither face (the TUI, the CLI) imports the other, and the engine never imports the
+TUI; models sit below training and inference; the run directory's format sits below everything that writes or
+starts runs. Each rule names what broke it."""
 
 from __future__ import annotations
 
@@ -108,8 +109,14 @@ def test_no_module_takes_part_in_a_circle_of_imports():
     assert circles(import_graph()) == []
 
 
-def test_the_engine_never_imports_the_tui():
-    assert arrows(import_graph(), ("engine",), ("tuner_tui",)) == []
+def test_the_engine_never_imports_the_tui_and_the_tui_never_imports_the_cli():
+    """The two faces stand side by side over the engine: the `tuner` executable (engine.cli) finds the terminal
+    app's commands through its entry point, and what both show comes from the engine."""
+    graph = import_graph()
+    assert arrows(graph, ("engine",), ("tuner_tui",)) == []
+    assert arrows(graph, ("tuner_tui",), ("engine.cli",)) == []
+    below_the_faces = tuple(name for name in graph if name.startswith("engine.") and not name.startswith("engine.cli"))
+    assert arrows(graph, below_the_faces, ("engine.cli",)) == []
 
 
 ORCHESTRATION = ("engine.runs.launch", "engine.runs.supervise", "engine.runs.worker", "engine.runs.rank",

@@ -16,7 +16,7 @@ from textual.widget import Widget
 from textual.widgets import ProgressBar, Static
 from textual_plotext import PlotextPlot
 
-from engine.cli.download import progress_line
+from engine.models.download import progress_line
 from engine.runs.events import DownloadProgress
 from engine.runs.jobs import clock
 from tuner_tui.dashboard.sampler import (Checkpoint, GpuReading, GpuSnapshot, HostSnapshot, LossSeries, Progress,

@@ -32,7 +32,7 @@ def load_run_chat(run_dir: Path, max_new_tokens: int | None = None):
     """The chat session on a run's weights, configured as `tuner chat --run RUN` would be, and what was loaded,
     in words."""
     from engine.infer.chat import start_chat
-    from engine.cli.args import load_followup_config
+    from engine.infer.followup import load_followup_config
 
     flags = ["--max_new_tokens", str(max_new_tokens)] if max_new_tokens is not None else []
     cfg = load_followup_config(["--run", str(run_dir), *flags], "chat")

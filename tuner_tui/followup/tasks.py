@@ -159,7 +159,7 @@ class TaskScreen(Screen):
 
     def check(self, flags: list[str]) -> list[str]:
         """The command's config from these flags as the command itself will build it; ConfigError/UserError if bad."""
-        from engine.cli.args import load_followup_config
+        from engine.infer.followup import load_followup_config
 
         load_followup_config(list(flags), self.COMMAND)
         return flags
