@@ -63,6 +63,10 @@ def cmd_train(argv: list[str]) -> int:
     return code
 
 
+def _warn(line: str) -> None:
+    say(line, file=sys.stderr)  # wrapped to the terminal
+
+
 def run_predict_after_training(cfg) -> int:
     """`--do_train --do_predict`: predict with what was just trained, into <output_dir>/predict."""
     from pathlib import Path
@@ -81,13 +85,13 @@ def run_predict_after_training(cfg) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    cfg = load_followup_config(argv, "predict")
+    cfg = load_followup_config(argv, "predict", warn=_warn)
 
     return run_predict(cfg)
 
 
 def cmd_export(argv: list[str]) -> int:
-    cfg = load_followup_config(argv, "export")
+    cfg = load_followup_config(argv, "export", warn=_warn)
     from engine.infer.export import export_model, render_summary
 
     summary = export_model(cfg, note=lambda line: say(line, hang=2))
@@ -97,7 +101,7 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_chat(argv: list[str]) -> int:
     system = take_option(argv, "--system")
-    cfg = load_followup_config(argv, "chat")
+    cfg = load_followup_config(argv, "chat", warn=_warn)
     from engine.cli.chat import run_chat
 
     return run_chat(cfg, system=system)

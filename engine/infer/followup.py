@@ -6,6 +6,7 @@ on top (another dataset, max_samples, export_dir, ...) overrides them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,16 @@ def _names(datasets: str | None) -> list[str]:
     return [name.strip() for name in str(datasets or "").split(",") if name.strip()]
 
 
-def load_followup_config(argv: list[str], command: str):
+def load_followup_config(argv: list[str], command: str, warn: Callable[[str], None] | None = None):
     """predict, chat and export: with ``--run RUN`` the run's weights and settings come first, argv on top (both
-    faces: `tuner predict|chat|export --run` and the dashboard's forms). Warnings go to stderr, one line each."""
+    faces: `tuner predict|chat|export --run` and the dashboard's forms). Each warning goes to ``warn`` as one
+    "tuner: warning: ..." line (by default to stderr as it is; the CLI wraps it to the terminal)."""
     import sys
 
     from engine.config.argv import CONFIG_SUFFIXES, load_config, take_option
     from engine.runs.files import printable_line
+
+    warn = warn or (lambda line: print(line, file=sys.stderr))
 
     run_ref = take_option(argv, "--run")
     if run_ref is None:
@@ -108,13 +112,13 @@ def load_followup_config(argv: list[str], command: str):
     job = find_job(run_ref)
     cfg = load_config(argv, command, followup_values(job, command))
     if cfg.model.trust_remote_code:
-        print(f"tuner: warning: trust_remote_code is on: the Python code that ships with "
-              f"{printable_line(cfg.model.model_name_or_path)} will run", file=sys.stderr)
+        warn(f"tuner: warning: trust_remote_code is on: the Python code that ships with "
+             f"{printable_line(cfg.model.model_name_or_path)} will run")
     elif run_config_values(job).get("trust_remote_code") is True:
-        print("tuner: warning: " + NOT_INHERITED_WARNING.format(id=job.id, model=printable_line(
-            cfg.model.model_name_or_path)), file=sys.stderr)
+        warn("tuner: warning: " + NOT_INHERITED_WARNING.format(id=job.id, model=printable_line(
+            cfg.model.model_name_or_path)))
     if command == "predict":
         warning = training_data_warning(job, cfg.data.eval_dataset or cfg.data.dataset)
         if warning:
-            print(f"tuner: warning: {printable_line(warning)}", file=sys.stderr)
+            warn(f"tuner: warning: {printable_line(warning)}")
     return cfg

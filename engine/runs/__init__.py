@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md's contract), owned here and nowhere else.
+"""The run directory (the contract in docs/design.md), owned here and nowhere else.
 
 status (``status.json``), events (``events.jsonl``: typed events, writer, incremental reader), series (events folded
 into what a watcher shows), watch (a run's snapshot), checkpoints (the newest *whole* one), lock (a run owns its

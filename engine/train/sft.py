@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the config in, a run directory out (DESIGN.md's contract).
+"""Supervised fine-tuning: the config in, a run directory out (the contract in docs/design.md).
 
 ``run_training`` reads top-down in a run directory ``engine.runs.launch`` prepared: wait for the GPUs, load data and
 model, build TRL's SFTTrainer with the callbacks that write the run's files, train, save, and record how it ended.
