@@ -9,6 +9,7 @@ import sys
 from engine.config.argv import no_more, take_flag, take_option, take_run
 from engine.cli.console import say
 from engine.errors import UserError
+from engine.runs.layout import CONFIG, TRAIN_LOG
 
 
 def cmd_runs(argv: list[str]) -> int:
@@ -80,7 +81,7 @@ def cmd_logs(argv: list[str]) -> int:
     from engine.runs.process import is_run_process
 
     job = find_job(take_run(argv, "logs"))
-    log_file = job.dir / "train.log"
+    log_file = job.dir / TRAIN_LOG
     if not log_file.is_file():
         there = log_file.exists() or log_file.is_symlink()
         raise UserError(f"run {job.id}'s train.log in {job.dir} is not a regular file (a link to a device, a FIFO?)"
@@ -107,7 +108,7 @@ def _check_trust(job, given: str | None) -> None:
     from engine.infer.followup import run_config_values
     from engine.runs.files import printable_line
 
-    wanted = job.readable and not job.foreign and (job.dir / "config.yaml").is_file() and \
+    wanted = job.readable and not job.foreign and (job.dir / CONFIG).is_file() and \
         run_config_values(job).get("trust_remote_code") is True
     if given is not None and (given.lower() != "true" or not wanted):
         raise UserError(f"--trust_remote_code {printable_line(given)}: a run resumes with its own config, and run "

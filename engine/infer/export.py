@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
+from engine.runs.layout import CONFIG
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLE = [
@@ -125,7 +126,7 @@ def export_dtype(model: str, cfg: TunerConfig) -> str:
     model's own, else fp32."""
     from engine.models.resolve import resolve_model
 
-    run_config = Path(model) / "config.yaml"
+    run_config = Path(model) / CONFIG
     if run_config.is_file() and not (Path(model) / "adapter_config.json").is_file():
         from engine.config.schema import read_config_file
 

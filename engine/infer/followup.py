@@ -14,6 +14,7 @@ from typing import Any
 from engine.errors import UserError
 from engine.runs.checkpoints import checkpoints, has_weights, is_complete
 from engine.runs.jobs import Job
+from engine.runs.layout import CONFIG
 
 # What a follow-up inherits from the run as it was trained: how the model was loaded and how prompts look. Never
 # trust_remote_code: a run directory is a file anyone can craft, so running a model's own code is asked for each time.
@@ -47,7 +48,7 @@ def run_config_values(job: Job) -> dict[str, Any]:
     """The flat config the run was started with (its config.yaml)."""
     from engine.config.schema import read_config_file
 
-    path = job.dir / "config.yaml"
+    path = job.dir / CONFIG
     if not path.is_file():
         raise UserError(f"run {job.id} has no config.yaml in {job.dir}")
     return {key: value for key, value in read_config_file(path).items() if value is not None}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
+from engine.runs.layout import CONFIG
 
 log = logging.getLogger("tuner")
 
@@ -27,7 +28,7 @@ def trained_template(run_dir: str | None) -> str | None:
         return None
     from engine.config.schema import read_config_file
 
-    path = Path(run_dir.split(",")[-1].strip()) / "config.yaml"
+    path = Path(run_dir.split(",")[-1].strip()) / CONFIG
     template = read_config_file(path).get("template") if path.is_file() else None
     return template if isinstance(template, str) else None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
+from engine.runs.layout import TRAINER_LOG
 
 log = logging.getLogger("tuner")
 
@@ -111,7 +112,7 @@ def _trainer_log(cfg: TunerConfig, out: Path, batches: int):
     already in ``out`` is appended to, or removed first with overwrite_output_dir."""
     from engine.train.callbacks import TrainerLog
 
-    path = out / "trainer_log.jsonl"
+    path = out / TRAINER_LOG
     if cfg.train.overwrite_output_dir:
         path.unlink(missing_ok=True)
     trainer_log = TrainerLog(path)

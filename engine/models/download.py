@@ -34,13 +34,13 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its switches (HF_HUB_OFFLINE ...)
 NETWORK_MODULES = {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "h11", "ssl"}  # their errors
 
-RUN_FILES = {
+MODEL_FILES = {  # what loading a model reads besides its weights: configs, tokenizers, templates
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
     "model.safetensors.index.json",
 }
-RUN_SUFFIXES = (".tiktoken", ".py")  # tokenizers of their own, and a trust_remote_code model's code
+MODEL_SUFFIXES = (".tiktoken", ".py")  # tokenizers of their own, and a trust_remote_code model's code
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def run_files(hub_id: str, names: list[str]) -> list[str]:
     if not weights:
         raise UserError(f"{hub_id} ships no safetensors weights", hint="tuner loads *.safetensors only (no pickled "
                         ".bin / .pth); choose a repo that ships them, or convert it and pass the directory")
-    small = [n for n in top if n != "config.json" and (n in RUN_FILES or n.endswith(RUN_SUFFIXES))]
+    small = [n for n in top if n != "config.json" and (n in MODEL_FILES or n.endswith(MODEL_SUFFIXES))]
     return sorted(small) + sorted(weights) + ["config.json"]
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from engine.runs.files import open_append, open_regular
 from engine.runs.status import finite
+from engine.runs.layout import EVENTS
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_FILE = EVENTS
 MAX_LINE_BYTES = 1 << 20
 CHUNK_BYTES = 8 << 20  # what a reader holds at once; a watcher skims a whole chunk (more is waiting)
 LOG_SAMPLES = 64  # log events read of a skimmed chunk: ~3,000 points for a million steps

@@ -10,6 +10,7 @@ from engine.runs.checkpoints import checkpoints, step_of
 from engine.runs.events import MAX_LINE_BYTES, Event
 from engine.runs.files import lines_of, open_regular, read_json
 from engine.runs.status import RunStatus, finite
+from engine.runs.layout import TRAINER_LOG
 
 
 def _latest_trainer_state(run_dir: Path) -> Path | None:
@@ -52,7 +53,7 @@ def hf_trainer_events(run_dir: Path) -> list[dict] | None:
 
 def llamafactory_events(run_dir: Path) -> list[dict] | None:
     """log / eval events from LLaMA-Factory's trainer_log.jsonl (a torn last line is skipped)."""
-    path = run_dir / "trainer_log.jsonl"
+    path = run_dir / TRAINER_LOG
     if not path.is_file():
         return None
     events = []

@@ -19,6 +19,7 @@ from engine.runs.lock import LOCK_FILE, holds_lock
 from engine.runs.process import is_run_process, signal_run
 from engine.runs.series import event_time
 from engine.runs.status import UNREADABLE, RunStatus, read_status
+from engine.runs.layout import TRAIN_LOG
 
 
 @dataclass
@@ -90,7 +91,7 @@ def job_row(job: Job) -> dict[str, str]:
 
 def log_tail(job: Job, lines: int = FAILED_LOG_LINES) -> list[str]:
     """The last non-empty lines of the run's train.log (what a failed run said last), safe to print."""
-    return tail_lines(job.dir / "train.log", lines)
+    return tail_lines(job.dir / TRAIN_LOG, lines)
 
 
 def failure_reason(job: Job) -> str | None:

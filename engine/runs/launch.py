@@ -26,9 +26,9 @@ from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.process import pid_start_time
 from engine.runs.status import UNREADABLE, RunStatus, new_run_id, read_status, write_status
 from engine.runs.stop import blocked_stop_signals
+from engine.runs.layout import CONFIG, RUN_FILES, TRAIN_LOG
 
-RUN_FILES = ("status.json", "events.jsonl", "trainer_log.jsonl", "train.log", "config.yaml")
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = CONFIG
 ONE_SHOT = {"overwrite_output_dir": False, "resume_from_checkpoint": None, "overwrite_cache": False}
 
 
@@ -270,7 +270,7 @@ def _spawn(run: RunDir, lock: RunLock, force: bool, token: str | None, visible_d
     argv = [sys.executable, "-m", "engine.runs.worker", str(run.path)] + (["--force"] if force else []) + \
         (["--overwrite-cache"] if overwrite_cache else []) + \
         (["--resume-from", run.resume_from] if run.resume_from else [])
-    with open_append(run.path / "train.log") as log, blocked_stop_signals():
+    with open_append(run.path / TRAIN_LOG) as log, blocked_stop_signals():
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, pass_fds=(lock.fd,), env=env, cwd="/")
     run.status.pid, run.status.pid_started_at = process.pid, pid_start_time(process.pid)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.runs.layout import LOCK
 
-LOCK_FILE = ".tuner.lock"
+LOCK_FILE = LOCK
 LOCK_FD_ENV = "TUNER_RUN_LOCK_FD"
 # A killed run's process is gone (a zombie, or reaped) a moment before the kernel releases its lock, and the workers it
 # forked (data loaders) may take seconds more to notice: so long, at most, is a lock whose run has ended waited for.

@@ -14,10 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.runs.files import printable_line, read_json, write_json_atomic
+from engine.runs.layout import STATUS
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 UNREADABLE = "unreadable"
-STATUS_FILE = "status.json"
+STATUS_FILE = STATUS
 
 
 def now_iso() -> str:

@@ -28,6 +28,7 @@ from engine.runs.files import open_append, read_json
 from engine.runs.rundir import RunDir
 from engine.runs.status import now_iso, read_status, write_status
 from engine.runs.stop import StopRequest
+from engine.runs.layout import CONFIG, TRAIN_LOG
 
 log = logging.getLogger("tuner")
 
@@ -43,7 +44,7 @@ def supervise(run: RunDir, plan: LaunchPlan, stop: StopRequest, force: bool = Fa
     from engine.runs.gpu_queue import wait_for_gpus
     from engine.runs.jobs import gpus_in_use
 
-    log_path = run.path / "train.log"
+    log_path = run.path / TRAIN_LOG
     shown_from = log_path.stat().st_size if log_path.exists() else 0
     with _logging_to(log_path):
         log.info("launching %s", plan.describe())
@@ -58,7 +59,7 @@ def supervise(run: RunDir, plan: LaunchPlan, stop: StopRequest, force: bool = Fa
     for stale in (run.path / "ranks").glob("rank*.json"):
         stale.unlink()
     port = plan.master_port or free_port()
-    args = [str(run.path), "--config", str(run.path / "config.yaml")] + (["--overwrite-cache"] if overwrite_cache
+    args = [str(run.path), "--config", str(run.path / CONFIG)] + (["--overwrite-cache"] if overwrite_cache
                                                                          else [])
     args += ["--resume-from", run.resume_from] if run.resume_from else []
     argv = torchrun_argv(plan, args, port)
@@ -276,7 +277,7 @@ def _record_outcome(run: RunDir, launcher: _Launcher, code: int, stop: StopReque
     if status.state in ("completed", "stopped") and code == 0:
         return status.exit_code or 0
     if status.state == "completed":
-        _note(run.path / "train.log", f"torchrun ended with exit code {code} after the run completed; its results "
+        _note(run.path / TRAIN_LOG, f"torchrun ended with exit code {code} after the run completed; its results "
                                       "are whole")
         return 0
     culprit = launcher.culprit(run.path)
@@ -297,7 +298,7 @@ def _record_outcome(run: RunDir, launcher: _Launcher, code: int, stop: StopReque
             events.emit(Event.END, state="failed", step=status.step)
     finally:
         events.close()
-    _note(run.path / "train.log", f"training ended: {message}")
+    _note(run.path / TRAIN_LOG, f"training ended: {message}")
     return status.exit_code
 
 

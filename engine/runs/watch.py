@@ -16,6 +16,7 @@ from engine.runs.jobs import effective_state, elapsed_s, why_failed
 from engine.runs.events import DownloadProgress
 from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
 from engine.runs.status import UNREADABLE, RunStatus, read_status
+from engine.runs.layout import CONFIG, TRAIN_LOG
 
 LOG_LINES = 50
 
@@ -63,7 +64,7 @@ class RunWatcher:
     def __init__(self, run_dir: Path, log_lines: int = LOG_LINES, clock: Callable[[], float] = time.time):
         self.run_dir = Path(run_dir)
         self._events = EventReader(self.run_dir / EVENTS_FILE, skim=True)
-        self._log = LogTail(self.run_dir / "train.log", log_lines)
+        self._log = LogTail(self.run_dir / TRAIN_LOG, log_lines)
         self._clock = clock
         self._history = History()
         self._series: tuple[int, LossSeries, tuple[float, ...]] | None = None
@@ -97,7 +98,7 @@ class RunWatcher:
                                 elapsed_s(status, state, h.last_seen, now)),
             loss=loss, learning_rates=learning_rates, checkpoints=self._checkpoints(),
             estimate_gib=number(estimate.get("total_gib"), 0.0, 1e6), log_tail=self._log.read(),
-            config_text=read_text(self.run_dir / "config.yaml"),
+            config_text=read_text(self.run_dir / CONFIG),
             download=h.download_progress() if state in ("running", "queued") else None,
         )
 

@@ -20,6 +20,7 @@ from engine.runs.files import open_append
 from engine.runs.series import PACE_LOGS, remaining_s
 from engine.runs.status import RunStatus, finite, write_status
 from engine.runs.stop import StopRequest
+from engine.runs.layout import TRAINER_LOG
 
 log = logging.getLogger("tuner")
 
@@ -105,7 +106,7 @@ class RunEvents(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.events = events
         self.status = status
-        self.trainer_log = TrainerLog(self.run_dir / "trainer_log.jsonl")
+        self.trainer_log = TrainerLog(self.run_dir / TRAINER_LOG)
         self.start_time = time.time()
         self.last_time = self.start_time
         self.last_tokens = 0

@@ -24,6 +24,7 @@ from engine.runs.jobs import gpus_in_use
 from engine.runs.rundir import RunDir, is_main_process
 from engine.runs.status import now_iso, write_status
 from engine.runs.stop import StopRequest
+from engine.runs.layout import CONFIG, STATUS, TRAIN_LOG
 
 log = logging.getLogger("tuner")
 
@@ -37,7 +38,7 @@ def setup_logging(run_dir: Path, view=None) -> list[logging.Handler]:
     import transformers
 
     plain = _formatter()
-    handlers: list[logging.Handler] = [RunLogHandler(run_dir / "train.log")]
+    handlers: list[logging.Handler] = [RunLogHandler(run_dir / TRAIN_LOG)]
     handlers[0].setFormatter(plain)
     if view is not None:
         handlers += view.log_handlers(plain)
@@ -251,7 +252,7 @@ def _record_failure(run: RunDir, events: EventWriter | None, exc: BaseException,
     try:
         write_status(run.path, run.status)
     except OSError as write_error:
-        log.error("could not record the failure in %s: %s", run.path / "status.json", write_error.strerror)
+        log.error("could not record the failure in %s: %s", run.path / STATUS, write_error.strerror)
     return error
 
 
@@ -303,7 +304,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         return {}
     if events is not None and cfg.model.template != datasets.template:
         cfg.model.template = datasets.template  # config.yaml records the template the run resolved to
-        write_text_atomic(run.path / "config.yaml", cfg.to_yaml())
+        write_text_atomic(run.path / CONFIG, cfg.to_yaml())
     for line in datasets.report:
         log.info("data: %s", line)
     if datasets.saved_to is not None:
