@@ -42,9 +42,9 @@ def seconds(value: Any) -> float | None:
     return number(value, 0.0, MAX_SECONDS)
 
 
-def value(value: Any) -> float | None:
+def loss_or_rate(given: Any) -> float | None:
     """A loss or learning rate: finite and within ±MAX_VALUE."""
-    return number(value, -MAX_VALUE, MAX_VALUE)
+    return number(given, -MAX_VALUE, MAX_VALUE)
 
 
 def event_time(event: dict[str, Any]) -> float | None:
@@ -170,12 +170,12 @@ class History:
         elif kind == Event.DOWNLOAD:
             self._download = download_progress(event)
             self.version += 1
-        elif kind == Event.LOG and step is not None and value(event.get("loss")) is not None:
-            self.losses.add((step, value(event["loss"]), value(event.get("learning_rate")) or 0.0))
+        elif kind == Event.LOG and step is not None and loss_or_rate(event.get("loss")) is not None:
+            self.losses.add((step, loss_or_rate(event["loss"]), loss_or_rate(event.get("learning_rate")) or 0.0))
             self.last_log = event
             self.version += 1
-        elif kind == Event.EVAL and step is not None and value(event.get("eval_loss")) is not None:
-            self.evals.add((step, value(event["eval_loss"])))
+        elif kind == Event.EVAL and step is not None and loss_or_rate(event.get("eval_loss")) is not None:
+            self.evals.add((step, loss_or_rate(event["eval_loss"])))
             self.version += 1
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
@@ -205,8 +205,9 @@ class History:
         return Progress(
             step=max(step_number(log.get("step")) or 0, step_number(status_step) or 0),
             total_steps=step_number(log.get("total_steps")) or step_number(status_total),
-            epoch=number(log.get("epoch"), 0.0, MAX_VALUE), loss=value(log.get("loss")),
-            learning_rate=value(log.get("learning_rate")), tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
+            epoch=number(log.get("epoch"), 0.0, MAX_VALUE), loss=loss_or_rate(log.get("loss")),
+            learning_rate=loss_or_rate(log.get("learning_rate")),
+            tokens_per_s=number(log.get("tokens_per_s"), 0.0, 1e12),
             elapsed_s=seconds(elapsed_s), remaining_s=remaining,
         )
 

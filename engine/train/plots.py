@@ -5,10 +5,10 @@ training_eval_loss.png), so a migrated user finds them where they were."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from engine.runs import Event, read_events
+from engine.runs.series import ema
 from engine.runs.files import read_json
 
 log = logging.getLogger("tuner")
@@ -17,15 +17,9 @@ KEYS = ("loss", "eval_loss")
 
 
 def smooth(values: list[float]) -> list[float]:
-    """TensorBoard's exponential moving average, its weight a sigmoid of the series' length (LLaMA-Factory's)."""
-    if not values:
-        return []
-    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
-    smoothed, last = [], values[0]
-    for value in values:
-        last = last * weight + (1 - weight) * value
-        smoothed.append(last)
-    return smoothed
+    """LLaMA-Factory's smoothing: TensorBoard's EMA with a weight that grows with the series' length, the same the
+    dashboard draws (engine.runs.series.ema)."""
+    return list(ema(values))
 
 
 def log_history(run_dir: Path) -> list[dict]:
