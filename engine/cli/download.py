@@ -13,7 +13,6 @@ import time
 from contextlib import nullcontext
 
 from engine.config.argv import take_flag, take_option
-from engine.models.download import eta_clock as clock, progress_line  # what both faces show of a download
 from engine.errors import UserError
 
 EXIT_INTERRUPTED = 130
@@ -81,6 +80,8 @@ def progress_display(remember=lambda progress: None):
 
 def _plain(remember):
     """A line on stderr every PLAIN_EVERY_S and at the end, for a log file or a pipe."""
+    from engine.models.download import progress_line  # what both faces show of a download
+
     printed = [-float("inf")]
 
     def show(progress) -> None:
@@ -99,7 +100,7 @@ def _bar(remember):
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from engine.models.download import human_bytes
+    from engine.models.download import eta_clock, human_bytes
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[speed]}"),
                    TextColumn("ETA {task.fields[eta]}"), console=Console(stderr=True), transient=False)
@@ -109,7 +110,8 @@ def _bar(remember):
         nonlocal task
         remember(progress)
         speed = f"{human_bytes(progress.speed_bytes_s)}/s" if progress.speed_bytes_s is not None else "?/s"
-        fields = dict(description=progress.file, completed=progress.done_bytes, speed=speed, eta=clock(progress.eta_s))
+        fields = dict(description=progress.file, completed=progress.done_bytes, speed=speed,
+                      eta=eta_clock(progress.eta_s))
         if task is None:
             task = bar.add_task(total=progress.total_bytes, **fields)
         else:

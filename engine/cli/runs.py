@@ -9,7 +9,6 @@ import sys
 from engine.config.argv import no_more, take_flag, take_option, take_run
 from engine.cli.console import say
 from engine.errors import UserError
-from engine.runs.layout import CONFIG, TRAIN_LOG
 
 
 def cmd_runs(argv: list[str]) -> int:
@@ -78,6 +77,7 @@ def _job_json(job) -> dict:
 def cmd_logs(argv: list[str]) -> int:
     follow_on = take_flag(argv, "-f", "--follow")
     from engine.runs.jobs import find_job, follow
+    from engine.runs.layout import TRAIN_LOG
     from engine.runs.process import is_run_process
 
     job = find_job(take_run(argv, "logs"))
@@ -107,6 +107,7 @@ def _check_trust(job, given: str | None) -> None:
     Python code runs) is followed only when the resume asks for it too."""
     from engine.infer.followup import run_config_values
     from engine.runs.files import printable_line
+    from engine.runs.layout import CONFIG
 
     wanted = job.readable and not job.foreign and (job.dir / CONFIG).is_file() and \
         run_config_values(job).get("trust_remote_code") is True

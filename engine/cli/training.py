@@ -7,7 +7,6 @@ import json
 import sys
 
 from engine.config.argv import load_config, take_flag, take_model, take_option
-from engine.infer.followup import load_followup_config
 from engine.cli.console import say
 from engine.errors import UserError
 
@@ -85,12 +84,15 @@ def run_predict_after_training(cfg) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    cfg = load_followup_config(argv, "predict", warn=_warn)
+    from engine.infer.followup import load_followup_config
 
+    cfg = load_followup_config(argv, "predict", warn=_warn)
     return run_predict(cfg)
 
 
 def cmd_export(argv: list[str]) -> int:
+    from engine.infer.followup import load_followup_config
+
     cfg = load_followup_config(argv, "export", warn=_warn)
     from engine.infer.export import export_model, render_summary
 
@@ -101,6 +103,8 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_chat(argv: list[str]) -> int:
     system = take_option(argv, "--system")
+    from engine.infer.followup import load_followup_config
+
     cfg = load_followup_config(argv, "chat", warn=_warn)
     from engine.cli.chat import run_chat
 

@@ -5,6 +5,7 @@ so scripts written for LLaMA-Factory's output directories keep working. Written 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,8 +18,6 @@ ALL = "all_results.json"
 def save_results(run_dir: Path, split: str, metrics: dict) -> None:
     """``<split>_results.json`` and ``all_results.json`` updated with it (indented and sorted, as transformers
     writes them; a number JSON cannot hold is null)."""
-    import json
-
     run_dir = Path(run_dir)
     metrics = finite(dict(metrics))
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.download import clock, progress_line
+from engine.models.download import eta_clock as clock, progress_line
 from engine.errors import UserError
 from engine.models.download import DISK_MARGIN_BYTES, DownloadPlan, DownloadProgress, human_bytes, require_room, \
     run_files
