@@ -91,7 +91,7 @@ def measure(name: str, flags: str, model_dir: Path, data: Path, runs: Path, step
            "--save_strategy", "no", "--learning_rate", "1e-4", "--bf16", *CLASSIC, *flags.split()]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    from engine.runs import read_events
+    from engine.rundir import read_events
 
     events = read_events(out)
     logs = [e for e in events if e["type"] == "log"]

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.runs.index import register  # noqa: E402
-from engine.runs.status import RunStatus, write_status  # noqa: E402
+from engine.rundir.index import register  # noqa: E402
+from engine.rundir.status import RunStatus, write_status  # noqa: E402
 
 EVAL_EVERY = 1000
 SAVE_EVERY = 5000

@@ -104,7 +104,7 @@ def run_tuner(model: Path, data: Path, flags: str, epochs: float, out: Path) -> 
     cmd = [sys.executable, "-m", "engine.cli", "train", *common_flags(model, data, epochs), *flags.split(),
            "--output_dir", str(out), "--overwrite_output_dir", "true"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    from engine.runs.events import read_events
+    from engine.rundir.events import read_events
 
     events = read_events(out)
     end = next((e for e in reversed(events) if e["type"] == "end"), {})

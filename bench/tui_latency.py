@@ -119,8 +119,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         os.environ["XDG_STATE_HOME"] = str(home / "state")
-        from engine.runs.jobs import find_job, stop_job
-        from engine.runs import read_status
+        from engine.rundir.jobs import find_job, stop_job
+        from engine.rundir import read_status
 
         for name in ("idle", "busy"):
             (home / name).mkdir()

@@ -4,7 +4,7 @@ exception's type and text for anything else (which is then a bug worth reporting
 from __future__ import annotations
 
 from engine.errors import ConfigError, UserError
-from engine.runs.files import printable
+from engine.rundir.files import printable
 
 
 def failure_text(error: BaseException | None) -> str:

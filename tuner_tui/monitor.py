@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from engine.hardware import HardwareState, probe
-from engine.runs.jobs import find_job
+from engine.rundir.jobs import find_job
 from tuner_tui.runs.navigation import RunsNavigation
 
 

@@ -127,9 +127,14 @@ def _option_help(name: str, default, text: str, width: int | None, choices=None)
 
 
 def _passthrough_help(width: int | None) -> list[str]:
-    """The installed transformers' and TRL's training fields that pass through, read from their source (no import)."""
+    """The installed transformers' and TRL's training fields that pass through (engine.config.library)."""
+    from engine.config.library import kept_fields_path
     from engine.config.schema import passthrough_fields
 
+    kept = kept_fields_path()
+    if kept is not None and not kept.is_file():  # the first time for these versions: seconds, once
+        print("tuner: reading the installed transformers' and TRL's training fields (once for these versions)...",
+              file=sys.stderr, flush=True)
     fields = passthrough_fields()
     if not fields:
         return []
@@ -244,7 +249,7 @@ def _run(argv: list[str], commands: dict[str, Command]) -> int:
 
 
 def _fail(exc: UserError) -> int:
-    from engine.runs.files import printable_line
+    from engine.rundir.files import printable_line
 
     lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
     for line in lines:

@@ -8,7 +8,7 @@ from typing import TextIO
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
 from engine.infer.chat import start_chat
-from engine.runs.files import printable_line
+from engine.rundir.files import printable_line
 
 COMMANDS = "/help, /clear, /system <text>, /exit"
 HELP = (

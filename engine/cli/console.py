@@ -37,7 +37,7 @@ def wrap(line: str, width: int | None, hang: int | None = None) -> list[str]:
 def say(text: str = "", hang: int | None = None, file: TextIO | None = None) -> None:
     """Print ``text`` (one or more lines) wrapped to the width of the terminal it goes to (stdout by default), made
     safe to show: a path or a name from a run or a config cannot carry an escape sequence to the terminal."""
-    from engine.runs.files import printable
+    from engine.rundir.files import printable
 
     file = file or sys.stdout
     width = output_width(file)

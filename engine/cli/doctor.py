@@ -31,7 +31,7 @@ def cmd_doctor(argv: list[str]) -> int:
 def render_findings(findings, width: int | None = None) -> list[str]:
     """``state  check  detail`` per finding, the fix indented below it, and a count of warnings and problems;
     details and fixes wrapped to ``width`` columns in their own column."""
-    from engine.runs.files import printable_line
+    from engine.rundir.files import printable_line
 
     checks = max(len(f.check) for f in findings)
     column = 7 + 2 + checks + 2

@@ -81,7 +81,7 @@ def cmd_datasets(argv: list[str]) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from engine.runs.files import printable_line
+    from engine.rundir.files import printable_line
 
     table = Table("name", "source", "formatting", box=None, header_style="bold")
     for name, attr in registry.items():  # names and paths come from the user's dataset_info.json: shown, not obeyed
@@ -139,7 +139,7 @@ def _gpu_budget(num_gpus: str | None, memory: str | None, cfg) -> tuple[int, flo
     from engine.hardware import probe
 
     from engine.memory.recommend import memory_budget
-    from engine.runs.distributed import launch_plan
+    from engine.world import launch_plan
 
     found = probe().gpus
     count = int(num_gpus) if num_gpus is not None else launch_plan(cfg, gpu_count=len(found)).world_size

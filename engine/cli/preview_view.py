@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.data.preview import Preview, histogram_lines
-from engine.runs.files import printable
+from engine.rundir.files import printable
 
 
 def render_preview(preview: Preview) -> None:

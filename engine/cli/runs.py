@@ -14,8 +14,8 @@ from engine.errors import UserError
 def cmd_runs(argv: list[str]) -> int:
     as_json = take_flag(argv, "--json")
     no_more(argv, "runs")
-    from engine.runs.files import printable_line
-    from engine.runs.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
+    from engine.rundir.files import printable_line
+    from engine.rundir.jobs import JOB_COLUMNS, job_row, list_jobs, log_tail
 
     jobs = list_jobs()
     if as_json:
@@ -55,7 +55,7 @@ def cmd_runs(argv: list[str]) -> int:
 
 def fitting_columns(rows: list[dict[str, str]], width: int) -> list[str]:
     """JOB_COLUMNS, less "started" and then "name" while the table is wider than the terminal."""
-    from engine.runs.jobs import JOB_COLUMNS
+    from engine.rundir.jobs import JOB_COLUMNS
 
     columns = list(JOB_COLUMNS)
     for optional in ("started", "name"):
@@ -67,7 +67,7 @@ def fitting_columns(rows: list[dict[str, str]], width: int) -> list[str]:
 
 
 def _job_json(job) -> dict:
-    from engine.runs.jobs import log_tail
+    from engine.rundir.jobs import log_tail
 
     status = dataclasses.asdict(job.status) if job.status else None
     return {"id": job.id, "dir": str(job.dir), "state": job.state, "status": status, "last_log": job.last_log,
@@ -76,9 +76,9 @@ def _job_json(job) -> dict:
 
 def cmd_logs(argv: list[str]) -> int:
     follow_on = take_flag(argv, "-f", "--follow")
-    from engine.runs.jobs import find_job, follow
-    from engine.runs.layout import TRAIN_LOG
-    from engine.runs.process import is_run_process
+    from engine.rundir.jobs import find_job, follow
+    from engine.rundir.layout import TRAIN_LOG
+    from engine.rundir.process import is_run_process
 
     job = find_job(take_run(argv, "logs"))
     log_file = job.dir / TRAIN_LOG
@@ -91,8 +91,8 @@ def cmd_logs(argv: list[str]) -> int:
 
 
 def cmd_stop(argv: list[str]) -> int:
-    from engine.runs.jobs import find_job, stop_job
-    from engine.runs.status import read_status
+    from engine.rundir.jobs import find_job, stop_job
+    from engine.rundir.status import read_status
 
     job = find_job(take_run(argv, "stop"))
     state = stop_job(job, wait_s=30.0)
@@ -106,8 +106,8 @@ def _check_trust(job, given: str | None) -> None:
     """A run directory is a file anyone can craft: a config.yaml that turns on trust_remote_code (the model's own
     Python code runs) is followed only when the resume asks for it too."""
     from engine.infer.followup import run_config_values
-    from engine.runs.files import printable_line
-    from engine.runs.layout import CONFIG
+    from engine.rundir.files import printable_line
+    from engine.rundir.layout import CONFIG
 
     wanted = job.readable and not job.foreign and (job.dir / CONFIG).is_file() and \
         run_config_values(job).get("trust_remote_code") is True
@@ -125,7 +125,7 @@ def _check_trust(job, given: str | None) -> None:
 
 def cmd_resume(argv: list[str]) -> int:
     """Start a stopped or failed run again with its own config; it continues from its newest whole checkpoint."""
-    from engine.runs.jobs import failure_reason, find_job
+    from engine.rundir.jobs import failure_reason, find_job
     from engine.runs.launch import resume_run
 
     token = take_option(argv, "--hf_hub_token")  # never in config.yaml: a gated or private model asks again

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from engine.runs.files import printable
+from engine.rundir.files import printable
 
 
 class TerminalView:
-    """What ``engine.train.sft.run_training`` shows in a terminal: log handlers and training-loop callbacks."""
+    """What ``engine.train.runner.run_training`` shows in a terminal: log handlers and training-loop callbacks."""
 
     def __init__(self):
         from rich.console import Console

@@ -42,7 +42,7 @@ def cmd_train(argv: list[str]) -> int:
         return run_predict(cfg)
     if recipe is not None and recipe.applied:
         say(recipe.describe(), hang=2, file=sys.stderr)  # stdout stays the run's line, for scripts
-    from engine.runs.launch import start_run
+    from engine.runs.launch import start_run, with_run_directory
 
     from engine.config.validation import learning_rate_warning
 
@@ -56,6 +56,7 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from engine.cli.train_view import TerminalView
 
+    cfg = with_run_directory(cfg)  # where --do_predict reads what was trained
     code = start_run(cfg, detach=False, force=force, view=TerminalView())
     if code == 0 and t.do_predict:
         return run_predict_after_training(cfg)
@@ -67,20 +68,19 @@ def _warn(line: str) -> None:
 
 
 def run_predict_after_training(cfg) -> int:
-    """`--do_train --do_predict`: predict with what was just trained, into <output_dir>/predict."""
+    """`--do_train --do_predict`: predict with what was just trained (in ``cfg``'s resolved output_dir), into
+    <output_dir>/predict."""
+    import copy
     from pathlib import Path
 
-    from engine.runs.status import read_status
-
-    run_dir = read_status(Path(cfg.train.output_dir)).output_dir if cfg.train.output_dir else None
-    if run_dir is None:
-        raise UserError("--do_predict after training needs an output_dir")
+    run_dir = cfg.train.output_dir
+    predict = copy.deepcopy(cfg)
     if cfg.finetune.finetuning_type == "lora":
-        cfg.model.adapter_name_or_path = run_dir
+        predict.model.adapter_name_or_path = run_dir
     else:
-        cfg.model.model_name_or_path = run_dir
-    cfg.train.output_dir = str(Path(run_dir) / "predict")
-    return run_predict(cfg)
+        predict.model.model_name_or_path = run_dir
+    predict.train.output_dir = str(Path(run_dir) / "predict")
+    return run_predict(predict)
 
 
 def cmd_predict(argv: list[str]) -> int:

@@ -1,28 +1,38 @@
-"""The training fields of the installed transformers (``TrainingArguments``) and TRL (``SFTConfig``), read from their
-source files without importing them, so every field is accepted as a config key and `tuner --help` stays fast.
+"""The training fields of the installed transformers (``TrainingArguments``) and TRL (``SFTConfig``), so every field
+is accepted as a config key.
+
+The fields and their types come from the classes themselves (``dataclasses.fields``, ``typing.get_type_hints``): a
+field a new transformers adds is accepted the day it is installed, and one it removes is unknown again. Importing
+them takes seconds, so what was read is kept in the cache, keyed by the two libraries' versions: `tuner --help` and
+the wizard read that file, and only the first use after an upgrade pays for the import.
 
 A field tuner declares itself (``learning_rate``, ``bf16`` ...) is tuner's; a field the engine sets from one of its
 own keys is refused with that key's name (``ENGINE_SET``); every other field passes through to ``SFTConfig``
-unchanged. Reading the source keeps this in step with whatever version is installed: a field a new transformers
-adds is accepted the day it is installed, and one it removes is unknown again.
+unchanged.
 """
 
 from __future__ import annotations
 
-import ast
+import dataclasses
+import enum
 import functools
-import importlib.util
 import json
+import logging
+import types
+import typing
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-# The classes whose fields pass through, as (package, file inside it, class name).
-SOURCES = (
-    ("transformers", "training_args.py", "TrainingArguments"),
-    ("trl", "trainer/base_config.py", "_BaseConfig"),
-    ("trl", "trainer/sft_config.py", "SFTConfig"),
-)
+from engine.paths import cache_dir
+
+log = logging.getLogger("tuner")
+
+# The packages whose training arguments pass through; SFTConfig's own fields and its bases' (TrainingArguments, TRL's
+# _BaseConfig), each owned by the class that declares it.
+PACKAGES = ("transformers", "trl")
+CACHE_FORMAT = 1  # bump when what the cache file holds changes
 
 # Fields the engine sets from its own keys or decisions; a user naming one is told what to use instead.
 ENGINE_SET = {
@@ -61,45 +71,107 @@ ENGINE_SET = {
 
 @dataclass(frozen=True)
 class LibraryField:
-    """One field of a library's training arguments: its name, its annotation as written, default and help."""
+    """One field of a library's training arguments: its name, the plain types its annotation allows (bool, int,
+    float, str, dict, list, in the order written), whether it takes None, its default and help."""
 
     name: str
-    annotation: str
+    kinds: tuple[str, ...]
+    optional: bool
     default: Any
     help: str
-    owner: str  # the class it comes from, for the help text
+    owner: str  # the class that declares it, for the help text
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The plain types the annotation allows, in the order written: bool, int, float, str, dict, list."""
-        text = self.annotation.replace("Optional[", "").replace("Union[", "")
-        found = []
-        for token in (t.strip(" ]") for t in text.replace(",", "|").split("|")):
-            base = token.split("[")[0].strip()
-            kind = {"bool": "bool", "int": "int", "float": "float", "str": "str", "dict": "dict", "Dict": "dict",
-                    "list": "list", "List": "list"}.get(base)
-            if kind is None and base.endswith(("Strategy", "Type", "Names", "Option")):
-                kind = "str"  # transformers' enums take their value as text
-            if kind and kind not in found:
-                found.append(kind)
-        return tuple(found)
 
-    @property
-    def optional(self) -> bool:
-        return "None" in self.annotation or "Optional" in self.annotation
+def kept_fields_path() -> Path | None:
+    """The cache file for the installed versions (None without transformers); it may not exist yet."""
+    versions = _versions()
+    if "transformers" not in versions:
+        return None
+    return cache_dir() / "library-fields" / ("-".join(f"{p}{v}" for p, v in versions.items()) + f"-{CACHE_FORMAT}.json")
 
 
 @functools.cache
 def library_fields() -> dict[str, LibraryField]:
-    """Every field of the classes in SOURCES that the installed packages have, later classes winning."""
-    fields: dict[str, LibraryField] = {}
-    for package, relative, class_name in SOURCES:
-        path = _source(package, relative)
-        if path is None:
-            continue
-        for item in _dataclass_fields(path, class_name):
-            fields[item.name] = item
+    """Every training field of the installed transformers and TRL (SFTConfig's, else TrainingArguments' alone), from
+    the cache when these versions were read before."""
+    path = kept_fields_path()
+    if path is None:
+        return {}
+    try:
+        return {f["name"]: LibraryField(**{**f, "kinds": tuple(f["kinds"])}) for f in json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    fields = _read_classes()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{id(fields)}.tmp")
+        temporary.write_text(json.dumps([dataclasses.asdict(f) for f in fields.values()]))
+        temporary.replace(path)
+    except OSError as exc:  # a read-only cache: read the classes again next time
+        log.debug("could not keep the library fields in %s: %s", path, exc)
     return fields
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _read_classes() -> dict[str, LibraryField]:
+    try:
+        from trl import SFTConfig as arguments
+    except ImportError:
+        from transformers import TrainingArguments as arguments
+    try:
+        hints = typing.get_type_hints(arguments)
+    except (NameError, TypeError):  # an annotation this Python cannot resolve: each field's own, where it is a type
+        hints = {f.name: f.type for f in dataclasses.fields(arguments) if not isinstance(f.type, str)}
+    fields = {}
+    for f in dataclasses.fields(arguments):
+        if not f.init or f.name.startswith("_"):
+            continue
+        hint = hints.get(f.name, Any)
+        owner = next((cls.__name__ for cls in arguments.__mro__ if f.name in vars(cls).get("__annotations__", {})),
+                     arguments.__name__)
+        fields[f.name] = LibraryField(f.name, _kinds(hint), type(None) in typing.get_args(hint), _plain(f.default),
+                                      " ".join(str(f.metadata.get("help", "")).split()), owner)
+    return fields
+
+
+KINDS = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list"}
+
+
+def _kinds(hint: Any) -> tuple[str, ...]:
+    """The plain types an annotation allows, in the order written; an enum (transformers' strategies) takes its
+    value as text, a list's items are not looked into."""
+    found: list[str] = []
+    for member in typing.get_args(hint) if _is_union(hint) else (hint,):
+        base = typing.get_origin(member) or member
+        if base is typing.Literal:
+            kind = KINDS.get(type(typing.get_args(member)[0])) if typing.get_args(member) else None
+        elif isinstance(base, type) and issubclass(base, enum.Enum):
+            kind = "str"
+        else:
+            kind = KINDS.get(base)
+        if kind and kind not in found:
+            found.append(kind)
+    return tuple(found)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+
+
+def _plain(default: Any) -> Any:
+    """A default as the help shows it and JSON keeps it: an enum's value; None for a factory's or an object."""
+    if isinstance(default, enum.Enum):
+        default = default.value
+    return default if isinstance(default, (bool, int, float, str, type(None))) else None
 
 
 def passthrough_fields(own: set[str]) -> dict[str, LibraryField]:
@@ -169,45 +241,3 @@ def _convert(kind: str, value: Any) -> Any:
     if kind == "str":
         return value if isinstance(value, str) else _NO
     return _NO
-
-
-def _source(package: str, relative: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.origin:
-        return None
-    path = Path(spec.origin).parent / relative
-    return path if path.is_file() else None
-
-
-@functools.cache
-def _dataclass_fields(path: Path, class_name: str) -> tuple[LibraryField, ...]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return tuple(_field(statement, class_name) for statement in node.body
-                         if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name))
-    return ()
-
-
-def _field(statement: ast.AnnAssign, owner: str) -> LibraryField:
-    default, help_text = None, ""
-    value = statement.value
-    if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
-        for keyword in value.keywords:
-            if keyword.arg == "default":
-                default = _literal(keyword.value)
-            elif keyword.arg == "metadata" and isinstance(keyword.value, ast.Dict):
-                for k, v in zip(keyword.value.keys, keyword.value.values):
-                    if isinstance(k, ast.Constant) and k.value == "help":
-                        help_text = _literal(v) or ""
-    elif value is not None:
-        default = _literal(value)
-    return LibraryField(statement.target.id, ast.unparse(statement.annotation), default,
-                        " ".join(str(help_text).split()), owner)
-
-
-def _literal(node: ast.AST) -> Any:
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, RecursionError):
-        return None

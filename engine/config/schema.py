@@ -266,6 +266,8 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 FIELDS = _field_index()
+# Each key's type, from the sections' own annotations (typing resolves them: they are text under __future__)
+TYPES = {name: hint for cls in SECTIONS.values() for name, hint in typing.get_type_hints(cls).items()}
 
 
 def known_keys() -> list[str]:
@@ -288,19 +290,17 @@ def closest_key(key: str) -> str | None:
     return ALIASES.get(matches[0], matches[0]) if matches else None
 
 
-def _base_type(annotation: Any) -> type:
-    """``int | None`` → int; the annotations are strings under ``from __future__ import annotations``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"__builtins__": {}}, {"int": int, "float": float, "str": str, "bool": bool,
-                                                             "None": None})
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) and args:
+def base_type(key: str) -> Any:
+    """The type a key's value takes: ``int | None`` -> int."""
+    hint = TYPES[key]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) and args:
         return args[0]
-    return annotation
+    return hint
 
 
-def _is_optional(annotation: Any) -> bool:
-    return "None" in str(annotation)
+def _is_optional(key: str) -> bool:
+    return type(None) in typing.get_args(TYPES[key])
 
 
 _TRUE, _FALSE = TRUE_WORDS, FALSE_WORDS
@@ -313,11 +313,11 @@ def coerce(key: str, value: Any) -> Any:
         value = value.lower() in _TRUE  # `--flash_attn true` as a bare `--flash_attn`
     if key in FLAG_VALUES and value in FLAG_VALUES[key]:
         value = FLAG_VALUES[key][value]
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and _is_optional(f.type)):
-        if _is_optional(f.type):
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and _is_optional(key)):
+        if _is_optional(key):
             return None
         raise ValueError("needs a value")
-    kind = _base_type(f.type)
+    kind = base_type(key)
     if kind is bool:
         flag = flag_word(value)
         if flag is None:
@@ -402,7 +402,7 @@ def _library_key(key: str, value: Any, passthrough: dict[str, Any], command: str
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Flat keys from a YAML (or JSON) file; one clear line when it is missing or not a mapping."""
-    from engine.runs.files import read_user_text
+    from engine.rundir.files import read_user_text
 
     p = Path(path)
     text = read_user_text(p, "config file", max_bytes=16 << 20)
@@ -428,7 +428,7 @@ def _takes_value(name: str, token: str) -> bool:
     if token.startswith("--") and not (token[2:3].isdigit() or token[2:3] == "."):
         return False
     key = ALIASES.get(name, name)
-    if key in FIELDS and _base_type(FIELDS[key][1].type) is bool:
+    if key in FIELDS and base_type(key) is bool:
         return token.lower() in _TRUE | _FALSE
     if key in FLAG_VALUES:
         return token.lower() in _TRUE | _FALSE | set(FLAG_VALUES[key]) - {True, False} | set(

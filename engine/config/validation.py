@@ -325,7 +325,7 @@ def _launch(cfg: TunerConfig) -> list[str]:
                 problems.append(f"strategy {t.strategy} and {key} collide: the strategy writes its own {kind} "
                                 f"config; leave out {key}, or set strategy ddp to use yours")
     if t.strategy != "ddp" or t.fsdp is not None:
-        from engine.runs.distributed import planned_world_size
+        from engine.world import planned_world_size
 
         if planned_world_size(cfg) < 2:
             what = f"strategy {t.strategy}" if t.strategy != "ddp" else f"fsdp {t.fsdp}"
@@ -348,7 +348,7 @@ def _deepspeed_collisions(cfg: TunerConfig) -> list[str]:
     ds: dict = {}
     if cfg.train.deepspeed is not None:
         from engine.errors import UserError
-        from engine.runs.files import read_user_text
+        from engine.rundir.files import read_user_text
 
         try:
             ds = json.loads(read_user_text(cfg.train.deepspeed, "deepspeed config file"))

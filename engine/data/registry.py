@@ -143,7 +143,7 @@ def _read_registry(folder: Path) -> dict[str, DatasetAttr]:
     path = folder / REGISTRY_FILE
     if not path.is_file():
         return {}
-    from engine.runs.files import read_user_text
+    from engine.rundir.files import read_user_text
 
     text = read_user_text(path, "dataset registry")
     try:

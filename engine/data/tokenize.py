@@ -389,7 +389,7 @@ def _lengths(dataset) -> Lengths:
 
 def _meta(entry: Path) -> dict | None:
     """What ``_prepare`` wrote of a prepared entry; None when there is none, or it is damaged (not JSON, not ours)."""
-    from engine.runs.files import read_user_text
+    from engine.rundir.files import read_user_text
 
     try:
         meta = json.loads(read_user_text(entry / META, "tokenized data's", max_bytes=1 << 20))

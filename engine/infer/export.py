@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.runs.layout import CONFIG
+from engine.rundir.layout import CONFIG
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLE = [
@@ -79,7 +79,7 @@ def export_model(cfg: TunerConfig, note: Callable[[str], None] = partial(print, 
 
 
 def export_note(job) -> str:
-    """What exporting this run (an ``engine.runs.jobs.Job``) does with what it trained, in a sentence."""
+    """What exporting this run (an ``engine.rundir.jobs.Job``) does with what it trained, in a sentence."""
     from engine.infer.followup import followup_values
 
     return MERGES if followup_values(job, "export").get("adapter_name_or_path") else RESAVES
@@ -109,7 +109,7 @@ def recorded_dtype(model: str, cfg: TunerConfig) -> str | None:
         return None
     if path is None:  # a local directory without config.json
         return None
-    from engine.runs.files import read_user_text
+    from engine.rundir.files import read_user_text
 
     try:
         config = json.loads(read_user_text(path, "the model's config.json"))

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
-from engine.runs.checkpoints import checkpoints, has_weights, is_complete
-from engine.runs.jobs import Job
-from engine.runs.layout import CONFIG
+from engine.rundir.checkpoints import checkpoints, has_weights, is_complete
+from engine.rundir.jobs import Job
+from engine.rundir.layout import CONFIG
 
 # What a follow-up inherits from the run as it was trained: how the model was loaded and how prompts look. Never
 # trust_remote_code: a run directory is a file anyone can craft, so running a model's own code is asked for each time.
@@ -98,7 +98,7 @@ def load_followup_config(argv: list[str], command: str, warn: Callable[[str], No
     import sys
 
     from engine.config.argv import CONFIG_SUFFIXES, load_config, take_option
-    from engine.runs.files import printable_line
+    from engine.rundir.files import printable_line
 
     warn = warn or (lambda line: print(line, file=sys.stderr))
 
@@ -108,7 +108,7 @@ def load_followup_config(argv: list[str], command: str, warn: Callable[[str], No
     if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].endswith(CONFIG_SUFFIXES):
         raise UserError(f"`tuner {command} --run {run_ref}` takes its model from the run: leave out '{argv[0]}'",
                         hint="--model_name_or_path puts another base under a LoRA run's adapter")
-    from engine.runs.jobs import find_job
+    from engine.rundir.jobs import find_job
 
     job = find_job(run_ref)
     cfg = load_config(argv, command, followup_values(job, command))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
-from engine.runs.layout import CONFIG
+from engine.rundir.layout import CONFIG
 
 log = logging.getLogger("tuner")
 

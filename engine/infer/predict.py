@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.errors import UserError
-from engine.runs.layout import TRAINER_LOG
+from engine.rundir.layout import TRAINER_LOG
 
 log = logging.getLogger("tuner")
 

@@ -1,6 +1,6 @@
 """Peak GPU memory of a fine-tuning run, per component, from the model's geometry alone (no weights loaded).
 
-The estimate models what the engine does (engine/models/loading.py, engine/train/sft.py): which weights stay 16-bit, which are
+The estimate models what the engine does (engine/models/loading.py, engine/train/): which weights stay 16-bit, which are
 quantized or kept in fp32, what the optimizer holds, and what the forward and backward passes keep alive. Three
 constants come from measurement rather than first principles; each says where it was measured, and
 ``tests/unit/test_memory.py`` holds the whole estimate to the measured table in ``bench/results``.

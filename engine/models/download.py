@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.events import DownloadProgress  # the download event's content, in the run's format
+from engine.rundir.events import DownloadProgress  # the download event's content, in the run's format
 
 log = logging.getLogger("tuner.download")
 
@@ -367,7 +367,7 @@ def _record_ref(plan: DownloadPlan) -> None:
     snapshot by the name the user gave. Written whole (tmp + rename), so no reader sees it empty."""
     if plan.revision == plan.commit:
         return
-    from engine.runs.files import write_text_atomic
+    from engine.rundir.files import write_text_atomic
 
     ref = plan.cache_dir / _repo_folder(plan.hub_id) / "refs" / plan.revision
     ref.parent.mkdir(parents=True, exist_ok=True)

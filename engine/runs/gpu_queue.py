@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.paths import state_dir
-from engine.runs.rundir import RunDir
-from engine.runs.status import RunStatus, write_status
+from engine.rundir.run import RunDir
+from engine.rundir.status import RunStatus, write_status
 from engine.runs.stop import StopRequest
 
 log = logging.getLogger("tuner")
@@ -21,13 +21,29 @@ def lock_path() -> Path:
     return state_dir() / "gpus.lock"
 
 
+def take_turn(run: RunDir, stop: StopRequest, force: bool = False) -> None:
+    """A run's turn on its GPUs before it trains: wait for it (state queued, ``wait_for_gpus``), or, forced, hold
+    them at once, so later runs wait for this one."""
+    from engine.rundir.jobs import gpus_in_use
+
+    if not force and not stop.requested:
+        wait_for_gpus(run, stop)
+    elif not run.status.gpus:
+        run.status.gpus = gpus_in_use()
+
+
+def turn(force: bool):
+    """``take_turn`` as a run's trainer is handed it (engine.train.runner's ``gpu_turn``)."""
+    return lambda run, stop: take_turn(run, stop, force)
+
+
 def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -> None:
     """Wait, state queued, while another live run on this host holds one of this run's GPUs or queued for one
     earlier (first come, first served), or until stopped. Returning without a stop, the run has claimed its GPUs:
     its status.json already says "running" with ``gpus`` written, under the host's GPU lock."""
     from filelock import FileLock, Timeout
 
-    from engine.runs.jobs import gpus_in_use
+    from engine.rundir.jobs import gpus_in_use
 
     poll = QUEUE_POLL_S if poll_s is None else poll_s
     run.status.gpus = gpus_in_use()
@@ -57,7 +73,7 @@ def wait_for_gpus(run: RunDir, stop: StopRequest, poll_s: float | None = None) -
 def blocker(status: RunStatus) -> RunStatus | None:
     """The other live run of this host that ``status``'s run must wait for: one that holds one of its GPUs, else
     the first that queued for one before it did; None when its turn has come."""
-    from engine.runs.jobs import gpu_claims
+    from engine.rundir.jobs import gpu_claims
 
     claims = gpu_claims(status.gpus, status.id)
     holders = [job.status for job in claims if job.state == "running"]

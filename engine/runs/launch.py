@@ -18,15 +18,16 @@ from pathlib import Path
 
 from engine.config.schema import TunerConfig, build_config, read_config_file
 from engine.errors import UserError
-from engine.runs.checkpoints import checkpoints, last_complete
-from engine.runs.files import open_append, printable_line, write_text_atomic
-from engine.runs.index import register
-from engine.runs.lock import LOCK_FD_ENV, LOCK_FILE, RunLock
-from engine.runs.rundir import RunDir, is_main_process
-from engine.runs.process import pid_start_time
-from engine.runs.status import UNREADABLE, RunStatus, new_run_id, read_status, write_status
+from engine.rundir.checkpoints import checkpoints, last_complete
+from engine.rundir.files import open_append, printable_line, write_text_atomic
+from engine.rundir.index import register
+from engine.rundir.lock import LOCK_FD_ENV, LOCK_FILE, RunLock
+from engine.rundir.run import RunDir
+from engine.world import is_main_process
+from engine.rundir.process import pid_start_time
+from engine.rundir.status import UNREADABLE, RunStatus, new_run_id, read_status, write_status
 from engine.runs.stop import blocked_stop_signals
-from engine.runs.layout import CONFIG, RUN_FILES, TRAIN_LOG
+from engine.rundir.layout import CONFIG, RUN_FILES, TRAIN_LOG
 
 CONFIG_FILE = CONFIG
 ONE_SHOT = {"overwrite_output_dir": False, "resume_from_checkpoint": None, "overwrite_cache": False}
@@ -50,33 +51,41 @@ def output_path(cfg: TunerConfig) -> Path:
     return path.absolute()
 
 
+def with_run_directory(cfg: TunerConfig) -> TunerConfig:
+    """``cfg`` (a copy) with output_dir resolved, once, to the run's directory: absolute, the default one
+    (saves/<model>/<method>/<time>) stamped now. Everything after takes the directory from here, or from the RunDir
+    built on it; a resolved config resolves to itself."""
+    resolved = copy.deepcopy(cfg)
+    resolved.train.output_dir = str(output_path(cfg))
+    return resolved
+
+
 def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, visible_devices: str | None = None):
     """Start training ``cfg``: detached, the started run's status (its process holds the lock, and sees only
     ``visible_devices`` when given); else the exit code of the run trained in this process, shown in ``view``
     (engine.cli.train_view) when given."""
     from engine.runs.stop import StopRequest
 
-    stop = None if detach or not is_main_process() else StopRequest().install()
+    stop = None if detach else StopRequest().install()
     try:
         plan = _launch_plan(cfg, visible_devices)
         if plan.nnodes > 1 and not cfg.train.output_dir:
             raise UserError("a run over several machines needs output_dir: the same path on every machine, on storage "
                             "they share")
-        path = output_path(cfg)
-        cfg.train.output_dir = str(path)
+        cfg = with_run_directory(cfg)
+        path = Path(cfg.train.output_dir)
         if not is_main_process():
-            from engine.train.sft import run_training
+            from engine.train.runner import run_training
 
             resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)
-            return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)),
-                                stop=None, wait_for_free_gpus=False)
+            return run_training(cfg, RunDir(path, resume, RunStatus(id="", name=path.name)), stop)
         if plan.distributed:  # refused here, before a directory, rather than in every rank
             from engine.hardware import probe
             from engine.hardware import check_machine
 
             check_machine(cfg.train.strategy, bool(probe().gpus))
         if plan.distributed and not plan.main_node:
-            return _other_node(cfg, plan, detach, stop)
+            return _other_node(cfg, path, plan, detach, stop)
         from engine.models.resolve import resolve_configured
 
         resolve_configured(cfg.model)  # a model nowhere, gated, or too big for the disk: refused before a directory
@@ -98,11 +107,12 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
 
                 return supervise(run, plan, stop, force, cfg.data.overwrite_cache, token=cfg.model.hf_hub_token,
                                  echo=sys.stderr if view is not None else None)
-            from engine.train.sft import run_training
+            from engine.runs.gpu_queue import turn
+            from engine.train.runner import run_training
 
             saved.model.hf_hub_token = cfg.model.hf_hub_token
             saved.data.overwrite_cache = cfg.data.overwrite_cache  # one-shot: this start, never its config.yaml
-            return run_training(saved, run, stop=stop, view=view, wait_for_free_gpus=not force)
+            return run_training(saved, run, stop, view=view, gpu_turn=turn(force))
     finally:
         if stop is not None:
             stop.uninstall()
@@ -110,7 +120,7 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
 
 def _launch_plan(cfg: TunerConfig, visible_devices: str | None):
     """The run's processes; one, as always, inside a process that a launcher (the user's torchrun) started."""
-    from engine.runs.distributed import LaunchPlan, in_launched_process, launch_plan
+    from engine.world import LaunchPlan, in_launched_process, launch_plan
 
     if in_launched_process():
         given = {key: getattr(cfg.train, key) for key in ("nproc_per_node", "nnodes", "node_rank", "master_addr",
@@ -122,14 +132,13 @@ def _launch_plan(cfg: TunerConfig, visible_devices: str | None):
     return launch_plan(cfg, gpu_count=len(visible_devices.split(",")) if visible_devices else None)
 
 
-def _other_node(cfg: TunerConfig, plan, detach: bool, stop) -> int:
+def _other_node(cfg: TunerConfig, path: Path, plan, detach: bool, stop) -> int:
     """A machine other than node 0: its processes join node 0's, and node 0's run directory records the run."""
     from engine.runs.supervise import follow_node
 
     if detach:
         raise UserError(f"--detach starts a run from node 0; node_rank {plan.node_rank} joins it in the foreground",
                         "run this machine's command without --detach (under srun, tmux or nohup)")
-    path = Path(cfg.train.output_dir)
     resume = None if cfg.train.overwrite_output_dir else _resume_point(cfg, path)  # node 0's, on the shared disk
     saved = saved_config(cfg, path)
     return follow_node(saved, plan, stop, saved.to_yaml(), resume, token=cfg.model.hf_hub_token)
@@ -143,9 +152,9 @@ def resume_run(run_dir: Path, hf_hub_token: str | None = None) -> RunStatus:
         there = config.exists() or config.is_symlink()
         raise UserError(f"{run_dir}'s {CONFIG_FILE} is not a regular file (a link to a device, a FIFO?): nothing to "
                         "resume with" if there else f"{run_dir} has no {CONFIG_FILE} to resume with")
-    cfg = build_config(read_config_file(config))
-    cfg.train.output_dir = str(Path(run_dir).absolute())
-    cfg.model.hf_hub_token = hf_hub_token
+    # the directory named, wherever config.yaml says it was (a run directory may have been moved)
+    cfg = build_config({**read_config_file(config), "output_dir": str(Path(run_dir).absolute()),
+                        "hf_hub_token": hf_hub_token})
     return start_run(cfg, detach=True, visible_devices=_gpus_of(read_status(Path(run_dir)), cfg))
 
 

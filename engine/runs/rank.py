@@ -28,16 +28,17 @@ def main(argv: list[str]) -> int:
     run_dir = Path(argv[0]).absolute()
     # torchrun ends a rank with SIGTERM when another died; under Slurm, SIGTERM is the job's end, which the
     # supervisor gets too and passes on as a stop (SIGKILL follows after Slurm's KillWait)
-    from engine.runs.distributed import under_slurm
+    from engine.world import under_slurm
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if under_slurm() else _torn_down(run_dir))
     from engine.config.schema import build_config, read_config_file
     from engine.errors import UserError
     from engine.quiet import quiet_libraries
-    from engine.runs.rundir import RunDir, is_main_process
-    from engine.runs.status import RunStatus, read_status
+    from engine.rundir.run import RunDir
+    from engine.world import is_main_process
+    from engine.rundir.status import RunStatus, read_status
     from engine.runs.supervise import write_last_word
-    from engine.train.sft import setup_rank_logging
+    from engine.train.logs import setup_rank_logging
 
     config = Path(argv[argv.index("--config") + 1])
     resume_from = argv[argv.index("--resume-from") + 1] if "--resume-from" in argv else None
@@ -45,16 +46,14 @@ def main(argv: list[str]) -> int:
     quiet_libraries()
     handlers = [] if is_main_process() else setup_rank_logging()
     try:
-        cfg = build_config(read_config_file(config))
-        cfg.train.output_dir = str(run_dir)
+        cfg = build_config(read_config_file(config))  # its directory is run_dir, the RunDir below
         cfg.data.overwrite_cache = "--overwrite-cache" in argv
         status = read_status(run_dir) if is_main_process() else None
         if status is None:
             status = RunStatus(id="", name=run_dir.name)
-        from engine.train.sft import run_training
+        from engine.train.runner import run_training
 
-        run_training(cfg, RunDir(run_dir, resume_from, status, supervised=True), stop=stop,
-                     wait_for_free_gpus=False)
+        run_training(cfg, RunDir(run_dir, resume_from, status, supervised=True), stop)  # the supervisor took the GPUs
         write_last_word(run_dir, rank, "ok")
         return 0  # completed or stopped, as status.json says: the supervisor's exit code tells which
     except UserError as exc:

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.distributed import LaunchPlan, free_port, rank_file, torchrun_argv, under_slurm
-from engine.runs.events import Event, EventWriter, newest_events
-from engine.runs.files import open_append, read_json
-from engine.runs.rundir import RunDir
-from engine.runs.status import now_iso, read_status, write_status
+from engine.runs.distributed import free_port, rank_file, torchrun_argv
+from engine.world import LaunchPlan, under_slurm
+from engine.rundir.events import Event, EventWriter, newest_events
+from engine.rundir.files import open_append, read_json
+from engine.rundir.run import RunDir
+from engine.rundir.status import now_iso, read_status, write_status
 from engine.runs.stop import StopRequest
-from engine.runs.layout import CONFIG, TRAIN_LOG
+from engine.rundir.layout import CONFIG, TRAIN_LOG
 
 log = logging.getLogger("tuner")
 
@@ -41,17 +42,13 @@ def supervise(run: RunDir, plan: LaunchPlan, stop: StopRequest, force: bool = Fa
     """Train ``run`` with the processes of ``plan`` on this machine (node 0); the run's exit code. ``token``: the
     hub token, for the ranks' environment only; ``echo``: a stream that shows train.log as it grows (a foreground
     run in a terminal)."""
-    from engine.runs.gpu_queue import wait_for_gpus
-    from engine.runs.jobs import gpus_in_use
+    from engine.runs.gpu_queue import take_turn
 
     log_path = run.path / TRAIN_LOG
     shown_from = log_path.stat().st_size if log_path.exists() else 0
     with _logging_to(log_path):
         log.info("launching %s", plan.describe())
-        if not force and not stop.requested:
-            wait_for_gpus(run, stop)  # its "queued" line goes to train.log too
-        elif not run.status.gpus:
-            run.status.gpus = gpus_in_use()  # a forced run holds its GPUs too: later runs wait for it
+        take_turn(run, stop, force)  # its "queued" line goes to train.log too
     if stop.requested:
         return _record_stop(run, stop)
     run.status.state = "running"
@@ -355,7 +352,7 @@ class _Echo:
         self._thread.start()
 
     def _run(self) -> None:
-        from engine.runs.files import open_regular, printable
+        from engine.rundir.files import open_regular, printable
 
         while True:
             last = self._done.is_set()
@@ -377,7 +374,7 @@ class _Echo:
 
 def write_last_word(run_dir: Path, rank: int, outcome: str, message: str = "", user_error: bool = False) -> None:
     """A rank's last word for its supervisor (``_Launcher.culprit``): outcome ok, torn_down or error."""
-    from engine.runs.files import write_json_atomic
+    from engine.rundir.files import write_json_atomic
 
     path = rank_file(run_dir, rank)
     try:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.files import open_append, printable, read_json, write_json_atomic
-from engine.runs.process import is_alive, own_identity, pid_start_time
-from engine.runs.status import now_iso
+from engine.rundir.files import open_append, printable, read_json, write_json_atomic
+from engine.rundir.process import is_alive, own_identity, pid_start_time
+from engine.rundir.status import now_iso
 
 COMMANDS = ("predict", "export")
 

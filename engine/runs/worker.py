@@ -20,10 +20,10 @@ def main(argv: list[str]) -> int:
     from engine.errors import UserError
     from engine.quiet import quiet_libraries
     from engine.runs.launch import CONFIG_FILE, method_label
-    from engine.runs.rundir import RunDir
-    from engine.runs.lock import RunLock
-    from engine.runs.process import own_identity
-    from engine.runs.status import UNREADABLE, read_status
+    from engine.rundir.run import RunDir
+    from engine.rundir.lock import RunLock
+    from engine.rundir.process import own_identity
+    from engine.rundir.status import UNREADABLE, read_status
 
     run_dir = Path(argv[0]).absolute()
     force = "--force" in argv
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{run_dir} has no readable status.json: start the run with `tuner train`")
         status.pid, status.pid_started_at = own_identity()
         status.method = status.method or method_label(cfg)
-        from engine.runs.distributed import launch_plan
+        from engine.world import launch_plan
 
         plan = launch_plan(cfg)
         if plan.distributed:
@@ -49,9 +49,10 @@ def main(argv: list[str]) -> int:
 
             return supervise(RunDir(run_dir, resume_from, status), plan, stop, force, cfg.data.overwrite_cache,
                              token=os.environ.get("HF_TOKEN"))
-        from engine.train.sft import run_training
+        from engine.runs.gpu_queue import turn
+        from engine.train.runner import run_training
 
-        return run_training(cfg, RunDir(run_dir, resume_from, status), stop=stop, wait_for_free_gpus=not force)
+        return run_training(cfg, RunDir(run_dir, resume_from, status), stop, gpu_turn=turn(force))
     except UserError as exc:
         print(f"tuner: error: {exc}", file=sys.stderr)
         _record_refusal(run_dir, str(exc))
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
 
 def _record_refusal(run_dir: Path, message: str) -> None:
     """A run refused before training could record it (its config unreadable, ...) says so in its status too."""
-    from engine.runs.status import now_iso, read_status, write_status
+    from engine.rundir.status import now_iso, read_status, write_status
 
     status = read_status(run_dir)
     if status is not None and status.state in ("queued", "running"):

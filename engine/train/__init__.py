@@ -1,1 +1,3 @@
-"""Supervised fine-tuning in a prepared run directory, and the callbacks that write its events."""
+"""Training: the shared runner (runner.py) trains a stage (sft.py) in a run directory; stage.py is what they share.
+Beside them: the trainer arguments every stage uses, the callbacks that write the run's events, its logs, the setup
+(speed plan, strategy), the strategies, the loss, plots and results files. Imports nothing of the orchestration."""

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from engine.runs.events import Event, EventWriter
-from engine.runs.files import open_append
-from engine.runs.series import PACE_LOGS, remaining_s
-from engine.runs.status import RunStatus, finite, write_status
-from engine.runs.stop import StopRequest
-from engine.runs.layout import TRAINER_LOG
+from engine.rundir.events import Event, EventWriter
+from engine.rundir.files import open_append
+from engine.rundir.series import PACE_LOGS, remaining_s
+from engine.rundir.status import RunStatus, finite, write_status
+from engine.train.stage import StopAsked
+from engine.rundir.layout import TRAINER_LOG
 
 log = logging.getLogger("tuner")
 
@@ -176,10 +176,11 @@ def any_process(flag: bool) -> bool:
 
 
 class GracefulStop(TrainerCallback):
-    """A stop asked for (engine.runs.stop): finish the step, save a checkpoint, stop. Under several processes a stop
-    any of them got is every one's, from the same step on, so all take the same path after training."""
+    """A stop asked for (handed in: engine.runs.stop's StopRequest): finish the step, save a checkpoint, stop. Under
+    several processes a stop any of them got is every one's, from the same step on, so all take the same path after
+    training."""
 
-    def __init__(self, stop: StopRequest):
+    def __init__(self, stop: StopAsked):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engine.runs import Event, read_events
-from engine.runs.series import ema
-from engine.runs.files import read_json
+from engine.rundir import Event, read_events
+from engine.rundir.series import ema
+from engine.rundir.files import read_json
 
 log = logging.getLogger("tuner")
 
@@ -18,7 +18,7 @@ KEYS = ("loss", "eval_loss")
 
 def smooth(values: list[float]) -> list[float]:
     """LLaMA-Factory's smoothing: TensorBoard's EMA with a weight that grows with the series' length, the same the
-    dashboard draws (engine.runs.series.ema)."""
+    dashboard draws (engine.rundir.series.ema)."""
     return list(ema(values))
 
 

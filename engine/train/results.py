@@ -9,8 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from engine.runs.files import read_json, write_text_atomic
-from engine.runs.status import finite
+from engine.rundir.files import read_json, write_text_atomic
+from engine.rundir.status import finite
 
 ALL = "all_results.json"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from engine.config.schema import TunerConfig
-from engine.runs.files import write_text_atomic
+from engine.rundir.files import write_text_atomic
 
 DEEPSPEED_FILE = "deepspeed.json"
 ACCELERATE_FILE = "accelerate_config.yaml"

@@ -100,7 +100,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def logged(run_dir: Path, at_least: int = 1) -> bool:
     """Whether the run has logged a step of at least ``at_least``."""
-    from engine.runs import read_events
+    from engine.rundir import read_events
 
     return any(e["type"] == "log" and e["step"] >= at_least for e in read_events(run_dir))
 

@@ -15,7 +15,7 @@ from engine.cli import main
 from engine.config.schema import given_values
 from engine.infer.followup import training_data_warning
 from engine.models.catalog import with_recipe
-from engine.runs.jobs import find_job
+from engine.rundir.jobs import find_job
 
 TRAIN = ["--dataset", "demo_alpaca", "--max_samples", "16", "--per_device_train_batch_size", "8"]
 

@@ -12,7 +12,7 @@ from engine.cli import main
 from engine.config.schema import build_config
 from engine.infer.chat import start_chat
 from engine.models.catalog import lookup
-from engine.runs import read_events
+from engine.rundir import read_events
 
 # Prompts of the demo data's kinds, with words and numbers the data does not pair this way, and the answer's form.
 PROMPTS = {

@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 from job_helpers import RUN, start_detached, tuner, wait_for
 
 TWO = ("--nproc_per_node", "2")

@@ -26,7 +26,7 @@ from engine.models.download import (
     plan_download,
 )
 from engine.models.resolve import resolve_model
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 RUN_FILES = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "model.safetensors", "config.json"]
@@ -295,7 +295,7 @@ def test_a_machines_other_processes_wait_for_the_whole_snapshot_not_a_lone_confi
 
     from engine.config.schema import build_config
     from engine.memory.recommend import model_geometry
-    from engine.train.sft import _downloaded
+    from engine.train.runner import _downloaded
 
     model_geometry("org/tiny")  # what an estimate leaves in the snapshot: config.json alone
     plan = plan_download("org/tiny")

@@ -11,9 +11,9 @@ from job_helpers import tuner
 
 from engine.errors import UserError
 from engine.infer.followup import followup_values, trained_weights
-from engine.runs import read_status
-from engine.runs.jobs import find_job
-from engine.runs.process import pid_start_time
+from engine.rundir import read_status
+from engine.rundir.jobs import find_job
+from engine.rundir.process import pid_start_time
 
 TRAIN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template", "alpaca",
          "--max_samples", "40", "--per_device_train_batch_size", "8", "--logging_steps", "5", "--learning_rate", "1e-3"]
@@ -91,7 +91,7 @@ def test_stopped_run_uses_its_newest_checkpoint(project, tmp_path):
             (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     status = read_status(lora.dir)
     status.state, status.output_dir = "stopped", str(stopped)
-    from engine.runs import write_status
+    from engine.rundir import write_status
 
     write_status(stopped, status)
     assert trained_weights(find_job(str(stopped))) == stopped / "checkpoint-10"
@@ -103,7 +103,7 @@ def test_a_running_run_or_a_foreign_directory_is_refused_in_one_line(project, tm
     status = read_status(project / "lora-done")
     status.state, status.pid, status.output_dir = "running", os.getpid(), str(running)
     status.pid_started_at = pid_start_time(os.getpid())
-    from engine.runs import write_status
+    from engine.rundir import write_status
 
     write_status(running, status)
     with pytest.raises(UserError, match="still running"):

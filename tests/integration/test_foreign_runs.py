@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from engine.cli import main
-from engine.runs.foreign import foreign_run
-from engine.runs import read_events
+from engine.rundir.foreign import foreign_run
+from engine.rundir import read_events
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_directory_of_neither_kind_is_none(tmp_path):
 
 def test_find_job_opens_another_tools_directory_read_only(tmp_path):
     from engine.errors import UserError
-    from engine.runs.jobs import find_job, job_events, stop_job
+    from engine.rundir.jobs import find_job, job_events, stop_job
 
     (tmp_path / "trainer_log.jsonl").write_text(json.dumps(
         {"current_steps": 5, "total_steps": 10, "loss": 2.0, "lr": 1e-4, "epoch": 0.5}) + "\n")

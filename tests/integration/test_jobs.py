@@ -14,8 +14,8 @@ import sys
 
 from job_helpers import RUN, logged, runs_json, start_detached, tuner, wait_for
 
-from engine.runs import read_events, read_status
-from engine.runs.checkpoints import checkpoints
+from engine.rundir import read_events, read_status
+from engine.rundir.checkpoints import checkpoints
 
 
 def test_a_detached_run_outlives_its_terminal_is_listed_from_anywhere_and_goes_missing_with_its_directory(home):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 SHORT = ["--dataset", "demo_alpaca", "--max_samples", "16", "--per_device_train_batch_size", "4", "--logging_steps",
          "1", "--save_strategy", "no", "--max_steps", "2"]

@@ -12,7 +12,7 @@ import job_helpers
 import pytest
 import yaml
 
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 # examples/train_lora/qwen3_lora_sft.yaml and examples/train_qlora/llama3_lora_sft_otfq.yaml of LLaMA-Factory, as
 # they are but for the model (and comments); the eval block of the first is commented out there too.

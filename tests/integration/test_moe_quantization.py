@@ -18,7 +18,7 @@ from engine.config.schema import parse_args
 from engine.infer.chat import start_chat
 from engine.models.loading import Precision, apply_method, count_parameters, load_model
 from engine.models.moe_quant import fused_expert_parameters, held_bytes, quant_state, quantize_fused_experts
-from engine.runs import read_events
+from engine.rundir import read_events
 
 FP32 = Precision("fp32", "CPU")
 EXPERT_TENSORS = 4  # tiny-mixtral: 2 layers x (gate_up_proj, down_proj)

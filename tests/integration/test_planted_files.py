@@ -13,13 +13,13 @@ import threading
 
 import pytest
 
-from engine.runs.events import EventReader, read_events
+from engine.rundir.events import EventReader, read_events
 from engine.errors import UserError
-from engine.runs.checkpoints import is_complete, last_complete
-from engine.runs.files import LogTail, lines_of, open_append, open_regular, read_json, read_text
-from engine.runs.foreign import llamafactory_events
-from engine.runs.index import entries, index_path, register
-from engine.runs.status import RunStatus, read_status, write_status
+from engine.rundir.checkpoints import is_complete, last_complete
+from engine.rundir.files import LogTail, lines_of, open_append, open_regular, read_json, read_text
+from engine.rundir.foreign import llamafactory_events
+from engine.rundir.index import entries, index_path, register
+from engine.rundir.status import RunStatus, read_status, write_status
 
 SECONDS = 20  # a read that has not answered by then would never have
 

@@ -17,9 +17,9 @@ import engine.hardware
 import engine.runs.gpu_queue
 from engine.cli import main
 from engine.hardware import HardwareState
-from engine.runs.index import register
-from engine.runs.process import pid_start_time
-from engine.runs import RunStatus, read_status, write_status
+from engine.rundir.index import register
+from engine.rundir.process import pid_start_time
+from engine.rundir import RunStatus, read_status, write_status
 
 A100 = Path(__file__).resolve().parents[1] / "data" / "gpu_states" / "a100-80gb.json"
 RUN = ["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "2",
@@ -109,18 +109,18 @@ from pathlib import Path
 import engine.hardware
 from engine.hardware import HardwareState
 from engine.runs.gpu_queue import wait_for_gpus
-from engine.runs.process import own_identity
-from engine.runs.rundir import RunDir
-from engine.runs.status import read_status, write_status
+from engine.rundir.process import own_identity
+from engine.rundir.run import RunDir
+from engine.rundir.status import read_status, write_status
 from engine.runs.stop import StopRequest
 
 state = HardwareState.from_json(json.loads(Path(sys.argv[1]).read_text()))
 engine.hardware.probe = lambda nvml=None: state
 if len(sys.argv) > 3:  # a slow look at the other runs, so runs arriving together overlap in it
     import time
-    import engine.runs.jobs
-    look = engine.runs.jobs.gpu_claims
-    engine.runs.jobs.gpu_claims = lambda *a: (look(*a), time.sleep(float(sys.argv[3])))[0]
+    import engine.rundir.jobs
+    look = engine.rundir.jobs.gpu_claims
+    engine.rundir.jobs.gpu_claims = lambda *a: (look(*a), time.sleep(float(sys.argv[3])))[0]
 stop = StopRequest().install()
 run_dir = Path(sys.argv[2])
 status = read_status(run_dir)

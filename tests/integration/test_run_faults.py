@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from job_helpers import RUN, logged, runs_json, start_detached, tuner, wait_for
 
-from engine.runs import read_events, read_status
-from engine.runs.checkpoints import checkpoints
+from engine.rundir import read_events, read_status
+from engine.rundir.checkpoints import checkpoints
 
 
 def strict_events(run_dir: Path) -> list[dict]:
@@ -290,7 +290,7 @@ def test_runs_in_one_process_close_their_log_files(home):
             assert str(home / name / file) not in open_files, f"{name}/{file} is still open"
     import logging
 
-    from engine.train.sft import LOGGERS, RunLogHandler
+    from engine.train.logs import LOGGERS, RunLogHandler
 
     assert not [h for name in LOGGERS for h in logging.getLogger(name).handlers if isinstance(h, RunLogHandler)]
 

@@ -14,7 +14,7 @@ from engine.cli import main
 from engine.config.schema import parse_args
 from engine.data.tokenize import build_datasets, encode_conversations
 from engine.models.loading import load_tokenizer
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 STEPS = ["--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_samples", "48",
          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "6",
@@ -46,10 +46,11 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
     is whole samples with their own labels, each sample starting at position 0, and it trains."""
     from engine.memory.autofit import Fit
     from engine.models.loading import Hardware, Precision, apply_method, load_model
-    from engine.runs.rundir import RunDir
-    from engine.runs.status import RunStatus
+    from engine.rundir.run import RunDir
+    from engine.rundir.status import RunStatus
     from engine.train.callbacks import Divergence
-    from engine.train.sft import _build_trainer
+    from engine.train.sft import SFT
+    from engine.train.stage import TrainerParts
     from engine.train.speed import SpeedPlan
     from engine.train.strategy import World, prepare_strategy
 
@@ -64,9 +65,10 @@ def test_packed_rows_keep_every_sample_and_its_labels(tiny_models, tmp_path):
                          cfg, False)
     run = RunDir(tmp_path / "packed", None, RunStatus(id="t", name="packed"))
     run.path.mkdir()
-    trainer = _build_trainer(cfg, model, tokenizer, data, Precision("fp32", "test"),
-                             Hardware(False, False, False, "cpu"), run, [], Divergence(), plan,
-                             prepare_strategy(cfg, run.path, str(tiny_models["tiny-llama"]), "fp32", World(1)))
+    trainer = SFT.trainer(TrainerParts(cfg, model, tokenizer, data, Precision("fp32", "test"),
+                                       Hardware(False, False, False, "cpu"), run, [], Divergence(),
+                                       prepare_strategy(cfg, run.path, str(tiny_models["tiny-llama"]), "fp32",
+                                                        World(1))), plan)
     seen = 0
     for batch in trainer.get_train_dataloader():
         assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= tokens

@@ -16,7 +16,7 @@ import yaml
 from job_helpers import wait_for
 
 from engine.cli import main
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 CLASSIC = (
     "train --stage sft --model_name_or_path {model} --do_train --dataset demo_alpaca --template {template} "

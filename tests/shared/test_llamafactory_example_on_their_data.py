@@ -7,7 +7,7 @@ import json
 
 from test_llamafactory_configs import LORA_SFT, SHORTER, tuner, write
 
-from engine.runs import read_events, read_status
+from engine.rundir import read_events, read_status
 
 
 def test_llamafactory_lora_sft_config_runs_unchanged_on_their_data(tmp_path, shared_data, home, tiny_models):

@@ -17,11 +17,11 @@ from tui_helpers import recorded, shown, until
 
 from engine.cli import main
 from engine.errors import UserError
-from engine.runs.events import read_events
-from engine.runs.jobs import find_job, job_row
-from engine.runs.process import pid_start_time
-from engine.runs.series import remaining_s
-from engine.runs import RunStatus, read_status, write_status
+from engine.rundir.events import read_events
+from engine.rundir.jobs import find_job, job_row
+from engine.rundir.process import pid_start_time
+from engine.rundir.series import remaining_s
+from engine.rundir import RunStatus, read_status, write_status
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.dashboard.widgets import (CheckpointList, ConfigView, GpuPanel, LearningRate, LogView, LossChart,

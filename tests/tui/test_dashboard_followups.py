@@ -10,8 +10,8 @@ import subprocess
 from textual.widgets import DataTable, Input, Static
 from tui_helpers import recorded, shown, until
 
-from engine.runs import read_status, write_status
-from engine.runs.process import pid_start_time
+from engine.rundir import read_status, write_status
+from engine.rundir.process import pid_start_time
 from engine.runs.tasks import read_task, result_path_for
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.followup.chat import ChatScreen, Turn
@@ -166,7 +166,7 @@ async def test_runs_list_opens_a_dashboard_and_back(finished_run, state_home):
 
 
 async def test_runs_list_shows_what_a_dead_run_said_last(run_copy, state_home):
-    from engine.runs.index import register
+    from engine.rundir.index import register
 
     status = read_status(run_copy)
     status.id, status.state, status.pid, status.output_dir = "20990101-000000-dead00", "running", dead_pid(), str(run_copy)

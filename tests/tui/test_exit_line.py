@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tui_helpers import recorded, until, wizard
 
-from engine.runs import RunStatus, write_status
-from engine.runs.process import pid_start_time
+from engine.rundir import RunStatus, write_status
+from engine.rundir.process import pid_start_time
 from tuner_tui.dashboard.screen import DashboardScreen
 from engine.cli import tuner as main
 from tuner_tui.monitor import MonitorApp

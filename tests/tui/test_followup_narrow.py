@@ -9,7 +9,7 @@ from textual.widgets import Input, Static
 from tui_helpers import shown, until
 
 from engine.infer.followup import training_data_warning
-from engine.runs.jobs import find_job
+from engine.rundir.jobs import find_job
 from tuner_tui.followup.tasks import WholePath, path_lines
 
 

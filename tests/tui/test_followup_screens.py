@@ -72,7 +72,7 @@ async def test_a_running_predict_shows_how_far_it_is_of_the_total(run_copy, stat
         screen = await predict_form(pilot, app)
         screen.started = TaskResult("predict", "running", os.getpid())
         screen.target = run_copy / "predict-x"
-        from engine.runs.files import LogTail
+        from engine.rundir.files import LogTail
 
         screen._tail = LogTail(screen.target / "predict.log")
         screen.show(TaskState(True, None, ("model loaded: predicting 40 samples",),

@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 
 from tui_helpers import recorded
 
-from engine.runs.process import pid_start_time
-from engine.runs import RunStatus, write_status
+from engine.rundir.process import pid_start_time
+from engine.rundir import RunStatus, write_status
 from tuner_tui.dashboard.sampler import GpuSampler, RunSampler, ema
-from engine.runs.events import EventReader
-from engine.runs.files import LogTail
+from engine.rundir.events import EventReader
+from engine.rundir.files import LogTail
 from tuner_tui.dashboard.widgets import resample, spark, thin
 
 

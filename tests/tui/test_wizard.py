@@ -7,7 +7,7 @@ import yaml
 from textual.widgets import DataTable, Input, Select, SelectionList, Static
 from tui_helpers import error, on_step, shown, type_into, until, wizard
 
-from engine.runs import read_status
+from engine.rundir import read_status
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.dashboard.widgets import StateBanner
 from engine.cli import tuner as main

@@ -8,8 +8,8 @@ from __future__ import annotations
 from textual.widgets import Collapsible, DataTable, Footer, Input, Select, Static
 from tui_helpers import error, on_step, shown, type_into, until, wizard
 
-from engine.runs import RunStatus, write_status
-from engine.runs.process import pid_start_time
+from engine.rundir import RunStatus, write_status
+from engine.rundir.process import pid_start_time
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.wizard.files import DatasetPicker
 from tuner_tui.wizard.state import Choices

@@ -13,8 +13,8 @@ import yaml
 from textual.widgets import DataTable, Input, OptionList, Select, Static
 from tui_helpers import error, on_step, shown, type_into, until, wizard
 
-from engine.runs import read_status
-from engine.runs.process import signal_run
+from engine.rundir import read_status
+from engine.rundir.process import signal_run
 from tuner_tui.dashboard.screen import DashboardScreen
 from tuner_tui.wizard.app import WizardApp
 from tuner_tui.wizard.state import Choices, default_text

@@ -26,11 +26,39 @@ def problems_of(*argv: str, command: str = "train") -> list[str]:
     return caught.value.problems
 
 
-def test_the_library_fields_read_from_source_are_the_real_sftconfig_fields():
+def test_the_library_fields_are_the_real_sftconfig_fields():
     from trl import SFTConfig
 
     real = {f.name for f in dataclasses.fields(SFTConfig) if f.init and not f.name.startswith("_")}
     assert set(library_fields()) == real
+
+
+def test_the_library_fields_take_their_types_from_the_classes_and_are_kept_by_version(tmp_path, monkeypatch):
+    """Read from SFTConfig itself (types through typing, not the text of an annotation), then from the cache file
+    named by the installed versions, which a reader trusts instead of importing the libraries again."""
+    import json
+    from importlib.metadata import version
+
+    from engine.config import library
+
+    fields = library_fields()
+    assert fields["liger_kernel_config"].kinds == ("dict",)  # dict[str, bool] | None: a mapping, not a flag
+    assert "str" in fields["lr_scheduler_type"].kinds and fields["max_grad_norm"].kinds == ("float",)
+    assert fields["optim"].default == "adamw_torch_fused" and fields["report_to"].optional
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library.library_fields.cache_clear()
+    try:
+        read = library.library_fields()
+        [kept] = (tmp_path / "tuner-tui" / "library-fields").iterdir()
+        assert f"transformers{version('transformers')}" in kept.name and f"trl{version('trl')}" in kept.name
+        assert read == fields
+        rows = json.loads(kept.read_text())
+        next(row for row in rows if row["name"] == "max_grad_norm")["help"] = "as kept"
+        kept.write_text(json.dumps(rows))
+        library.library_fields.cache_clear()
+        assert library.library_fields()["max_grad_norm"].help == "as kept"
+    finally:
+        library.library_fields.cache_clear()
 
 
 def test_training_arguments_fields_pass_through_with_their_types():
@@ -180,6 +208,12 @@ def test_lora_only_keys_and_collisions_are_refused():
 
 
 def test_help_lists_the_passed_through_fields_without_importing_the_libraries():
+    """Once these versions were read (the first use after an install or upgrade reads the classes), help reads the
+    cache: no torch, transformers or trl."""
+    from engine.config import library
+
+    library.library_fields.cache_clear()
+    library.library_fields()  # this session's cache directory holds them now
     code = ("import sys; from engine.cli import main; main(['train', '--help']); "
             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -194,7 +228,8 @@ def test_the_users_checkpointing_keywords_reach_sftconfig_in_place_of_the_engine
     from trl import SFTConfig
 
     from engine.models.loading import Precision, load_model
-    from engine.train.sft import _checkpointing_args, _with_passthrough
+    from engine.train.arguments import checkpointing_args as _checkpointing_args
+    from engine.train.arguments import with_passthrough as _with_passthrough
 
     cfg = build_config(keys)
     model = load_model(str(tiny_models["tiny-llama"]), cfg, Precision("fp32", ""), "sdpa")
@@ -207,7 +242,7 @@ def test_the_users_checkpointing_keywords_reach_sftconfig_in_place_of_the_engine
 @pytest.mark.parametrize("model, kept", [("tiny-llama", False), ("tiny-mixtral", True)])
 def test_moe_aux_loss_coef_applies_to_mixture_of_experts_models_only(model, kept, tiny_models):
     from engine.models.loading import Precision, load_model
-    from engine.train.sft import _with_passthrough
+    from engine.train.arguments import with_passthrough as _with_passthrough
 
     cfg = build_config({"moe_aux_loss_coef": 0.01})
     loaded = load_model(str(tiny_models[model]), cfg, Precision("fp32", ""), "sdpa")

@@ -11,7 +11,7 @@ from engine.models.download import eta_clock as clock, progress_line
 from engine.errors import UserError
 from engine.models.download import DISK_MARGIN_BYTES, DownloadPlan, DownloadProgress, human_bytes, require_room, \
     run_files
-from engine.runs.series import History
+from engine.rundir.series import History
 
 SHARDED_REPO = [
     ".gitattributes", "README.md", "LICENSE.txt", "USE_POLICY.md", "config.json", "generation_config.json",

@@ -1,7 +1,7 @@
-"""The engine's layering, read from the source: every import, those inside functions included (they run too, only
-later). No circle of modules; neither face (the TUI, the CLI) imports the other, and the engine never imports the
-TUI; models sit below training and inference; the run directory's format sits below everything that writes or
-starts runs. Each rule names what broke it."""
+"""The engine's layering (docs/design.md), read from the source: every import, those inside functions included (they
+run too, only later). No circle of modules; neither face (the TUI, the CLI) imports the other, and the engine never
+imports the TUI; training and inference never import the orchestration that starts runs; models, data and memory sit
+below them; the run directory's format imports only the leaves. Each rule names what broke it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "tuner_tui")
-# The run directory's format: what every part reads and writes, so it imports none of them.
-FORMAT = ("engine.runs.status", "engine.runs.events", "engine.runs.files", "engine.runs.checkpoints",
-          "engine.runs.lock", "engine.runs.process", "engine.runs.index", "engine.runs.series", "engine.runs.rundir")
-ABOVE_THE_FORMAT = ("engine.train", "engine.infer", "engine.cli", "engine.models", "engine.data", "engine.runs.launch",
-                    "engine.runs.supervise", "engine.runs.worker", "engine.runs.rank", "engine.runs.tasks",
-                    "engine.runs.gpu_queue", "engine.runs.distributed", "engine.runs.jobs", "engine.runs.watch",
-                    "tuner_tui")
+FACES = ("tuner_tui", "engine.cli")
+ORCHESTRATION = ("engine.runs",)  # start, supervise, stop, resume, the GPU queue, follow-up tasks
+STAGES = ("engine.train", "engine.infer")
+PARTS = ("engine.models", "engine.data", "engine.memory")
+# The run directory's format and its readers: what every part reads and writes, so it imports only the leaves.
+FORMAT = ("engine.rundir",)
+LEAVES = ("engine.errors", "engine.paths", "engine.hardware", "engine.quiet")
 
 
 def modules() -> dict[str, Path]:
@@ -105,6 +105,12 @@ def arrows(graph: dict[str, set[str]], sources: tuple[str, ...], targets: tuple[
                   for target in imported if within(target, targets))
 
 
+def outside(graph: dict[str, set[str]], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """Every module but those of ``allowed`` (and the ``engine`` package itself, which holds nothing)."""
+    return tuple(name for name in graph if name != "engine" and not any(
+        name == prefix or name.startswith(prefix + ".") for prefix in allowed))
+
+
 def test_no_module_takes_part_in_a_circle_of_imports():
     assert circles(import_graph()) == []
 
@@ -119,22 +125,38 @@ def test_the_engine_never_imports_the_tui_and_the_tui_never_imports_the_cli():
     assert arrows(graph, below_the_faces, ("engine.cli",)) == []
 
 
-ORCHESTRATION = ("engine.runs.launch", "engine.runs.supervise", "engine.runs.worker", "engine.runs.rank",
-                 "engine.runs.tasks", "engine.runs.gpu_queue", "engine.runs.distributed", "engine.runs.jobs",
-                 "engine.runs.stop")
-
-
-def test_models_sit_below_training_inference_and_what_starts_runs():
+def test_models_data_and_memory_sit_below_training_inference_and_what_starts_runs():
     """Models may write into a run's format (a download's events), never reach up into what uses them."""
-    assert arrows(import_graph(), ("engine.models",), ("engine.train", "engine.infer", "engine.cli", *ORCHESTRATION)) \
-        == []
+    assert arrows(import_graph(), PARTS, (*STAGES, *FACES, *ORCHESTRATION)) == []
 
 
-def test_the_run_directorys_format_imports_nothing_above_it():
-    assert arrows(import_graph(), FORMAT, ABOVE_THE_FORMAT) == []
+def test_training_and_inference_never_import_the_orchestration_above_them():
+    """A stop request, the GPU turn and the rank are handed to training (engine.train.stage.StopAsked,
+    run_training's gpu_turn, engine.world), never fetched from the code that starts runs."""
+    assert arrows(import_graph(), STAGES, (*ORCHESTRATION, *FACES)) == []
+
+
+def test_the_run_directorys_format_imports_only_the_leaves():
+    graph = import_graph()
+    assert arrows(graph, FORMAT, outside(graph, FORMAT + LEAVES)) == []
+
+
+def test_the_config_and_the_world_sit_beside_the_format():
+    """The typed config and which processes a run has: foundations. Only the config's validation, which checks a
+    config against the data registry and the models, reaches up to the parts."""
+    graph = import_graph()
+    config = tuple(name for name in graph if name.startswith(("engine.config", "engine.world"))
+                   and name not in ("engine.config", "engine.config.validation"))  # the package: its modules
+    assert arrows(graph, config, outside(graph, ("engine.config", "engine.world", *FORMAT, *LEAVES))) == []
+
+
+def test_the_leaves_import_only_each_other():
+    """Errors, paths, the hardware probe and the libraries' quiet switch: what everything may import."""
+    graph = import_graph()
+    assert arrows(graph, LEAVES, outside(graph, LEAVES)) == []
 
 
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     graph = import_graph()
-    assert "engine.train.sft" in graph["engine.runs.launch"]  # `from engine.train.sft import run_training`, inside
+    assert "engine.train.runner" in graph["engine.runs.launch"]  # `from engine.train.runner import run_training`
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

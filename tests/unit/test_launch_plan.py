@@ -9,8 +9,8 @@ import pytest
 
 from engine.config.schema import build_config
 from engine.errors import UserError
-from engine.runs.distributed import (first_host, launch_plan, other_node_commands, planned_world_size, rank_tag,
-                                     torchrun_argv)
+from engine.runs.distributed import other_node_commands, torchrun_argv
+from engine.world import first_host, launch_plan, planned_world_size, rank_tag
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu-[07-10]",
          "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}
@@ -100,7 +100,7 @@ def test_a_resume_pins_the_gpus_the_run_held_only_when_they_are_this_hosts_and_e
     import socket
 
     from engine.runs.launch import _gpus_of
-    from engine.runs.status import RunStatus
+    from engine.rundir.status import RunStatus
 
     held = RunStatus(id="r", name="r", host=socket.gethostname(), gpus=["GPU-aaa", "GPU-bbb"])
     two = build_config({"nproc_per_node": 2})

@@ -9,12 +9,12 @@ import random
 
 import pytest
 
-from engine.runs import events as events_module
-from engine.runs.events import EventReader, lines_backward, newest_events, read_events
-from engine.runs.jobs import load_job
-from engine.runs.series import History, Thinned
-from engine.runs.status import RunStatus, write_status
-from engine.runs.watch import RunWatcher
+from engine.rundir import events as events_module
+from engine.rundir.events import EventReader, lines_backward, newest_events, read_events
+from engine.rundir.jobs import load_job
+from engine.rundir.series import History, Thinned
+from engine.rundir.status import RunStatus, write_status
+from engine.rundir.watch import RunWatcher
 
 
 def log(step: int, loss: float = 1.0) -> dict:

@@ -100,7 +100,7 @@ def test_bitsandbytes_8bit_matmul_keeps_its_input_through_the_engines_checkpoint
     from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
     from torch.utils.checkpoint import checkpoint
 
-    from engine.train.sft import _checkpointing_args
+    from engine.train.arguments import checkpointing_args as _checkpointing_args
 
     @dataclasses.dataclass
     class Arguments:

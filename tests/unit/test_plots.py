@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from engine.runs import Event, EventWriter
+from engine.rundir import Event, EventWriter
 from engine.train.plots import plot_loss, smooth
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -19,20 +19,20 @@ import pytest
 from engine.cli import main
 from engine.config.schema import build_config
 from engine.errors import UserError
-from engine.runs.checkpoints import discard_incomplete, last_complete
-from engine.runs.events import Event, EventReader, EventWriter, read_events
-from engine.runs.files import open_append, printable
-from engine.runs.index import entries, index_path, register
+from engine.rundir.checkpoints import discard_incomplete, last_complete
+from engine.rundir.events import Event, EventReader, EventWriter, read_events
+from engine.rundir.files import open_append, printable
+from engine.rundir.index import entries, index_path, register
 from engine.process_usage import ProcessReading, UsageReading, cpu_percent
-from engine.runs.jobs import clock, effective_state, elapsed_s, find_job, list_jobs, stop_job
+from engine.rundir.jobs import clock, effective_state, elapsed_s, find_job, list_jobs, stop_job
 from engine.runs.launch import saved_config
-from engine.runs.lock import RunLock
-from engine.runs.process import is_run_process, signal_run
-from engine.runs.series import History, remaining_s
-from engine.runs.process import pid_start_time
-from engine.runs.status import RunStatus, read_status, write_status
+from engine.rundir.lock import RunLock
+from engine.rundir.process import is_run_process, signal_run
+from engine.rundir.series import History, remaining_s
+from engine.rundir.process import pid_start_time
+from engine.rundir.status import RunStatus, read_status, write_status
 from engine.runs.stop import StopRequest
-from engine.runs.watch import RunWatcher
+from engine.rundir.watch import RunWatcher
 
 OSC_TITLE = "\x1b]2;pwned\x1b\\"
 
@@ -216,7 +216,7 @@ def test_stop_never_signals_a_process_that_is_not_the_runs(state_home, sleeper, 
 def test_a_run_whose_process_matches_pid_and_start_time_is_alive(state_home):
     """Stopped, a run finishes its step first: its process outlives the signal a while, as this one does."""
     (state_home / "alive").mkdir()
-    run = subprocess.Popen([sys.executable, "-c", "import signal, time\nfrom engine.runs.lock import RunLock\n"
+    run = subprocess.Popen([sys.executable, "-c", "import signal, time\nfrom engine.rundir.lock import RunLock\n"
                             f"lock = RunLock.acquire({str(state_home / 'alive')!r})\n"
                             "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM', flush=True))\n"
                             "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
@@ -260,7 +260,7 @@ def test_a_lock_outliving_its_ended_run_a_moment_is_waited_for_and_a_live_runs_i
     ended = subprocess.Popen(["true"])
     ended.wait()
     a_run(run_dir, state="running", pid=ended.pid, host=socket.gethostname(), pid_started_at=time.time() - 60)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.runs.lock import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.rundir.lock import RunLock\n"
                                f"lock = RunLock.acquire({str(run_dir)!r})\nprint('held', flush=True)\n"
                                "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -307,7 +307,7 @@ def test_the_newest_whole_checkpoint_is_the_one_resumed(tmp_path):
 
 
 def test_a_directory_is_locked_for_the_life_of_its_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.runs.lock import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom engine.rundir.lock import RunLock\n"
                                f"lock = RunLock.acquire({str(tmp_path)!r})\nprint('held', flush=True)\n"
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:

@@ -158,7 +158,7 @@ def test_accelerate_config_loads_into_accelerates_cluster_config(tmp_path, tiny_
 
 
 def test_world_comes_from_the_launch_plan():
-    from engine.runs.distributed import launch_plan
+    from engine.world import launch_plan
 
     plan = launch_plan(build_config({"nproc_per_node": 4, "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1"}),
                        env={})

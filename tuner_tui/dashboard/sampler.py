@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from engine.hardware import HardwareState
 from engine.process_usage import UsageReading, cpu_percent, read_usage
-from engine.runs.series import Checkpoint, LossSeries, Progress, ema
-from engine.runs.watch import RunSnapshot, RunWatcher
+from engine.rundir.series import Checkpoint, LossSeries, Progress, ema
+from engine.rundir.watch import RunSnapshot, RunWatcher
 
 __all__ = ["Checkpoint", "GpuReading", "GpuSampler", "GpuSnapshot", "HostSnapshot", "LossSeries", "Progress",
            "RunSampler", "RunSnapshot", "ema"]

@@ -21,7 +21,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from engine.hardware import HardwareState
-from engine.runs.jobs import load_job, stop_job
+from engine.rundir.jobs import load_job, stop_job
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.sampler import GpuSampler, GpuSnapshot, RunSampler, RunSnapshot
 from tuner_tui.dashboard.widgets import (CheckpointList, ConfigView, GpuPanel, LearningRate, LogView, LossChart,

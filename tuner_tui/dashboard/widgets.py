@@ -17,8 +17,8 @@ from textual.widgets import ProgressBar, Static
 from textual_plotext import PlotextPlot
 
 from engine.models.download import progress_line
-from engine.runs.events import DownloadProgress
-from engine.runs.jobs import clock
+from engine.rundir.events import DownloadProgress
+from engine.rundir.jobs import clock
 from tuner_tui.dashboard.sampler import (Checkpoint, GpuReading, GpuSnapshot, HostSnapshot, LossSeries, Progress,
                                          RunSnapshot)
 

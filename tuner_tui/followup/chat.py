@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
-from engine.runs.files import printable_line
+from engine.rundir.files import printable_line
 from tuner_tui.errors import failure_text
 
 LOAD, REPLY = "load", "reply"

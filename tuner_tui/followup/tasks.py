@@ -20,7 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from engine.runs.files import LogTail, printable_line
+from engine.rundir.files import LogTail, printable_line
 from engine.runs.tasks import TaskResult, read_task, result_path_for, start_task
 from tuner_tui.errors import failure_text
 
@@ -139,7 +139,7 @@ class TaskScreen(Screen):
     def prepare(self) -> tuple[dict[str, str], str]:
         """The fields' starting values (the run's, then DEFAULTS) and a note for the user."""
         from engine.infer.followup import followup_values
-        from engine.runs.jobs import find_job
+        from engine.rundir.jobs import find_job
 
         job = self.job = find_job(str(self.run_dir))
         values = {key: printable_line(value) for key, value in followup_values(job, self.COMMAND).items()}

@@ -17,8 +17,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import Worker, WorkerState
 
-from engine.runs.files import printable_line
-from engine.runs.jobs import JOB_COLUMNS, failure_reason, job_row, list_jobs, log_tail
+from engine.rundir.files import printable_line
+from engine.rundir.jobs import JOB_COLUMNS, failure_reason, job_row, list_jobs, log_tail
 from tuner_tui.errors import failure_text
 
 REFRESH_S = 2.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from engine.config.schema import FIELDS, TunerConfig, build_config, coerce, read_config_file
+from engine.config.schema import FIELDS, TunerConfig, base_type, build_config, coerce, read_config_file
 from engine.errors import ConfigError, UserError
 from engine.models.catalog import RecipeUse, with_recipe
 from engine.paths import state_dir
@@ -58,7 +58,7 @@ def kind_of(key: str) -> str:
     f = FIELDS[key][1]
     if f.metadata.get("choices"):
         return "select"
-    if str(f.type).startswith("bool"):  # the annotations are strings: "bool", "bool | None"
+    if base_type(key) is bool:
         return "select" if f.default is None else "switch"
     return "input"
 
@@ -122,7 +122,7 @@ class Choices:
     def world_size(self, gpu_count: int) -> int:
         """The run's training processes on ``gpu_count`` chosen GPUs here: nproc_per_node on each of nnodes machines
         (1 while the launch keys are wrong: the engine says why when the run starts)."""
-        from engine.runs.distributed import launch_plan
+        from engine.world import launch_plan
 
         try:
             return launch_plan(self.config(), gpu_count=gpu_count).world_size
@@ -131,7 +131,8 @@ class Choices:
 
     def other_node_commands(self, gpu_count: int) -> list[str]:
         """The command each other machine of a multi-machine run types (empty on one machine)."""
-        from engine.runs.distributed import launch_plan, other_node_commands
+        from engine.runs.distributed import other_node_commands
+        from engine.world import launch_plan
 
         return other_node_commands(launch_plan(self.config(), gpu_count=gpu_count), shlex.split(self.command_line()))
 

@@ -8,7 +8,7 @@ import signal
 import socket
 
 from engine.errors import UserError
-from engine.runs.status import RunStatus
+from engine.rundir.status import RunStatus
 
 START_TIME_TOLERANCE_S = 1.0
 

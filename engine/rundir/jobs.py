@@ -11,15 +11,15 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.events import Event, newest_events, read_events
-from engine.runs.files import printable, printable_line, tail_lines
-from engine.runs.foreign import foreign_run
-from engine.runs.index import entries
-from engine.runs.lock import LOCK_FILE, holds_lock
-from engine.runs.process import is_run_process, signal_run
-from engine.runs.series import event_time
-from engine.runs.status import UNREADABLE, RunStatus, read_status
-from engine.runs.layout import TRAIN_LOG
+from engine.rundir.events import Event, newest_events, read_events
+from engine.rundir.files import printable, printable_line, tail_lines
+from engine.rundir.foreign import foreign_run
+from engine.rundir.index import entries
+from engine.rundir.lock import LOCK_FILE, holds_lock
+from engine.rundir.process import is_run_process, signal_run
+from engine.rundir.series import event_time
+from engine.rundir.status import UNREADABLE, RunStatus, read_status
+from engine.rundir.layout import TRAIN_LOG
 
 
 @dataclass
@@ -226,7 +226,7 @@ def follow(path: Path, out, follow_on: bool, alive=lambda: True, poll_s: float =
     appended while ``alive()``."""
     import codecs
 
-    from engine.runs.files import open_regular, printable
+    from engine.rundir.files import open_regular, printable
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     with open_regular(path) as file:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from engine.paths import state_dir
-from engine.runs.files import lines_of, open_append, open_regular
-from engine.runs.status import RUN_ID
+from engine.rundir.files import lines_of, open_append, open_regular
+from engine.rundir.status import RUN_ID
 
 
 MAX_ENTRY_BYTES = 64 << 10  # an id and a directory: a path is at most 4 KiB on Linux, 24 KiB as escaped JSON

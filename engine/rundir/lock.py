@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runs.layout import LOCK
+from engine.rundir.layout import LOCK
 
 LOCK_FILE = LOCK
 LOCK_FD_ENV = "TUNER_RUN_LOCK_FD"
@@ -75,15 +75,15 @@ class RunLock:
 def _holder_alive(run_dir: Path) -> bool:
     """Whether the process status.json names is alive; a lock held with none named (a launcher at work) counts as
     alive."""
-    from engine.runs.process import is_run_process
-    from engine.runs.status import read_status
+    from engine.rundir.process import is_run_process
+    from engine.rundir.status import read_status
 
     status = read_status(run_dir)
     return status is None or not status.pid or is_run_process(status)
 
 
 def _holder(run_dir: Path) -> str:
-    from engine.runs.status import read_status
+    from engine.rundir.status import read_status
 
     status = read_status(run_dir)
     return f"run {status.id}, pid {status.pid}" if status and status.pid else "another tuner process"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engine.runs.files import printable_line, read_json, write_json_atomic
-from engine.runs.layout import STATUS
+from engine.rundir.files import printable_line, read_json, write_json_atomic
+from engine.rundir.layout import STATUS
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 UNREADABLE = "unreadable"

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.runs.events import EVENTS_FILE, EventReader
-from engine.runs.files import LogTail, printable_line, read_text
-from engine.runs.foreign import foreign_run
-from engine.runs.jobs import effective_state, elapsed_s, why_failed
-from engine.runs.events import DownloadProgress
-from engine.runs.series import Checkpoint, History, LossSeries, Progress, number
-from engine.runs.status import UNREADABLE, RunStatus, read_status
-from engine.runs.layout import CONFIG, TRAIN_LOG
+from engine.rundir.events import EVENTS_FILE, EventReader
+from engine.rundir.files import LogTail, printable_line, read_text
+from engine.rundir.foreign import foreign_run
+from engine.rundir.jobs import effective_state, elapsed_s, why_failed
+from engine.rundir.events import DownloadProgress
+from engine.rundir.series import Checkpoint, History, LossSeries, Progress, number
+from engine.rundir.status import UNREADABLE, RunStatus, read_status
+from engine.rundir.layout import CONFIG, TRAIN_LOG
 
 LOG_LINES = 50
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.runs.checkpoints import checkpoints, step_of
-from engine.runs.events import MAX_LINE_BYTES, Event
-from engine.runs.files import lines_of, open_regular, read_json
-from engine.runs.status import RunStatus, finite
-from engine.runs.layout import TRAINER_LOG
+from engine.rundir.checkpoints import checkpoints, step_of
+from engine.rundir.events import MAX_LINE_BYTES, Event
+from engine.rundir.files import lines_of, open_regular, read_json
+from engine.rundir.status import RunStatus, finite
+from engine.rundir.layout import TRAINER_LOG
 
 
 def _latest_trainer_state(run_dir: Path) -> Path | None:

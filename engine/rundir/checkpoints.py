@@ -15,7 +15,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from engine.runs.files import open_regular, read_json
+from engine.rundir.files import open_regular, read_json
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",

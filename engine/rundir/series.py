@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.runs.events import DownloadProgress
-from engine.runs.events import Event
+from engine.rundir.events import DownloadProgress
+from engine.rundir.events import Event
 
 MAX_SECONDS = 1e10  # ~300 years: anything longer is not a duration of a run
 MAX_STEP = 2**53
@@ -84,7 +84,7 @@ class Progress:
     loss: float | None = None
     learning_rate: float | None = None
     tokens_per_s: float | None = None
-    elapsed_s: float | None = None  # engine.runs.jobs.elapsed_s: the run's wall-clock time, as `tuner runs` shows
+    elapsed_s: float | None = None  # engine.rundir.jobs.elapsed_s: the run's wall-clock time, as `tuner runs` shows
     remaining_s: float | None = None  # None: not known yet (before the second log), or the run is over
 
 

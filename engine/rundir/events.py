@@ -22,9 +22,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from engine.runs.files import open_append, open_regular
-from engine.runs.status import finite
-from engine.runs.layout import EVENTS
+from engine.rundir.files import open_append, open_regular
+from engine.rundir.status import finite
+from engine.rundir.layout import EVENTS
 
 EVENTS_FILE = EVENTS
 MAX_LINE_BYTES = 1 << 20
