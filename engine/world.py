@@ -1,7 +1,7 @@
 """Which processes a run trains with, and which of them this one is: the launch plan (nproc_per_node, nnodes,
 node_rank, master_addr, master_port from the config, Slurm's environment under ``srun`` and the GPUs this machine
 shows) and the variables torchrun / accelerate set in each process they start. Nothing here starts a process:
-``engine.runs.distributed`` and ``engine.runs.supervise`` do.
+``engine.runs.supervise`` does, with the command line ``engine.runs.distributed`` writes.
 """
 
 from __future__ import annotations

@@ -83,10 +83,11 @@ def cmd_datasets(argv: list[str]) -> int:
 
     from engine.rundir.files import printable_line
 
-    table = Table("name", "source", "formatting", box=None, header_style="bold")
+    table = Table("name", "source", "formatting", "stage", box=None, header_style="bold")
     for name, attr in registry.items():  # names and paths come from the user's dataset_info.json: shown, not obeyed
         table.add_row(*(Text(printable_line(cell)) for cell in
-                        (name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)")))
+                        (name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)",
+                         "dpo" if attr.ranking else "sft")))
     Console().print(table)
     return 0
 

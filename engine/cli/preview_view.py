@@ -17,6 +17,13 @@ def render_preview(preview: Preview) -> None:
     console.print(Text(f"template: {preview.template}   learned text is highlighted", style="bold"))
     if preview.template_warning:
         console.print(Text(f"warning: {preview.template_warning}", style="yellow"))
+    for index, pair in enumerate(preview.pairs):
+        tokens = pair.tokens
+        console.rule(f"pair {index}  (prompt {tokens['prompt']} tokens, chosen {tokens['chosen']}, rejected "
+                     f"{tokens['rejected']})")
+        console.print(Text(printable(pair.prompt)))
+        console.print(Text("chosen:   ", style="bold") + Text(printable(pair.chosen), style="black on green"))
+        console.print(Text("rejected: ", style="bold") + Text(printable(pair.rejected), style="black on red"))
     for index, sample in enumerate(preview.samples):
         console.rule(f"sample {index}  ({len(sample.input_ids)} tokens, "
                      f"{sum(label != -100 for label in sample.labels)} learned)")

@@ -27,7 +27,8 @@ def cmd_train(argv: list[str]) -> int:
     cfg = build_config(values, problems)
     t = cfg.train
     command = "predict" if t.do_predict and not t.do_train else "train"
-    recipe = with_recipe(values) if command == "train" else None
+    # a catalog model's recipe is a supervised fine-tune's: another stage starts from the config's defaults
+    recipe = with_recipe(values) if command == "train" and cfg.finetune.stage == "sft" else None
     if recipe is not None and recipe.applied:
         problems = []
         cfg = build_config(recipe.values, problems)

@@ -18,6 +18,7 @@ import enum
 import functools
 import json
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -98,13 +99,15 @@ def library_fields() -> dict[str, LibraryField]:
     if path is None:
         return {}
     try:
-        return {f["name"]: LibraryField(**{**f, "kinds": tuple(f["kinds"])}) for f in json.loads(path.read_text())}
+        kept = {f["name"]: LibraryField(**{**f, "kinds": tuple(f["kinds"])}) for f in json.loads(path.read_text())}
+        if "learning_rate" in kept:  # else not what this module writes: read the classes again
+            return kept
     except (OSError, ValueError, TypeError, KeyError):
         pass
     fields = _read_classes()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{id(fields)}.tmp")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps([dataclasses.asdict(f) for f in fields.values()]))
         temporary.replace(path)
     except OSError as exc:  # a read-only cache: read the classes again next time

@@ -17,7 +17,12 @@ from typing import Any
 
 from engine.config.library import flag_word
 
-SFT_ONLY = "tuner runs supervised fine-tuning (stage sft) only"
+SFT_ONLY = "tuner runs supervised fine-tuning (stage sft) and DPO (stage dpo) only"
+# The preference keys tuner's stage dpo acts on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* / ref_model*
+# family is refused with what there is.
+PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss")
+PREFERENCE_LATER = ("tuner's stage dpo takes pref_beta, pref_ftx and pref_loss (sigmoid, hinge, ipo), against the "
+                    "model itself as the reference (LoRA: the adapter as it starts)")
 TEXT_ONLY = "tuner trains text models; images, videos and audio are not supported"
 HF_BACKEND = "tuner generates with transformers (infer_backend huggingface)"
 
@@ -102,13 +107,13 @@ UNSUPPORTED_PREFIXES = {
     "badam_": UNSUPPORTED["use_badam"],
     "oft_": "use finetuning_type lora",
     "module_dropout": "use finetuning_type lora",
-    "pref_": SFT_ONLY,
-    "dpo_": SFT_ONLY,
+    "pref_": PREFERENCE_LATER,
+    "dpo_": PREFERENCE_LATER,
     "kto_": SFT_ONLY,
-    "simpo_": SFT_ONLY,
+    "simpo_": PREFERENCE_LATER,
     "ppo_": SFT_ONLY,
-    "ld_alpha": SFT_ONLY,
-    "ref_model": SFT_ONLY,
+    "ld_alpha": PREFERENCE_LATER,
+    "ref_model": PREFERENCE_LATER,
     "reward_model": SFT_ONLY,
     "swanlab_": UNSUPPORTED["use_swanlab"],
     "vllm_": HF_BACKEND,
@@ -193,6 +198,8 @@ def _translate_one(key: str, value: Any, out: dict[str, Any]) -> str | None | bo
         return None
     if key == "infer_backend" and str(value).lower() in ("vllm", "sglang", "ktransformers"):
         return f"LLaMA-Factory's infer_backend {value} is not supported by tuner: {HF_BACKEND}"
+    if key in PREFERENCE_KEYS:
+        return None  # tuner's own keys (engine.config.schema)
     if key == "finetuning_type" and str(value).lower() == "oft":
         return "LLaMA-Factory's finetuning_type oft is not supported by tuner: use finetuning_type lora"
     instead = UNSUPPORTED.get(key) or next(

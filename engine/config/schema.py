@@ -85,7 +85,8 @@ class DataArgs:
 
 @dataclass
 class FinetuneArgs:
-    stage: str = _opt("sft", "Training stage; supervised fine-tuning is the one supported.", ("sft",))
+    stage: str = _opt("sft", "Training stage: sft (supervised fine-tuning) or dpo (preference tuning on ranking "
+                      "pairs: a prompt, a chosen and a rejected reply).", ("sft", "dpo"))
     finetuning_type: str = _opt("lora", "lora, freeze (train the last layers) or full.", FINETUNING_TYPES)
     lora_target: str = _opt("all", "Modules that get LoRA: comma list of names, or all (every linear layer but the head).")
     lora_rank: int = _opt(8, "LoRA rank r.")
@@ -107,6 +108,10 @@ class FinetuneArgs:
                             "(PiSSA).")
     pissa_iter: int = _opt(16, "PiSSA: fast-SVD iterations (-1: exact SVD).")
     pissa_convert: bool = _opt(False, "PiSSA: also save the adapter converted to a plain LoRA one (pissa_converted/).")
+    pref_beta: float = _opt(0.1, "dpo: beta, how far the model may move from the reference (higher: stays closer).")
+    pref_ftx: float = _opt(0.0, "dpo: weight of the supervised loss on the chosen replies, added to the DPO loss.")
+    pref_loss: str = _opt("sigmoid", "dpo: the preference loss: sigmoid (DPO), hinge (SLiC), ipo (IPO).",
+                          ("sigmoid", "hinge", "ipo"))
 
 
 @dataclass
@@ -216,7 +221,7 @@ ALIASES = {
 FLAG_VALUES = {"flash_attn": {True: "fa2", False: "sdpa", "disabled": "eager"}}
 
 # Stages of LLaMA-Factory that this tool does not run, so the message can say so rather than "unknown value".
-UNSUPPORTED_STAGES = ("pt", "rm", "ppo", "dpo", "kto")
+UNSUPPORTED_STAGES = ("pt", "rm", "ppo", "kto")
 
 
 @dataclass
@@ -371,7 +376,7 @@ def build_config(values: dict[str, Any], problems: list[str] | None = None, comm
         choices = FIELDS[key][1].metadata.get("choices")
         if key == "stage" and value in UNSUPPORTED_STAGES:
             problems.append(f"LLaMA-Factory's stage {value} is not supported by tuner: tuner runs supervised "
-                            "fine-tuning (stage sft) only")
+                            "fine-tuning (stage sft) and preference tuning (stage dpo)")
         elif choices and value is not None and value not in choices:
             problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
         else:

@@ -218,6 +218,32 @@ def _collisions(cfg: TunerConfig) -> list[str]:
          "lr_scheduler_type reduce_lr_on_plateau lowers the rate when the eval loss stops falling: it needs "
          "eval_strategy steps or epoch, and val_size or eval_dataset"),
     ]
+    return [message for failed, message in checks if failed] + _stage(cfg)
+
+
+PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid"}
+
+
+def _stage(cfg: TunerConfig) -> list[str]:
+    """What the chosen stage cannot act on, one line each."""
+    f, d, t = cfg.finetune, cfg.data, cfg.train
+    if f.stage != "dpo":
+        return [f"{key} {getattr(f, key)} acts in preference tuning: set stage dpo, or leave {key} out"
+                for key, default in PREFERENCE_DEFAULTS.items() if getattr(f, key) != default]
+    checks = [
+        (d.packing, "packing joins samples into rows, and stage dpo trains each pair whole: leave out packing"),
+        (d.train_on_prompt, "train_on_prompt: stage dpo compares the two replies to a prompt, and learns no prompt: "
+         "leave it out"),
+        (d.mask_history, "mask_history: stage dpo learns from the last reply of each pair only: leave it out"),
+        (d.tokenized_path is not None, "tokenized_path keeps supervised samples, not preference pairs: leave it out "
+         "with stage dpo"),
+        (t.do_predict, "do_predict after stage dpo would generate from ranking pairs: predict on a dataset of "
+         "prompts afterwards (tuner predict RUN --dataset ...)"),
+        (t.enable_liger_kernel is True, "enable_liger_kernel: stage dpo's loss reads the logits of both replies, "
+         "which Liger's fused loss does not keep: leave it out"),
+        (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
+        (f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"),
+    ]
     return [message for failed, message in checks if failed]
 
 

@@ -36,21 +36,66 @@ class Converted:
     dropped: Counter
 
 
-def convert(records: list[dict], attr: DatasetAttr) -> Converted:
-    """Every record of one dataset in ``attr.formatting`` as a conversation; empty samples dropped and counted."""
+def convert(records: list[dict], attr: DatasetAttr, pairs: bool = False) -> Converted:
+    """Every record of one dataset in ``attr.formatting`` as a conversation; empty samples dropped and counted. With
+    ``pairs`` (a preference stage), each record of a ranking dataset as a pair: the prompt's messages and the chosen
+    and rejected replies, ``{"messages", "chosen", "rejected", "tools"}``."""
     to_messages = CONVERTERS.get(attr.formatting)
     if to_messages is None:
         raise UserError(f"dataset '{attr.name}': unknown formatting '{attr.formatting}'",
                         hint=f"valid formattings: {', '.join(CONVERTERS)}")
-    _check_supported(attr)
+    _check_supported(attr, pairs)
     conversations, dropped = [], Counter()
     for index, record in enumerate(records):
-        result = KTO_REJECTED if _kto_rejected(record, attr) else to_messages(record, attr, index)
+        if pairs:
+            result = pair_messages(record, attr, index)
+        else:
+            result = KTO_REJECTED if _kto_rejected(record, attr) else to_messages(record, attr, index)
         if isinstance(result, str):
             dropped[result] += 1
+        elif pairs:
+            conversations.append({**result, "tools": _tools(record, attr, index)})
         else:
             conversations.append({"messages": result, "tools": _tools(record, attr, index)})
     return Converted(conversations, dropped)
+
+
+def pair_messages(record: dict, attr: DatasetAttr, index: int) -> dict | str:
+    """A ranking record as LLaMA-Factory reads it: the prompt (alpaca's instruction and input, with history and
+    system; or sharegpt's / openai's messages, ending with the user's) and the chosen and rejected replies (text, or
+    one assistant message each)."""
+    replies = {}
+    for key in ("chosen", "rejected"):
+        value = _column(record, attr.columns[key], attr, index)
+        if isinstance(value, dict):
+            value = value.get(attr.tags["content_tag"], "")
+        replies[key] = _text(value)
+        if not replies[key].strip():
+            return f"empty {attr.columns[key]}"
+    if attr.formatting == "alpaca":
+        prompt = "\n".join(t for t in (_cell(record, attr, index, "prompt"), _cell(record, attr, index, "query")) if t)
+        if not prompt.strip():
+            return f"empty {attr.columns.get('prompt') or attr.columns.get('query')}"
+        messages = _system(_cell(record, attr, index, "system"))
+        for query, reply in _history(record, attr, index):
+            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": prompt})
+    else:
+        with_reply = dict(record)  # the prompt's turns with a placeholder reply, checked as any conversation is
+        column = attr.columns.get("messages")
+        turns = _column(record, column, attr, index) if column else None
+        if isinstance(turns, list):
+            placeholder = {attr.tags["role_tag"]: _assistant_tag(attr), attr.tags["content_tag"]: replies["chosen"]}
+            with_reply[column] = [*turns, placeholder]
+        messages = chat_messages(with_reply, attr, index)
+        if isinstance(messages, str):
+            return messages
+        messages = messages[:-1]
+    return {"messages": messages, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+
+
+def _assistant_tag(attr: DatasetAttr) -> str:
+    return attr.tags.get("assistant_tag") or DEFAULT_TAGS[attr.formatting]["assistant_tag"]
 
 
 def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
@@ -62,7 +107,7 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
         formatting, columns = "sharegpt", {"messages": "conversations"}
     elif first is not None and {"from", "value"} <= set(first):
         formatting, columns = "sharegpt", {"messages": "messages"}
-    elif {"instruction", "output"} <= set(record):
+    elif {"instruction", "output"} <= set(record) or {"instruction", "chosen", "rejected"} <= set(record):
         formatting, columns = "alpaca", dict(DEFAULT_COLUMNS["alpaca"])
         if "history" in record:
             columns["history"] = "history"
@@ -72,8 +117,9 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
             hint="expected instruction/output (alpaca), conversations (sharegpt) or messages with role/content "
                  "(openai); or register it in dataset_info.json with its formatting and columns",
         )
-    columns.update({key: key for key in ("system", "tools") if key in record})
-    return dataclasses.replace(attr, formatting=formatting, columns=columns, tags=dict(DEFAULT_TAGS[formatting]))
+    columns.update({key: key for key in ("system", "tools", "chosen", "rejected") if key in record})
+    return dataclasses.replace(attr, formatting=formatting, columns=columns, tags=dict(DEFAULT_TAGS[formatting]),
+                               ranking=attr.ranking or {"chosen", "rejected"} <= set(record))
 
 
 def alpaca_messages(record: dict, attr: DatasetAttr, index: int) -> list[dict] | str:
@@ -237,16 +283,23 @@ def _without_nulls(value):
     return value
 
 
-def _check_supported(attr: DatasetAttr) -> None:
-    """Refuse, from its registry entry alone, a dataset that is not text conversations with replies."""
-    if attr.ranking:
-        raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward modelling",
-                        hint="supervised fine-tuning needs conversations with one reply")
+def _check_supported(attr: DatasetAttr, pairs: bool = False) -> None:
+    """Refuse, from its registry entry alone, a dataset that is not text conversations with replies (or, for a
+    preference stage, not text pairs)."""
+    if attr.ranking and not pairs:
+        raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward "
+                        "modelling",
+                        hint="supervised fine-tuning and prediction take conversations with one reply; set "
+                             "stage dpo to train on it")
+    if pairs and not (attr.ranking and {"chosen", "rejected"} <= set(attr.columns)):
+        raise UserError(f"dataset '{attr.name}' is not a preference (ranking) dataset: a pair needs a chosen and a "
+                        "rejected reply", hint='register it with "ranking": true and "columns": {..., "chosen": ..., '
+                        '"rejected": ...}, or give a file whose records have chosen and rejected')
     media = [column for column in MEDIA_COLUMNS if column in attr.columns]
     if media:
         raise UserError(f"dataset '{attr.name}' is multimodal ({', '.join(media)}), which is not supported",
                         hint="use a text-only dataset")
-    if attr.formatting == "alpaca":
+    if attr.formatting == "alpaca" and not pairs:
         _check_alpaca_columns(attr)
 
 

@@ -34,18 +34,21 @@ REGISTRY = {
     "demo_sharegpt": {"file_name": "demo_sharegpt.json", "formatting": "sharegpt",
                       "columns": {"messages": "conversations", "system": "system"}},
     "demo_openai": {"file_name": "demo_openai.jsonl", "formatting": "openai"},
+    "demo_pairs": {"file_name": "demo_pairs.json", "ranking": True,
+                   "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
 }
 
 
 def write_demo_datasets(out_dir: str | Path) -> list[Path]:
-    """Write the three demo datasets and their dataset_info.json into out_dir (a ready dataset_dir)."""
+    """Write the demo datasets and their dataset_info.json into out_dir (a ready dataset_dir)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SEED)
+    rng, pairs_rng = random.Random(SEED), random.Random(SEED + 1)  # the pairs apart: the older files stay as they were
     files = {
         "demo_alpaca.json": _pretty_json([alpaca_record(rng) for _ in range(400)]),
         "demo_sharegpt.json": _pretty_json([sharegpt_record(rng) for _ in range(200)]),
         "demo_openai.jsonl": "".join(json.dumps(openai_record(rng)) + "\n" for _ in range(200)),
+        "demo_pairs.json": _pretty_json([pair_record(pairs_rng) for _ in range(300)]),
         "dataset_info.json": _pretty_json(REGISTRY),
     }
     for name, text in files.items():
@@ -69,6 +72,39 @@ def alpaca_record(rng: random.Random) -> dict:
     ]
     instruction, query, output = rng.choice(tasks)
     return {"instruction": instruction, "input": query, "output": output}
+
+
+REFUSALS = ["I cannot help with that.", "I don't know.", "Ask someone else.", "That is not something I answer."]
+
+
+def pair_record(rng: random.Random) -> dict:
+    """One of demo_alpaca's tasks with two replies: the right answer in the data's form, chosen; and, rejected,
+    half the time a refusal and half the time a wrong answer in the same form (a preference for helpful, then for
+    right answers, which a tiny model shows within a minute of DPO)."""
+    record = alpaca_record(rng)
+    right = record.pop("output")
+    if rng.random() < 0.5:
+        wrong = rng.choice(REFUSALS)
+    else:
+        wrong = _wrong(right, rng)
+    return {**record, "chosen": right, "rejected": wrong}
+
+
+def _wrong(right: str, rng: random.Random) -> str:
+    """``right`` with its answer changed, in the same form: another capital, a number off by a little, another
+    word's letters."""
+    for country, capital in CAPITALS.items():
+        if right == f"The capital of {country} is {capital}.":
+            return f"The capital of {country} is {rng.choice([c for c in CAPITALS.values() if c != capital])}."
+    numbers = [word for word in right.replace(".", " ").split() if word.isdigit()]
+    if numbers:
+        wrong = int(numbers[-1]) + rng.choice([-3, -2, -1, 1, 2, 3])
+        head, _, tail = right.rpartition(numbers[-1])
+        return f"{head}{wrong}{tail}"
+    other = rng.choice([word for word in WORDS if word not in right.lower() and word[::-1] not in right.lower()])
+    if "-" in right:
+        return "-".join(other)
+    return other.upper() if right.isupper() else other[::-1]
 
 
 def sharegpt_record(rng: random.Random) -> dict:

@@ -3,7 +3,7 @@ a histogram cut at cutoff_len, and whether the template matches the model's own 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from engine.config.schema import TunerConfig
 from engine.data.stats import Bucket
@@ -19,6 +19,17 @@ class PreviewSample:
     input_ids: list[int]
     labels: list[int]
     segments: list  # engine.templates.Segment, for display
+
+
+@dataclass
+class PairSample:
+    """A preference pair as stage dpo trains on it: the prompt as rendered, each reply as it follows the prompt
+    (the learned part), and their token counts after cutoff_len."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    tokens: dict  # {"prompt": n, "chosen": n, "rejected": n}
 
 
 @dataclass
@@ -39,6 +50,7 @@ class Preview:
     cutoff_len: int
     histogram: list[Bucket]
     template_warning: str | None
+    pairs: list[PairSample] = field(default_factory=list)  # stage dpo: the pairs shown instead of samples
 
     def to_json(self) -> dict:
         return {
@@ -46,6 +58,7 @@ class Preview:
             "template_warning": self.template_warning,
             "samples": [{"text": s.text, "prompt": s.prompt, "completion": s.completion, "input_ids": s.input_ids,
                          "labels": s.labels} for s in self.samples],
+            "pairs": [asdict(pair) for pair in self.pairs],
             "stats": self.stats,
             "cutoff_len": self.cutoff_len,
             "histogram": [asdict(bucket) for bucket in self.histogram],
@@ -83,6 +96,8 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
 
     resolved = resolve_configured(cfg.model, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
+    if cfg.finetune.stage == "dpo":
+        return _pair_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
@@ -107,6 +122,38 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in encoded.dropped.items()]
     return Preview(name, samples, length_stats(encoded.lengths, d.cutoff_len), report, d.cutoff_len,
                    length_histogram(encoded.lengths, d.cutoff_len), check.warning)
+
+
+def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
+    """Stage dpo's preview: the first pairs rendered as the model sees them, the stats of the prompt and longer
+    reply (what cutoff_len cuts)."""
+    from engine.data.loaders import load_conversations
+    from engine.data.pairs import encode_pairs
+    from engine.data.stats import length_histogram, length_stats
+    from engine.data.tokenize import training_template
+    from engine.templates import render_text
+
+    d = cfg.data
+    loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, pairs=True)
+    check = _compare_template(cfg, tokenizer, catalog_template)
+    template = training_template(check.template, d.default_system)
+    rows, dropped, lengths, _ = encode_pairs(loaded.train, tokenizer, check.template, d.cutoff_len, d.default_system)
+    shown = []
+    for pair in loaded.train[:count]:
+        messages, tools = pair["messages"], pair.get("tools")
+        prompt = render_text(template, messages, tokenizer, add_generation_prompt=True, tools=tools)
+        replies = {}
+        for key in ("chosen", "rejected"):
+            text = render_text(template, [*messages, {"role": "assistant", "content": pair[key]}], tokenizer,
+                               tools=tools)
+            replies[key] = text[len(prompt):] if text.startswith(prompt) else pair[key]
+        [row], *_ = encode_pairs([pair], tokenizer, check.template, d.cutoff_len, d.default_system)
+        shown.append(PairSample(prompt, replies["chosen"], replies["rejected"],
+                                {key: len(row[f"{key}_ids"]) for key in ("prompt", "chosen", "rejected")}))
+    report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in dropped.items()]
+    return Preview(check.template, [], length_stats(lengths, d.cutoff_len), report, d.cutoff_len,
+                   length_histogram(lengths, d.cutoff_len), check.warning, shown)
 
 
 def histogram_lines(preview: Preview, bar_width: int = 40) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ constants come from measurement rather than first principles; each says where it
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from engine.models.catalog import ModelGeometry
 
@@ -19,6 +19,9 @@ GIB = 1024**3
 ACT_BYTES_PER_HIDDEN = 28.0  # activations one decoder layer keeps per token, per hidden unit (no checkpointing)
 ACT_BYTES_PER_INTERMEDIATE = 8.0  # ... and per MLP intermediate unit (gate, up, activation, product in 16-bit)
 LOGIT_BYTES_PER_VOCAB = 3.3  # logits and loss buffers per token per vocabulary entry (TRL's loss, 16-bit head)
+# Not yet measured: DPO's full logits per token per vocabulary entry (16-bit logits, their fp32 log-softmax and its
+# gradient), from how TRL's DPOTrainer computes the log-probabilities of both replies.
+PAIR_LOGIT_BYTES_PER_VOCAB = 10.0
 CUDA_CONTEXT_GIB = 1.35  # CUDA context + kernels outside torch's allocator (NVML used minus reserved)
 ALLOCATOR_FACTOR, ALLOCATOR_GIB = 1.06, 0.25  # torch's reserved = allocated x factor + constant (fragmentation)
 
@@ -46,6 +49,7 @@ class RunShape:
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
     offload: bool = False  # CPU offload: zero2 moves optimizer states and fp32 masters, zero3 also the weights
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
+    pairs: bool = False  # a preference stage (dpo): chosen and rejected in one forward, and a reference model
 
     @property
     def quantization_bit(self) -> int | None:
@@ -232,8 +236,12 @@ def estimate(shape: RunShape) -> Estimate:
     assumptions.append(f"optimizer {shape.optim}: {state_bytes:g} bytes of state per trainable parameter")
 
     _shard(shape, components, assumptions, trainable)
+    if shape.pairs:
+        _reference(shape, components, assumptions, linear_params + other_params, trainable, w16)
 
-    activations, logits = _activation_bytes(shape)
+    activations, logits = _activation_bytes(replace(shape, batch_size=2 * shape.batch_size) if shape.pairs else shape)
+    if shape.pairs:
+        logits = 2 * shape.batch_size * shape.seq_len * PAIR_LOGIT_BYTES_PER_VOCAB * shape.geometry.vocab_size
     components["activations"] = activations
     components["logits_and_loss"] = logits
     if bits:
@@ -327,6 +335,21 @@ def _offload(shape: RunShape, components: dict, assumptions: list[str], weights:
         what.append("fp32 master weights")
     assumptions.append(f"CPU offload: {' and '.join(what)} in CPU memory (about {moved / GIB:.1f} GiB per process), "
                        "the optimizer step on the CPU")
+
+
+def _reference(shape: RunShape, components: dict, assumptions: list, params: int, trainable: int,
+               w16: float) -> None:
+    """A preference stage's reference: with LoRA, TRL's frozen copy of the adapter as it starts; else the model
+    loaded a second time in the training precision (sharded like the weights under ZeRO-3). Its forward runs
+    without gradients, inside the training forward's peak."""
+    if shape.finetuning_type == "lora":
+        components["reference_adapter"] = trainable * w16
+        reference = "a frozen copy of the adapter"
+    else:
+        components["reference_model"] = params * w16 / (shape.num_gpus if shape.sharding == "zero3" else 1)
+        reference = "the model loaded again, 16-bit"
+    assumptions.append(f"preference pairs: chosen and rejected in one forward (twice the batch), the full logits "
+                       f"for their log-probabilities (not yet measured on a GPU); the reference is {reference}")
 
 
 def _activation_bytes(shape: RunShape) -> tuple[float, float]:

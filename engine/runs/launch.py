@@ -38,8 +38,10 @@ def default_output_dir(model_name: str, method: str) -> Path:
 
 
 def method_label(cfg: TunerConfig) -> str:
+    """What `tuner runs` and the dashboard show as the run's method: the stage too, when it is not sft ("dpo-lora")."""
     bits = cfg.model.quantization_bit
-    return f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
+    method = f"qlora-{bits}bit" if bits else cfg.finetune.finetuning_type
+    return method if cfg.finetune.stage == "sft" else f"{cfg.finetune.stage}-{method}"
 
 
 def output_path(cfg: TunerConfig) -> Path:
@@ -51,10 +53,14 @@ def output_path(cfg: TunerConfig) -> Path:
     return path.absolute()
 
 
-def with_run_directory(cfg: TunerConfig) -> TunerConfig:
+def with_run_directory(cfg: TunerConfig, visible_devices: str | None = None) -> TunerConfig:
     """``cfg`` (a copy) with output_dir resolved, once, to the run's directory: absolute, the default one
     (saves/<model>/<method>/<time>) stamped now. Everything after takes the directory from here, or from the RunDir
-    built on it; a resolved config resolves to itself."""
+    built on it; a resolved config resolves to itself. A run over several machines must name it: each would stamp
+    its own."""
+    if not cfg.train.output_dir and _launch_plan(cfg, visible_devices).nnodes > 1:
+        raise UserError("a run over several machines needs output_dir: the same path on every machine, on storage "
+                        "they share")
     resolved = copy.deepcopy(cfg)
     resolved.train.output_dir = str(output_path(cfg))
     return resolved
@@ -66,13 +72,10 @@ def start_run(cfg: TunerConfig, detach: bool, force: bool = False, view=None, vi
     (engine.cli.train_view) when given."""
     from engine.runs.stop import StopRequest
 
-    stop = None if detach else StopRequest().install()
+    stop = None if detach and is_main_process() else StopRequest().install()  # a launched rank trains here
     try:
         plan = _launch_plan(cfg, visible_devices)
-        if plan.nnodes > 1 and not cfg.train.output_dir:
-            raise UserError("a run over several machines needs output_dir: the same path on every machine, on storage "
-                            "they share")
-        cfg = with_run_directory(cfg)
+        cfg = with_run_directory(cfg, visible_devices)
         path = Path(cfg.train.output_dir)
         if not is_main_process():
             from engine.train.runner import run_training

@@ -38,8 +38,8 @@ def training_arguments(config_class, parts: TrainerParts, plan, **stage_fields):
         report_to=t.report_to, run_name=t.run_name, dataloader_num_workers=t.dataloader_num_workers, **sharding,
         ddp_timeout=t.ddp_timeout, neftune_noise_alpha=cfg.finetune.neftune_noise_alpha,
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
-        ddp_find_unused_parameters=has_experts(parts.model), **stage_fields,
-    )
+        ddp_find_unused_parameters=has_experts(parts.model),
+    ) | stage_fields
     try:
         args = config_class(**with_passthrough(chosen, cfg, parts.model))
         Trainer.get_optimizer_cls_and_kwargs(args, parts.model)  # an optimizer's missing package, now, not at step 0

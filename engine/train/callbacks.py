@@ -131,7 +131,7 @@ class RunEvents(TrainerCallback):
 
     def _log_event(self, state, logs: dict) -> None:
         now = time.time()
-        tokens = state.num_input_tokens_seen
+        tokens = state.num_input_tokens_seen or int(logs.get("num_tokens") or 0)  # a preference stage counts its own
         tokens_per_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, tokens
         elapsed = now - self.start_time
@@ -145,6 +145,7 @@ class RunEvents(TrainerCallback):
             learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_per_s=round(tokens_per_s, 1), tokens_seen=tokens, elapsed_s=round(elapsed, 2),
             remaining_s=None if remaining is None else round(remaining, 1), memory=memory,
+            **({"metrics": metrics} if (metrics := stage_metrics(logs)) else {}),
         )
         log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tokens/s  %s left", state.global_step,
                  state.max_steps, state.epoch or 0.0, logs.get("loss"), logs.get("learning_rate") or 0.0, tokens_per_s,
@@ -173,6 +174,13 @@ def any_process(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def stage_metrics(logs: dict) -> dict:
+    """What a stage's trainer logs beyond the loss, by TRL's names ("rewards/chosen", "rewards/margins",
+    "rewards/accuracies", "logps/rejected", ...): the log event's ``metrics``, which the dashboard can draw."""
+    return {key: value for key, value in logs.items() if "/" in key and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
 
 
 class GracefulStop(TrainerCallback):

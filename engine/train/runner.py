@@ -39,7 +39,11 @@ def stage_of(cfg: TunerConfig) -> Stage:
         from engine.train.sft import SFT
 
         return SFT
-    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft")
+    if cfg.finetune.stage == "dpo":
+        from engine.train.dpo import DPO
+
+        return DPO
+    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft or dpo")
 
 
 SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads
@@ -249,7 +253,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     if stop.requested and not several_processes():  # several: step 1 stops them all together
         return {}
 
-    plan = speed_plan(cfg, hardware, model_path, datasets, run)
+    plan = speed_plan(cfg, hardware, model_path, datasets, run, pairs=stage.pairs)
     for line in plan.lines():
         log.info("speed: %s", line)
     strategy = strategy_for(cfg, run, model_path, precision, plan)

@@ -15,7 +15,7 @@ from engine.world import local_rank, several_processes, world_size
 
 log = logging.getLogger("tuner")
 
-def speed_plan(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunDir):
+def speed_plan(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunDir, pairs: bool = False):
     """Padding-free batches, attention, Liger and the batch layout for this run (engine.train.speed). A resumed
     run keeps the layout it trained with, so its steps, schedule and position in the data stay the same."""
     import psutil
@@ -38,7 +38,7 @@ def speed_plan(cfg: TunerConfig, hardware, model_path: str, datasets, run: RunDi
         shape = shape_from_config(cfg, geometry, num_gpus=world_size())
     except (OSError, ValueError, KeyError, UserError):
         shape = None
-    plan = plan_speed(cfg, machine, datasets.lengths, model_traits(model_path, cfg), shape)
+    plan = plan_speed(cfg, machine, datasets.lengths, model_traits(model_path, cfg), shape, pairs=pairs)
     if run.resume_from and cfg.train.auto_fit:
         from dataclasses import replace
 

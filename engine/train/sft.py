@@ -21,15 +21,19 @@ def trainer(parts: TrainerParts, plan):
 
     from engine.train.loss import trainer_class
 
+    from engine.errors import UserError
+
     d = parts.cfg.data
+    try:
+        rows = training_rows(parts.datasets.train, parts.cfg, plan)
+    except ValueError as exc:  # TRL's packing refusing the rows
+        raise UserError(f"the trainer refused the settings: {str(exc).strip().splitlines()[0]}") from None
     args = training_arguments(
         SFTConfig, parts, plan, packing=False, padding_free=plan.padding_free,
         max_length=None if plan.padding_free else d.cutoff_len, dataset_num_proc=d.preprocessing_num_workers,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
-    return build_trainer(trainer_class(plan.loss), parts, args,
-                         train_dataset=training_rows(parts.datasets.train, parts.cfg, plan),
-                         eval_dataset=parts.datasets.eval)
+    return build_trainer(trainer_class(plan.loss), parts, args, train_dataset=rows, eval_dataset=parts.datasets.eval)
 
 
 def training_rows(train, cfg: TunerConfig, plan):

@@ -75,15 +75,22 @@ class SpeedPlan:
 
 
 def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: ModelTraits,
-               shape: RunShape | None) -> SpeedPlan:
+               shape: RunShape | None, pairs: bool = False) -> SpeedPlan:
     """Every speed decision of a run. ``shape`` is the estimator's view of the run (None when the model's geometry
-    is unknown: auto-fit then keeps the batch as given)."""
+    is unknown: auto-fit then keeps the batch as given). ``pairs``: a preference stage's run (TRL's DPOTrainer pads
+    each batch and needs the logits; the estimator does not yet model a pair and its reference)."""
     d, t = cfg.data, cfg.train
-    padding_free, why = _padding_free(cfg, model)
+    padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
                                                 padding_free, machine.torch_varlen, model.varlen_blocker)
-    liger = choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type)
+    liger = (LigerChoice(False, "a preference stage: its loss reads the logits of both replies") if pairs else
+             choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
+    if pairs:
+        fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (the estimate does not yet count a pair's "
+                                   "two replies and the reference)")
+        return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
+                         "preference", "from the logits of both replies, against the reference's")
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
     elif shape is None:
@@ -117,8 +124,9 @@ def _padding_free(cfg: TunerConfig, model: ModelTraits) -> tuple[bool, str]:
     return True, "default: no padding computed, samples kept apart"
 
 
+PAIRS_PAD = "TRL's DPOTrainer pads each batch of pairs (its padding-free path is off in TRL 1.16)"
 LOSSES = {"liger": "Liger's fused linear cross-entropy", "trl": "TRL's tiled LM head",
-          "model": "the model's own cross-entropy"}
+          "model": "the model's own cross-entropy", "preference": "TRL's preference loss"}
 
 
 def _choose_loss(liger: bool, on_gpu: bool) -> tuple[str, str]:

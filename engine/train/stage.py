@@ -51,3 +51,4 @@ class Stage:
     name: str
     datasets: Callable[..., Any]
     trainer: Callable[[TrainerParts, Any], Any]
+    pairs: bool = False  # its samples are preference pairs: padded batches, no packing, no Liger, the batch as given

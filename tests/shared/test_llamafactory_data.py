@@ -15,7 +15,7 @@ from engine.config.validation import validate
 from engine.data import dataset_names, load_conversations, load_registry
 from engine.errors import UserError
 
-DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai"]
+DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai", "demo_pairs"]
 
 
 def test_the_entries_the_default_suite_mirrors_are_llamafactorys(shared_data):
@@ -57,7 +57,7 @@ def test_llamafactory_identity_warns_once_about_its_placeholders(shared_data):
 def test_reads_llamafactory_registry_as_it_is(shared_data):
     registry = load_registry(str(shared_data / "llamafactory"))
     assert len(registry) == 104 + len(DEMOS)
-    assert dataset_names(str(shared_data / "llamafactory"))[:3] == DEMOS
+    assert dataset_names(str(shared_data / "llamafactory"))[:4] == DEMOS
 
     demo = registry["alpaca_en_demo"]
     assert (demo.load_from, demo.formatting) == ("file", "alpaca")
@@ -71,7 +71,8 @@ def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_
     registry = load_registry(str(shared_data / "llamafactory"))
     refusals = {name: refusal(attr) for name, attr in registry.items()}
     kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in refusals.values())
-    assert kinds == {"understood": 68, "is a preference": 12, "is multimodal": 10, "maps no response column": 17}
+    # for supervised training; the 13 preference entries (12 of theirs and our demo_pairs) are stage dpo's
+    assert kinds == {"understood": 68, "is a preference": 13, "is multimodal": 10, "maps no response column": 17}
     assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
     assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
     assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
@@ -107,3 +108,14 @@ def test_datasets_from_llamafactorys_registry_validate(shared_data):
     datasets = "alpaca_en_demo,identity,glaive_toolcall_en_demo,kto_en_demo"
     validate(build_config({"model_name_or_path": "tiny-llama", "dataset": datasets,
                            "dataset_dir": str(shared_data / "llamafactory")}))
+
+
+def test_llamafactory_dpo_demo_reads_as_pairs(shared_data):
+    """dpo_en_demo (sharegpt, ranking): every record a prompt ending with the user's turn and two different
+    replies, as LLaMA-Factory's pairwise processor reads it."""
+    records = json.loads((shared_data / "llamafactory" / "dpo_en_demo.json").read_text())
+    pairs = load_conversations("dpo_en_demo", str(shared_data / "llamafactory"), pairs=True).train
+    assert len(pairs) == len(records) == 300
+    for record, pair in zip(records, pairs):
+        assert pair["messages"][-1] == {"role": "user", "content": record["conversations"][-1]["value"]}
+        assert (pair["chosen"], pair["rejected"]) == (record["chosen"]["value"], record["rejected"]["value"])

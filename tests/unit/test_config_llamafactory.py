@@ -119,7 +119,7 @@ def test_the_schedules_that_need_keywords_say_which():
     ("use_apollo", "true", "LLaMA-Factory's use_apollo is not supported by tuner"),
     ("use_llama_pro", "true", "LLaMA-Factory's use_llama_pro is not supported by tuner"),
     ("oft_rank", "8", "LLaMA-Factory's oft_rank is not supported by tuner: use finetuning_type lora"),
-    ("pref_beta", "0.1", "LLaMA-Factory's pref_beta is not supported by tuner: tuner runs supervised"),
+    ("pref_bco_weight", "0.1", "LLaMA-Factory's pref_bco_weight is not supported by tuner: tuner's stage dpo takes"),
     ("export_quantization_bit", "4", "LLaMA-Factory's export_quantization_bit 4 is not supported by tuner"),
     ("use_unsloth", "true", "LLaMA-Factory's use_unsloth is not supported by tuner"),
     ("image_max_pixels", "1000", "LLaMA-Factory's image_max_pixels is not supported by tuner: tuner trains text"),
@@ -127,7 +127,7 @@ def test_the_schedules_that_need_keywords_say_which():
     ("quantization_method", "gptq", "LLaMA-Factory's quantization_method gptq is not supported by tuner"),
     ("infer_backend", "vllm", "LLaMA-Factory's infer_backend vllm is not supported by tuner"),
     ("finetuning_type", "oft", "LLaMA-Factory's finetuning_type oft is not supported by tuner"),
-    ("stage", "dpo", "LLaMA-Factory's stage dpo is not supported by tuner"),
+    ("stage", "kto", "LLaMA-Factory's stage kto is not supported by tuner"),
 ])
 def test_llamafactory_keys_tuner_does_not_run_are_refused_with_what_to_use(key, value, message):
     assert any(p.startswith(message) for p in problems_of(*BASE, f"--{key}", value)), problems_of(

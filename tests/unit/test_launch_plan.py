@@ -109,3 +109,19 @@ def test_a_resume_pins_the_gpus_the_run_held_only_when_they_are_this_hosts_and_e
     assert _gpus_of(RunStatus(id="r", name="r", host=held.host, gpus=["GPU-aaa", "gpu-1"]), two) is None
     assert _gpus_of(held, build_config({"nproc_per_node": 4})) is None
     assert _gpus_of(None, two) is None
+
+
+def test_a_run_over_several_machines_must_name_its_output_dir_foreground_or_not(tmp_path, monkeypatch):
+    """Each machine would stamp a default directory of its own: refused before anything starts, whether `tuner
+    train` resolves the directory first (foreground, for --do_predict) or start_run does."""
+    from engine.cli import main
+    from engine.runs.launch import with_run_directory
+
+    keys = {"model_name_or_path": "tiny-llama", "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1"}
+    with pytest.raises(UserError, match="needs output_dir"):
+        with_run_directory(build_config(keys))
+    given = with_run_directory(build_config({**keys, "output_dir": str(tmp_path / "shared")}))
+    assert given.train.output_dir == str(tmp_path / "shared")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--dataset", "demo_alpaca", *(f"--{k}={v}" for k, v in keys.items())]
+    assert main(argv) == 2 and not (tmp_path / "saves").exists()

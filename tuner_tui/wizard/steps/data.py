@@ -69,12 +69,14 @@ class DataStep(WizardStep):
 
     def _read_names(self) -> tuple[list[str], list[str], str | None]:
         from engine.models.catalog import lookup
-        from engine.data.registry import dataset_names
+        from engine.data.registry import load_registry
         from engine.templates import template_names
 
         spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
         directory = self.choices.values.get("dataset_dir") or None
-        return template_names(), dataset_names(directory), spec.template if spec else None
+        # the wizard trains stage sft: preference (ranking) pairs are stage dpo's, on the command line
+        names = [name for name, attr in load_registry(directory).items() if not attr.ranking]
+        return template_names(), names, spec.template if spec else None
 
     def changed(self, key: str) -> None:
         if key == "dataset_dir":

@@ -1,0 +1,109 @@
+"""Preference pairs to token ids, as LLaMA-Factory's pairwise processor makes them: the prompt (every turn before the
+last reply, through the template) and the chosen and rejected replies, each reply closed as the template closes a
+turn; the three cut together to cutoff_len (``infer_seqlen`` of the prompt and the longer reply).
+
+The rows are what TRL's DPOTrainer trains on (``prompt_ids``, ``chosen_ids``, ``rejected_ids``): tuner renders and
+tokenizes the data itself, as for supervised fine-tuning, so a pair is cut and templated as LLaMA-Factory would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from engine.config.schema import TunerConfig
+from engine.data.loaders import load_conversations
+from engine.data.stats import Lengths
+from engine.data.tokenize import PreparationStopped, TrainingData, choose_template, training_template
+from engine.templates import AUTO, encode_many, get_template, infer_seqlen, template_mismatch
+
+log = logging.getLogger("tuner")
+
+BATCH = 1000  # pairs tokenized in one call between looks for a stop
+
+
+def encode_pairs(pairs: list[dict], tokenizer, template_name: str, cutoff_len: int,
+                 default_system: str | None = None) -> tuple[list[dict], Counter, list[int], int]:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` rows, the pairs dropped by reason, every pair's length before
+    truncation (prompt and longer reply) and how many were cut."""
+    template = training_template(template_name, default_system)
+    tools = [pair.get("tools") for pair in pairs]
+    chosen = encode_many(tokenizer, template, [p["messages"] + [_reply(p["chosen"])] for p in pairs], tools)
+    rejected = encode_many(tokenizer, template, [p["messages"] + [_reply(p["rejected"])] for p in pairs], tools)
+    rows, dropped, lengths, truncated = [], Counter(), [], 0
+    for good, bad in zip(chosen, rejected):
+        if good is None or bad is None:
+            dropped["no reply to learn"] += 1
+            continue
+        prompt, chosen_ids = _one_turn(good)
+        _, rejected_ids = _one_turn(bad)
+        if good.eos_id is not None:  # efficient_eos: one eos closes the reply, learned
+            chosen_ids, rejected_ids = chosen_ids + [good.eos_id], rejected_ids + [good.eos_id]
+        longer = max(len(chosen_ids), len(rejected_ids))
+        lengths.append(len(prompt) + longer)
+        source_len, target_len = infer_seqlen(len(prompt), longer, cutoff_len)
+        truncated += len(prompt) + longer > cutoff_len
+        if target_len == 0:
+            dropped[f"no reply left within cutoff_len={cutoff_len}"] += 1
+            continue
+        rows.append({"prompt_ids": prompt[:source_len], "chosen_ids": chosen_ids[:target_len],
+                     "rejected_ids": rejected_ids[:target_len]})
+    return rows, dropped, lengths, truncated
+
+
+def _reply(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _one_turn(turns) -> tuple[list[int], list[int]]:
+    """LLaMA-Factory's ``encode_oneturn``: everything before the last reply is the prompt, the last reply the
+    answer (text a template puts after it is not part of either)."""
+    last = max(i for i, (_, target) in enumerate(turns.pairs) if target)
+    prompt = [token for source, target in turns.pairs[:last] for token in source + target]
+    return prompt + turns.pairs[last][0], list(turns.pairs[last][1])
+
+
+def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None,
+                        stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
+    """The configured ranking datasets as tokenized pairs (``datasets.Dataset``) for a preference stage; a stop
+    while they are tokenized ends that at the next batch (PreparationStopped)."""
+    from datasets import Dataset
+
+    d = cfg.data
+    loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, pairs=True)
+    template = choose_template(cfg, tokenizer, catalog_template)
+    warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
+    if warning:
+        log.warning(warning)
+    report, splits, all_lengths = loaded.report.lines(), {}, []
+    for split, pairs in (("train", loaded.train), ("eval", loaded.eval)):
+        if pairs is None:
+            continue
+        rows, dropped, lengths, truncated = [], Counter(), [], 0
+        for start in range(0, len(pairs), BATCH):
+            if stop_wait is not None and stop_wait(0):
+                raise PreparationStopped("stopped while the data was being prepared")
+            part = encode_pairs(pairs[start:start + BATCH], tokenizer, template, d.cutoff_len, d.default_system)
+            rows += part[0]
+            dropped += part[1]
+            lengths += part[2]
+            truncated += part[3]
+        if split == "train" and not rows:
+            raise_empty(dropped, d.cutoff_len)
+        splits[split] = Dataset.from_list(rows) if rows else None
+        all_lengths += lengths if split == "train" else []
+        text = f"{split}: {len(rows)} pairs tokenized with template {template}"
+        text += f"; {truncated} longer than cutoff_len={d.cutoff_len} were truncated" if truncated else ""
+        text += "".join(f"; dropped {count} with {reason}" for reason, count in dropped.items())
+        report.append(text)
+    kept = [min(length, d.cutoff_len) for length in all_lengths]
+    return TrainingData(splits["train"], splits.get("eval"), template, report, Lengths.of(kept))
+
+
+def raise_empty(dropped: Counter, cutoff_len: int) -> None:
+    from engine.errors import UserError
+
+    reasons = ", ".join(f"{count} with {reason}" for reason, count in dropped.items())
+    raise UserError(f"no preference pair is left to train on ({reasons})", hint=f"raise cutoff_len ({cutoff_len})")

@@ -1,0 +1,242 @@
+"""Preference tuning (stage dpo) end to end on the tiny demo models: pairs in LLaMA-Factory's ranking formats, the
+run directory and its metrics, parity with TRL's DPOTrainer run directly, stop and resume, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import job_helpers
+import pytest
+from job_helpers import wait_for
+
+from engine.rundir import read_events, read_status
+
+COLOURS = ("red", "blue", "green", "black", "white", "yellow", "purple", "orange")
+
+
+def write_pairs(folder: Path, count: int = 24) -> Path:
+    """A registry of our own: alpaca and sharegpt ranking pairs where the chosen reply names the colour asked for
+    and the rejected one another."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alpaca, sharegpt = [], []
+    for i in range(count):
+        asked, other = COLOURS[i % len(COLOURS)], COLOURS[(i + 3) % len(COLOURS)]
+        prompt = f"Name the colour {asked}, number {i}."
+        alpaca.append({"instruction": prompt, "input": "", "chosen": f"The colour is {asked}.",
+                       "rejected": f"The colour is {other}."})
+        sharegpt.append({"conversations": [{"from": "human", "value": prompt}],
+                         "chosen": {"from": "gpt", "value": f"The colour is {asked}."},
+                         "rejected": {"from": "gpt", "value": f"The colour is {other}."}})
+    (folder / "pairs_alpaca.json").write_text(json.dumps(alpaca))
+    (folder / "pairs_sharegpt.json").write_text(json.dumps(sharegpt))
+    registry = {
+        "pairs_alpaca": {"file_name": "pairs_alpaca.json", "ranking": True,
+                         "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                     "rejected": "rejected"}},
+        "pairs_sharegpt": {"file_name": "pairs_sharegpt.json", "ranking": True, "formatting": "sharegpt",
+                           "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(registry))
+    return folder
+
+
+def dpo_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "pairs_alpaca",
+            "--dataset_dir", str(data), "--template", "llama2", "--output_dir", str(out), "--cutoff_len", "64",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3", *extra]
+
+
+def typed(*args: str) -> tuple[int, str]:
+    done = job_helpers.tuner(*args, cwd=Path.cwd())
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_dpo_run_trains_on_ranking_pairs_and_records_the_preference_metrics(tiny_models, tmp_path):
+    data, out = write_pairs(tmp_path / "data"), tmp_path / "dpo"
+    code, output = typed(*dpo_args(data, out, "--max_steps", "4", "--pref_beta", "0.2"))
+    assert code == 0, output
+    status = read_status(out)
+    assert status.state == "completed" and status.step == 4 and status.method == "dpo-lora"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "train_results.json"):
+        assert (out / name).is_file(), name
+    start = next(e for e in read_events(out) if e["type"] == "start")
+    assert start["train_samples"] == 24
+    speed = {f["feature"]: f for f in start["speed"]}
+    assert speed["padding-free batches"]["on"] is False and speed["loss"]["value"] == "TRL's preference loss"
+    logs = [e for e in read_events(out) if e["type"] == "log"]
+    assert len(logs) == 4 and logs[0]["loss"] == pytest.approx(0.6931, abs=2e-3)  # ln 2: the model is its reference
+    metrics = logs[-1]["metrics"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics)
+    assert logs[-1]["tokens_seen"] > 0 and logs[-1]["tokens_per_s"] > 0
+    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any(line.get("accuracy") is not None for line in lines)
+    assert "stage: dpo" in (out / "config.yaml").read_text()
+
+
+def test_sharegpt_pairs_tokenize_to_the_same_rows_as_alpaca_pairs(tiny_models, tmp_path):
+    from engine.config.schema import build_config
+    from engine.data.pairs import build_pair_datasets
+    from engine.models.loading import load_tokenizer
+
+    data = write_pairs(tmp_path / "data", count=8)
+    rows = {}
+    for name in ("pairs_alpaca", "pairs_sharegpt"):
+        cfg = build_config({"model_name_or_path": str(tiny_models["tiny-llama"]), "dataset": name,
+                            "dataset_dir": str(data), "template": "llama2", "stage": "dpo", "cutoff_len": 64})
+        prepared = build_pair_datasets(cfg, load_tokenizer(str(tiny_models["tiny-llama"]), cfg))
+        rows[name] = prepared.train.to_list()
+    assert rows["pairs_alpaca"] == rows["pairs_sharegpt"]
+    tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
+    first = rows["pairs_alpaca"][0]
+    assert tokenizer.decode(first["prompt_ids"]).rstrip().endswith("[/INST]")
+    assert "red" in tokenizer.decode(first["chosen_ids"]) and "black" in tokenizer.decode(first["rejected_ids"])
+
+
+def test_pairs_are_cut_to_cutoff_len_as_llamafactory_cuts_them(tiny_models):
+    from engine.config.schema import build_config
+    from engine.data.pairs import encode_pairs
+    from engine.models.loading import load_tokenizer
+    from engine.templates import infer_seqlen
+
+    cfg = build_config({"model_name_or_path": str(tiny_models["tiny-llama"])})
+    tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
+    pair = {"messages": [{"role": "user", "content": "word " * 40}], "chosen": "yes " * 30, "rejected": "no " * 5}
+    [whole], _, [length], cut = encode_pairs([pair], tokenizer, "llama2", 4096)
+    [row], _, _, truncated = encode_pairs([pair], tokenizer, "llama2", 32)
+    source, target = infer_seqlen(len(whole["prompt_ids"]), len(whole["chosen_ids"]), 32)
+    assert (cut, truncated) == (0, 1) and length == len(whole["prompt_ids"]) + len(whole["chosen_ids"])
+    assert row["prompt_ids"] == whole["prompt_ids"][:source] and row["chosen_ids"] == whole["chosen_ids"][:target]
+    assert row["rejected_ids"] == whole["rejected_ids"][:target]
+
+
+def test_dpo_losses_equal_trls_dpo_trainer_run_directly(tiny_models, tmp_path):
+    """The same pairs, model and settings through TRL's DPOTrainer by hand: the same loss at every step (sigmoid loss
+    with pref_ftx's supervised term, a full fine-tune whose reference TRL loads itself)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import DPOConfig
+
+    from engine.config.schema import build_config
+    from engine.data.pairs import encode_pairs
+    from engine.data.loaders import load_conversations
+    from engine.models.loading import load_tokenizer
+    from engine.train.dpo import pretokenized_dpo_trainer
+
+    data, out = write_pairs(tmp_path / "data", count=16), tmp_path / "ours"
+    settings = ["--finetuning_type", "full", "--max_steps", "3", "--learning_rate", "1e-4", "--pref_ftx", "0.5",
+                "--gradient_checkpointing", "false", "--seed", "7"]
+    code, output = typed(*dpo_args(data, out, *settings))
+    assert code == 0, output
+    ours = [e["loss"] for e in read_events(out) if e["type"] == "log"]
+
+    model_path = str(tiny_models["tiny-llama"])
+    cfg = build_config({"model_name_or_path": model_path})
+    tokenizer = load_tokenizer(model_path, cfg)
+    pairs = load_conversations("pairs_alpaca", str(data), pairs=True).train
+    rows, *_ = encode_pairs(pairs, tokenizer, "llama2", 64)
+    set_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
+                     logging_steps=1, seed=7, use_cpu=True, report_to=[], beta=0.1, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, 0.5], max_length=None, save_strategy="no", disable_tqdm=True)
+    trainer = pretokenized_dpo_trainer()(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                         processing_class=tokenizer)
+    trainer.train()
+    theirs = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert len(ours) == 3 and ours[0] != ours[-1]
+
+
+def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_path):
+    data, out = write_pairs(tmp_path / "data", count=64), tmp_path / "dpo"
+    code, output = typed(*dpo_args(data, out, "--max_steps", "400", "--save_steps", "2", "--per_device_train_batch_size",
+                                   "1", "--detach"))
+    assert code == 0, output
+    wait_for(lambda: job_helpers.logged(out, 3), 120, "three logged steps")
+    code, output = typed("stop", str(out))
+    assert code == 0, output
+    wait_for(lambda: (read_status(out) or read_status(out)).state == "stopped", 120, "the run to stop")
+    stopped = read_status(out)
+    assert (out / f"checkpoint-{stopped.step}").is_dir()
+    code, output = typed("resume", str(out))
+    assert code == 0, output
+    wait_for(lambda: job_helpers.logged(out, stopped.step + 1), 120, "a step after the resume")
+    typed("stop", str(out))
+    wait_for(lambda: read_status(out).state == "stopped", 120, "the resumed run to stop")
+    assert any(f"resuming from {out / f'checkpoint-{stopped.step}'}" in line
+               for line in (out / "train.log").read_text().splitlines())
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--packing", "true"], "stage dpo trains each pair whole"),
+    (["--pref_loss", "orpo"], "pref_loss: 'orpo' is not one of sigmoid, hinge, ipo"),
+    (["--simpo_gamma", "0.5"], "simpo_gamma is not supported by tuner"),
+])
+def test_what_stage_dpo_cannot_act_on_is_refused_in_one_line(tmp_path, extra, said):
+    data = write_pairs(tmp_path / "data", count=4)
+    code, output = typed(*dpo_args(data, tmp_path / "out", *extra))
+    assert code == 2 and said in output and "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_supervised_data_is_refused_by_stage_dpo_and_pairs_by_stage_sft(tiny_models, tmp_path):
+    data = write_pairs(tmp_path / "data", count=4)
+    code, output = typed("train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca",
+                         "--output_dir", str(tmp_path / "a"), "--max_steps", "1")
+    assert code == 2 and "is not a preference (ranking) dataset" in output and "Traceback" not in output
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "pairs_alpaca", "--dataset_dir",
+                         str(data), "--output_dir", str(tmp_path / "b"), "--max_steps", "1")
+    assert code == 2 and "set stage dpo to train on it" in output
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--pref_beta",
+                         "0.3", "--output_dir", str(tmp_path / "c"))
+    assert code == 2 and "pref_beta 0.3 acts in preference tuning" in output
+
+
+def test_dpo_continues_from_a_supervised_runs_adapter_which_is_its_reference(tiny_models, tmp_path):
+    """LLaMA-Factory's recipe: SFT, then DPO from that run's adapter (adapter_name_or_path). The adapter trains on,
+    and the reference is the SFT model (TRL keeps a frozen copy of the adapter as it starts): the first loss is ln 2
+    although the adapter is not the base model."""
+    data, sft, dpo = write_pairs(tmp_path / "data"), tmp_path / "sft", tmp_path / "dpo"
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template",
+                         "llama2", "--output_dir", str(sft), "--max_steps", "3", "--learning_rate", "1e-2",
+                         "--max_samples", "24")
+    assert code == 0, output
+    code, output = typed(*dpo_args(data, dpo, "--max_steps", "2", "--adapter_name_or_path", str(sft)))
+    assert code == 0, output
+    logs = [e for e in read_events(dpo) if e["type"] == "log"]
+    assert logs[0]["loss"] == pytest.approx(0.6931, abs=2e-3)
+    assert json.loads((dpo / "adapter_config.json").read_text())["r"] == json.loads(
+        (sft / "adapter_config.json").read_text())["r"]
+
+
+def test_the_demo_preference_is_learned_on_held_out_pairs(tiny_models, tmp_path):
+    """README's preference demo, shortened: on pairs it never trained on, the model comes to prefer the right answer
+    to a refusal or a wrong one (reward accuracy from 0, every pair a tie, to well above chance)."""
+    out = tmp_path / "demo_dpo"
+    code, output = typed("train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "demo_pairs",
+                         "--finetuning_type", "full", "--learning_rate", "1e-3", "--max_steps", "20",
+                         "--per_device_train_batch_size", "8", "--val_size", "60", "--eval_strategy", "steps",
+                         "--eval_steps", "20", "--eval_on_start", "true", "--output_dir", str(out))
+    assert code == 0, output
+    evals = [e for e in read_events(out) if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 20]
+    assert evals[0]["eval_rewards/accuracies"] == 0 and evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert evals[-1]["eval_rewards/accuracies"] > 0.65 and evals[-1]["eval_rewards/margins"] > 0.5
+
+
+def test_preview_shows_a_pair_as_the_model_sees_it(tiny_models, tmp_path):
+    from engine.config.schema import build_config
+    from engine.data.preview import build_preview
+
+    data = write_pairs(tmp_path / "data", count=6)
+    cfg = build_config({"model_name_or_path": "tiny-llama", "dataset": "pairs_sharegpt", "dataset_dir": str(data),
+                        "template": "llama2", "stage": "dpo", "cutoff_len": 64})
+    preview = build_preview(cfg, count=2)
+    assert preview.samples == [] and len(preview.pairs) == 2 and preview.stats["count"] == 6
+    first = preview.pairs[0]
+    assert first.prompt.endswith("[/INST]") and "Name the colour red, number 0." in first.prompt
+    assert first.chosen.strip().startswith("The colour is red.") and "black" in first.rejected
+    assert first.tokens["prompt"] > 0 and first.tokens["chosen"] > 3 and first.tokens["rejected"] > 3
+    assert preview.to_json()["pairs"][0]["chosen"] == first.chosen
