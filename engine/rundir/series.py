@@ -19,6 +19,7 @@ MAX_VALUE = 1e9  # a loss or learning rate beyond this is corrupt, and charts ca
 MAX_TIME = 1e11  # seconds since 1970 (the year 5138): an event time beyond is corrupt
 PACE_LOGS = 10  # the ETA's step time: the mean over this many of the latest intervals between logged steps
 MAX_POINTS = 4096  # a series keeps between this many and twice as many points, however long the run
+MAX_METRICS = 32  # a stage's metrics kept (its log events' "metrics": rewards/chosen, ...), the first seen
 
 
 def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
@@ -67,13 +68,15 @@ def remaining_s(logged: Sequence[tuple[int, float]], total_steps: int) -> float 
 
 @dataclass(frozen=True)
 class LossSeries:
-    """Training loss per logged step (a resumed run's repeated steps replace the old ones), its EMA, eval losses."""
+    """Training loss per logged step (a resumed run's repeated steps replace the old ones), its EMA, eval losses; or,
+    named, one of a stage's metrics (``rewards/margins``) and its evaluations, the same way."""
 
     steps: tuple[int, ...] = ()
     losses: tuple[float, ...] = ()
     smoothed: tuple[float, ...] = ()
     eval_steps: tuple[int, ...] = ()
     eval_losses: tuple[float, ...] = ()
+    name: str = "loss"
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ class History:
     def __init__(self, limit: int = MAX_POINTS):
         self.losses = Thinned(limit)  # (step, loss, learning rate)
         self.evals = Thinned(limit)  # (step, eval loss)
+        self.limit = limit
+        self.metrics: dict[str, Thinned] = {}  # a stage's metric -> (step, value), from the log events' "metrics"
+        self.eval_metrics: dict[str, Thinned] = {}  # ... and from the eval events' "eval_<metric>"
         self.checkpoints: dict[int, tuple[str, float | None]] = {}
         self.start: dict[str, Any] | None = None
         self.last_log: dict[str, Any] | None = None
@@ -172,10 +178,14 @@ class History:
             self.version += 1
         elif kind == Event.LOG and step is not None and loss_or_rate(event.get("loss")) is not None:
             self.losses.add((step, loss_or_rate(event["loss"]), loss_or_rate(event.get("learning_rate")) or 0.0))
+            metrics = event.get("metrics")
+            self._add_metrics(self.metrics, step, metrics.items() if isinstance(metrics, dict) else ())
             self.last_log = event
             self.version += 1
         elif kind == Event.EVAL and step is not None and loss_or_rate(event.get("eval_loss")) is not None:
             self.evals.add((step, loss_or_rate(event["eval_loss"])))
+            self._add_metrics(self.eval_metrics, step, ((key.removeprefix("eval_"), value) for key, value in
+                                                        event.items() if key.startswith("eval_") and "/" in key))
             self.version += 1
         elif kind == Event.CHECKPOINT and step is not None:
             self.checkpoints[step] = (str(event.get("path", "")), number(event.get("time")))
@@ -183,6 +193,25 @@ class History:
             self._download = None
         elif kind == Event.ERROR:
             self.error = event
+
+    def _add_metrics(self, kept: dict[str, Thinned], step: int, items) -> None:
+        """Untrusted names and values: text of a sane length, finite numbers, at most MAX_METRICS names."""
+        for name, value in items:
+            value = loss_or_rate(value)
+            if not isinstance(name, str) or len(name) > 64 or value is None:
+                continue
+            if name in kept or len(kept) < MAX_METRICS:
+                kept.setdefault(name, Thinned(self.limit)).add((step, value))
+
+    def metric_series(self) -> dict[str, LossSeries]:
+        """Each of the stage's metrics as a chart shows it: raw, its EMA, and its evaluations; DPO's rewards first."""
+        out = {}
+        for name, thinned in sorted(self.metrics.items(), key=lambda item: (not item[0].startswith("rewards/"),
+                                                                            item[0])):
+            steps, values = thinned.columns() or ((), ())
+            eval_steps, eval_values = self.eval_metrics[name].columns() if name in self.eval_metrics else ((), ())
+            out[name] = LossSeries(steps, values, ema(values), eval_steps, eval_values, name)
+        return out
 
     def download_progress(self) -> DownloadProgress | None:
         """The model download under way before training, for a progress bar; None when none is (never, or over)."""

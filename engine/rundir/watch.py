@@ -35,6 +35,7 @@ class RunSnapshot:
     device: str | None = None
     progress: Progress = field(default_factory=Progress)
     loss: LossSeries = field(default_factory=LossSeries)
+    metrics: dict[str, LossSeries] = field(default_factory=dict)  # a stage's own (DPO: rewards/margins, ...), by name
     learning_rates: tuple[float, ...] = ()
     checkpoints: tuple[Checkpoint, ...] = ()
     estimate_gib: float | None = None  # the start event's VRAM estimate per GPU, as nvidia-smi would show it
@@ -67,7 +68,7 @@ class RunWatcher:
         self._log = LogTail(self.run_dir / TRAIN_LOG, log_lines)
         self._clock = clock
         self._history = History()
-        self._series: tuple[int, LossSeries, tuple[float, ...]] | None = None
+        self._series: tuple[int, LossSeries, tuple[float, ...], dict[str, LossSeries]] | None = None
 
     def sample(self) -> RunSnapshot:
         events, restarted = self._events.read()
@@ -88,7 +89,7 @@ class RunWatcher:
         state = effective_state(status)
         start = h.start or {}
         estimate = start.get("estimate") if isinstance(start.get("estimate"), dict) else {}
-        loss, learning_rates = self._loss_series()
+        loss, learning_rates, metrics = self._loss_series()
         return RunSnapshot(
             run_dir=str(self.run_dir), run_id=printable_line(status.id), name=printable_line(status.name),
             state=state, error=why_failed(status, state, h.error), pid=status.pid, host=printable_line(status.host),
@@ -96,7 +97,7 @@ class RunWatcher:
             device=_text(_device(start)),
             progress=h.progress(status.step, status.total_steps, state in ("running", "queued"), now,
                                 elapsed_s(status, state, h.last_seen, now)),
-            loss=loss, learning_rates=learning_rates, checkpoints=self._checkpoints(),
+            loss=loss, learning_rates=learning_rates, metrics=metrics, checkpoints=self._checkpoints(),
             estimate_gib=number(estimate.get("total_gib"), 0.0, 1e6), log_tail=self._log.read(),
             config_text=read_text(self.run_dir / CONFIG),
             download=h.download_progress() if state in ("running", "queued") else None,
@@ -113,12 +114,12 @@ class RunWatcher:
             self._history.add(event)
         return status
 
-    def _loss_series(self) -> tuple[LossSeries, tuple[float, ...]]:
+    def _loss_series(self) -> tuple[LossSeries, tuple[float, ...], dict[str, LossSeries]]:
         """Tuples are rebuilt only when an event changed them, so an idle run costs no copying."""
         h = self._history
         if self._series is None or self._series[0] != h.version:
-            self._series = (h.version, *h.series())
-        return self._series[1], self._series[2]
+            self._series = (h.version, *h.series(), h.metric_series())
+        return self._series[1], self._series[2], self._series[3]
 
     def _checkpoints(self) -> tuple[Checkpoint, ...]:
         return tuple(Checkpoint(step, printable_line(path), when, os.path.isdir(path))

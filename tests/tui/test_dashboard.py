@@ -377,3 +377,32 @@ async def test_hostile_events_and_escapes_are_shown_safely(run_copy):
         assert shown(app.screen.query_one(StateBanner)).split()[3] == "evilname"
         await until(pilot, lambda: "role assistant  is unknown" in shown(app.screen.query_one(LogView)), "the log")
         assert not app._notifications
+
+
+async def test_a_dpo_runs_metrics_are_charted_one_by_one_with_m(tiny_models, tmp_path, monkeypatch):
+    """A real DPO run (demo_pairs, held-out pairs evaluated): m charts rewards/accuracies, rewards/chosen, ... with
+    their evaluations, then the loss again; an SFT run has no metrics of its stage and no m."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    run_dir = tmp_path / "dpo"
+    assert main(["train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "demo_pairs",
+                 "--output_dir", str(run_dir), "--max_steps", "4", "--logging_steps", "1", "--val_size", "8",
+                 "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_train_batch_size", "4"]) == 0
+    app = dashboard(run_dir)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, sampled(app), "the first samples")
+        screen, chart = app.screen, app.screen.query_one(LossChart)
+        assert chart.series.name == "loss" and screen.check_action("next_metric", ()) is True
+        assert list(screen.run.metrics)[:2] == ["rewards/accuracies", "rewards/chosen"]
+        await pilot.press("m")
+        assert chart.series.name == "rewards/accuracies" and "rewards/accuracies" in str(chart.border_title)
+        assert chart.series.steps == (1, 2, 3, 4) and chart.series.eval_steps == (2, 4)
+        for _ in screen.run.metrics:
+            await pilot.press("m")
+        assert chart.series.name == "loss" and chart.series.steps == (1, 2, 3, 4)
+
+
+async def test_an_sft_run_has_no_metric_key(finished_run):
+    app = dashboard(finished_run)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, sampled(app), "the first samples")
+        assert app.screen.run.metrics == {} and app.screen.check_action("next_metric", ()) is False

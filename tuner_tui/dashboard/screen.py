@@ -65,6 +65,8 @@ class DashboardScreen(Screen):
     BINDINGS = [
         Binding("s", "stop", "Stop", tooltip="Ask the run to finish its step, save a checkpoint and stop"),
         Binding("l", "toggle_log_scale", "Log scale", tooltip="Show the loss on a log or a linear scale"),
+        Binding("m", "next_metric", "Metric",
+                tooltip="Chart the stage's next metric (DPO: rewards/margins, rewards/accuracies, ...), then the loss"),
         Binding("c", "chat", "Chat", tooltip="Chat with what the run trained (once it has ended)"),
         Binding("p", "predict", "Predict", tooltip="Generate for a dataset and score it (once the run has ended)"),
         Binding("e", "export", "Export",
@@ -94,6 +96,7 @@ class DashboardScreen(Screen):
                                   GpusSampled),
         }
         self._last_failure: dict[str, str] = {}
+        self.charted = "loss"  # the series the chart shows: the loss, or one of the stage's metrics
         self._gpu_sampling_started = False  # the GPU sampler's first round has started
 
     def compose(self) -> ComposeResult:
@@ -142,12 +145,15 @@ class DashboardScreen(Screen):
                 self._sample(GPU_SAMPLER)
 
     def on_run_sampled(self, message: RunSampled) -> None:
+        had_metrics = bool(self.run and self.run.metrics)
         run = self.run = message.snapshot
         self.query_one(StateBanner).run = run
         progress = self.query_one(ProgressPanel)
         progress.progress, progress.download = run.progress, run.download
         chart = self.query_one(LossChart)
-        chart.series, chart.ended = run.loss, run.ended
+        chart.series, chart.ended = run.metrics.get(self.charted, run.loss), run.ended
+        if had_metrics != bool(run.metrics):
+            self.refresh_bindings()
         self.query_one(LearningRate).rates = run.learning_rates
         panel = self.query_one(GpuPanel)
         panel.estimate_gib, panel.run_pid = run.estimate_gib, run.pid if run.active else None
@@ -175,6 +181,17 @@ class DashboardScreen(Screen):
     def action_quit(self) -> None:
         """Close the app; its result is the line the shell gets when the run goes on (printed once the app is gone)."""
         self.app.exit(goes_on_line(self.run))
+
+    def action_next_metric(self) -> None:
+        names = ["loss", *(self.run.metrics if self.run else ())]
+        self.charted = names[(names.index(self.charted) + 1) % len(names)] if self.charted in names else "loss"
+        if self.run is not None:
+            self.query_one(LossChart).series = self.run.metrics.get(self.charted, self.run.loss)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "next_metric":
+            return bool(self.run and self.run.metrics)  # shown only for a stage that logs metrics of its own
+        return super().check_action(action, parameters)
 
     def action_toggle_log_scale(self) -> None:
         self.log_scale = not self.log_scale

@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.color import Color
 from textual.containers import Horizontal
 from textual.content import Content
+from textual.markup import escape
 from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import ProgressBar, Static
@@ -173,15 +174,24 @@ class ProgressPanel(Horizontal):
 
 
 class LossChart(PlotextPlot):
-    """Raw training loss, its EMA and eval points against the step; linear or log scale."""
+    """Raw training loss (or one of a stage's metrics: the series' name), its EMA and eval points against the step;
+    linear or log scale."""
 
     series: reactive[LossSeries] = reactive(LossSeries)
     log_scale: reactive[bool] = reactive(False)
     ended: reactive[bool] = reactive(False)  # the run is over: no loss to wait for
 
     def watch_log_scale(self, log_scale: bool) -> None:
-        scale = " · log scale" if log_scale else ""
-        self.border_title = f"loss{scale}  [$foreground-muted]raw[/] [$primary]EMA[/] [$warning]• eval[/]"
+        self._title()
+
+    def watch_series(self, old: LossSeries, new: LossSeries) -> None:
+        if old.name != new.name:
+            self._title()
+
+    def _title(self) -> None:
+        scale = " · log scale" if self.log_scale else ""
+        self.border_title = (f"{escape(self.series.name)}{scale}  [$foreground-muted]raw[/] [$primary]EMA[/] "
+                             "[$warning]• eval[/]")
 
     def render(self):
         s, plt = self.series, self.plt

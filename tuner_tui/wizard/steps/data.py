@@ -21,6 +21,7 @@ from tuner_tui.wizard.steps.base import Field, WizardStep, field_row
 PREVIEWING = threading.Lock()
 LEARNED = "$text-success on $success-muted"
 DEMO_DATASET = "demo_alpaca"  # chosen when no dataset is: it trains any model end to end
+DEMO_PAIRS = "demo_pairs"  # ... and for stage dpo
 BUSY = {"template": "comparing the template with the model's own…", "preview": "previewing the data…"}
 
 
@@ -35,6 +36,7 @@ class DataStep(WizardStep):
         self._checked: dict | None = None  # the model and template the template note was made for
         self._previewed: dict | None = None  # the values the preview was built from
         self._busy: set[str] = set()  # the groups of BUSY whose worker is running
+        self._names_for: str | None = None  # the stage the dataset names were read for
 
     def body(self) -> ComposeResult:
         with Horizontal(classes="row"):
@@ -61,10 +63,13 @@ class DataStep(WizardStep):
 
     def on_screen_resume(self) -> None:
         """Shown first, or back from step 5 or the file picker: redo what the values changed since have made stale
-        (a new cutoff_len redraws the histogram)."""
+        (a new cutoff_len redraws the histogram; another stage lists other datasets)."""
+        if self._names_for != self.choices.values.get("stage"):
+            self._names()
         self.later("preview", self._refresh)
 
     def _names(self) -> None:
+        self._names_for = self.choices.values.get("stage")
         self.work("names", self._read_names, "reading the templates and datasets")
 
     def _read_names(self) -> tuple[list[str], list[str], str | None]:
@@ -74,8 +79,8 @@ class DataStep(WizardStep):
 
         spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
         directory = self.choices.values.get("dataset_dir") or None
-        # the wizard trains stage sft: preference (ranking) pairs are stage dpo's, on the command line
-        names = [name for name, attr in load_registry(directory).items() if not attr.ranking]
+        pairs = self.choices.values.get("stage") == "dpo"  # stage dpo trains on ranking pairs, sft on the rest
+        names = [name for name, attr in load_registry(directory).items() if attr.ranking == pairs]
         return template_names(), names, spec.template if spec else None
 
     def changed(self, key: str) -> None:
@@ -148,8 +153,10 @@ class DataStep(WizardStep):
                 template.value = chosen
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
-            if not self.choices.values.get("dataset") and DEMO_DATASET in datasets:
-                self.query_one("#dataset", Input).value = DEMO_DATASET
+            demo = DEMO_PAIRS if self.choices.values.get("stage") == "dpo" else DEMO_DATASET
+            current = self.choices.values.get("dataset")
+            if (not current or current in (DEMO_DATASET, DEMO_PAIRS)) and demo in datasets and current != demo:
+                self.query_one("#dataset", Input).value = demo  # the other stage's demo: this one's
             if self.choices.values.get("dataset") in datasets:
                 registry.value = self.choices.values["dataset"]
         elif group == "template":
@@ -246,6 +253,10 @@ def render_preview(preview) -> Content:
 
     bars = {"within": "$text-primary", "over": "$text-warning", "cutoff": "bold $text-error"}
     parts: list = [(f"template {preview.template} · the learned part highlighted\n", "bold")]
+    for n, pair in enumerate(preview.pairs, 1):
+        parts.append((f"── pair {n} (prompt {pair.tokens['prompt']} tokens)\n", "$text-muted"))
+        parts += [pair.prompt, "\n", ("chosen   ", "bold"), (pair.chosen, LEARNED), "\n", ("rejected ", "bold"),
+                  (pair.rejected, "$text-error"), "\n"]
     for n, sample in enumerate(preview.samples, 1):
         parts.append((f"── sample {n} ({len(sample.input_ids)} tokens)\n", "$text-muted"))
         parts += [(segment.text, LEARNED) if segment.learned else segment.text for segment in sample.segments]

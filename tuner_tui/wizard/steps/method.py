@@ -1,5 +1,6 @@
-"""Step 3, Method: what trains (LoRA, QLoRA, freeze or full), with the memory estimate for each and whether it
-fits the chosen GPUs, the method recommended and why, and the settings of the method chosen."""
+"""Step 3, Method: the stage (supervised fine-tuning or DPO on preference pairs), what trains (LoRA, QLoRA, freeze
+or full) with the memory estimate for each and whether it fits the chosen GPUs, the method recommended and why, and
+the settings of the method and stage chosen."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tuner_tui.wizard.steps.base import WizardStep, setting_row
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target")
+PREFERENCE_FIELDS = ("pref_beta", "pref_loss", "pref_ftx")  # shown for stage dpo
 # The settings that act for each method (row ids of the body); the others are hidden while it is chosen.
 METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LORA_FIELDS,
                  "qlora-8bit": (*LORA_FIELDS, "qlora-bits"), "qlora-4bit": (*LORA_FIELDS, "qlora-bits")}
@@ -41,8 +43,10 @@ class ListSuggester(Suggester):
 class MethodStep(WizardStep):
     TITLE = "Method: what trains, and the memory it needs"
     STEP = 3
-    CHECKED = ("lora_rank", "lora_alpha", "lora_target", "freeze_trainable_layers", "strategy")
+    CHECKED = ("stage", "lora_rank", "lora_alpha", "lora_target", "freeze_trainable_layers", "strategy",
+               *PREFERENCE_FIELDS)
     BINDINGS = [Binding("ctrl+t", "strategy", "Strategy", tooltip="Choose how the GPUs share the model")]
+    AUTO_FOCUS = "#methods"  # the table of methods; the stage (sft preselected) sits above it, a Shift+Tab away
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,6 +54,7 @@ class MethodStep(WizardStep):
         self.troubled: set[str] = set()  # fields with a problem shown: they stay in sight whatever the method
 
     def body(self) -> ComposeResult:
+        yield from setting_row("stage", "Stage", self.choices)
         yield DataTable(id="methods", cursor_type="row")
         yield Static("estimating…", id="reason")
         yield from setting_row("strategy", "Strategy", self.choices)
@@ -63,6 +68,9 @@ class MethodStep(WizardStep):
             yield Label("QLoRA bits", classes="label")
             yield Select([("4-bit", 4), ("8-bit", 8)], id="qlora-bits", prompt="none: 16-bit weights")
         yield Static("", classes="error")
+        yield from setting_row("pref_beta", "DPO beta", self.choices)
+        yield from setting_row("pref_loss", "DPO loss", self.choices)
+        yield from setting_row("pref_ftx", "SFT loss weight", self.choices)
 
     def on_mount(self) -> None:
         self._show_strategy(False)
@@ -73,7 +81,9 @@ class MethodStep(WizardStep):
         """Only the settings that act for the method chosen (LoRA's for LoRA and QLoRA, the bits for QLoRA, the
         layers for freeze); one with a problem stays, so that it can be mended."""
         wanted = METHOD_FIELDS[self.choices.method or "lora"]
-        for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits"):
+        if self.choices.values.get("stage") == "dpo":
+            wanted += PREFERENCE_FIELDS
+        for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits", *PREFERENCE_FIELDS):
             shown = key in wanted or key in self.troubled
             for widget in self.query(f"#row-{key}, #err-{key}" + (", #targets" if key == "lora_target" else "")):
                 widget.display = shown
@@ -103,6 +113,8 @@ class MethodStep(WizardStep):
     def changed(self, key: str) -> None:
         if key == "strategy" and self.choices.values.get("strategy") != self.choices.values.get("_strategy_auto"):
             self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
+        if key == "stage":
+            self._show_method_fields()
         self.later("estimate", self._estimate)
 
     def _estimate(self) -> None:

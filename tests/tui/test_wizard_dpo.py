@@ -1,0 +1,39 @@
+"""Preference tuning in the wizard: the stage chosen on step 3 (sft preselected) shows DPO's settings and counts
+the pairs and the reference in the estimate; step 4 then lists the ranking datasets, with demo_pairs, and previews
+a pair; the command reviewed says stage dpo. On a recorded A100 80GB and the tiny demo model."""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable, Select, Static
+from tui_helpers import on_step, shown, until, wizard
+
+from tuner_tui.wizard.state import Choices
+from tuner_tui.wizard.steps import DataStep, HardwareStep, MethodStep
+
+
+async def test_stage_dpo_shows_its_settings_lists_pairs_and_previews_one(tiny_models, tmp_path):
+    app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await on_step(pilot, app, HardwareStep)
+        await until(pilot, lambda: app.hardware is not None, "the probe")
+        await app.push_screen(MethodStep())
+        table = app.screen.query_one("#methods", DataTable)
+        await until(pilot, lambda: table.row_count == 5, "the estimates")
+        assert app.screen.focused is table
+        assert not app.screen.query_one("#row-pref_beta").display
+        full_sft = float(str(table.get_row("full")[1]))
+        app.screen.query_one("#stage", Select).value = "dpo"
+        await until(pilot, lambda: app.screen.query_one("#row-pref_beta").display, "DPO's settings")
+        assert app.screen.query_one("#row-pref_loss").display and app.screen.query_one("#row-pref_ftx").display
+        await until(pilot, lambda: float(str(table.get_row("full")[1])) > full_sft, "the reference counted")
+        assert not app.choices.recipe().applied  # the demo model's recipe is a supervised fine-tune's
+
+        await app.push_screen(DataStep())
+        options = app.screen.query_one("#dataset-select", Select)
+        await until(pilot, lambda: app.choices.values.get("dataset") == "demo_pairs", "the demo pairs chosen")
+        assert [value for _, value in options._options if value is not Select.NULL] == ["demo_pairs"]
+        preview = app.screen.query_one("#preview", Static)
+        await until(pilot, lambda: "── pair 1" in shown(preview), "a pair previewed")
+        text = shown(preview)
+        assert "chosen" in text and "rejected" in text and "How many letters are in 'ship'?" in text
+        assert "--stage dpo" in app.choices.command_line()
