@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.config.library import flag_word
 
-SFT_ONLY = "tuner runs supervised fine-tuning (stage sft) and DPO (stage dpo) only"
+SFT_ONLY = "tuner runs supervised fine-tuning (stage sft), DPO (stage dpo) and pre-training (stage pt) only"
 # The preference keys tuner's stage dpo acts on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* / ref_model*
 # family is refused with what there is.
 PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss")

@@ -85,8 +85,9 @@ class DataArgs:
 
 @dataclass
 class FinetuneArgs:
-    stage: str = _opt("sft", "Training stage: sft (supervised fine-tuning) or dpo (preference tuning on ranking "
-                      "pairs: a prompt, a chosen and a rejected reply).", ("sft", "dpo"))
+    stage: str = _opt("sft", "Training stage: sft (supervised fine-tuning), dpo (preference tuning on ranking "
+                      "pairs: a prompt, a chosen and a rejected reply) or pt (continued pre-training on raw text).",
+                      ("sft", "dpo", "pt"))
     finetuning_type: str = _opt("lora", "lora, freeze (train the last layers) or full.", FINETUNING_TYPES)
     lora_target: str = _opt("all", "Modules that get LoRA: comma list of names, or all (every linear layer but the head).")
     lora_rank: int = _opt(8, "LoRA rank r.")
@@ -221,7 +222,7 @@ ALIASES = {
 FLAG_VALUES = {"flash_attn": {True: "fa2", False: "sdpa", "disabled": "eager"}}
 
 # Stages of LLaMA-Factory that this tool does not run, so the message can say so rather than "unknown value".
-UNSUPPORTED_STAGES = ("pt", "rm", "ppo", "kto")
+UNSUPPORTED_STAGES = ("rm", "ppo", "kto")
 
 
 @dataclass
@@ -376,7 +377,7 @@ def build_config(values: dict[str, Any], problems: list[str] | None = None, comm
         choices = FIELDS[key][1].metadata.get("choices")
         if key == "stage" and value in UNSUPPORTED_STAGES:
             problems.append(f"LLaMA-Factory's stage {value} is not supported by tuner: tuner runs supervised "
-                            "fine-tuning (stage sft) and preference tuning (stage dpo)")
+                            "fine-tuning (stage sft), preference tuning (stage dpo) and pre-training (stage pt)")
         elif choices and value is not None and value not in choices:
             problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
         else:

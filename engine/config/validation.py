@@ -224,12 +224,28 @@ def _collisions(cfg: TunerConfig) -> list[str]:
 PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid"}
 
 
+def _preference_keys_unused(f) -> list[str]:
+    return [f"{key} {getattr(f, key)} acts in preference tuning: set stage dpo, or leave {key} out"
+            for key, default in PREFERENCE_DEFAULTS.items() if getattr(f, key) != default]
+
+
 def _stage(cfg: TunerConfig) -> list[str]:
     """What the chosen stage cannot act on, one line each."""
     f, d, t = cfg.finetune, cfg.data, cfg.train
+    if f.stage == "pt":
+        checks = [
+            (cfg.model.template is not None, f"template {cfg.model.template}: stage pt trains on raw text, which no "
+             "template wraps: leave template out"),
+            (d.train_on_prompt, "train_on_prompt: stage pt learns every token of the text already: leave it out"),
+            (d.mask_history, "mask_history: stage pt has no conversations: leave it out"),
+            (d.tokenized_path is not None, "tokenized_path keeps supervised samples, not blocks of text: leave it out "
+             "with stage pt"),
+            (t.do_predict, "do_predict after stage pt would generate from raw text: predict on a dataset of prompts "
+             "afterwards (tuner predict --run RUN --dataset ...)"),
+        ]
+        return [message for failed, message in checks if failed] + _preference_keys_unused(f)
     if f.stage != "dpo":
-        return [f"{key} {getattr(f, key)} acts in preference tuning: set stage dpo, or leave {key} out"
-                for key, default in PREFERENCE_DEFAULTS.items() if getattr(f, key) != default]
+        return _preference_keys_unused(f)
     checks = [
         (d.packing, "packing joins samples into rows, and stage dpo trains each pair whole: leave out packing"),
         (d.train_on_prompt, "train_on_prompt: stage dpo compares the two replies to a prompt, and learns no prompt: "
@@ -238,9 +254,9 @@ def _stage(cfg: TunerConfig) -> list[str]:
         (d.tokenized_path is not None, "tokenized_path keeps supervised samples, not preference pairs: leave it out "
          "with stage dpo"),
         (t.do_predict, "do_predict after stage dpo would generate from ranking pairs: predict on a dataset of "
-         "prompts afterwards (tuner predict RUN --dataset ...)"),
-        (t.enable_liger_kernel is True, "enable_liger_kernel: stage dpo's loss reads the logits of both replies, "
-         "which Liger's fused loss does not keep: leave it out"),
+         "prompts afterwards (tuner predict --run RUN --dataset ...)"),
+        (t.enable_liger_kernel is True, "enable_liger_kernel: stage dpo computes its loss through TRL's own tiled LM "
+         "head, and tuner's Liger kernels come with Liger's fused loss: leave it out"),
         (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"),
     ]

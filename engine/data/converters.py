@@ -36,17 +36,25 @@ class Converted:
     dropped: Counter
 
 
-def convert(records: list[dict], attr: DatasetAttr, pairs: bool = False) -> Converted:
+def convert(records: list[dict], attr: DatasetAttr, pairs: bool = False, texts: bool = False) -> Converted:
     """Every record of one dataset in ``attr.formatting`` as a conversation; empty samples dropped and counted. With
     ``pairs`` (a preference stage), each record of a ranking dataset as a pair: the prompt's messages and the chosen
-    and rejected replies, ``{"messages", "chosen", "rejected", "tools"}``."""
+    and rejected replies, ``{"messages", "chosen", "rejected", "tools"}``. With ``texts`` (stage pt), each record of
+    a raw-text dataset as ``{"text"}``."""
     to_messages = CONVERTERS.get(attr.formatting)
     if to_messages is None:
         raise UserError(f"dataset '{attr.name}': unknown formatting '{attr.formatting}'",
                         hint=f"valid formattings: {', '.join(CONVERTERS)}")
-    _check_supported(attr, pairs)
+    _check_supported(attr, pairs, texts)
     conversations, dropped = [], Counter()
     for index, record in enumerate(records):
+        if texts:
+            text = _cell(record, attr, index, "prompt")
+            if text.strip():
+                conversations.append({"text": text})
+            else:
+                dropped["empty text"] += 1
+            continue
         if pairs:
             result = pair_messages(record, attr, index)
         else:
@@ -107,6 +115,8 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
         formatting, columns = "sharegpt", {"messages": "conversations"}
     elif first is not None and {"from", "value"} <= set(first):
         formatting, columns = "sharegpt", {"messages": "messages"}
+    elif set(record) == {"text"}:  # raw text: a .txt file's lines, or {"text": ...} records
+        formatting, columns = "alpaca", {"prompt": "text"}
     elif {"instruction", "output"} <= set(record) or {"instruction", "chosen", "rejected"} <= set(record):
         formatting, columns = "alpaca", dict(DEFAULT_COLUMNS["alpaca"])
         if "history" in record:
@@ -283,9 +293,15 @@ def _without_nulls(value):
     return value
 
 
-def _check_supported(attr: DatasetAttr, pairs: bool = False) -> None:
+def _check_supported(attr: DatasetAttr, pairs: bool = False, texts: bool = False) -> None:
     """Refuse, from its registry entry alone, a dataset that is not text conversations with replies (or, for a
-    preference stage, not text pairs)."""
+    preference stage, not text pairs; for stage pt, not raw text)."""
+    if texts:
+        if attr.formatting != "alpaca" or "prompt" not in attr.columns or set(attr.columns) - {"prompt"}:
+            raise UserError(f"dataset '{attr.name}' is not raw text: stage pt trains on text alone",
+                            hint='a dataset of one text column ("columns": {"prompt": "text"}, as LLaMA-Factory\'s '
+                                 'c4_demo), a .jsonl file of {"text": ...} records, or a .txt file')
+        return
     if attr.ranking and not pairs:
         raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward "
                         "modelling",
@@ -308,7 +324,8 @@ def _check_alpaca_columns(attr: DatasetAttr) -> None:
     mapped = ", ".join(f"{key}={column}" for key, column in columns.items()) or "nothing"
     if "response" not in columns:
         what = ": plain text, for pre-training" if prompts else ""
-        raise UserError(f"dataset '{attr.name}' maps no response column (it maps {mapped}){what}",
+        raise UserError(f"dataset '{attr.name}' maps no response column (it maps {mapped}){what}"
+                        + ("; set stage pt to train on it" if prompts and set(columns) == {"prompt"} else ""),
                         hint='supervised fine-tuning needs a reply per sample: "columns": {"prompt": ..., '
                              '"response": ...}')
     if not prompts:

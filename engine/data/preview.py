@@ -98,6 +98,8 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     tokenizer = load_tokenizer(resolved.path, cfg)
     if cfg.finetune.stage == "dpo":
         return _pair_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
+    if cfg.finetune.stage == "pt":
+        return _text_preview(cfg, tokenizer, count)
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed)
@@ -148,12 +150,41 @@ def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, cou
             text = render_text(template, [*messages, {"role": "assistant", "content": pair[key]}], tokenizer,
                                tools=tools)
             replies[key] = text[len(prompt):] if text.startswith(prompt) else pair[key]
-        [row], *_ = encode_pairs([pair], tokenizer, check.template, d.cutoff_len, d.default_system)
+        rows, *_ = encode_pairs([pair], tokenizer, check.template, d.cutoff_len, d.default_system)
+        if not rows:
+            continue  # nothing of it left within cutoff_len: the report counts it
+        row = rows[0]
         shown.append(PairSample(prompt, replies["chosen"], replies["rejected"],
                                 {key: len(row[f"{key}_ids"]) for key in ("prompt", "chosen", "rejected")}))
     report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in dropped.items()]
     return Preview(check.template, [], length_stats(lengths, d.cutoff_len), report, d.cutoff_len,
                    length_histogram(lengths, d.cutoff_len), check.warning, shown)
+
+
+def _text_preview(cfg: TunerConfig, tokenizer, count: int) -> Preview:
+    """Stage pt's preview: the first blocks of cutoff_len tokens as the model reads them (all learned), and the
+    lengths of the texts they were joined from."""
+    from engine.data.stats import length_histogram, length_stats
+    from engine.data.texts import build_text_datasets
+    from engine.templates import Segment, tokenize_texts
+
+    prepared = build_text_datasets(cfg, tokenizer)
+    samples = []
+    for row in prepared.train.select(range(min(count, len(prepared.train)))):
+        text = tokenizer.decode(row["input_ids"])
+        samples.append(PreviewSample(text, "", text, row["input_ids"], row["labels"], [Segment(text, True)]))
+    texts = [entry["text"] for entry in _texts(cfg)]
+    lengths = [len(ids) + 1 for ids in tokenize_texts(tokenizer, texts)]
+    return Preview("none (raw text)", samples, length_stats(lengths, cfg.data.cutoff_len), prepared.report,
+                   cfg.data.cutoff_len, length_histogram(lengths, cfg.data.cutoff_len), None)
+
+
+def _texts(cfg: TunerConfig) -> list[dict]:
+    from engine.data.loaders import load_conversations
+
+    d = cfg.data
+    return load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, seed=cfg.train.seed,
+                              texts=True).train
 
 
 def histogram_lines(preview: Preview, bar_width: int = 40) -> list[tuple[str, str]]:

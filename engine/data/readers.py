@@ -29,8 +29,8 @@ def read_records(attr: DatasetAttr) -> list[dict]:
 
 def read_file(path: Path) -> list[dict]:
     """The records of one local file, read by its extension."""
-    reader = {".json": _read_json, ".jsonl": _read_json_lines, ".csv": _read_csv, ".parquet": _read_parquet}.get(
-        path.suffix)
+    reader = {".json": _read_json, ".jsonl": _read_json_lines, ".csv": _read_csv, ".parquet": _read_parquet,
+              ".txt": _read_text}.get(path.suffix)
     if reader is None:
         raise UserError(f"{path}: unsupported file type '{path.suffix}'", hint=f"use one of {', '.join(FILE_TYPES)}")
     try:
@@ -57,7 +57,8 @@ def _split_of(attr: DatasetAttr, records: list[dict]) -> list[dict]:
 def _read_local(attr: DatasetAttr) -> list[dict]:
     path = Path(attr.location)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES and p.name != REGISTRY_FILE)
+        files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES and p.suffix != ".txt"
+                       and p.name != REGISTRY_FILE) or sorted(path.glob("*.txt"))  # notes beside data stay notes
         if not files:
             raise UserError(f"dataset '{attr.name}': folder {path} has no {', '.join(FILE_TYPES)} files")
         return [record for file in files for record in read_file(file)]
@@ -99,6 +100,11 @@ def _parse_json_lines(path: Path, text: str) -> list[dict]:
             raise UserError(f"{path}: line {lineno} is a {type(record).__name__}, not a JSON object")
         records.append(record)
     return records
+
+
+def _read_text(path: Path) -> list[dict]:
+    """Raw text as `datasets`' text builder reads it: a record ``{"text": line}`` for each line that holds any."""
+    return [{"text": line} for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def _read_csv(path: Path) -> list[dict]:

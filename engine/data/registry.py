@@ -15,7 +15,7 @@ from engine.paths import PRESETS_DIR
 
 BUNDLED_DIR = PRESETS_DIR / "data"
 REGISTRY_FILE = "dataset_info.json"
-FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".txt")  # .txt: raw text, a sample a line (stage pt)
 # LLaMA-Factory's special dataset_dir values: no registry (every name a hub id), and a registry in a hub repository.
 ONLINE = "ONLINE"
 REMOTE = "REMOTE:"

@@ -19,9 +19,6 @@ GIB = 1024**3
 ACT_BYTES_PER_HIDDEN = 28.0  # activations one decoder layer keeps per token, per hidden unit (no checkpointing)
 ACT_BYTES_PER_INTERMEDIATE = 8.0  # ... and per MLP intermediate unit (gate, up, activation, product in 16-bit)
 LOGIT_BYTES_PER_VOCAB = 3.3  # logits and loss buffers per token per vocabulary entry (TRL's loss, 16-bit head)
-# Not yet measured: DPO's full logits per token per vocabulary entry (16-bit logits, their fp32 log-softmax and its
-# gradient), from how TRL's DPOTrainer computes the log-probabilities of both replies.
-PAIR_LOGIT_BYTES_PER_VOCAB = 10.0
 CUDA_CONTEXT_GIB = 1.35  # CUDA context + kernels outside torch's allocator (NVML used minus reserved)
 ALLOCATOR_FACTOR, ALLOCATOR_GIB = 1.06, 0.25  # torch's reserved = allocated x factor + constant (fragmentation)
 
@@ -239,9 +236,8 @@ def estimate(shape: RunShape) -> Estimate:
     if shape.pairs:
         _reference(shape, components, assumptions, linear_params + other_params, trainable, w16)
 
+    # a pair: both replies in one forward, through TRL's tiled LM head as SFT's (not yet measured on a GPU)
     activations, logits = _activation_bytes(replace(shape, batch_size=2 * shape.batch_size) if shape.pairs else shape)
-    if shape.pairs:
-        logits = 2 * shape.batch_size * shape.seq_len * PAIR_LOGIT_BYTES_PER_VOCAB * shape.geometry.vocab_size
     components["activations"] = activations
     components["logits_and_loss"] = logits
     if bits:
@@ -347,9 +343,10 @@ def _reference(shape: RunShape, components: dict, assumptions: list, params: int
         reference = "a frozen copy of the adapter"
     else:
         components["reference_model"] = params * w16 / (shape.num_gpus if shape.sharding == "zero3" else 1)
-        reference = "the model loaded again, 16-bit"
-    assumptions.append(f"preference pairs: chosen and rejected in one forward (twice the batch), the full logits "
-                       f"for their log-probabilities (not yet measured on a GPU); the reference is {reference}")
+        reference = "the model loaded again in the training precision, frozen"
+    assumptions.append(f"preference pairs: chosen and rejected in one forward (twice the batch), the log-"
+                       f"probabilities through TRL's tiled LM head (not yet measured on a GPU); the reference is "
+                       f"{reference}")
 
 
 def _activation_bytes(shape: RunShape) -> tuple[float, float]:

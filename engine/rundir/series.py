@@ -6,6 +6,7 @@ chart or a clock."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ MAX_TIME = 1e11  # seconds since 1970 (the year 5138): an event time beyond is c
 PACE_LOGS = 10  # the ETA's step time: the mean over this many of the latest intervals between logged steps
 MAX_POINTS = 4096  # a series keeps between this many and twice as many points, however long the run
 MAX_METRICS = 32  # a stage's metrics kept (its log events' "metrics": rewards/chosen, ...), the first seen
+METRIC_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")  # TRL's names; anything else in an event is not charted
 
 
 def number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
@@ -198,7 +200,7 @@ class History:
         """Untrusted names and values: text of a sane length, finite numbers, at most MAX_METRICS names."""
         for name, value in items:
             value = loss_or_rate(value)
-            if not isinstance(name, str) or len(name) > 64 or value is None:
+            if not isinstance(name, str) or not METRIC_NAME.fullmatch(name) or value is None:
                 continue
             if name in kept or len(kept) < MAX_METRICS:
                 kept.setdefault(name, Thinned(self.limit)).add((step, value))

@@ -43,7 +43,11 @@ def stage_of(cfg: TunerConfig) -> Stage:
         from engine.train.dpo import DPO
 
         return DPO
-    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft or dpo")
+    if cfg.finetune.stage == "pt":
+        from engine.train.pt import PT
+
+        return PT
+    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft, dpo or pt")
 
 
 SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads
@@ -281,7 +285,8 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
     callbacks = [GracefulStop(stop), divergence] + ([run_events] if run_events else [])
     if view is not None:
         callbacks += view.callbacks()
-    parts = TrainerParts(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence, strategy)
+    parts = TrainerParts(cfg, model, tokenizer, datasets, precision, hardware, run, callbacks, divergence, strategy,
+                         model_path)
     try:
         trainer = stage.trainer(parts, plan)
     except BaseException:
@@ -400,7 +405,9 @@ def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool) ->
         if main:
             log.warning("do_eval: no evaluation sample is left after tokenization, so there is no evaluation to run")
     elif cfg.train.do_eval:
-        metrics = with_perplexity(trainer.evaluate(metric_key_prefix="eval"))
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        if cfg.finetune.stage != "dpo":  # exp of a preference loss is no perplexity
+            metrics = with_perplexity(metrics)
         if main:
             save_results(run.path, "eval", metrics)
 

@@ -83,14 +83,15 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
     padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
                                                 padding_free, machine.torch_varlen, model.varlen_blocker)
-    liger = (LigerChoice(False, "a preference stage: its loss reads the logits of both replies") if pairs else
+    liger = (LigerChoice(False, "a preference stage: TRL's DPOTrainer computes its loss through its own tiled LM "
+                                "head") if pairs else
              choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
     if pairs:
-        fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (the estimate does not yet count a pair's "
-                                   "two replies and the reference)")
+        fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (auto-fit does not yet choose a batch of "
+                                   "pairs)")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
-                         "preference", "from the logits of both replies, against the reference's")
+                         "preference", "TRL's tiled LM head over both replies, against the reference")
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
     elif shape is None:

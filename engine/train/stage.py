@@ -40,6 +40,8 @@ class TrainerParts:
     callbacks: list
     divergence: Any  # engine.train.callbacks.Divergence: the trainer class is wrapped to watch each step's loss
     strategy: Any  # engine.train.strategy's prepared strategy
+    model_path: str = ""  # where the model was loaded from (a stage loading a reference loads it from there too)
+    reference: Any = None  # a stage's reference model, once loaded: kept for a rebuild after a back-off
 
 
 @dataclass(frozen=True)

@@ -240,3 +240,45 @@ def test_preview_shows_a_pair_as_the_model_sees_it(tiny_models, tmp_path):
     assert first.chosen.strip().startswith("The colour is red.") and "black" in first.rejected
     assert first.tokens["prompt"] > 0 and first.tokens["chosen"] > 3 and first.tokens["rejected"] > 3
     assert preview.to_json()["pairs"][0]["chosen"] == first.chosen
+
+
+def test_a_pissa_adapter_is_copied_as_the_reference_without_running_pissa_again(tiny_models, tmp_path):
+    """TRL copies the trained adapter's config for the reference: PiSSA's initialisation would run again and change
+    the base weights under both. The model built for DPO still computes what the model it was given computed."""
+    import torch
+
+    from engine.config.schema import build_config
+    from engine.data.pairs import build_pair_datasets
+    from engine.memory.autofit import Fit
+    from engine.models.loading import Hardware, Precision, apply_method, load_model, load_tokenizer
+    from engine.rundir.run import RunDir
+    from engine.rundir.status import RunStatus
+    from engine.train.callbacks import Divergence
+    from engine.train.dpo import DPO
+    from engine.train.speed import SpeedPlan
+    from engine.train.stage import TrainerParts
+    from engine.train.strategy import World, prepare_strategy
+    from engine.models.kernels import LigerChoice
+
+    path = str(tiny_models["tiny-llama"])
+    data = write_pairs(tmp_path / "data", count=4)
+    cfg = build_config({"model_name_or_path": path, "dataset": "pairs_alpaca", "dataset_dir": str(data),
+                        "template": "llama2", "stage": "dpo", "cutoff_len": 64, "pissa_init": True, "pissa_iter": -1,
+                        "output_dir": str(tmp_path / "out")})
+    tokenizer = load_tokenizer(path, cfg)
+    model = apply_method(load_model(path, cfg, Precision("fp32", "test"), "sdpa"), cfg, False)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    run = RunDir(tmp_path / "out", None, RunStatus(id="t", name="out"))
+    run.path.mkdir()
+    plan = SpeedPlan(False, "test", "sdpa", "test", LigerChoice(False, "test"), Fit(2, 1, False, reason="test"), False,
+                     64, "preference", "test")
+    parts = TrainerParts(cfg, model, tokenizer, build_pair_datasets(cfg, tokenizer), Precision("fp32", "test"),
+                         Hardware(False, False, False, "cpu"), run, [], Divergence(),
+                         prepare_strategy(cfg, run.path, path, "fp32", World(1)), path)
+    trainer = DPO.trainer(parts, plan)
+    with torch.no_grad():
+        after = trainer.model(input_ids=ids).logits
+    assert "ref" in trainer.model.peft_config and torch.allclose(before, after, atol=1e-4)
+    assert trainer.model.peft_config["default"].init_lora_weights == "pissa"  # as saved for pissa_convert

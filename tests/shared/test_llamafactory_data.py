@@ -74,7 +74,8 @@ def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_
     # for supervised training; the 13 preference entries (12 of theirs and our demo_pairs) are stage dpo's
     assert kinds == {"understood": 68, "is a preference": 13, "is multimodal": 10, "maps no response column": 17}
     assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
-    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
+    assert refusals["c4_demo"] == ("maps no response column (it maps prompt=text): plain text, for pre-training; set "
+                                   "stage pt to train on it")
     assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
     for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrafeedback_kto", "ultrachat_200k", "alpaca_en"):
         assert refusals[name] == "understood"
@@ -119,3 +120,9 @@ def test_llamafactory_dpo_demo_reads_as_pairs(shared_data):
     for record, pair in zip(records, pairs):
         assert pair["messages"][-1] == {"role": "user", "content": record["conversations"][-1]["value"]}
         assert (pair["chosen"], pair["rejected"]) == (record["chosen"]["value"], record["rejected"]["value"])
+
+
+def test_llamafactory_c4_demo_reads_as_raw_text_for_stage_pt(shared_data):
+    records = [json.loads(line) for line in (shared_data / "llamafactory" / "c4_demo.jsonl").read_text().splitlines()]
+    texts = load_conversations("c4_demo", str(shared_data / "llamafactory"), texts=True).train
+    assert [t["text"] for t in texts] == [r["text"] for r in records] and len(texts) == 300

@@ -406,3 +406,15 @@ async def test_an_sft_run_has_no_metric_key(finished_run):
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, sampled(app), "the first samples")
         assert app.screen.run.metrics == {} and app.screen.check_action("next_metric", ()) is False
+
+
+async def test_a_metric_name_that_is_markup_or_odd_text_is_not_charted(run_copy):
+    """Events are untrusted: a metric named like markup, with control characters or too long is left out."""
+    names = {"a[": 1.0, "[$primary]x": 2.0, "bad\nname": 3.0, "x" * 80: 4.0, "rewards/margins": 0.5}
+    append(run_copy / "events.jsonl", json.dumps({**json.loads(log_event(21, 1.0, 30)), "metrics": names}) + "\n")
+    app = dashboard(run_copy)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, sampled(app), "the first samples")
+        assert list(app.screen.run.metrics) == ["rewards/margins"]
+        await pilot.press("m")
+        assert app.screen.query_one(LossChart).series.name == "rewards/margins"

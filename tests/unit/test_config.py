@@ -99,8 +99,8 @@ def test_bad_values_and_choices_are_all_reported():
         "cutoff_len: expected a whole number, got 'long'",
         "finetuning_type: 'qlora' is not one of lora, freeze, full",
         "bf16: expected true or false, got 'maybe'",
-        "LLaMA-Factory's stage kto is not supported by tuner: tuner runs supervised fine-tuning (stage sft) and "
-        "preference tuning (stage dpo)",
+        "LLaMA-Factory's stage kto is not supported by tuner: tuner runs supervised fine-tuning (stage sft), "
+        "preference tuning (stage dpo) and pre-training (stage pt)",
     ]
 
 

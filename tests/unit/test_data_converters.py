@@ -175,6 +175,6 @@ def test_detect_format_from_columns(record, formatting, columns):
 
 def test_detect_format_of_unknown_columns_says_what_is_expected():
     with pytest.raises(UserError) as err:
-        detect_format(attr(None), {"text": "x"})
-    assert err.value.message == "cannot tell the format of dataset 't' from its columns: text"
+        detect_format(attr(None), {"body": "x", "id": 1})  # {"text": ...} alone is raw text, stage pt's
+    assert err.value.message == "cannot tell the format of dataset 't' from its columns: body, id"
     assert "instruction/output (alpaca)" in err.value.hint

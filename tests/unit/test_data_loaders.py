@@ -272,9 +272,9 @@ def test_missing_file_in_folder_and_unsupported_type(tmp_path):
     with pytest.raises(UserError) as err:
         load_conversations(str(tmp_path / "empty"), None)
     assert err.value.message == (f"dataset '{tmp_path / 'empty'}': folder {tmp_path / 'empty'} has no "
-                                 ".json, .jsonl, .csv, .parquet files")
-    (tmp_path / "wiki.txt").write_text("text")
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"wiki": {"file_name": "wiki.txt"}}))
+                                 ".json, .jsonl, .csv, .parquet, .txt files")
+    (tmp_path / "wiki.xml").write_text("text")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"wiki": {"file_name": "wiki.xml"}}))
     with pytest.raises(UserError) as err:
         load_conversations("wiki", str(tmp_path))
-    assert err.value.message == f"{tmp_path / 'wiki.txt'}: unsupported file type '.txt'"
+    assert err.value.message == f"{tmp_path / 'wiki.xml'}: unsupported file type '.xml'"

@@ -276,7 +276,8 @@ def test_each_kind_of_llamafactory_entry_is_understood_or_refused_with_a_reason(
     refusals = {name: refusal(attr) for name, attr in load_registry(str(llamafactory_data)).items()}
     assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
     assert refusals["llava_1k_en"] == "is multimodal (images), which is not supported"
-    assert refusals["c4_demo"] == "maps no response column (it maps prompt=text): plain text, for pre-training"
+    assert refusals["c4_demo"] == ("maps no response column (it maps prompt=text): plain text, for pre-training; set "
+                                   "stage pt to train on it")
     assert refusals["starcoder_python"].startswith("maps no response column")
     assert refusals["dpo_en_demo"] == "is a preference (ranking) dataset for DPO / reward modelling"
     for name in ("glaive_toolcall_en_demo", "kto_en_demo", "ultrachat_200k", "alpaca_en", "openorca", "openai_demo",

@@ -79,8 +79,8 @@ class DataStep(WizardStep):
 
         spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
         directory = self.choices.values.get("dataset_dir") or None
-        pairs = self.choices.values.get("stage") == "dpo"  # stage dpo trains on ranking pairs, sft on the rest
-        names = [name for name, attr in load_registry(directory).items() if attr.ranking == pairs]
+        stage = self.choices.values.get("stage") or "sft"
+        names = [name for name, attr in load_registry(directory).items() if _fits(stage, attr)]
         return template_names(), names, spec.template if spec else None
 
     def changed(self, key: str) -> None:
@@ -153,10 +153,10 @@ class DataStep(WizardStep):
                 template.value = chosen
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
-            demo = DEMO_PAIRS if self.choices.values.get("stage") == "dpo" else DEMO_DATASET
-            current = self.choices.values.get("dataset")
-            if (not current or current in (DEMO_DATASET, DEMO_PAIRS)) and demo in datasets and current != demo:
-                self.query_one("#dataset", Input).value = demo  # the other stage's demo: this one's
+            demo = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS}.get(self.choices.values.get("stage") or "sft", "")
+            current = self.choices.values.get("dataset") or ""
+            if current in ("", DEMO_DATASET, DEMO_PAIRS) and current != demo:  # none, or another stage's demo
+                self.query_one("#dataset", Input).value = demo if demo in datasets else ""
             if self.choices.values.get("dataset") in datasets:
                 registry.value = self.choices.values["dataset"]
         elif group == "template":
@@ -244,6 +244,15 @@ class DataStep(WizardStep):
         yield from super().system_commands()
         yield SystemCommand("Browse for a dataset file", "Choose a dataset file from a folder tree",
                             self.action_browse)
+
+
+def _fits(stage: str, attr) -> bool:
+    """Whether a registered dataset is what ``stage`` trains on: ranking pairs (dpo), one column of raw text (pt),
+    conversations (sft)."""
+    if stage == "dpo":
+        return attr.ranking
+    text = attr.formatting == "alpaca" and set(attr.columns) == {"prompt"}
+    return not attr.ranking and text == (stage == "pt")
 
 
 def render_preview(preview) -> Content:
