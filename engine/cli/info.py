@@ -72,6 +72,9 @@ def cmd_datasets(argv: list[str]) -> int:
     dataset_dir = take_option(argv, "--dataset_dir", DataArgs.dataset_dir)  # ./data, as `tuner train` reads it
     no_more(argv, "datasets")
     from engine.data import load_registry
+    from engine.data.registry import STAGE_DATA
+
+    stage_of = {kind: stage for stage, kind in STAGE_DATA.items()}
 
     registry = load_registry(dataset_dir)
     if as_json:
@@ -87,7 +90,7 @@ def cmd_datasets(argv: list[str]) -> int:
     for name, attr in registry.items():  # names and paths come from the user's dataset_info.json: shown, not obeyed
         table.add_row(*(Text(printable_line(cell)) for cell in
                         (name, f"{attr.load_from}: {attr.location}", attr.formatting or "(detected)",
-                         "dpo" if attr.ranking else "sft")))
+                         stage_of[attr.kind])))
     Console().print(table)
     return 0
 

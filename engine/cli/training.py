@@ -27,8 +27,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg = build_config(values, problems)
     t = cfg.train
     command = "predict" if t.do_predict and not t.do_train else "train"
-    # a catalog model's recipe is a supervised fine-tune's: another stage starts from the config's defaults
-    recipe = with_recipe(values) if command == "train" and cfg.finetune.stage == "sft" else None
+    recipe = with_recipe(values) if command == "train" else None
     if recipe is not None and recipe.applied:
         problems = []
         cfg = build_config(recipe.values, problems)

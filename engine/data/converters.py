@@ -297,7 +297,7 @@ def _check_supported(attr: DatasetAttr, pairs: bool = False, texts: bool = False
     """Refuse, from its registry entry alone, a dataset that is not text conversations with replies (or, for a
     preference stage, not text pairs; for stage pt, not raw text)."""
     if texts:
-        if attr.formatting != "alpaca" or "prompt" not in attr.columns or set(attr.columns) - {"prompt"}:
+        if attr.kind != "text":
             raise UserError(f"dataset '{attr.name}' is not raw text: stage pt trains on text alone",
                             hint='a dataset of one text column ("columns": {"prompt": "text"}, as LLaMA-Factory\'s '
                                  'c4_demo), a .jsonl file of {"text": ...} records, or a .txt file')

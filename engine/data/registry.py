@@ -65,6 +65,17 @@ class DatasetAttr:
     folder: str | None = None
     num_samples: int | None = None
 
+    @property
+    def kind(self) -> str:
+        """What the entry holds, from the entry alone: "pairs" (ranking), "text" (one prompt column: raw text) or
+        "conversations"; STAGE_DATA says which stage trains on which."""
+        if self.ranking:
+            return "pairs"
+        return "text" if self.formatting == "alpaca" and set(self.columns) == {"prompt"} else "conversations"
+
+
+STAGE_DATA = {"sft": "conversations", "dpo": "pairs", "pt": "text"}  # the data each stage trains on
+
 
 def load_registry(dataset_dir: str | None) -> dict[str, DatasetAttr]:
     """The bundled registry merged with ``<dataset_dir>/dataset_info.json``; the user's entries win on a name clash.

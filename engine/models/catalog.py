@@ -142,8 +142,8 @@ def with_recipe(values: dict[str, Any]) -> RecipeUse:
     from engine.config.schema import ALIASES
 
     spec = lookup(str(values.get("model_name_or_path") or ""))
-    if spec is None or not spec.recipe:
-        return RecipeUse(dict(values))
+    if spec is None or not spec.recipe or str(values.get("stage") or "sft") != "sft":
+        return RecipeUse(dict(values))  # a recipe is a supervised fine-tune's: another stage starts from the defaults
     overridden = []
     for key, value in values.items():
         key = ALIASES.get(key, key)

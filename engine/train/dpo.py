@@ -84,4 +84,4 @@ def pretokenized_dpo_trainer():
     return PretokenizedDPOTrainer
 
 
-DPO = Stage("dpo", datasets, trainer, pairs=True)
+DPO = Stage("dpo", datasets, trainer, pairs=True, perplexity=False)

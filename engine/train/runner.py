@@ -295,7 +295,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         raise
     if events is None:
         result = trainer.train(resume_from_checkpoint=run.resume_from)
-        _after_training(cfg, trainer, result, model, tokenizer, run, divergence, stop, main=False)
+        _after_training(cfg, stage, trainer, result, model, tokenizer, run, divergence, stop, main=False)
         return {}
     start = dict(
         run_id=run.status.id, model=cfg.model.model_name_or_path, model_path=model_path,
@@ -317,7 +317,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         run_events.close()
         raise
     try:
-        digests = _after_training(cfg, trainer, result, model, tokenizer, run, divergence, stop, main=True)
+        digests = _after_training(cfg, stage, trainer, result, model, tokenizer, run, divergence, stop, main=True)
     finally:
         run_events.close()  # after the final evaluation, whose eval event and trainer_log line it writes
     memory = gpu_memory_gib()
@@ -363,8 +363,8 @@ def _train_backing_off(stage: Stage, parts: TrainerParts, plan, trainer, events:
         events.emit(Event.START, **start, speed=plan.features(), batch=_batch(trainer.args, plan), backed_off=True)
 
 
-def _after_training(cfg: TunerConfig, trainer, result, model, tokenizer, run: RunDir, divergence, stop: StopAsked,
-                    main: bool) -> list[str]:
+def _after_training(cfg: TunerConfig, stage: Stage, trainer, result, model, tokenizer, run: RunDir, divergence,
+                    stop: StopAsked, main: bool) -> list[str]:
     """Once training ended, in every process: agree on a stop, compare the processes' weights, refuse a diverged
     run, and save what it trained with LLaMA-Factory's results files (and ``do_eval``'s evaluation). Returns the
     weight digests (several processes)."""
@@ -386,7 +386,7 @@ def _after_training(cfg: TunerConfig, trainer, result, model, tokenizer, run: Ru
             from engine.train import pissa
 
             pissa.save_converted(model, run)
-    _save_results(cfg, trainer, result, run, main)
+    _save_results(cfg, trainer, result, run, main, stage.perplexity)
     if main and cfg.train.plot_loss:
         from engine.train.plots import plot_loss
 
@@ -394,7 +394,7 @@ def _after_training(cfg: TunerConfig, trainer, result, model, tokenizer, run: Ru
     return digests
 
 
-def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool) -> None:
+def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool, perplexity: bool) -> None:
     """LLaMA-Factory's train_results.json and, with ``do_eval``, one evaluation on the eval data (a collective: every
     process takes part; its ``eval`` event is logged as any evaluation's) and eval_results.json with perplexity."""
     from engine.train.results import save_results, with_perplexity
@@ -406,7 +406,7 @@ def _save_results(cfg: TunerConfig, trainer, result, run: RunDir, main: bool) ->
             log.warning("do_eval: no evaluation sample is left after tokenization, so there is no evaluation to run")
     elif cfg.train.do_eval:
         metrics = trainer.evaluate(metric_key_prefix="eval")
-        if cfg.finetune.stage != "dpo":  # exp of a preference loss is no perplexity
+        if perplexity:  # exp of a preference loss would be none
             metrics = with_perplexity(metrics)
         if main:
             save_results(run.path, "eval", metrics)

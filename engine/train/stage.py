@@ -54,3 +54,4 @@ class Stage:
     datasets: Callable[..., Any]
     trainer: Callable[[TrainerParts, Any], Any]
     pairs: bool = False  # its samples are preference pairs: padded batches, no packing, no Liger, the batch as given
+    perplexity: bool = True  # its eval loss is a language model's, so eval_results.json gets exp(eval_loss)

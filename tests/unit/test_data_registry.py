@@ -293,3 +293,11 @@ def test_text_sft_files_of_a_llamafactory_registry_load_end_to_end(llamafactory_
     assert all(conversation["tools"] == "" for conversation in loaded.train)
     assert loaded.train[56]["messages"][0] == {"role": "system", "content": "You count."}
     assert [m["role"] for m in loaded.train[-1]["messages"]] == ["system", "user", "assistant"]
+
+
+def test_each_entry_says_which_stage_trains_on_it(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"c4": {"file_name": "c4.jsonl",
+                                                                   "columns": {"prompt": "text"}}}))
+    registry = load_registry(str(tmp_path))
+    assert [registry[name].kind for name in ("demo_alpaca", "demo_sharegpt", "demo_pairs", "c4")] == [
+        "conversations", "conversations", "pairs", "text"]

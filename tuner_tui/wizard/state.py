@@ -97,8 +97,6 @@ class Choices:
             values["nproc_per_node"] = str(len(self.gpus))  # the GPUs chosen: one process each (unset: every one)
         if self.method:
             values.update({k: v for k, v in method_keys(self.method).items() if v is not None})
-        if values.get("stage", "sft") != "sft":
-            return RecipeUse(values)  # a catalog model's recipe is a supervised fine-tune's
         return with_recipe(values)
 
     def model_section(self):

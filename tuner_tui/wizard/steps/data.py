@@ -74,13 +74,13 @@ class DataStep(WizardStep):
 
     def _read_names(self) -> tuple[list[str], list[str], str | None]:
         from engine.models.catalog import lookup
-        from engine.data.registry import load_registry
+        from engine.data.registry import STAGE_DATA, load_registry
         from engine.templates import template_names
 
         spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
         directory = self.choices.values.get("dataset_dir") or None
-        stage = self.choices.values.get("stage") or "sft"
-        names = [name for name, attr in load_registry(directory).items() if _fits(stage, attr)]
+        wanted = STAGE_DATA[self.choices.values.get("stage") or "sft"]
+        names = [name for name, attr in load_registry(directory).items() if attr.kind == wanted]
         return template_names(), names, spec.template if spec else None
 
     def changed(self, key: str) -> None:
@@ -244,15 +244,6 @@ class DataStep(WizardStep):
         yield from super().system_commands()
         yield SystemCommand("Browse for a dataset file", "Choose a dataset file from a folder tree",
                             self.action_browse)
-
-
-def _fits(stage: str, attr) -> bool:
-    """Whether a registered dataset is what ``stage`` trains on: ranking pairs (dpo), one column of raw text (pt),
-    conversations (sft)."""
-    if stage == "dpo":
-        return attr.ranking
-    text = attr.formatting == "alpaca" and set(attr.columns) == {"prompt"}
-    return not attr.ranking and text == (stage == "pt")
 
 
 def render_preview(preview) -> Content:
