@@ -125,7 +125,8 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
         raise UserError(
             f"cannot tell the format of dataset '{attr.name}' from its columns: {', '.join(map(str, record))}",
             hint="expected instruction/output (alpaca), conversations (sharegpt) or messages with role/content "
-                 "(openai); or register it in dataset_info.json with its formatting and columns",
+                 "(openai), instruction with chosen and rejected (pairs, stage dpo) or text alone (stage pt); or "
+                 "register it in dataset_info.json with its formatting and columns",
         )
     columns.update({key: key for key in ("system", "tools", "chosen", "rejected") if key in record})
     return dataclasses.replace(attr, formatting=formatting, columns=columns, tags=dict(DEFAULT_TAGS[formatting]),

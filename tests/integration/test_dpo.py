@@ -282,3 +282,13 @@ def test_a_pissa_adapter_is_copied_as_the_reference_without_running_pissa_again(
         after = trainer.model(input_ids=ids).logits
     assert "ref" in trainer.model.peft_config and torch.allclose(before, after, atol=1e-4)
     assert trainer.model.peft_config["default"].init_lora_weights == "pissa"  # as saved for pissa_convert
+
+
+@pytest.mark.parametrize(("loss", "first"), [("sigmoid", 0.6931), ("hinge", 1.0), ("ipo", (1 / 0.6) ** 2)])
+def test_pref_loss_and_pref_beta_choose_the_loss_trained(tiny_models, tmp_path, loss, first):
+    """At the first step the model is its reference (every margin 0): sigmoid gives ln 2, hinge 1, and IPO
+    (1 / (2 beta))^2, here with pref_beta 0.3."""
+    data, out = write_pairs(tmp_path / "data", count=8), tmp_path / loss
+    code, output = typed(*dpo_args(data, out, "--max_steps", "1", "--pref_loss", loss, "--pref_beta", "0.3"))
+    assert code == 0, output
+    assert [e["loss"] for e in read_events(out) if e["type"] == "log"] == [pytest.approx(first, abs=2e-3)]
