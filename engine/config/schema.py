@@ -109,10 +109,18 @@ class FinetuneArgs:
                             "(PiSSA).")
     pissa_iter: int = _opt(16, "PiSSA: fast-SVD iterations (-1: exact SVD).")
     pissa_convert: bool = _opt(False, "PiSSA: also save the adapter converted to a plain LoRA one (pissa_converted/).")
-    pref_beta: float = _opt(0.1, "dpo: beta, how far the model may move from the reference (higher: stays closer).")
-    pref_ftx: float = _opt(0.0, "dpo: weight of the supervised loss on the chosen replies, added to the DPO loss.")
-    pref_loss: str = _opt("sigmoid", "dpo: the preference loss: sigmoid (DPO), hinge (SLiC), ipo (IPO).",
-                          ("sigmoid", "hinge", "ipo"))
+    pref_beta: float = _opt(0.1, "dpo: beta, how far the model may move from the reference (higher: stays closer); "
+                            "orpo: the weight of the odds-ratio loss; simpo: the reward scale.")
+    pref_ftx: float = _opt(0.0, "dpo: weight of the supervised loss on the chosen replies, added to the preference "
+                           "loss (not orpo, whose loss has it already).")
+    pref_loss: str = _opt("sigmoid", "dpo: the preference loss: sigmoid (DPO), hinge (SLiC), ipo (IPO), against the "
+                          "reference; orpo (ORPO), simpo (SimPO), without one.",
+                          ("sigmoid", "hinge", "ipo", "orpo", "simpo"))
+    pref_bco_weight: float = _opt(0.0, "dpo: weight of TRL's BCO pair loss mixed into the preference loss "
+                                  "(LLaMA-Factory's (loss + w x bco) / (1 + w)).")
+    dpo_label_smoothing: float = _opt(0.0, "dpo, pref_loss sigmoid: the chance that a pair's labels are flipped, "
+                                      "in [0, 0.5) (conservative DPO).")
+    simpo_gamma: float = _opt(0.5, "simpo: the target reward margin.")
 
 
 @dataclass
@@ -378,6 +386,9 @@ def build_config(values: dict[str, Any], problems: list[str] | None = None, comm
         if key == "stage" and value in UNSUPPORTED_STAGES:
             problems.append(f"LLaMA-Factory's stage {value} is not supported by tuner: tuner runs supervised "
                             "fine-tuning (stage sft), preference tuning (stage dpo) and pre-training (stage pt)")
+        elif key == "pref_loss" and value == "kto_pair":
+            problems.append("LLaMA-Factory's pref_loss kto_pair is not supported by tuner: TRL 1.16 no longer has "
+                            "it; use pref_loss sigmoid (DPO) on the same pairs")
         elif choices and value is not None and value not in choices:
             problems.append(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
         else:

@@ -221,7 +221,9 @@ def _collisions(cfg: TunerConfig) -> list[str]:
     return [message for failed, message in checks if failed] + _stage(cfg)
 
 
-PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid"}
+PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid", "pref_bco_weight": 0.0,
+                       "dpo_label_smoothing": 0.0, "simpo_gamma": 0.5}
+REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (engine.train.reference_free)
 
 
 def _preference_keys_unused(f) -> list[str]:
@@ -259,6 +261,17 @@ def _stage(cfg: TunerConfig) -> list[str]:
          "head, and tuner's Liger kernels come with Liger's fused loss: leave it out"),
         (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"),
+        (f.pref_loss == "orpo" and f.pref_ftx > 0, f"pref_ftx {f.pref_ftx}: ORPO's loss holds the supervised loss on "
+         "the chosen replies already (pref_beta weighs its odds-ratio part): leave pref_ftx out"),
+        (f.pref_bco_weight < 0, f"pref_bco_weight {f.pref_bco_weight}: the weight of the BCO loss is 0 or more"),
+        (f.pref_loss in REFERENCE_FREE and f.pref_bco_weight > 0, f"pref_bco_weight: the BCO loss compares the "
+         f"model with its reference, and pref_loss {f.pref_loss} has none: leave it out"),
+        (not 0 <= f.dpo_label_smoothing < 0.5, f"dpo_label_smoothing {f.dpo_label_smoothing}: the chance that a "
+         "pair's labels are flipped is at least 0 and below 0.5"),
+        (f.dpo_label_smoothing > 0 and f.pref_loss != "sigmoid", f"dpo_label_smoothing acts on the sigmoid (DPO) "
+         f"loss only, not on pref_loss {f.pref_loss}: leave it out"),
+        (f.simpo_gamma != PREFERENCE_DEFAULTS["simpo_gamma"] and f.pref_loss != "simpo", f"simpo_gamma "
+         f"{f.simpo_gamma} is SimPO's target margin: set pref_loss simpo, or leave simpo_gamma out"),
     ]
     return [message for failed, message in checks if failed]
 

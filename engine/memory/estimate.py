@@ -46,7 +46,8 @@ class RunShape:
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
     offload: bool = False  # CPU offload: zero2 moves optimizer states and fp32 masters, zero3 also the weights
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
-    pairs: bool = False  # a preference stage (dpo): chosen and rejected in one forward, and a reference model
+    pairs: bool = False  # a preference stage (dpo): chosen and rejected in one forward ...
+    reference: bool = True  # ... and, with pairs, a reference model (not with ORPO or SimPO)
 
     @property
     def quantization_bit(self) -> int | None:
@@ -233,8 +234,11 @@ def estimate(shape: RunShape) -> Estimate:
     assumptions.append(f"optimizer {shape.optim}: {state_bytes:g} bytes of state per trainable parameter")
 
     _shard(shape, components, assumptions, trainable)
-    if shape.pairs:
+    if shape.pairs and shape.reference:
         _reference(shape, components, assumptions, linear_params + other_params, trainable, w16)
+    elif shape.pairs:
+        assumptions.append("preference pairs: chosen and rejected in one forward (twice the batch), logits counted as "
+                           "for supervised fine-tuning (not yet measured on a GPU); no reference model (ORPO, SimPO)")
 
     # a pair: both replies in one forward, through TRL's tiled LM head as SFT's (not yet measured on a GPU)
     activations, logits = _activation_bytes(replace(shape, batch_size=2 * shape.batch_size) if shape.pairs else shape)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine.models.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
 from engine.config.schema import TunerConfig
+from engine.config.validation import REFERENCE_FREE
 from engine.errors import UserError
 from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of
 from engine.paths import PRESETS_DIR
@@ -98,7 +99,7 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         freeze_trainable_layers=cfg.finetune.freeze_trainable_layers, optim=t.optim,
         double_quantization=cfg.model.double_quantization, precision="pure_bf16" if t.pure_bf16 else "fp16" if t.fp16 else "bf16",
         num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
-        pairs=cfg.finetune.stage == "dpo",
+        pairs=cfg.finetune.stage == "dpo", reference=cfg.finetune.pref_loss not in REFERENCE_FREE,
     )
 
 

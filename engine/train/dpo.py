@@ -1,7 +1,8 @@
 """Direct preference optimisation, a stage on the shared runner (engine.train.runner): ranking pairs tokenized
 through the template as LLaMA-Factory's pairwise processor does (engine.data.pairs), TRL's DPOTrainer with
-LLaMA-Factory's keys: pref_beta (beta), pref_loss (sigmoid, hinge, ipo), pref_ftx (TRL's "sft" loss on the chosen
-replies, weighted).
+LLaMA-Factory's keys: pref_beta (beta), pref_loss (sigmoid, hinge, ipo; orpo and simpo through
+engine.train.reference_free), pref_ftx (TRL's "sft" loss on the chosen replies, weighted), dpo_label_smoothing and
+pref_bco_weight (loss_terms).
 
 The reference is the model as it starts, never a second copy when it can be avoided: with LoRA, TRL keeps a frozen
 copy of the adapter as it starts (a fresh adapter: the base model itself; one continued from an SFT run: that run's
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 from engine.config.schema import TunerConfig
+from engine.config.validation import REFERENCE_FREE
 from engine.train.arguments import build_trainer, training_arguments
 from engine.train.stage import Stage, TrainerParts
 
@@ -25,19 +27,43 @@ def datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None, stop_wai
 
 
 def trainer(parts: TrainerParts, plan):
-    """DPOTrainer on the tokenized pairs: tuner cut them to cutoff_len already, so TRL cuts nothing again."""
+    """DPOTrainer on the tokenized pairs: tuner cut them to cutoff_len already, so TRL cuts nothing again. ORPO and
+    SimPO, which need no reference, train through TRL's trainers for them (engine.train.reference_free)."""
     from trl import DPOConfig
 
     f = parts.cfg.finetune
-    losses = [f.pref_loss] + (["sft"] if f.pref_ftx else [])
+    if f.pref_loss in REFERENCE_FREE:
+        from engine.train import reference_free
+
+        return reference_free.trainer(parts, plan)
+    losses, weights = loss_terms(f)
     args = training_arguments(
-        DPOConfig, parts, plan, beta=f.pref_beta, loss_type=losses,
-        loss_weights=[1.0, f.pref_ftx] if f.pref_ftx else None, max_length=None, padding_free=False,
+        DPOConfig, parts, plan, beta=f.pref_beta, loss_type=losses, loss_weights=weights,
+        label_smoothing=f.dpo_label_smoothing, max_length=None, padding_free=False,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
     with _adapter_copied_plainly(parts.model):
         return build_trainer(pretokenized_dpo_trainer(), parts, args, train_dataset=parts.datasets.train,
                              eval_dataset=parts.datasets.eval, ref_model=_reference(parts, plan))
+
+
+def loss_terms(f) -> tuple[list[str], list[float]]:
+    """LLaMA-Factory's preference loss as TRL's weighted loss terms (DPOConfig's loss_type and loss_weights):
+
+    - pref_loss itself; with dpo_label_smoothing e, conservative DPO, -(1 - e) log s(x) - e log s(-x) (s: sigmoid,
+      x: the reward margin), which TRL 1.16 has no term for but is its sigmoid term (-log s(x)) x 2(1 - e) plus its
+      robust term ((-(1 - e) log s(x) + e log s(-x)) / (1 - 2e)) x -(1 - 2e);
+    - pref_bco_weight w: (that + w x TRL's bco_pair) / (1 + w), as LLaMA-Factory mixes them (TRL's BCO term has no
+      running-mean baseline);
+    - pref_ftx: plus pref_ftx x the supervised loss on the chosen replies (TRL's sft term).
+    """
+    e, w = f.dpo_label_smoothing, f.pref_bco_weight
+    terms = [("sigmoid", 2 * (1 - e)), ("robust", -(1 - 2 * e))] if e else [(f.pref_loss, 1.0)]
+    if w:
+        terms = [(name, weight / (1 + w)) for name, weight in terms] + [("bco_pair", w / (1 + w))]
+    if f.pref_ftx:
+        terms.append(("sft", f.pref_ftx))
+    return [name for name, _ in terms], [weight for _, weight in terms]
 
 
 def _reference(parts: TrainerParts, plan):
@@ -84,4 +110,4 @@ def pretokenized_dpo_trainer():
     return PretokenizedDPOTrainer
 
 
-DPO = Stage("dpo", datasets, trainer, pairs=True, perplexity=False)
+DPO = Stage("dpo", datasets, trainer, pairs=True, perplexity=False, plots=("loss", "rewards/accuracies", "eval_loss"))

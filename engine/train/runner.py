@@ -390,7 +390,7 @@ def _after_training(cfg: TunerConfig, stage: Stage, trainer, result, model, toke
     if main and cfg.train.plot_loss:
         from engine.train.plots import plot_loss
 
-        plot_loss(run.path)
+        plot_loss(run.path, stage.plots)
     return digests
 
 

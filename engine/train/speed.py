@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.config.schema import TunerConfig
+from engine.config.validation import REFERENCE_FREE
 from engine.data.stats import Lengths
 from engine.memory.autofit import Fit, fit_checkpointing, fit_cpu, fit_gpu, user_fit
 from engine.memory.estimate import RunShape
@@ -83,15 +84,17 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
     padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
                                                 padding_free, machine.torch_varlen, model.varlen_blocker)
-    liger = (LigerChoice(False, "a preference stage: TRL's DPOTrainer computes its loss through its own tiled LM "
-                                "head") if pairs else
+    liger = (LigerChoice(False, "a preference stage: TRL's trainer computes its loss from the logits itself")
+             if pairs else
              choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
     if pairs:
         fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (auto-fit does not yet choose a batch of "
                                    "pairs)")
+        how = ("the model's logits over both replies, no reference" if cfg.finetune.pref_loss in REFERENCE_FREE
+               else "TRL's tiled LM head over both replies, against the reference")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
-                         "preference", "TRL's tiled LM head over both replies, against the reference")
+                         "preference", how)
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
     elif shape is None:
@@ -125,7 +128,7 @@ def _padding_free(cfg: TunerConfig, model: ModelTraits) -> tuple[bool, str]:
     return True, "default: no padding computed, samples kept apart"
 
 
-PAIRS_PAD = "TRL's DPOTrainer pads each batch of pairs (its padding-free path is off in TRL 1.16)"
+PAIRS_PAD = "TRL's preference trainers pad each batch of pairs (DPO's padding-free path is off in TRL 1.16)"
 LOSSES = {"liger": "Liger's fused linear cross-entropy", "trl": "TRL's tiled LM head",
           "model": "the model's own cross-entropy", "preference": "TRL's preference loss"}
 

@@ -55,3 +55,4 @@ class Stage:
     trainer: Callable[[TrainerParts, Any], Any]
     pairs: bool = False  # its samples are preference pairs: padded batches, no packing, no Liger, the batch as given
     perplexity: bool = True  # its eval loss is a language model's, so eval_results.json gets exp(eval_loss)
+    plots: tuple[str, ...] = ("loss", "eval_loss")  # what plot_loss draws, as LLaMA-Factory's workflow for it

@@ -54,7 +54,7 @@ def typed(*args: str) -> tuple[int, str]:
 
 def test_a_dpo_run_trains_on_ranking_pairs_and_records_the_preference_metrics(tiny_models, tmp_path):
     data, out = write_pairs(tmp_path / "data"), tmp_path / "dpo"
-    code, output = typed(*dpo_args(data, out, "--max_steps", "4", "--pref_beta", "0.2"))
+    code, output = typed(*dpo_args(data, out, "--max_steps", "4", "--pref_beta", "0.2", "--plot_loss"))
     assert code == 0, output
     status = read_status(out)
     assert status.state == "completed" and status.step == 4 and status.method == "dpo-lora"
@@ -72,6 +72,8 @@ def test_a_dpo_run_trains_on_ranking_pairs_and_records_the_preference_metrics(ti
     lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert any(line.get("accuracy") is not None for line in lines)
     assert "stage: dpo" in (out / "config.yaml").read_text()
+    for figure in ("training_loss.png", "training_rewards_accuracies.png"):  # LLaMA-Factory's keys for stage dpo
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG", figure
 
 
 def test_sharegpt_pairs_tokenize_to_the_same_rows_as_alpaca_pairs(tiny_models, tmp_path):
@@ -149,10 +151,11 @@ def test_dpo_losses_equal_trls_dpo_trainer_run_directly(tiny_models, tmp_path):
     assert len(ours) == 3 and ours[0] != ours[-1]
 
 
-def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "orpo"])  # TRL's DPOTrainer; its ORPOTrainer (no reference)
+def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_path, loss):
     data, out = write_pairs(tmp_path / "data", count=64), tmp_path / "dpo"
     code, output = typed(*dpo_args(data, out, "--max_steps", "400", "--save_steps", "2", "--per_device_train_batch_size",
-                                   "1", "--detach"))
+                                   "1", "--pref_loss", loss, "--detach"))
     assert code == 0, output
     wait_for(lambda: job_helpers.logged(out, 3), 120, "three logged steps")
     code, output = typed("stop", str(out))
@@ -171,8 +174,8 @@ def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
 
 @pytest.mark.parametrize(("extra", "said"), [
     (["--packing", "true"], "stage dpo trains each pair whole"),
-    (["--pref_loss", "orpo"], "pref_loss: 'orpo' is not one of sigmoid, hinge, ipo"),
-    (["--simpo_gamma", "0.5"], "simpo_gamma is not supported by tuner"),
+    (["--pref_loss", "dpop"], "pref_loss: 'dpop' is not one of sigmoid, hinge, ipo, orpo, simpo"),
+    (["--ld_alpha", "0.5"], "ld_alpha is not supported by tuner"),
 ])
 def test_what_stage_dpo_cannot_act_on_is_refused_in_one_line(tmp_path, extra, said):
     data = write_pairs(tmp_path / "data", count=4)

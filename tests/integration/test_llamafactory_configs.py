@@ -216,13 +216,13 @@ def test_llamafactory_qlora_config_then_predict_and_merge_configs_run_unchanged(
 
 def test_a_config_with_keys_tuner_does_not_run_fails_in_one_round(workdir, tiny_models):
     text = LORA_SFT.replace("template: qwen3_nothink", "template: qwen3_nothinkk") + "use_galore: true\n" \
-        "pref_bco_weight: 0.1\n"
+        "ref_model: meta-llama/Llama-2-7b-hf\n"
     done = tuner(workdir, "train", write(workdir, "bad.yaml", text, tiny_models["tiny-llama"]))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
     assert any(line.startswith("tuner: error: LLaMA-Factory's use_galore is not supported by tuner: use optim "
                                "galore_adamw") for line in lines)
-    assert any("LLaMA-Factory's pref_bco_weight is not supported by tuner" in line for line in lines)
+    assert any("LLaMA-Factory's ref_model is not supported by tuner" in line for line in lines)
     assert any("template 'qwen3_nothinkk' does not exist" in line for line in lines)
     assert not (workdir / "saves").exists()
 

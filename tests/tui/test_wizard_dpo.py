@@ -26,6 +26,12 @@ async def test_stage_dpo_shows_its_settings_lists_pairs_and_previews_one(tiny_mo
         await until(pilot, lambda: app.screen.query_one("#row-pref_beta").display, "DPO's settings")
         assert app.screen.query_one("#row-pref_loss").display and app.screen.query_one("#row-pref_ftx").display
         await until(pilot, lambda: float(str(table.get_row("full")[1])) > full_sft, "the reference counted")
+        full_dpo = float(str(table.get_row("full")[1]))
+        loss = app.screen.query_one("#row-pref_loss Select", Select)
+        assert {"orpo", "simpo"} <= {value for _, value in loss._options}
+        loss.value = "orpo"  # no reference model
+        await until(pilot, lambda: float(str(table.get_row("full")[1])) < full_dpo, "the reference left out")
+        loss.value = "sigmoid"
         assert not app.choices.recipe().applied  # the demo model's recipe is a supervised fine-tune's
 
         await app.push_screen(DataStep())

@@ -180,3 +180,22 @@ def test_mixtral_experts_are_4bit_under_qlora_4bit_and_16bit_under_8bit_and_say_
 def test_json_has_the_documented_keys():
     data = estimate(dataclasses.replace(RunShape(LLAMA2_7B), method="freeze")).to_json()
     assert {"peak_allocated_gib", "total_gib", "components", "assumptions"} <= set(data)
+
+
+def test_a_preference_pair_doubles_the_batch_and_only_losses_against_a_reference_count_one():
+    """DPO's full fine-tune holds a second, frozen model; ORPO and SimPO hold none (shape_from_config reads
+    pref_loss); with LoRA the reference is a copy of the adapter."""
+    def shape(*args: str) -> RunShape:
+        return shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--stage", "dpo",
+                                             "--cutoff_len", "1024", *args]), LLAMA2_7B)
+
+    sft = estimate(shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--cutoff_len", "1024",
+                                                 "--finetuning_type", "full"]), LLAMA2_7B))
+    dpo = estimate(shape("--finetuning_type", "full"))
+    orpo = estimate(shape("--finetuning_type", "full", "--pref_loss", "orpo"))
+    lora = estimate(shape("--finetuning_type", "lora"))
+    assert dpo.components["reference_model"] == pytest.approx(dpo.trainable_params * 2 / GIB, abs=1e-3)
+    assert "reference_model" not in orpo.components and "reference_adapter" not in orpo.components
+    assert lora.components["reference_adapter"] == pytest.approx(lora.trainable_params * 2 / GIB, abs=1e-3)
+    assert orpo.components["activations"] == pytest.approx(2 * sft.components["activations"], rel=1e-3)
+    assert any("no reference model (ORPO, SimPO)" in line for line in orpo.assumptions)

@@ -69,7 +69,7 @@ class MethodStep(WizardStep):
             yield Select([("4-bit", 4), ("8-bit", 8)], id="qlora-bits", prompt="none: 16-bit weights")
         yield Static("", classes="error")
         yield from setting_row("pref_beta", "DPO beta", self.choices)
-        yield from setting_row("pref_loss", "DPO loss", self.choices)
+        yield from setting_row("pref_loss", "Preference loss", self.choices)
         yield from setting_row("pref_ftx", "SFT loss weight", self.choices)
 
     def on_mount(self) -> None:
