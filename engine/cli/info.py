@@ -72,9 +72,10 @@ def cmd_datasets(argv: list[str]) -> int:
     dataset_dir = take_option(argv, "--dataset_dir", DataArgs.dataset_dir)  # ./data, as `tuner train` reads it
     no_more(argv, "datasets")
     from engine.data import load_registry
-    from engine.data.registry import STAGE_DATA
+    from engine.data.registry import STAGE_KINDS
 
-    stage_of = {kind: stage for stage, kind in STAGE_DATA.items()}
+    stage_of = {kind: ", ".join(stage for stage, kinds in STAGE_KINDS.items() if kind in kinds)
+                for kinds in STAGE_KINDS.values() for kind in kinds}
 
     registry = load_registry(dataset_dir)
     if as_json:

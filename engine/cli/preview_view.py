@@ -25,11 +25,13 @@ def render_preview(preview: Preview) -> None:
         console.print(Text("chosen:   ", style="bold") + Text(printable(pair.chosen), style="black on green"))
         console.print(Text("rejected: ", style="bold") + Text(printable(pair.rejected), style="black on red"))
     for index, sample in enumerate(preview.samples):
+        judged = "" if sample.label is None else ", the reply desirable" if sample.label else ", the reply undesirable"
         console.rule(f"sample {index}  ({len(sample.input_ids)} tokens, "
-                     f"{sum(label != -100 for label in sample.labels)} learned)")
+                     f"{sum(label != -100 for label in sample.labels)} learned{judged})")
         text = Text()
+        reply_style = "black on red" if sample.label is False else "black on green"
         for segment in sample.segments:
-            text.append(printable(segment.text), style="black on green" if segment.learned else "")
+            text.append(printable(segment.text), style=reply_style if segment.learned else "")
         console.print(text)
     s = preview.stats
     console.rule("token lengths")

@@ -222,13 +222,20 @@ def _collisions(cfg: TunerConfig) -> list[str]:
 
 
 PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid", "pref_bco_weight": 0.0,
-                       "dpo_label_smoothing": 0.0, "simpo_gamma": 0.5}
+                       "dpo_label_smoothing": 0.0, "simpo_gamma": 0.5, "kto_chosen_weight": 1.0,
+                       "kto_rejected_weight": 1.0}
+DPO_ONLY = ("pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma")
+KTO_ONLY = ("kto_chosen_weight", "kto_rejected_weight")
 REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (engine.train.reference_free)
 
 
-def _preference_keys_unused(f) -> list[str]:
-    return [f"{key} {getattr(f, key)} acts in preference tuning: set stage dpo, or leave {key} out"
-            for key, default in PREFERENCE_DEFAULTS.items() if getattr(f, key) != default]
+def _preference_keys_unused(f, keys=tuple(PREFERENCE_DEFAULTS)) -> list[str]:
+    """A preference key given where it cannot act: each says the stage it acts in."""
+    def stages(key: str) -> str:
+        return "kto" if key in KTO_ONLY else "dpo" if key in DPO_ONLY else "dpo or kto"
+
+    return [f"{key} {getattr(f, key)} acts in preference tuning: set stage {stages(key)}, or leave {key} out"
+            for key in keys if getattr(f, key) != PREFERENCE_DEFAULTS[key]]
 
 
 def _stage(cfg: TunerConfig) -> list[str]:
@@ -246,21 +253,33 @@ def _stage(cfg: TunerConfig) -> list[str]:
              "afterwards (tuner predict --run RUN --dataset ...)"),
         ]
         return [message for failed, message in checks if failed] + _preference_keys_unused(f)
-    if f.stage != "dpo":
+    if f.stage not in ("dpo", "kto"):
         return _preference_keys_unused(f)
+    stage, what = f.stage, "pair" if f.stage == "dpo" else "sample"
     checks = [
-        (d.packing, "packing joins samples into rows, and stage dpo trains each pair whole: leave out packing"),
-        (d.train_on_prompt, "train_on_prompt: stage dpo compares the two replies to a prompt, and learns no prompt: "
+        (d.packing, f"packing joins samples into rows, and stage {stage} trains each {what} whole: leave out packing"),
+        (d.train_on_prompt, f"train_on_prompt: stage {stage} judges the replies to a prompt, and learns no prompt: "
          "leave it out"),
-        (d.mask_history, "mask_history: stage dpo learns from the last reply of each pair only: leave it out"),
-        (d.tokenized_path is not None, "tokenized_path keeps supervised samples, not preference pairs: leave it out "
-         "with stage dpo"),
-        (t.do_predict, "do_predict after stage dpo would generate from ranking pairs: predict on a dataset of "
+        (d.mask_history, f"mask_history: stage {stage} learns from the last reply of each {what} only: leave it out"),
+        (d.tokenized_path is not None, f"tokenized_path keeps supervised samples, not preference data: leave it out "
+         f"with stage {stage}"),
+        (t.do_predict, f"do_predict after stage {stage} would generate from preference data: predict on a dataset of "
          "prompts afterwards (tuner predict --run RUN --dataset ...)"),
-        (t.enable_liger_kernel is True, "enable_liger_kernel: stage dpo computes its loss through TRL's own tiled LM "
+        (t.enable_liger_kernel is True, f"enable_liger_kernel: stage {stage} computes its loss through TRL's own LM "
          "head, and tuner's Liger kernels come with Liger's fused loss: leave it out"),
-        (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"),
+    ]
+    if stage == "kto":
+        checks += [
+            (f.kto_chosen_weight <= 0, f"kto_chosen_weight {f.kto_chosen_weight}: a weight is more than 0"),
+            (f.kto_rejected_weight <= 0, f"kto_rejected_weight {f.kto_rejected_weight}: a weight is more than 0"),
+            (t.per_device_train_batch_size < 2, f"per_device_train_batch_size {t.per_device_train_batch_size}: KTO's "
+             "KL term pairs each prompt with another sample's reply in the same batch (TRL's KTOTrainer): give 2 or "
+             "more, and halve gradient_accumulation_steps to keep the batch"),
+        ]
+        return [message for failed, message in checks if failed] + _preference_keys_unused(f, DPO_ONLY)
+    checks += [
+        (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_loss == "orpo" and f.pref_ftx > 0, f"pref_ftx {f.pref_ftx}: ORPO's loss holds the supervised loss on "
          "the chosen replies already (pref_beta weighs its odds-ratio part): leave pref_ftx out"),
         (f.pref_bco_weight < 0, f"pref_bco_weight {f.pref_bco_weight}: the weight of the BCO loss is 0 or more"),
@@ -273,7 +292,7 @@ def _stage(cfg: TunerConfig) -> list[str]:
         (f.simpo_gamma != PREFERENCE_DEFAULTS["simpo_gamma"] and f.pref_loss != "simpo", f"simpo_gamma "
          f"{f.simpo_gamma} is SimPO's target margin: set pref_loss simpo, or leave simpo_gamma out"),
     ]
-    return [message for failed, message in checks if failed]
+    return [message for failed, message in checks if failed] + _preference_keys_unused(f, KTO_ONLY)
 
 
 def _names(cfg: TunerConfig) -> list[str]:

@@ -36,33 +36,44 @@ class Converted:
     dropped: Counter
 
 
-def convert(records: list[dict], attr: DatasetAttr, pairs: bool = False, texts: bool = False) -> Converted:
-    """Every record of one dataset in ``attr.formatting`` as a conversation; empty samples dropped and counted. With
-    ``pairs`` (a preference stage), each record of a ranking dataset as a pair: the prompt's messages and the chosen
-    and rejected replies, ``{"messages", "chosen", "rejected", "tools"}``. With ``texts`` (stage pt), each record of
-    a raw-text dataset as ``{"text"}``."""
+def convert(records: list[dict], attr: DatasetAttr, kind: str = "conversations") -> Converted:
+    """Every record of one dataset in ``attr.formatting`` as the ``kind`` of sample a stage trains on
+    (engine.data.registry.STAGE_DATA); empty samples dropped and counted:
+
+    - conversations: ``{"messages", "tools"}`` (a kto_tag false sample is dropped: its reply is not to be learned);
+    - pairs (a ranking dataset): the prompt's messages and the chosen and rejected replies, ``{"messages", "chosen",
+      "rejected", "tools"}``;
+    - feedback (a dataset with a kto_tag column): ``{"messages", "tools", "label"}``, the label False where kto_tag
+      is false (an undesirable last reply), else True;
+    - text (a raw-text dataset): ``{"text"}``.
+    """
     to_messages = CONVERTERS.get(attr.formatting)
     if to_messages is None:
         raise UserError(f"dataset '{attr.name}': unknown formatting '{attr.formatting}'",
                         hint=f"valid formattings: {', '.join(CONVERTERS)}")
-    _check_supported(attr, pairs, texts)
+    _check_supported(attr, kind)
     conversations, dropped = [], Counter()
     for index, record in enumerate(records):
-        if texts:
+        if kind == "text":
             text = _cell(record, attr, index, "prompt")
             if text.strip():
                 conversations.append({"text": text})
             else:
                 dropped["empty text"] += 1
             continue
-        if pairs:
+        if kind == "pairs":
             result = pair_messages(record, attr, index)
+        elif kind == "conversations" and _kto_rejected(record, attr):
+            result = KTO_REJECTED
         else:
-            result = KTO_REJECTED if _kto_rejected(record, attr) else to_messages(record, attr, index)
+            result = to_messages(record, attr, index)
         if isinstance(result, str):
             dropped[result] += 1
-        elif pairs:
+        elif kind == "pairs":
             conversations.append({**result, "tools": _tools(record, attr, index)})
+        elif kind == "feedback":
+            conversations.append({"messages": result, "tools": _tools(record, attr, index),
+                                  "label": not _kto_rejected(record, attr)})
         else:
             conversations.append({"messages": result, "tools": _tools(record, attr, index)})
     return Converted(conversations, dropped)
@@ -128,7 +139,7 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
                  "(openai), instruction with chosen and rejected (pairs, stage dpo) or text alone (stage pt); or "
                  "register it in dataset_info.json with its formatting and columns",
         )
-    columns.update({key: key for key in ("system", "tools", "chosen", "rejected") if key in record})
+    columns.update({key: key for key in ("system", "tools", "chosen", "rejected", "kto_tag") if key in record})
     return dataclasses.replace(attr, formatting=formatting, columns=columns, tags=dict(DEFAULT_TAGS[formatting]),
                                ranking=attr.ranking or {"chosen", "rejected"} <= set(record))
 
@@ -294,24 +305,30 @@ def _without_nulls(value):
     return value
 
 
-def _check_supported(attr: DatasetAttr, pairs: bool = False, texts: bool = False) -> None:
-    """Refuse, from its registry entry alone, a dataset that is not text conversations with replies (or, for a
-    preference stage, not text pairs; for stage pt, not raw text)."""
-    if texts:
+def _check_supported(attr: DatasetAttr, kind: str = "conversations") -> None:
+    """Refuse, from its registry entry alone, a dataset that is not the ``kind`` of text samples the stage trains on
+    (conversations with replies; pairs; conversations with a kto_tag; raw text)."""
+    if kind == "text":
         if attr.kind != "text":
             raise UserError(f"dataset '{attr.name}' is not raw text: stage pt trains on text alone",
                             hint='a dataset of one text column ("columns": {"prompt": "text"}, as LLaMA-Factory\'s '
                                  'c4_demo), a .jsonl file of {"text": ...} records, or a .txt file')
         return
+    pairs = kind == "pairs"
     if attr.ranking and not pairs:
         raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward "
                         "modelling",
-                        hint="supervised fine-tuning and prediction take conversations with one reply; set "
+                        hint="supervised fine-tuning, KTO and prediction take conversations with one reply; set "
                              "stage dpo to train on it")
     if pairs and not (attr.ranking and {"chosen", "rejected"} <= set(attr.columns)):
         raise UserError(f"dataset '{attr.name}' is not a preference (ranking) dataset: a pair needs a chosen and a "
                         "rejected reply", hint='register it with "ranking": true and "columns": {..., "chosen": ..., '
                         '"rejected": ...}, or give a file whose records have chosen and rejected')
+    if kind == "feedback" and "kto_tag" not in attr.columns:
+        raise UserError(f"dataset '{attr.name}' has no kto_tag column: stage kto learns from replies marked "
+                        "desirable (true) or not (false)",
+                        hint='map the column in dataset_info.json: "columns": {..., "kto_tag": "label"} (as '
+                             "LLaMA-Factory's kto_en_demo), or give a file whose records have a kto_tag")
     media = [column for column in MEDIA_COLUMNS if column in attr.columns]
     if media:
         raise UserError(f"dataset '{attr.name}' is multimodal ({', '.join(media)}), which is not supported",

@@ -36,6 +36,10 @@ REGISTRY = {
     "demo_openai": {"file_name": "demo_openai.jsonl", "formatting": "openai"},
     "demo_pairs": {"file_name": "demo_pairs.json", "ranking": True,
                    "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "demo_feedback": {"file_name": "demo_feedback.json", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "kto_tag": "label"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}},
 }
 
 
@@ -44,11 +48,13 @@ def write_demo_datasets(out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng, pairs_rng = random.Random(SEED), random.Random(SEED + 1)  # the pairs apart: the older files stay as they were
+    feedback_rng = random.Random(SEED + 2)
     files = {
         "demo_alpaca.json": _pretty_json([alpaca_record(rng) for _ in range(400)]),
         "demo_sharegpt.json": _pretty_json([sharegpt_record(rng) for _ in range(200)]),
         "demo_openai.jsonl": "".join(json.dumps(openai_record(rng)) + "\n" for _ in range(200)),
         "demo_pairs.json": _pretty_json([pair_record(pairs_rng) for _ in range(300)]),
+        "demo_feedback.json": _pretty_json([feedback_record(feedback_rng) for _ in range(300)]),
         "dataset_info.json": _pretty_json(REGISTRY),
     }
     for name, text in files.items():
@@ -88,6 +94,17 @@ def pair_record(rng: random.Random) -> dict:
     else:
         wrong = _wrong(right, rng)
     return {**record, "chosen": right, "rejected": wrong}
+
+
+def feedback_record(rng: random.Random) -> dict:
+    """One of demo_pairs' pairs as LLaMA-Factory's kto_en_demo holds a sample: the conversation with one of the two
+    replies, and its label (kto_tag): true for the right answer, false for the refusal or wrong answer."""
+    pair = pair_record(rng)
+    desirable = rng.random() < 0.5
+    question = "\n".join(text for text in (pair["instruction"], pair["input"]) if text)
+    reply = pair["chosen"] if desirable else pair["rejected"]
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
+            "label": desirable}
 
 
 def _wrong(right: str, rng: random.Random) -> str:

@@ -66,18 +66,19 @@ class LoadedData:
 
 def load_conversations(dataset: str, dataset_dir: str | None, *, max_samples: int | None = None,
                        val_size: float | int = 0, eval_dataset: str | None = None, seed: int = 42,
-                       pairs: bool = False, texts: bool = False) -> LoadedData:
+                       kind: str = "conversations") -> LoadedData:
     """Load comma-separated datasets, concatenated; split off ``val_size`` (a fraction or a count) for evaluation.
 
-    ``max_samples`` caps the records read from each dataset, before conversion (as in LLaMA-Factory). ``pairs``: a
-    preference stage's, each sample a prompt with a chosen and a rejected reply; ``texts``: stage pt's, each sample
-    ``{"text"}`` (engine.data.converters).
+    ``max_samples`` caps the records read from each dataset, before conversion (as in LLaMA-Factory). ``kind``: the
+    samples the stage trains on (engine.data.registry.STAGE_DATA): conversations; pairs, a prompt with a chosen and a
+    rejected reply; feedback, a conversation whose last reply is marked desirable or not; text, ``{"text"}``
+    (engine.data.converters.convert).
     """
     if eval_dataset and val_size:
         raise UserError("give either val_size or eval_dataset, not both")
-    train, train_reports = _load_many(dataset, dataset_dir, max_samples, seed, pairs, texts)
+    train, train_reports = _load_many(dataset, dataset_dir, max_samples, seed, kind)
     if eval_dataset:
-        evaluation, eval_reports = _load_many(eval_dataset, dataset_dir, max_samples, seed, pairs, texts)
+        evaluation, eval_reports = _load_many(eval_dataset, dataset_dir, max_samples, seed, kind)
         return LoadedData(train, evaluation, LoadReport(train_reports, eval_reports))
     if not val_size:
         return LoadedData(train, None, LoadReport(train_reports))
@@ -107,20 +108,19 @@ def split_eval(conversations: list[dict], val_size: float | int, seed: int) -> t
 
 
 def _load_many(names: str, dataset_dir: str | None, max_samples: int | None,
-               seed: int, pairs: bool = False, texts: bool = False) -> tuple[list[dict], list[DatasetReport]]:
+               seed: int, kind: str = "conversations") -> tuple[list[dict], list[DatasetReport]]:
     conversations, reports = [], []
     for name in (part.strip() for part in names.split(",")):
         if not name:
             raise UserError(f"empty dataset name in '{names}'", hint="separate dataset names with single commas")
-        loaded, report = load_dataset_conversations(name, dataset_dir, max_samples, seed, pairs, texts)
+        loaded, report = load_dataset_conversations(name, dataset_dir, max_samples, seed, kind)
         conversations += loaded
         reports.append(report)
     return conversations, reports
 
 
 def load_dataset_conversations(name: str, dataset_dir: str | None, max_samples: int | None = None,
-                               seed: int = 42, pairs: bool = False,
-                               texts: bool = False) -> tuple[list[dict], DatasetReport]:
+                               seed: int = 42, kind: str = "conversations") -> tuple[list[dict], DatasetReport]:
     """One dataset's conversations; an empty dataset, or one where every sample was dropped, is an error."""
     attr = resolve_dataset(name, dataset_dir)
     records = read_records(attr)
@@ -132,7 +132,7 @@ def load_dataset_conversations(name: str, dataset_dir: str | None, max_samples: 
         records = records[:max_samples]
     if attr.formatting is None:
         attr = detect_format(attr, records[0])
-    converted = convert(records, attr, pairs, texts)
+    converted = convert(records, attr, kind)
     if not converted.conversations:
         reasons = ", ".join(f"{count} with {reason}" for reason, count in converted.dropped.items())
         raise UserError(f"dataset '{name}' has no usable samples: all {len(records)} were dropped ({reasons})")

@@ -1,9 +1,15 @@
-"""Preference pairs to token ids, as LLaMA-Factory's pairwise processor makes them: the prompt (every turn before the
-last reply, through the template) and the chosen and rejected replies, each reply closed as the template closes a
-turn; the three cut together to cutoff_len (``infer_seqlen`` of the prompt and the longer reply).
+"""Preference data to token ids, as LLaMA-Factory's pairwise and feedback processors make them.
 
-The rows are what TRL's DPOTrainer trains on (``prompt_ids``, ``chosen_ids``, ``rejected_ids``): tuner renders and
-tokenizes the data itself, as for supervised fine-tuning, so a pair is cut and templated as LLaMA-Factory would.
+A pair (stage dpo): the prompt (every turn before the last reply, through the template) and the chosen and rejected
+replies, each reply closed as the template closes a turn; the three cut together to cutoff_len (``infer_seqlen`` of
+the prompt and the longer reply). Rows of ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, as TRL's DPOTrainer
+trains on them.
+
+A feedback sample (stage kto): the prompt and the last reply, marked desirable or not (LLaMA-Factory's kto_tag), cut
+the same way. Rows of ``prompt_ids``, ``completion_ids``, ``label``, as TRL's KTOTrainer trains on them.
+
+tuner renders and tokenizes the data itself, as for supervised fine-tuning, so a sample is cut and templated as
+LLaMA-Factory would.
 """
 
 from __future__ import annotations
@@ -52,6 +58,35 @@ def encode_pairs(pairs: list[dict], tokenizer, template_name: str, cutoff_len: i
     return rows, dropped, lengths, truncated
 
 
+def encode_feedback(samples: list[dict], tokenizer, template_name: str, cutoff_len: int,
+                    default_system: str | None = None) -> tuple[list[dict], Counter, list[int], int]:
+    """KTO's rows, as LLaMA-Factory's feedback processor makes them: ``{"prompt_ids", "completion_ids", "label"}``,
+    the prompt (every turn before the last reply, through the template) and the last reply, cut together to
+    cutoff_len (``infer_seqlen``); the label True for a desirable reply. Also the samples dropped by reason, every
+    sample's length before truncation and how many were cut. (TRL pairs each prompt with another sample's reply for
+    KTO's KL term itself, where LLaMA-Factory pairs it with the reply of the sample at the mirrored place.)"""
+    template = training_template(template_name, default_system)
+    encoded = encode_many(tokenizer, template, [sample["messages"] for sample in samples],
+                          [sample.get("tools") for sample in samples])
+    rows, dropped, lengths, truncated = [], Counter(), [], 0
+    for sample, turns in zip(samples, encoded):
+        if turns is None:
+            dropped["no reply to learn"] += 1
+            continue
+        prompt, completion = _one_turn(turns)
+        if turns.eos_id is not None:  # efficient_eos: one eos closes the reply, learned
+            completion = completion + [turns.eos_id]
+        lengths.append(len(prompt) + len(completion))
+        source_len, target_len = infer_seqlen(len(prompt), len(completion), cutoff_len)
+        truncated += len(prompt) + len(completion) > cutoff_len
+        if target_len == 0:
+            dropped[f"no reply left within cutoff_len={cutoff_len}"] += 1
+            continue
+        rows.append({"prompt_ids": prompt[:source_len], "completion_ids": completion[:target_len],
+                     "label": bool(sample["label"])})
+    return rows, dropped, lengths, truncated
+
+
 def _reply(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
@@ -65,36 +100,40 @@ def _one_turn(turns) -> tuple[list[int], list[int]]:
 
 
 def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None,
-                        stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
-    """The configured ranking datasets as tokenized pairs (``datasets.Dataset``) for a preference stage; a stop
+                        stop_wait: Callable[[float], bool] | None = None, kind: str = "pairs") -> TrainingData:
+    """The configured datasets as tokenized preference data (``datasets.Dataset``): ranking pairs for stage dpo
+    (``kind`` pairs), or samples with a desirable or undesirable reply for stage kto (``kind`` feedback). A stop
     while they are tokenized ends that at the next batch (PreparationStopped)."""
     from datasets import Dataset
 
     d = cfg.data
+    encode, noun = (encode_pairs, "pairs") if kind == "pairs" else (encode_feedback, "samples")
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
-                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, pairs=True)
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind=kind)
     template = choose_template(cfg, tokenizer, catalog_template)
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
     report, splits, all_lengths = loaded.report.lines(), {}, []
-    for split, pairs in (("train", loaded.train), ("eval", loaded.eval)):
-        if pairs is None:
+    for split, samples in (("train", loaded.train), ("eval", loaded.eval)):
+        if samples is None:
             continue
         rows, dropped, lengths, truncated = [], Counter(), [], 0
-        for start in range(0, len(pairs), BATCH):
+        for start in range(0, len(samples), BATCH):
             if stop_wait is not None and stop_wait(0):
                 raise PreparationStopped("stopped while the data was being prepared")
-            part = encode_pairs(pairs[start:start + BATCH], tokenizer, template, d.cutoff_len, d.default_system)
+            part = encode(samples[start:start + BATCH], tokenizer, template, d.cutoff_len, d.default_system)
             rows += part[0]
             dropped += part[1]
             lengths += part[2]
             truncated += part[3]
         if split == "train" and not rows:
-            raise_empty(dropped, d.cutoff_len)
+            raise_empty(dropped, d.cutoff_len, noun)
         splits[split] = Dataset.from_list(rows) if rows else None
         all_lengths += lengths if split == "train" else []
-        text = f"{split}: {len(rows)} pairs tokenized with template {template}"
+        text = f"{split}: {len(rows)} {noun} tokenized with template {template}"
+        if kind == "feedback":
+            text += f" ({sum(row['label'] for row in rows)} desirable)"
         text += f"; {truncated} longer than cutoff_len={d.cutoff_len} were truncated" if truncated else ""
         text += "".join(f"; dropped {count} with {reason}" for reason, count in dropped.items())
         report.append(text)
@@ -102,8 +141,9 @@ def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
     return TrainingData(splits["train"], splits.get("eval"), template, report, Lengths.of(kept))
 
 
-def raise_empty(dropped: Counter, cutoff_len: int) -> None:
+def raise_empty(dropped: Counter, cutoff_len: int, noun: str = "pairs") -> None:
     from engine.errors import UserError
 
     reasons = ", ".join(f"{count} with {reason}" for reason, count in dropped.items())
-    raise UserError(f"no preference pair is left to train on ({reasons})", hint=f"raise cutoff_len ({cutoff_len})")
+    what = "preference pair" if noun == "pairs" else "sample"
+    raise UserError(f"no {what} is left to train on ({reasons})", hint=f"raise cutoff_len ({cutoff_len})")

@@ -19,6 +19,7 @@ class PreviewSample:
     input_ids: list[int]
     labels: list[int]
     segments: list  # engine.templates.Segment, for display
+    label: bool | None = None  # stage kto: whether the reply is desirable (kto_tag)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Preview:
             "template": self.template,
             "template_warning": self.template_warning,
             "samples": [{"text": s.text, "prompt": s.prompt, "completion": s.completion, "input_ids": s.input_ids,
-                         "labels": s.labels} for s in self.samples],
+                         "labels": s.labels, **({} if s.label is None else {"desirable": s.label})}
+                        for s in self.samples],
             "pairs": [asdict(pair) for pair in self.pairs],
             "stats": self.stats,
             "cutoff_len": self.cutoff_len,
@@ -98,6 +100,8 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
     tokenizer = load_tokenizer(resolved.path, cfg)
     if cfg.finetune.stage == "dpo":
         return _pair_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
+    if cfg.finetune.stage == "kto":
+        return _feedback_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
     if cfg.finetune.stage == "pt":
         return _text_preview(cfg, tokenizer, count)
     d = cfg.data
@@ -137,7 +141,7 @@ def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, cou
 
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
-                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, pairs=True)
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="pairs")
     check = _compare_template(cfg, tokenizer, catalog_template)
     template = training_template(check.template, d.default_system)
     rows, dropped, lengths, _ = encode_pairs(loaded.train, tokenizer, check.template, d.cutoff_len, d.default_system)
@@ -159,6 +163,41 @@ def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, cou
     report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in dropped.items()]
     return Preview(check.template, [], length_stats(lengths, d.cutoff_len), report, d.cutoff_len,
                    length_histogram(lengths, d.cutoff_len), check.warning, shown)
+
+
+def _feedback_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
+    """Stage kto's preview: the first samples as the model sees them, the reply (what the loss judges) marked and
+    said desirable or not, and the stats of the prompt and reply (what cutoff_len cuts)."""
+    from engine.data.loaders import load_conversations
+    from engine.data.pairs import encode_feedback
+    from engine.data.stats import length_histogram, length_stats
+    from engine.data.tokenize import training_template
+    from engine.templates import Segment, render_text
+
+    d = cfg.data
+    loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="feedback")
+    check = _compare_template(cfg, tokenizer, catalog_template)
+    template = training_template(check.template, d.default_system)
+    _, dropped, lengths, _ = encode_feedback(loaded.train, tokenizer, check.template, d.cutoff_len, d.default_system)
+    shown = []
+    for sample in loaded.train:
+        if len(shown) == count:
+            break
+        rows, *_ = encode_feedback([sample], tokenizer, check.template, d.cutoff_len, d.default_system)
+        if not rows:
+            continue  # nothing of it left within cutoff_len: the report counts it
+        messages, tools, row = sample["messages"], sample.get("tools"), rows[0]
+        text = render_text(template, messages, tokenizer, tools=tools)
+        prompt = render_text(template, messages[:-1], tokenizer, add_generation_prompt=True, tools=tools)
+        reply = text[len(prompt):] if text.startswith(prompt) else messages[-1]["content"]
+        ids = row["prompt_ids"] + row["completion_ids"]
+        shown.append(PreviewSample(prompt + reply, prompt, reply, ids,
+                                   [-100] * len(row["prompt_ids"]) + row["completion_ids"],
+                                   [Segment(prompt, False), Segment(reply, True)], label=sample["label"]))
+    report = loaded.report.lines() + [f"{n} dropped: {reason}" for reason, n in dropped.items()]
+    return Preview(check.template, shown, length_stats(lengths, d.cutoff_len), report, d.cutoff_len,
+                   length_histogram(lengths, d.cutoff_len), check.warning)
 
 
 def _text_preview(cfg: TunerConfig, tokenizer, count: int) -> Preview:
@@ -184,7 +223,7 @@ def _texts(cfg: TunerConfig) -> list[dict]:
 
     d = cfg.data
     return load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, seed=cfg.train.seed,
-                              texts=True).train
+                              kind="text").train
 
 
 def histogram_lines(preview: Preview, bar_width: int = 40) -> list[tuple[str, str]]:

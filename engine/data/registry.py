@@ -67,14 +67,19 @@ class DatasetAttr:
 
     @property
     def kind(self) -> str:
-        """What the entry holds, from the entry alone: "pairs" (ranking), "text" (one prompt column: raw text) or
-        "conversations"; STAGE_DATA says which stage trains on which."""
+        """What the entry holds, from the entry alone: "pairs" (ranking), "text" (one prompt column: raw text),
+        "feedback" (conversations with a kto_tag) or "conversations"; STAGE_DATA says which stage trains on which."""
         if self.ranking:
             return "pairs"
+        if "kto_tag" in self.columns:
+            return "feedback"
         return "text" if self.formatting == "alpaca" and set(self.columns) == {"prompt"} else "conversations"
 
 
-STAGE_DATA = {"sft": "conversations", "dpo": "pairs", "pt": "text"}  # the data each stage trains on
+# The samples each stage trains on (engine.data.converters.convert), and the kinds of dataset it takes them from:
+# supervised fine-tuning learns a kto dataset's desirable replies (LLaMA-Factory's kto_tag true) and drops the rest.
+STAGE_DATA = {"sft": "conversations", "dpo": "pairs", "kto": "feedback", "pt": "text"}
+STAGE_KINDS = {"sft": ("conversations", "feedback"), "dpo": ("pairs",), "kto": ("feedback",), "pt": ("text",)}
 
 
 def load_registry(dataset_dir: str | None) -> dict[str, DatasetAttr]:

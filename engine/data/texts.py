@@ -46,7 +46,7 @@ def build_text_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
 
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
-                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, texts=True)
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="text")
     report, splits = loaded.report.lines(), {}
     for split, samples in (("train", loaded.train), ("eval", loaded.eval)):
         if samples is None:

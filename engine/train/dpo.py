@@ -42,9 +42,9 @@ def trainer(parts: TrainerParts, plan):
         label_smoothing=f.dpo_label_smoothing, max_length=None, padding_free=False,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
-    with _adapter_copied_plainly(parts.model):
+    with adapter_copied_plainly(parts.model):
         return build_trainer(pretokenized_dpo_trainer(), parts, args, train_dataset=parts.datasets.train,
-                             eval_dataset=parts.datasets.eval, ref_model=_reference(parts, plan))
+                             eval_dataset=parts.datasets.eval, ref_model=reference_model(parts, plan))
 
 
 def loss_terms(f) -> tuple[list[str], list[float]]:
@@ -66,7 +66,7 @@ def loss_terms(f) -> tuple[list[str], list[float]]:
     return [name for name, _ in terms], [weight for _, weight in terms]
 
 
-def _reference(parts: TrainerParts, plan):
+def reference_model(parts: TrainerParts, plan):
     """None with LoRA (TRL copies the adapter); else the model loaded again as tuner loads it, frozen, in eval mode."""
     if parts.cfg.finetune.finetuning_type == "lora":
         return None
@@ -82,7 +82,7 @@ def _reference(parts: TrainerParts, plan):
 
 
 @contextlib.contextmanager
-def _adapter_copied_plainly(model):
+def adapter_copied_plainly(model):
     """TRL makes the reference adapter with the trained adapter's config: one initialised by PiSSA would run PiSSA's
     SVD again and change the base weights under both. The copy is made with plain initialisation (its weights are
     then copied from the adapter's), as engine.train.pissa saves one."""

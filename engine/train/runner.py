@@ -43,11 +43,15 @@ def stage_of(cfg: TunerConfig) -> Stage:
         from engine.train.dpo import DPO
 
         return DPO
+    if cfg.finetune.stage == "kto":
+        from engine.train.kto import KTO
+
+        return KTO
     if cfg.finetune.stage == "pt":
         from engine.train.pt import PT
 
         return PT
-    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft, dpo or pt")
+    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft, dpo, kto or pt")
 
 
 SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads

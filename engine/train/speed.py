@@ -91,7 +91,9 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
     if pairs:
         fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (auto-fit does not yet choose a batch of "
                                    "pairs)")
-        how = ("the model's logits over both replies, no reference" if cfg.finetune.pref_loss in REFERENCE_FREE
+        f = cfg.finetune
+        how = ("TRL's tiled LM head over each reply and its KL sample, against the reference" if f.stage == "kto"
+               else "the model's logits over both replies, no reference" if f.pref_loss in REFERENCE_FREE
                else "TRL's tiled LM head over both replies, against the reference")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
                          "preference", how)

@@ -136,7 +136,7 @@ def test_dpo_losses_equal_trls_dpo_trainer_run_directly(tiny_models, tmp_path):
     model_path = str(tiny_models["tiny-llama"])
     cfg = build_config({"model_name_or_path": model_path})
     tokenizer = load_tokenizer(model_path, cfg)
-    pairs = load_conversations("pairs_alpaca", str(data), pairs=True).train
+    pairs = load_conversations("pairs_alpaca", str(data), kind="pairs").train
     rows, *_ = encode_pairs(pairs, tokenizer, "llama2", 64)
     set_seed(7)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -55,7 +55,7 @@ def test_orpo_trains_without_a_reference_and_its_losses_equal_trls_orpo_trainer_
 
     model_path = str(tiny_models["tiny-llama"])
     tokenizer = load_tokenizer(model_path, build_config({"model_name_or_path": model_path}))
-    rows, *_ = encode_pairs(load_conversations("pairs_alpaca", str(data), pairs=True).train, tokenizer, "llama2", 64)
+    rows, *_ = encode_pairs(load_conversations("pairs_alpaca", str(data), kind="pairs").train, tokenizer, "llama2", 64)
     (config_class, trainer_class), _ = _trl_classes()
     set_seed(7)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

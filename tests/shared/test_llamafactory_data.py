@@ -15,7 +15,7 @@ from engine.config.validation import validate
 from engine.data import dataset_names, load_conversations, load_registry
 from engine.errors import UserError
 
-DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai", "demo_pairs"]
+DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai", "demo_pairs", "demo_feedback"]
 
 
 def test_the_entries_the_default_suite_mirrors_are_llamafactorys(shared_data):
@@ -57,7 +57,7 @@ def test_llamafactory_identity_warns_once_about_its_placeholders(shared_data):
 def test_reads_llamafactory_registry_as_it_is(shared_data):
     registry = load_registry(str(shared_data / "llamafactory"))
     assert len(registry) == 104 + len(DEMOS)
-    assert dataset_names(str(shared_data / "llamafactory"))[:4] == DEMOS
+    assert dataset_names(str(shared_data / "llamafactory"))[:len(DEMOS)] == DEMOS
 
     demo = registry["alpaca_en_demo"]
     assert (demo.load_from, demo.formatting) == ("file", "alpaca")
@@ -71,8 +71,9 @@ def test_every_llamafactory_entry_is_understood_or_refused_with_a_reason(shared_
     registry = load_registry(str(shared_data / "llamafactory"))
     refusals = {name: refusal(attr) for name, attr in registry.items()}
     kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in refusals.values())
-    # for supervised training; the 13 preference entries (12 of theirs and our demo_pairs) are stage dpo's
-    assert kinds == {"understood": 68, "is a preference": 13, "is multimodal": 10, "maps no response column": 17}
+    # for supervised training (our demo_feedback too, whose desirable replies it learns); the 13 preference entries
+    # (12 of theirs and our demo_pairs) are stage dpo's
+    assert kinds == {"understood": 69, "is a preference": 13, "is multimodal": 10, "maps no response column": 17}
     assert refusals["mllm_video_audio_demo"] == "is multimodal (videos, audios), which is not supported"
     assert refusals["c4_demo"] == ("maps no response column (it maps prompt=text): plain text, for pre-training; set "
                                    "stage pt to train on it")
@@ -115,7 +116,7 @@ def test_llamafactory_dpo_demo_reads_as_pairs(shared_data):
     """dpo_en_demo (sharegpt, ranking): every record a prompt ending with the user's turn and two different
     replies, as LLaMA-Factory's pairwise processor reads it."""
     records = json.loads((shared_data / "llamafactory" / "dpo_en_demo.json").read_text())
-    pairs = load_conversations("dpo_en_demo", str(shared_data / "llamafactory"), pairs=True).train
+    pairs = load_conversations("dpo_en_demo", str(shared_data / "llamafactory"), kind="pairs").train
     assert len(pairs) == len(records) == 300
     for record, pair in zip(records, pairs):
         assert pair["messages"][-1] == {"role": "user", "content": record["conversations"][-1]["value"]}
@@ -124,5 +125,18 @@ def test_llamafactory_dpo_demo_reads_as_pairs(shared_data):
 
 def test_llamafactory_c4_demo_reads_as_raw_text_for_stage_pt(shared_data):
     records = [json.loads(line) for line in (shared_data / "llamafactory" / "c4_demo.jsonl").read_text().splitlines()]
-    texts = load_conversations("c4_demo", str(shared_data / "llamafactory"), texts=True).train
+    texts = load_conversations("c4_demo", str(shared_data / "llamafactory"), kind="text").train
     assert [t["text"] for t in texts] == [r["text"] for r in records] and len(texts) == 300
+
+
+def test_llamafactory_kto_demo_reads_as_judged_replies_for_stage_kto(shared_data):
+    """kto_en_demo (sharegpt, kto_tag mapped to its label column): every record a conversation whose last reply is
+    judged, as LLaMA-Factory's feedback processor reads it; supervised training keeps the desirable ones only."""
+    records = json.loads((shared_data / "llamafactory" / "kto_en_demo.json").read_text())
+    samples = load_conversations("kto_en_demo", str(shared_data / "llamafactory"), kind="feedback").train
+    assert len(samples) == len(records) == 300
+    for record, sample in zip(records, samples):
+        assert sample["label"] is record["label"]
+        assert sample["messages"][-1] == {"role": "assistant", "content": record["messages"][-1]["content"]}
+    supervised = load_conversations("kto_en_demo", str(shared_data / "llamafactory")).train
+    assert len(supervised) == sum(record["label"] for record in records) < 300

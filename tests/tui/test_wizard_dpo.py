@@ -43,3 +43,27 @@ async def test_stage_dpo_shows_its_settings_lists_pairs_and_previews_one(tiny_mo
         text = shown(preview)
         assert "chosen" in text and "rejected" in text and "How many letters are in 'ship'?" in text
         assert "--stage dpo" in app.choices.command_line()
+
+
+async def test_stage_kto_shows_its_weights_lists_tagged_data_and_previews_a_judged_reply(tiny_models, tmp_path):
+    app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await on_step(pilot, app, HardwareStep)
+        await until(pilot, lambda: app.hardware is not None, "the probe")
+        await app.push_screen(MethodStep())
+        table = app.screen.query_one("#methods", DataTable)
+        await until(pilot, lambda: table.row_count == 5, "the estimates")
+        full_sft = float(str(table.get_row("full")[1]))
+        app.screen.query_one("#stage", Select).value = "kto"
+        await until(pilot, lambda: app.screen.query_one("#row-kto_chosen_weight").display, "KTO's settings")
+        assert app.screen.query_one("#row-pref_beta").display and not app.screen.query_one("#row-pref_loss").display
+        await until(pilot, lambda: float(str(table.get_row("full")[1])) > full_sft, "the reference counted")
+
+        await app.push_screen(DataStep())
+        options = app.screen.query_one("#dataset-select", Select)
+        await until(pilot, lambda: app.choices.values.get("dataset") == "demo_feedback", "the demo feedback chosen")
+        assert [value for _, value in options._options if value is not Select.NULL] == ["demo_feedback"]
+        preview = app.screen.query_one("#preview", Static)
+        await until(pilot, lambda: "── sample 1" in shown(preview), "a sample previewed")
+        assert "undesirable" in shown(preview)
+        assert "--stage kto" in app.choices.command_line()

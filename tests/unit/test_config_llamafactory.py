@@ -127,7 +127,7 @@ def test_the_schedules_that_need_keywords_say_which():
     ("quantization_method", "gptq", "LLaMA-Factory's quantization_method gptq is not supported by tuner"),
     ("infer_backend", "vllm", "LLaMA-Factory's infer_backend vllm is not supported by tuner"),
     ("finetuning_type", "oft", "LLaMA-Factory's finetuning_type oft is not supported by tuner"),
-    ("stage", "kto", "LLaMA-Factory's stage kto is not supported by tuner"),
+    ("stage", "ppo", "LLaMA-Factory's stage ppo is not supported by tuner"),
 ])
 def test_llamafactory_keys_tuner_does_not_run_are_refused_with_what_to_use(key, value, message):
     assert any(p.startswith(message) for p in problems_of(*BASE, f"--{key}", value)), problems_of(

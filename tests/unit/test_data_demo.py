@@ -14,7 +14,8 @@ from engine.data.registry import BUNDLED_DIR
 def test_committed_demo_files_equal_the_generators_output(tmp_path):
     written = write_demo_datasets(tmp_path)
     assert [path.name for path in written] == [
-        "demo_alpaca.json", "demo_sharegpt.json", "demo_openai.jsonl", "demo_pairs.json", "dataset_info.json"]
+        "demo_alpaca.json", "demo_sharegpt.json", "demo_openai.jsonl", "demo_pairs.json", "demo_feedback.json",
+        "dataset_info.json"]
     for path in written:
         assert (BUNDLED_DIR / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
             f"presets/data/{path.name} is stale: run python3 -m engine.data.demo_data")
@@ -45,7 +46,7 @@ def test_demo_answers_are_short_and_correct():
 
 
 def test_the_demo_pairs_prefer_the_right_answer_to_a_refusal_or_a_wrong_one():
-    pairs = load_conversations("demo_pairs", None, pairs=True).train
+    pairs = load_conversations("demo_pairs", None, kind="pairs").train
     assert len(pairs) == 300 and all(p["chosen"] != p["rejected"] for p in pairs)
     refusals = sum(p["rejected"] in ("I cannot help with that.", "I don't know.", "Ask someone else.",
                                      "That is not something I answer.") for p in pairs)

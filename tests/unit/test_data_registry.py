@@ -13,7 +13,7 @@ from engine.data import convert, dataset_names, load_conversations, load_registr
 from engine.data.registry import BUNDLED_DIR, absolute_dataset_dir
 from engine.errors import UserError
 
-DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai", "demo_pairs"]
+DEMOS = ["demo_alpaca", "demo_sharegpt", "demo_openai", "demo_pairs", "demo_feedback"]
 COLUMNS_EXPECTED = "a mapping of column roles to column names"
 
 
@@ -110,7 +110,7 @@ def test_unknown_name_lists_closest_names_first():
     with pytest.raises(UserError) as err:
         resolve_dataset("demo_alpacca", None)
     assert err.value.message == ("unknown dataset 'demo_alpacca'; closest registered names: "
-                                 "demo_alpaca, demo_pairs, demo_openai, demo_sharegpt (4 registered)")
+                                 "demo_alpaca, demo_pairs, demo_openai, demo_sharegpt, demo_feedback (5 registered)")
     assert "dataset_info.json" in err.value.hint
 
 
@@ -194,14 +194,15 @@ def test_unknown_name_says_when_dataset_dir_does_not_exist(tmp_path, monkeypatch
     with pytest.raises(UserError) as err:
         resolve_dataset("my_set", "data")
     assert err.value.message == ("unknown dataset 'my_set'; closest registered names: demo_sharegpt, demo_pairs, "
-                                 "demo_openai, demo_alpaca (4 registered; dataset_dir data does not exist)")
+                                 "demo_openai, demo_alpaca, demo_feedback (5 registered; dataset_dir data does not "
+                                 "exist)")
     assert err.value.hint.endswith("; or set dataset_dir to the folder that holds your dataset_info.json")
     (tmp_path / "data").mkdir()
     (tmp_path / "file").write_text("")
     for dataset_dir, why in (("data", "has no dataset_info.json"), ("file", "is not a folder")):
         with pytest.raises(UserError) as err:
             resolve_dataset("my_set", dataset_dir)
-        assert err.value.message.endswith(f"(4 registered; dataset_dir {dataset_dir} {why})")
+        assert err.value.message.endswith(f"(5 registered; dataset_dir {dataset_dir} {why})")
 
 
 def test_config_with_the_default_dataset_dir_validates_where_there_is_no_data_folder(tmp_path, monkeypatch):
@@ -245,7 +246,7 @@ def test_reads_a_llamafactory_registry_as_it_is(llamafactory_data):
 
     registry = load_registry(str(llamafactory_data))
     assert len(registry) == len(MIRRORED) + len(OURS) + len(DEMOS)
-    assert dataset_names(str(llamafactory_data))[:4] == DEMOS
+    assert dataset_names(str(llamafactory_data))[:len(DEMOS)] == DEMOS
 
     demo = registry["alpaca_en_demo"]
     assert (demo.load_from, demo.formatting) == ("file", "alpaca")
@@ -299,5 +300,5 @@ def test_each_entry_says_which_stage_trains_on_it(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"c4": {"file_name": "c4.jsonl",
                                                                    "columns": {"prompt": "text"}}}))
     registry = load_registry(str(tmp_path))
-    assert [registry[name].kind for name in ("demo_alpaca", "demo_sharegpt", "demo_pairs", "c4")] == [
-        "conversations", "conversations", "pairs", "text"]
+    assert [registry[name].kind for name in ("demo_alpaca", "demo_sharegpt", "demo_pairs", "demo_feedback", "c4")] == [
+        "conversations", "conversations", "pairs", "feedback", "text"]

@@ -21,7 +21,8 @@ from tuner_tui.wizard.steps.base import Field, WizardStep, field_row
 PREVIEWING = threading.Lock()
 LEARNED = "$text-success on $success-muted"
 DEMO_DATASET = "demo_alpaca"  # chosen when no dataset is: it trains any model end to end
-DEMO_PAIRS = "demo_pairs"  # ... and for stage dpo
+DEMO_PAIRS = "demo_pairs"  # ... for stage dpo
+DEMO_FEEDBACK = "demo_feedback"  # ... and for stage kto
 BUSY = {"template": "comparing the template with the model's own…", "preview": "previewing the data…"}
 
 
@@ -74,13 +75,13 @@ class DataStep(WizardStep):
 
     def _read_names(self) -> tuple[list[str], list[str], str | None]:
         from engine.models.catalog import lookup
-        from engine.data.registry import STAGE_DATA, load_registry
+        from engine.data.registry import STAGE_KINDS, load_registry
         from engine.templates import template_names
 
         spec = lookup(str(self.choices.values.get("model_name_or_path", "")))
         directory = self.choices.values.get("dataset_dir") or None
-        wanted = STAGE_DATA[self.choices.values.get("stage") or "sft"]
-        names = [name for name, attr in load_registry(directory).items() if attr.kind == wanted]
+        wanted = STAGE_KINDS[self.choices.values.get("stage") or "sft"]
+        names = [name for name, attr in load_registry(directory).items() if attr.kind in wanted]
         return template_names(), names, spec.template if spec else None
 
     def changed(self, key: str) -> None:
@@ -153,9 +154,10 @@ class DataStep(WizardStep):
                 template.value = chosen
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
-            demo = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS}.get(self.choices.values.get("stage") or "sft", "")
+            demos = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS, "kto": DEMO_FEEDBACK}
+            demo = demos.get(self.choices.values.get("stage") or "sft", "")
             current = self.choices.values.get("dataset") or ""
-            if current in ("", DEMO_DATASET, DEMO_PAIRS) and current != demo:  # none, or another stage's demo
+            if current in ("", *demos.values()) and current != demo:  # none, or another stage's demo
                 self.query_one("#dataset", Input).value = demo if demo in datasets else ""
             if self.choices.values.get("dataset") in datasets:
                 registry.value = self.choices.values["dataset"]
@@ -258,8 +260,10 @@ def render_preview(preview) -> Content:
         parts += [pair.prompt, "\n", ("chosen   ", "bold"), (pair.chosen, LEARNED), "\n", ("rejected ", "bold"),
                   (pair.rejected, "$text-error"), "\n"]
     for n, sample in enumerate(preview.samples, 1):
-        parts.append((f"── sample {n} ({len(sample.input_ids)} tokens)\n", "$text-muted"))
-        parts += [(segment.text, LEARNED) if segment.learned else segment.text for segment in sample.segments]
+        judged = "" if sample.label is None else ", desirable" if sample.label else ", undesirable"
+        parts.append((f"── sample {n} ({len(sample.input_ids)} tokens{judged})\n", "$text-muted"))
+        reply = "$text-error" if sample.label is False else LEARNED
+        parts += [(segment.text, reply) if segment.learned else segment.text for segment in sample.segments]
         parts.append("\n")
     s = preview.stats
     parts.append((f"tokens: {s['count']} samples · mean {s['mean']:.0f} · p50 {s['p50']} · p95 {s['p95']} · "

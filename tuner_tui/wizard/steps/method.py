@@ -1,6 +1,6 @@
-"""Step 3, Method: the stage (supervised fine-tuning or DPO on preference pairs), what trains (LoRA, QLoRA, freeze
-or full) with the memory estimate for each and whether it fits the chosen GPUs, the method recommended and why, and
-the settings of the method and stage chosen."""
+"""Step 3, Method: the stage (supervised fine-tuning, DPO on preference pairs, KTO on replies marked desirable or
+not, pre-training on raw text), what trains (LoRA, QLoRA, freeze or full) with the memory estimate for each and
+whether it fits the chosen GPUs, the method recommended and why, and the settings of the method and stage chosen."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from tuner_tui.wizard.steps.base import WizardStep, setting_row
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target")
-PREFERENCE_FIELDS = ("pref_beta", "pref_loss", "pref_ftx")  # shown for stage dpo
+# The settings each preference stage shows (the others are hidden while it is chosen).
+STAGE_FIELDS = {"dpo": ("pref_beta", "pref_loss", "pref_ftx"),
+                "kto": ("pref_beta", "kto_chosen_weight", "kto_rejected_weight")}
+PREFERENCE_FIELDS = ("pref_beta", "pref_loss", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight")
 # The settings that act for each method (row ids of the body); the others are hidden while it is chosen.
 METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LORA_FIELDS,
                  "qlora-8bit": (*LORA_FIELDS, "qlora-bits"), "qlora-4bit": (*LORA_FIELDS, "qlora-bits")}
@@ -68,9 +71,11 @@ class MethodStep(WizardStep):
             yield Label("QLoRA bits", classes="label")
             yield Select([("4-bit", 4), ("8-bit", 8)], id="qlora-bits", prompt="none: 16-bit weights")
         yield Static("", classes="error")
-        yield from setting_row("pref_beta", "DPO beta", self.choices)
+        yield from setting_row("pref_beta", "Beta", self.choices)
         yield from setting_row("pref_loss", "Preference loss", self.choices)
         yield from setting_row("pref_ftx", "SFT loss weight", self.choices)
+        yield from setting_row("kto_chosen_weight", "Desirable weight", self.choices)
+        yield from setting_row("kto_rejected_weight", "Undesirable weight", self.choices)
 
     def on_mount(self) -> None:
         self._show_strategy(False)
@@ -81,8 +86,7 @@ class MethodStep(WizardStep):
         """Only the settings that act for the method chosen (LoRA's for LoRA and QLoRA, the bits for QLoRA, the
         layers for freeze); one with a problem stays, so that it can be mended."""
         wanted = METHOD_FIELDS[self.choices.method or "lora"]
-        if self.choices.values.get("stage") == "dpo":
-            wanted += PREFERENCE_FIELDS
+        wanted += STAGE_FIELDS.get(self.choices.values.get("stage"), ())
         for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits", *PREFERENCE_FIELDS):
             shown = key in wanted or key in self.troubled
             for widget in self.query(f"#row-{key}, #err-{key}" + (", #targets" if key == "lora_target" else "")):
