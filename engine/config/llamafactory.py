@@ -19,13 +19,13 @@ from engine.config.library import flag_word
 
 SFT_ONLY = ("tuner runs supervised fine-tuning (stage sft), DPO and KTO (stages dpo, kto) and pre-training (stage "
             "pt) only")
-# The preference keys tuner's stage dpo acts on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* / ref_model*
-# family is refused with what there is.
+# The preference keys tuner's stages dpo and kto act on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* /
+# ref_model* family is refused with what there is.
 PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",
                    "kto_chosen_weight", "kto_rejected_weight")
 PREFERENCE_LATER = ("tuner's stage dpo takes pref_beta, pref_ftx, pref_loss (sigmoid, hinge, ipo, orpo, simpo), "
-                    "pref_bco_weight, dpo_label_smoothing and simpo_gamma, against the model itself as the reference "
-                    "(LoRA: the adapter as it starts)")
+                    "pref_bco_weight, dpo_label_smoothing and simpo_gamma, stage kto pref_beta, kto_chosen_weight and "
+                    "kto_rejected_weight; the reference is the model as it starts (LoRA: the adapter as it starts)")
 TEXT_ONLY = "tuner trains text models; images, videos and audio are not supported"
 HF_BACKEND = "tuner generates with transformers (infer_backend huggingface)"
 

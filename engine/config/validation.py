@@ -277,7 +277,9 @@ def _stage(cfg: TunerConfig) -> list[str]:
              "KL term pairs each prompt with another sample's reply in the same batch (TRL's KTOTrainer): give 2 or "
              "more, and halve gradient_accumulation_steps to keep the batch"),
         ]
-        return [message for failed, message in checks if failed] + _preference_keys_unused(f, DPO_ONLY)
+        return [message for failed, message in checks if failed] + [
+            f"{key} {getattr(f, key)}: stage kto does not take it (TRL's KTOTrainer; it acts in stage dpo): leave "
+            f"it out" for key in DPO_ONLY if getattr(f, key) != PREFERENCE_DEFAULTS[key]]
     checks += [
         (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_loss == "orpo" and f.pref_ftx > 0, f"pref_ftx {f.pref_ftx}: ORPO's loss holds the supervised loss on "

@@ -38,7 +38,7 @@ class Converted:
 
 def convert(records: list[dict], attr: DatasetAttr, kind: str = "conversations") -> Converted:
     """Every record of one dataset in ``attr.formatting`` as the ``kind`` of sample a stage trains on
-    (engine.data.registry.STAGE_DATA); empty samples dropped and counted:
+    (engine.data.registry.STAGE_KINDS); empty samples dropped and counted:
 
     - conversations: ``{"messages", "tools"}`` (a kto_tag false sample is dropped: its reply is not to be learned);
     - pairs (a ranking dataset): the prompt's messages and the chosen and rejected replies, ``{"messages", "chosen",
@@ -136,7 +136,8 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
         raise UserError(
             f"cannot tell the format of dataset '{attr.name}' from its columns: {', '.join(map(str, record))}",
             hint="expected instruction/output (alpaca), conversations (sharegpt) or messages with role/content "
-                 "(openai), instruction with chosen and rejected (pairs, stage dpo) or text alone (stage pt); or "
+                 "(openai), instruction with chosen and rejected (pairs, stage dpo), a kto_tag beside a "
+                 "conversation (stage kto) or text alone (stage pt); or "
                  "register it in dataset_info.json with its formatting and columns",
         )
     columns.update({key: key for key in ("system", "tools", "chosen", "rejected", "kto_tag") if key in record})

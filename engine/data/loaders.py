@@ -70,7 +70,7 @@ def load_conversations(dataset: str, dataset_dir: str | None, *, max_samples: in
     """Load comma-separated datasets, concatenated; split off ``val_size`` (a fraction or a count) for evaluation.
 
     ``max_samples`` caps the records read from each dataset, before conversion (as in LLaMA-Factory). ``kind``: the
-    samples the stage trains on (engine.data.registry.STAGE_DATA): conversations; pairs, a prompt with a chosen and a
+    samples the stage trains on (engine.data.registry.STAGE_KINDS): conversations; pairs, a prompt with a chosen and a
     rejected reply; feedback, a conversation whose last reply is marked desirable or not; text, ``{"text"}``
     (engine.data.converters.convert).
     """

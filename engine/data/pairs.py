@@ -133,7 +133,11 @@ def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
         all_lengths += lengths if split == "train" else []
         text = f"{split}: {len(rows)} {noun} tokenized with template {template}"
         if kind == "feedback":
-            text += f" ({sum(row['label'] for row in rows)} desirable)"
+            desirable = sum(row["label"] for row in rows)
+            text += f" ({desirable} desirable)"
+            if split == "train" and desirable in (0, len(rows)):
+                log.warning("stage kto: every sample's reply is %s: KTO learns from desirable and undesirable "
+                            "replies both", "desirable" if desirable else "undesirable")
         text += f"; {truncated} longer than cutoff_len={d.cutoff_len} were truncated" if truncated else ""
         text += "".join(f"; dropped {count} with {reason}" for reason, count in dropped.items())
         report.append(text)

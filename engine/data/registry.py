@@ -68,7 +68,8 @@ class DatasetAttr:
     @property
     def kind(self) -> str:
         """What the entry holds, from the entry alone: "pairs" (ranking), "text" (one prompt column: raw text),
-        "feedback" (conversations with a kto_tag) or "conversations"; STAGE_DATA says which stage trains on which."""
+        "feedback" (conversations with a kto_tag) or "conversations"; STAGE_KINDS says which stage trains on
+        which."""
         if self.ranking:
             return "pairs"
         if "kto_tag" in self.columns:
@@ -76,9 +77,9 @@ class DatasetAttr:
         return "text" if self.formatting == "alpaca" and set(self.columns) == {"prompt"} else "conversations"
 
 
-# The samples each stage trains on (engine.data.converters.convert), and the kinds of dataset it takes them from:
-# supervised fine-tuning learns a kto dataset's desirable replies (LLaMA-Factory's kto_tag true) and drops the rest.
-STAGE_DATA = {"sft": "conversations", "dpo": "pairs", "kto": "feedback", "pt": "text"}
+# The kinds of dataset each stage trains on, the first the kind of sample it reads them as
+# (engine.data.converters.convert): supervised fine-tuning learns a kto dataset's desirable replies (LLaMA-Factory's
+# kto_tag true) and drops the rest.
 STAGE_KINDS = {"sft": ("conversations", "feedback"), "dpo": ("pairs",), "kto": ("feedback",), "pt": ("text",)}
 
 

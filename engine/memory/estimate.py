@@ -46,8 +46,8 @@ class RunShape:
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
     offload: bool = False  # CPU offload: zero2 moves optimizer states and fp32 masters, zero3 also the weights
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
-    pairs: bool = False  # a preference stage (dpo): chosen and rejected in one forward ...
-    reference: bool = True  # ... and, with pairs, a reference model (not with ORPO or SimPO)
+    pairs: bool = False  # stage dpo: chosen and rejected in one forward (twice the batch)
+    reference: bool = False  # a preference stage's frozen reference (dpo but ORPO and SimPO, kto)
 
     @property
     def quantization_bit(self) -> int | None:
@@ -234,11 +234,12 @@ def estimate(shape: RunShape) -> Estimate:
     assumptions.append(f"optimizer {shape.optim}: {state_bytes:g} bytes of state per trainable parameter")
 
     _shard(shape, components, assumptions, trainable)
-    if shape.pairs and shape.reference:
+    if shape.reference:
         _reference(shape, components, assumptions, linear_params + other_params, trainable, w16)
-    elif shape.pairs:
-        assumptions.append("preference pairs: chosen and rejected in one forward (twice the batch), logits counted as "
-                           "for supervised fine-tuning (not yet measured on a GPU); no reference model (ORPO, SimPO)")
+    if shape.pairs:
+        assumptions.append("preference pairs: chosen and rejected in one forward (twice the batch), their logits "
+                           "counted as for supervised fine-tuning (not yet measured on a GPU)"
+                           + ("" if shape.reference else "; no reference model (ORPO, SimPO)"))
 
     # a pair: both replies in one forward, through TRL's tiled LM head as SFT's (not yet measured on a GPU)
     activations, logits = _activation_bytes(replace(shape, batch_size=2 * shape.batch_size) if shape.pairs else shape)
@@ -341,16 +342,14 @@ def _reference(shape: RunShape, components: dict, assumptions: list, params: int
                w16: float) -> None:
     """A preference stage's reference: with LoRA, TRL's frozen copy of the adapter as it starts; else the model
     loaded a second time in the training precision (sharded like the weights under ZeRO-3). Its forward runs
-    without gradients, inside the training forward's peak."""
+    without gradients, inside the training forward's peak (so does KTO's forward of the mismatched replies)."""
     if shape.finetuning_type == "lora":
         components["reference_adapter"] = trainable * w16
         reference = "a frozen copy of the adapter"
     else:
         components["reference_model"] = params * w16 / (shape.num_gpus if shape.sharding == "zero3" else 1)
         reference = "the model loaded again in the training precision, frozen"
-    assumptions.append(f"preference pairs: chosen and rejected in one forward (twice the batch), the log-"
-                       f"probabilities through TRL's tiled LM head (not yet measured on a GPU); the reference is "
-                       f"{reference}")
+    assumptions.append(f"the reference is {reference}, its log-probabilities through TRL's tiled LM head")
 
 
 def _activation_bytes(shape: RunShape) -> tuple[float, float]:

@@ -99,8 +99,9 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         freeze_trainable_layers=cfg.finetune.freeze_trainable_layers, optim=t.optim,
         double_quantization=cfg.model.double_quantization, precision="pure_bf16" if t.pure_bf16 else "fp16" if t.fp16 else "bf16",
         num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
-        pairs=cfg.finetune.stage in ("dpo", "kto"),  # kto: each sample's forward and its KL sample's
-        reference=cfg.finetune.stage == "kto" or cfg.finetune.pref_loss not in REFERENCE_FREE,
+        pairs=cfg.finetune.stage == "dpo",  # kto's forward of the mismatched replies keeps no activations
+        reference=cfg.finetune.stage == "kto" or (cfg.finetune.stage == "dpo"
+                                                  and cfg.finetune.pref_loss not in REFERENCE_FREE),
     )
 
 

@@ -71,6 +71,13 @@ def list_jobs() -> list[Job]:
     return sorted(jobs, key=lambda job: job.status.started_at if job.readable else "", reverse=True)
 
 
+def adapters_of(model: str) -> list[Job]:
+    """The completed runs that trained a LoRA adapter on ``model`` (named as the run was given it), newest first:
+    what a run may continue from (adapter_name_or_path), as LLaMA-Factory's DPO after SFT does."""
+    return [job for job in list_jobs() if job.readable and job.state == "completed" and job.status.model == model
+            and (job.dir / "adapter_config.json").is_file()]
+
+
 JOB_COLUMNS = ("id", "name", "state", "model", "method", "progress", "loss", "started", "elapsed")
 FAILED_LOG_LINES = 3
 

@@ -5,6 +5,7 @@ fields and its data (engine.train.sft: SFTConfig's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from engine.config.schema import TunerConfig
@@ -40,8 +41,14 @@ def training_arguments(config_class, parts: TrainerParts, plan, **stage_fields):
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", use_liger_kernel=False,
         ddp_find_unused_parameters=has_experts(parts.model),
     ) | stage_fields
+    fields = with_passthrough(chosen, cfg, parts.model)
+    known = {field.name for field in dataclasses.fields(config_class)}
+    foreign = sorted(set(fields) - known)  # a supervised setting passed through that this stage's TRL config lacks
+    if foreign:
+        raise UserError(f"{', '.join(foreign)}: not a setting of TRL's {config_class.__name__}, which trains stage "
+                        f"{cfg.finetune.stage} here", hint=f"leave {', '.join(foreign)} out")
     try:
-        args = config_class(**with_passthrough(chosen, cfg, parts.model))
+        args = config_class(**fields)
         Trainer.get_optimizer_cls_and_kwargs(args, parts.model)  # an optimizer's missing package, now, not at step 0
     except (ValueError, ImportError) as exc:  # what transformers refuses that engine.config.validation did not catch
         raise UserError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from None
@@ -113,8 +120,6 @@ def has_experts(model) -> bool:
 
 def checkpointing_args(config_class, enabled: bool) -> dict:
     """transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x; speak whichever it knows."""
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(config_class)}
     name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}

@@ -2,13 +2,12 @@
 pref_loss orpo or simpo), trained by TRL's own trainers for them (trl.experimental's ORPOTrainer, and CPOTrainer with
 loss_type simpo) on the pairs tuner tokenized (engine.data.pairs), so no second model and no frozen adapter copy.
 
-- orpo: the supervised loss on the chosen reply plus pref_beta x the odds-ratio loss (both on the replies' mean
-  token log-probabilities);
+- orpo: the supervised loss on the chosen reply (minus its mean token log-probability, as LLaMA-Factory's, where
+  TRL's own term also learns the prompt) plus pref_beta x the odds-ratio loss (on the replies' mean token
+  log-probabilities);
 - simpo: -log sigmoid(pref_beta x (mean log-prob of chosen - of rejected) - simpo_gamma), plus pref_ftx x the
-  supervised loss on the chosen replies (TRL's cpo_alpha).
-
-Where TRL and LLaMA-Factory differ: TRL's supervised term is the cross-entropy over all chosen tokens of the batch,
-LLaMA-Factory's the mean over pairs of each reply's mean; equal when a batch holds one pair.
+  supervised loss on the chosen replies (TRL's cpo_alpha: the cross-entropy over all chosen reply tokens of the
+  batch, where LLaMA-Factory means each reply first; equal when a batch holds one pair).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ def trainer(parts: TrainerParts, plan):
         config_class, trainer_class = cpo
         fields = {"loss_type": "simpo", "simpo_gamma": f.simpo_gamma, "cpo_alpha": f.pref_ftx}
     args = training_arguments(config_class, parts, plan, beta=f.pref_beta, max_length=d.cutoff_len,
-                              dataset_num_proc=d.preprocessing_num_workers, include_num_input_tokens_seen="no",
+                              dataset_num_proc=None, include_num_input_tokens_seen="no",  # its maps do nothing
                               remove_unused_columns=False, **fields)
     eval_rows = trl_rows(parts.datasets.eval) if parts.datasets.eval is not None else None
     return build_trainer(pretokenized(trainer_class), parts, args, train_dataset=trl_rows(parts.datasets.train),
@@ -62,6 +61,14 @@ def pretokenized(trainer_class):
 
     class Pretokenized(trainer_class):
         _tokens_seen = 0
+
+        if trainer_class.__name__ == "ORPOTrainer":
+            def concatenated_forward(self, model, batch):
+                """TRL's, but ORPO's supervised term is LLaMA-Factory's: minus each chosen reply's mean token
+                log-probability (TRL's own is the cross-entropy over the prompt and the reply), meaned over the
+                batch."""
+                out = super().concatenated_forward(model, batch)
+                return (*out[:4], -out[0].mean(), *out[5:])
 
         def tokenize_row(self, feature, model=None) -> dict:
             return feature

@@ -84,7 +84,7 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
     padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
                                                 padding_free, machine.torch_varlen, model.varlen_blocker)
-    liger = (LigerChoice(False, "a preference stage: TRL's trainer computes its loss from the logits itself")
+    liger = (LigerChoice(False, "a preference stage: TRL's trainer computes its preference loss itself")
              if pairs else
              choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing

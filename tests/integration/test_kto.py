@@ -141,7 +141,7 @@ def test_a_kto_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
 
 @pytest.mark.parametrize(("extra", "said"), [
     (["--per_device_train_batch_size", "1"], "KTO's KL term pairs each prompt with another sample's reply"),
-    (["--pref_loss", "orpo"], "pref_loss orpo acts in preference tuning: set stage dpo"),
+    (["--pref_loss", "orpo"], "pref_loss orpo: stage kto does not take it"),
     (["--kto_chosen_weight", "0"], "kto_chosen_weight 0.0: a weight is more than 0"),
 ])
 def test_what_stage_kto_cannot_act_on_is_refused_in_one_line(tiny_models, tmp_path, extra, said):

@@ -27,8 +27,9 @@ ONE_PAIR_A_STEP = ("--per_device_train_batch_size", "1", "--max_steps", "3", "--
 
 
 def test_orpo_trains_without_a_reference_and_its_losses_equal_trls_orpo_trainer_run_directly(tiny_models, tmp_path):
-    """A full fine-tune with pref_loss orpo: the supervised loss plus pref_beta x the odds-ratio loss at each step,
-    the same losses as trl.experimental's ORPOTrainer on the same pairs and settings, and no reference model."""
+    """A full fine-tune with pref_loss orpo: LLaMA-Factory's loss at each step (minus the chosen replies' mean token
+    log-probability, plus pref_beta x the odds-ratio loss; the prompt not learned), the same losses as
+    trl.experimental's ORPOTrainer (with that supervised term) on the same pairs and settings, no reference model."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
@@ -47,7 +48,8 @@ def test_orpo_trains_without_a_reference_and_its_losses_equal_trls_orpo_trainer_
     logs = logged(out)
     for log in logs:
         m = log["metrics"]
-        assert log["loss"] == pytest.approx(m["nll_loss"] - 0.2 * m["log_odds_ratio"], abs=1e-4)
+        assert m["nll_loss"] == pytest.approx(-m["logps/chosen"], abs=1e-5)  # the reply's, not the prompt's
+        assert log["loss"] == pytest.approx(-m["logps/chosen"] - 0.2 * m["log_odds_ratio"], abs=1e-4)
     assert logs[-1]["tokens_seen"] > 0 and logs[-1]["tokens_per_s"] > 0
     start = next(e for e in read_events(out) if e["type"] == "start")
     assert {f["feature"]: f for f in start["speed"]}["loss"]["why"].endswith("no reference")
@@ -117,3 +119,14 @@ def test_a_preference_key_that_cannot_act_is_refused_in_one_line(tmp_path, extra
     code, output = typed(*dpo_args(data, tmp_path / "out", *extra))
     assert code == 2 and said in output and "Traceback" not in output, output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_supervised_setting_the_losss_trl_trainer_lacks_is_refused_in_one_line(tiny_models, tmp_path):
+    """SFTConfig's fields pass through to a run; ORPOConfig has no activation_offloading: one line, the run failed."""
+    from engine.rundir import read_status
+
+    data, out = write_pairs(tmp_path / "data", count=4), tmp_path / "orpo"
+    code, output = typed(*dpo_args(data, out, "--pref_loss", "orpo", "--max_steps", "1", "--activation_offloading",
+                                   "true"))
+    assert code != 0 and "activation_offloading: not a setting of TRL's ORPOConfig" in output
+    assert "Traceback" not in output and read_status(out).state == "failed"

@@ -199,3 +199,7 @@ def test_a_preference_pair_doubles_the_batch_and_only_losses_against_a_reference
     assert lora.components["reference_adapter"] == pytest.approx(lora.trainable_params * 2 / GIB, abs=1e-3)
     assert orpo.components["activations"] == pytest.approx(2 * sft.components["activations"], rel=1e-3)
     assert any("no reference model (ORPO, SimPO)" in line for line in orpo.assumptions)
+    kto = estimate(shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--stage", "kto",
+                                                 "--cutoff_len", "1024", "--finetuning_type", "full"]), LLAMA2_7B))
+    assert kto.components["reference_model"] == dpo.components["reference_model"]
+    assert kto.components["activations"] == sft.components["activations"]  # its KL forward keeps none

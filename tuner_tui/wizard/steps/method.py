@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Label, Select, Static
 
 from engine.errors import ConfigError
 from tuner_tui.wizard.state import method_keys
-from tuner_tui.wizard.steps.base import WizardStep, setting_row
+from tuner_tui.wizard.steps.base import WizardStep, field_row, setting_row
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target")
@@ -26,6 +26,21 @@ PREFERENCE_FIELDS = ("pref_beta", "pref_loss", "pref_ftx", "kto_chosen_weight", 
 # The settings that act for each method (row ids of the body); the others are hidden while it is chosen.
 METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LORA_FIELDS,
                  "qlora-8bit": (*LORA_FIELDS, "qlora-bits"), "qlora-4bit": (*LORA_FIELDS, "qlora-bits")}
+
+
+FROM_SCRATCH = "the model itself (a new adapter)"
+
+
+def _runs_to_start_from(model: str) -> list[tuple[str, str]]:
+    """(label, run directory) of each finished LoRA run of ``model``, newest first."""
+    from engine.rundir.jobs import adapters_of, job_row
+
+    runs = []
+    for job in adapters_of(model):
+        row = job_row(job)
+        runs.append((f"{row['name'] or row['id']} · {row['method']} · loss {row['loss'] or '?'} · {row['started']}",
+                     str(job.dir)))
+    return runs
 
 
 class ListSuggester(Suggester):
@@ -47,7 +62,7 @@ class MethodStep(WizardStep):
     TITLE = "Method: what trains, and the memory it needs"
     STEP = 3
     CHECKED = ("stage", "lora_rank", "lora_alpha", "lora_target", "freeze_trainable_layers", "strategy",
-               *PREFERENCE_FIELDS)
+               *PREFERENCE_FIELDS, "adapter_name_or_path")
     BINDINGS = [Binding("ctrl+t", "strategy", "Strategy", tooltip="Choose how the GPUs share the model")]
     AUTO_FOCUS = "#methods"  # the table of methods; the stage (sft preselected) sits above it, a Shift+Tab away
 
@@ -76,18 +91,31 @@ class MethodStep(WizardStep):
         yield from setting_row("pref_ftx", "SFT loss weight", self.choices)
         yield from setting_row("kto_chosen_weight", "Desirable weight", self.choices)
         yield from setting_row("kto_rejected_weight", "Undesirable weight", self.choices)
+        start = Select([], id="adapter_name_or_path", prompt=FROM_SCRATCH)
+        start.tooltip = ("Continue from a finished LoRA run of this model: its adapter trains on, and is the "
+                         "reference (adapter_name_or_path)")
+        yield from field_row("Start from", start)
 
     def on_mount(self) -> None:
         self._show_strategy(False)
         self._show_method_fields()
         self._estimate()
+        self._list_runs()
+
+    def _list_runs(self) -> None:
+        """The finished LoRA runs of the model chosen, to start a preference stage from (a worker: it reads every
+        indexed run)."""
+        if self.choices.values.get("stage") in STAGE_FIELDS:
+            model = str(self.choices.values.get("model_name_or_path", ""))
+            self.work("runs", lambda: _runs_to_start_from(model), "listing the runs to start from")
 
     def _show_method_fields(self) -> None:
         """Only the settings that act for the method chosen (LoRA's for LoRA and QLoRA, the bits for QLoRA, the
         layers for freeze); one with a problem stays, so that it can be mended."""
         wanted = METHOD_FIELDS[self.choices.method or "lora"]
         wanted += STAGE_FIELDS.get(self.choices.values.get("stage"), ())
-        for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits", *PREFERENCE_FIELDS):
+        wanted += ("adapter_name_or_path",) if self.choices.values.get("stage") in STAGE_FIELDS else ()
+        for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits", *PREFERENCE_FIELDS, "adapter_name_or_path"):
             shown = key in wanted or key in self.troubled
             for widget in self.query(f"#row-{key}, #err-{key}" + (", #targets" if key == "lora_target" else "")):
                 widget.display = shown
@@ -119,6 +147,7 @@ class MethodStep(WizardStep):
             self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
         if key == "stage":
             self._show_method_fields()
+            self._list_runs()
         self.later("estimate", self._estimate)
 
     def _estimate(self) -> None:
@@ -158,6 +187,9 @@ class MethodStep(WizardStep):
         return self._problems(model_geometry(self.choices.values["model_name_or_path"], self.choices.model_section()))
 
     def done(self, group: str, result: Any) -> None:
+        if group == "runs":
+            self._fill_runs(result)
+            return
         rec, problems, layers, size, world = result
         self.show_problems(problems)
         self._strategy(rec, world)
@@ -255,8 +287,20 @@ class MethodStep(WizardStep):
             if bits.value != wanted:
                 bits.value = wanted
 
+    def _fill_runs(self, runs: list[tuple[str, str]]) -> None:
+        start = self.query_one("#adapter_name_or_path", Select)
+        chosen = self.choices.values.get("adapter_name_or_path") or ""
+        start.set_options(runs)
+        start.prompt = FROM_SCRATCH if runs else f"{FROM_SCRATCH}: no finished LoRA run of this model"
+        if chosen in {path for _, path in runs}:
+            start.value = chosen
+
     def on_select_changed(self, event: Select.Changed) -> None:
-        """QLoRA bits pick the QLoRA row; clearing them goes back to LoRA."""
+        """QLoRA bits pick the QLoRA row; clearing them goes back to LoRA. A run to start from is its adapter."""
+        if event.select.id == "adapter_name_or_path":
+            self.choices.values["adapter_name_or_path"] = "" if event.value is Select.NULL else str(event.value)
+            self.changed("adapter_name_or_path")
+            return
         if event.select.id != "qlora-bits":
             return
         current = self.choices.method or "lora"
