@@ -65,6 +65,7 @@ async def test_stage_kto_shows_its_weights_lists_tagged_data_and_previews_a_judg
         options = app.screen.query_one("#dataset-select", Select)
         await until(pilot, lambda: app.choices.values.get("dataset") == "demo_feedback", "the demo feedback chosen")
         assert [value for _, value in options._options if value is not Select.NULL] == ["demo_feedback"]
+        assert options.value == "demo_feedback"  # the registered dataset shown chosen too
         preview = app.screen.query_one("#preview", Static)
         await until(pilot, lambda: "── sample 1" in shown(preview), "a sample previewed")
         assert "undesirable" in shown(preview)
@@ -91,6 +92,8 @@ async def test_a_preference_stage_starts_from_a_finished_lora_run_of_the_model(h
         assert app.screen.query_one("#row-adapter_name_or_path").display
         assert [value for _, value in start._options if value is not Select.NULL] == [str(sft)]
         assert start.value is Select.NULL and "adapter_name_or_path" not in app.choices.command_line()
+        app.choices.method = "full"
         start.value = str(sft)
         await until(pilot, lambda: app.choices.values.get("adapter_name_or_path") == str(sft), "the run chosen")
         assert f"--adapter_name_or_path {sft}" in app.choices.command_line()
+        assert app.choices.method == "lora"  # its adapter trains on as LoRA

@@ -38,6 +38,7 @@ class DataStep(WizardStep):
         self._previewed: dict | None = None  # the values the preview was built from
         self._busy: set[str] = set()  # the groups of BUSY whose worker is running
         self._names_for: str | None = None  # the stage the dataset names were read for
+        self._registered: list[str] = []  # the registered datasets of that stage
 
     def body(self) -> ComposeResult:
         with Horizontal(classes="row"):
@@ -87,6 +88,12 @@ class DataStep(WizardStep):
     def changed(self, key: str) -> None:
         if key == "dataset_dir":
             self.later("names", self._names)
+        if key == "dataset":  # the registered dataset shown is the one typed, or none
+            typed = self.choices.values.get("dataset") or ""
+            registry = self.query_one("#dataset-select", Select)
+            wanted = typed if typed in self._registered else Select.NULL
+            if registry.value != wanted:
+                registry.value = wanted
         self.later("preview", self._refresh)
 
     def _refresh(self) -> None:
@@ -154,13 +161,15 @@ class DataStep(WizardStep):
                 template.value = chosen
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
+            self._registered = list(datasets)
             demos = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS, "kto": DEMO_FEEDBACK}
             demo = demos.get(self.choices.values.get("stage") or "sft", "")
             current = self.choices.values.get("dataset") or ""
             if current in ("", *demos.values()) and current != demo:  # none, or another stage's demo
-                self.query_one("#dataset", Input).value = demo if demo in datasets else ""
-            if self.choices.values.get("dataset") in datasets:
-                registry.value = self.choices.values["dataset"]
+                current = demo if demo in datasets else ""
+                self.query_one("#dataset", Input).value = current  # kept in the choices once the input says so
+            if current in datasets:
+                registry.value = current
         elif group == "template":
             self._settled("template")
             self._problem("template", "")

@@ -299,6 +299,11 @@ class MethodStep(WizardStep):
         """QLoRA bits pick the QLoRA row; clearing them goes back to LoRA. A run to start from is its adapter."""
         if event.select.id == "adapter_name_or_path":
             self.choices.values["adapter_name_or_path"] = "" if event.value is Select.NULL else str(event.value)
+            if event.value is not Select.NULL and self.choices.method in ("full", "freeze"):
+                self._choose("lora")  # a LoRA run's adapter trains on as LoRA
+                for table in self.query("#methods").results(DataTable):
+                    if table.row_count:
+                        table.move_cursor(row=table.get_row_index("lora"))
             self.changed("adapter_name_or_path")
             return
         if event.select.id != "qlora-bits":
