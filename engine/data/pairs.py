@@ -14,14 +14,18 @@ LLaMA-Factory would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
-from engine.data.tokenize import PreparationStopped, TrainingData, choose_template, training_template
+from engine.data.tokenize import (CACHE_FORMAT, META, PreparationStopped, TrainingData, cached, choose_template,
+                                  tokenizer_digest, training_template)
 from engine.templates import AUTO, encode_many, get_template, infer_seqlen, template_mismatch
 
 log = logging.getLogger("tuner")
@@ -102,35 +106,65 @@ def _one_turn(turns) -> tuple[list[int], list[int]]:
 def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None,
                         stop_wait: Callable[[float], bool] | None = None, kind: str = "pairs") -> TrainingData:
     """The configured datasets as tokenized preference data (``datasets.Dataset``): ranking pairs for stage dpo
-    (``kind`` pairs), or samples with a desirable or undesirable reply for stage kto (``kind`` feedback). A stop
-    while they are tokenized ends that at the next batch (PreparationStopped)."""
-    from datasets import Dataset
-
+    (``kind`` pairs), or samples with a desirable or undesirable reply for stage kto (``kind`` feedback); from the
+    cache when the same data was tokenized before (engine.data.tokenize.cached; overwrite_cache prepares it again).
+    A stop while they are tokenized ends that at the next batch (PreparationStopped)."""
     d = cfg.data
-    encode, noun = (encode_pairs, "pairs") if kind == "pairs" else (encode_feedback, "samples")
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind=kind)
     template = choose_template(cfg, tokenizer, catalog_template)
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
-    report, splits, all_lengths = loaded.report.lines(), {}, []
+    key = preference_cache_key(loaded, tokenizer, template, d.cutoff_len, d.default_system, kind)
+
+    def build(folder: Path) -> None:
+        _build(folder, key, loaded, tokenizer, template, cfg, kind, stop_wait)
+
+    return cached(key, build, loaded.report.lines(), d.overwrite_cache, stop_wait)
+
+
+def preference_cache_key(loaded, tokenizer, template: str, cutoff_len: int, default_system: str | None,
+                         kind: str) -> str:
+    """What tokenized preference data depends on, hashed: the samples (their prompts, replies and labels), the
+    template with its default system prompt, the tokenizer and the cutoff, and the kind of sample."""
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {"format": CACHE_FORMAT, "kind": kind, "template": template,
+                "definition": repr(training_template(template, default_system)), "cutoff_len": cutoff_len,
+                "tokenizer": tokenizer_digest(tokenizer)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for split in (loaded.train, loaded.eval or []):
+        digest.update(b"\x00split")
+        digest.update(json.dumps(split, ensure_ascii=False, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _build(folder: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig, kind: str,
+           stop_wait: Callable[[float], bool] | None) -> None:
+    """Tokenize both splits into ``folder`` (engine.data.tokenize's layout: ``train``, ``eval``, META)."""
+    from datasets import Dataset
+
+    d = cfg.data
+    encode, noun = (encode_pairs, "pairs") if kind == "pairs" else (encode_feedback, "samples")
+    summaries, lengths = [], None
     for split, samples in (("train", loaded.train), ("eval", loaded.eval)):
         if samples is None:
             continue
-        rows, dropped, lengths, truncated = [], Counter(), [], 0
+        rows, dropped, split_lengths, truncated = [], Counter(), [], 0
         for start in range(0, len(samples), BATCH):
             if stop_wait is not None and stop_wait(0):
                 raise PreparationStopped("stopped while the data was being prepared")
             part = encode(samples[start:start + BATCH], tokenizer, template, d.cutoff_len, d.default_system)
             rows += part[0]
             dropped += part[1]
-            lengths += part[2]
+            split_lengths += part[2]
             truncated += part[3]
         if split == "train" and not rows:
             raise_empty(dropped, d.cutoff_len, noun)
-        splits[split] = Dataset.from_list(rows) if rows else None
-        all_lengths += lengths if split == "train" else []
+        if rows:
+            Dataset.from_list(rows).save_to_disk(str(folder / split))
+        if split == "train":
+            lengths = Lengths.of([min(length, d.cutoff_len) for length in split_lengths])
         text = f"{split}: {len(rows)} {noun} tokenized with template {template}"
         if kind == "feedback":
             desirable = sum(row["label"] for row in rows)
@@ -140,9 +174,10 @@ def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
                             "replies both", "desirable" if desirable else "undesirable")
         text += f"; {truncated} longer than cutoff_len={d.cutoff_len} were truncated" if truncated else ""
         text += "".join(f"; dropped {count} with {reason}" for reason, count in dropped.items())
-        report.append(text)
-    kept = [min(length, d.cutoff_len) for length in all_lengths]
-    return TrainingData(splits["train"], splits.get("eval"), template, report, Lengths.of(kept))
+        summaries.append(text)
+    meta = {"key": key, "template": template, "summaries": summaries, "mean_length": lengths.mean,
+            "longest": lengths.longest}
+    (folder / META).write_text(json.dumps(meta))
 
 
 def raise_empty(dropped: Counter, cutoff_len: int, noun: str = "pairs") -> None:

@@ -163,13 +163,22 @@ def build_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = N
     if d.tokenized_path:
         return _tokenized_path(Path(d.tokenized_path).expanduser(), key, loaded, tokenizer, template, cfg, prepares,
                                stop_wait)
+    return cached(key, lambda building: _build(building, key, loaded, tokenizer, template, cfg),
+                  loaded.report.lines(), d.overwrite_cache, stop_wait)
+
+
+def cached(key: str, build: Callable[[Path], None], load_report: list[str], overwrite: bool,
+           stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
+    """The tokenized data of cache entry ``key``: ``build(folder)`` writes it there (its ``train`` and ``eval``
+    datasets and META) when it is not there yet, is damaged, or ``overwrite`` (overwrite_cache) asks for it again.
+    One process prepares an entry; the others wait for it on its lock. Every stage's data goes through it."""
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
-        prepare = d.overwrite_cache or _meta(entry) is None  # none yet, or damaged: prepared again
+        prepare = overwrite or _meta(entry) is None  # none yet, or damaged: prepared again
         if prepare:
-            _prepare(entry, key, loaded, tokenizer, template, cfg, stop_wait)
-        data = _load(entry, loaded.report.lines())
+            _prepare(entry, build, stop_wait)
+        data = _load(entry, load_report)
     data.from_cache = not prepare
     log.info("data: tokenized data %s (%s)", "prepared" if prepare else "loaded from the cache", entry)
     return data
@@ -190,7 +199,7 @@ def _tokenized_path(path: Path, key: str, loaded, tokenizer, template: str, cfg:
             if path.exists() and any(path.iterdir()):
                 raise UserError(f"tokenized_path {path} exists but holds no tokenized dataset",
                                 "give an empty or new directory, or one a previous run prepared")
-            _prepare(path, key, loaded, tokenizer, template, cfg, stop_wait)
+            _prepare(path, lambda building: _build(building, key, loaded, tokenizer, template, cfg), stop_wait)
     if _meta(path) is None:
         raise UserError(f"tokenized_path {path} holds a damaged {META}: it is not data tuner prepared, or was cut "
                         "short", "remove the directory, or give a new one, to prepare it again")
@@ -212,7 +221,7 @@ def cache_key(train: list[dict], evaluation: list[dict] | None, tokenizer, templ
     settings = {"format": CACHE_FORMAT, "template": template,
                 "definition": repr(training_template(template, default_system)), "cutoff_len": cutoff_len,
                 "train_on_prompt": train_on_prompt, "mask_history": mask_history,
-                "tokenizer": _tokenizer_digest(tokenizer)}
+                "tokenizer": tokenizer_digest(tokenizer)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for split in (train, evaluation or []):
         digest.update(b"\x00split")
@@ -221,7 +230,7 @@ def cache_key(train: list[dict], evaluation: list[dict] | None, tokenizer, templ
     return digest.hexdigest()
 
 
-def _tokenizer_digest(tokenizer) -> str:
+def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps({"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
@@ -258,9 +267,9 @@ class PreparationStopped(Exception):
 STOP_FLAG = ".stop"  # in the entry being built: made when a stop comes, seen by every tokenizing process
 
 
-def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig,
-             stop_wait: Callable[[float], bool] | None = None) -> None:
-    """Tokenize both splits and write them with their report into ``entry``, whole or not at all: a stop
+def _prepare(entry: Path, build: Callable[[Path], None], stop_wait: Callable[[float], bool] | None = None) -> None:
+    """Tokenize both splits and write them with their report into ``entry`` (``build`` into a folder beside it,
+    renamed when whole), whole or not at all: a stop
     (``stop_wait`` answers whether one came, waiting up to its argument in seconds), an error or a full disk leaves
     nothing behind."""
     for stale in entry.parent.glob(f"{entry.name}.building-*"):  # left by a process killed mid-way (we hold the lock)
@@ -269,7 +278,7 @@ def _prepare(entry: Path, key: str, loaded, tokenizer, template: str, cfg: Tuner
     try:
         building.mkdir(parents=True)
         with _flagged_on_stop(building / STOP_FLAG, stop_wait):
-            _build(building, key, loaded, tokenizer, template, cfg)
+            build(building)
     except BaseException as exc:
         shutil.rmtree(building, ignore_errors=True)
         if stop_wait is not None and stop_wait(0):

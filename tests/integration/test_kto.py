@@ -168,3 +168,34 @@ def test_kto_weights_are_refused_by_stage_dpo_and_supervised_training_learns_onl
     loaded = load_conversations("feedback", str(data))
     assert len(loaded.train) == 2 and loaded.report.lines()[0].endswith("dropped 2 samples with kto_tag false (an "
                                                                          "undesirable reply)")
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_preference_data_is_tokenized_once_and_loaded_from_the_cache_after(tiny_models, tmp_path, stage):
+    """As supervised data (test_speed.py): the same pairs or judged replies again come from the cache, the same rows
+    and report; other data (a label flipped, a reply changed) is a new entry."""
+    import uuid
+
+    from engine.config.schema import parse_args
+    from engine.data.pairs import build_pair_datasets
+    from engine.models.loading import load_tokenizer
+
+    tag = uuid.uuid4().hex[:8]  # data no earlier test run has seen: the cache outlives the run
+    data = tmp_path / "data.json"
+    kind = "pairs" if stage == "dpo" else "feedback"
+    records = [{"instruction": f"Say {tag} {i}.", "chosen": f"{tag} {i}!", "rejected": "No."} for i in range(12)] \
+        if stage == "dpo" else \
+        [{"instruction": f"Say {tag} {i}.", "output": f"{tag} {i}!", "kto_tag": i % 2 == 0} for i in range(12)]
+    data.write_text(json.dumps(records))
+    cfg = parse_args(["--stage", stage, "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--template",
+                      "llama2"])
+    tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
+    first = build_pair_datasets(cfg, tokenizer, kind=kind)
+    second = build_pair_datasets(cfg, tokenizer, kind=kind)
+    assert not first.from_cache and second.from_cache
+    assert second.train.to_list() == first.train.to_list() and second.report == first.report
+    assert second.lengths == first.lengths
+    changed = "rejected" if stage == "dpo" else "kto_tag"
+    records[3][changed] = "Nope." if stage == "dpo" else not records[3][changed]
+    data.write_text(json.dumps(records))
+    assert not build_pair_datasets(cfg, tokenizer, kind=kind).from_cache
