@@ -14,7 +14,6 @@ LLaMA-Factory would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -24,8 +23,8 @@ from pathlib import Path
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
-from engine.data.tokenize import (CACHE_FORMAT, META, PreparationStopped, TrainingData, cached, choose_template,
-                                  tokenizer_digest, training_template)
+from engine.data.tokenize import (META, PreparationStopped, TrainingData, cached, choose_template, samples_key,
+                                  training_template)
 from engine.templates import AUTO, encode_many, get_template, infer_seqlen, template_mismatch
 
 log = logging.getLogger("tuner")
@@ -116,27 +115,13 @@ def build_pair_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
     warning = template_mismatch(get_template(template), tokenizer) if template != AUTO else None
     if warning:
         log.warning(warning)
-    key = preference_cache_key(loaded, tokenizer, template, d.cutoff_len, d.default_system, kind)
+    key = samples_key(kind, loaded.train, loaded.eval, tokenizer, template=template, cutoff_len=d.cutoff_len,
+                      definition=repr(training_template(template, d.default_system)))
 
     def build(folder: Path) -> None:
         _build(folder, key, loaded, tokenizer, template, cfg, kind, stop_wait)
 
     return cached(key, build, loaded.report.lines(), d.overwrite_cache, stop_wait)
-
-
-def preference_cache_key(loaded, tokenizer, template: str, cutoff_len: int, default_system: str | None,
-                         kind: str) -> str:
-    """What tokenized preference data depends on, hashed: the samples (their prompts, replies and labels), the
-    template with its default system prompt, the tokenizer and the cutoff, and the kind of sample."""
-    digest = hashlib.blake2b(digest_size=16)
-    settings = {"format": CACHE_FORMAT, "kind": kind, "template": template,
-                "definition": repr(training_template(template, default_system)), "cutoff_len": cutoff_len,
-                "tokenizer": tokenizer_digest(tokenizer)}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for split in (loaded.train, loaded.eval or []):
-        digest.update(b"\x00split")
-        digest.update(json.dumps(split, ensure_ascii=False, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 def _build(folder: Path, key: str, loaded, tokenizer, template: str, cfg: TunerConfig, kind: str,

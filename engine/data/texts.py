@@ -5,13 +5,14 @@ it is."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
-from engine.data.stats import Lengths
-from engine.data.tokenize import PreparationStopped, TrainingData
+from engine.data.tokenize import META, PreparationStopped, TrainingData, cached, samples_key
 from engine.errors import UserError
 from engine.templates import tokenize_texts
 
@@ -41,23 +42,38 @@ def text_blocks(texts: list[str], tokenizer, cutoff_len: int,
 
 def build_text_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None = None,
                         stop_wait: Callable[[float], bool] | None = None) -> TrainingData:
-    """The configured raw-text datasets as blocks (``datasets.Dataset`` of ``input_ids`` and ``labels``)."""
-    from datasets import Dataset
-
+    """The configured raw-text datasets as blocks (``datasets.Dataset`` of ``input_ids`` and ``labels``), from the
+    cache when the same texts were cut before (engine.data.tokenize.cached; overwrite_cache cuts them again)."""
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="text")
-    report, splits = loaded.report.lines(), {}
+    key = samples_key("text", loaded.train, loaded.eval, tokenizer, cutoff_len=d.cutoff_len)
+
+    def build(folder: Path) -> None:
+        _build(folder, key, loaded, tokenizer, d.cutoff_len, stop_wait)
+
+    data = cached(key, build, loaded.report.lines(), d.overwrite_cache, stop_wait)
+    data.template = None  # no template: config.yaml keeps none
+    return data
+
+
+def _build(folder: Path, key: str, loaded, tokenizer, cutoff_len: int,
+           stop_wait: Callable[[float], bool] | None) -> None:
+    """Cut both splits into ``folder`` (engine.data.tokenize's layout: ``train``, ``eval``, META)."""
+    from datasets import Dataset
+
+    summaries = []
     for split, samples in (("train", loaded.train), ("eval", loaded.eval)):
         if samples is None:
             continue
-        blocks, left = text_blocks([sample["text"] for sample in samples], tokenizer, d.cutoff_len, stop_wait)
+        blocks, left = text_blocks([sample["text"] for sample in samples], tokenizer, cutoff_len, stop_wait)
         if split == "train" and not blocks:
-            raise UserError(f"the {len(samples)} texts hold fewer tokens than one block of cutoff_len={d.cutoff_len}",
+            raise UserError(f"the {len(samples)} texts hold fewer tokens than one block of cutoff_len={cutoff_len}",
                             hint="lower cutoff_len, or give more text")
-        splits[split] = Dataset.from_list([{"input_ids": block, "labels": block} for block in blocks]) if blocks \
-            else None
-        report.append(f"{split}: {len(samples)} texts joined into {len(blocks)} blocks of {d.cutoff_len} tokens"
-                      + (f"; the last {left} tokens, short of a block, left out" if left else ""))
-    return TrainingData(splits["train"], splits.get("eval"), None, report,  # no template: config.yaml keeps none
-                        Lengths(d.cutoff_len, d.cutoff_len))
+        if blocks:
+            Dataset.from_list([{"input_ids": block, "labels": block} for block in blocks]).save_to_disk(
+                str(folder / split))
+        summaries.append(f"{split}: {len(samples)} texts joined into {len(blocks)} blocks of {cutoff_len} tokens"
+                         + (f"; the last {left} tokens, short of a block, left out" if left else ""))
+    meta = {"key": key, "template": "", "summaries": summaries, "mean_length": cutoff_len, "longest": cutoff_len}
+    (folder / META).write_text(json.dumps(meta))

@@ -230,6 +230,19 @@ def cache_key(train: list[dict], evaluation: list[dict] | None, tokenizer, templ
     return digest.hexdigest()
 
 
+def samples_key(kind: str, train: list[dict], evaluation: list[dict] | None, tokenizer, **settings) -> str:
+    """A cache key for another stage's data (``kind``: pairs, feedback, text), hashed as cache_key hashes supervised
+    data: the samples as loaded (prompts, replies, labels, texts), the tokenizer and ``settings`` (template,
+    cutoff_len, ...)."""
+    digest = hashlib.blake2b(digest_size=16)
+    fixed = {"format": CACHE_FORMAT, "kind": kind, "tokenizer": tokenizer_digest(tokenizer), **settings}
+    digest.update(json.dumps(fixed, sort_keys=True, default=str).encode())
+    for split in (train, evaluation or []):
+        digest.update(b"\x00split")
+        digest.update(json.dumps(split, ensure_ascii=False, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

@@ -155,3 +155,22 @@ def test_a_pt_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_p
     typed("stop", str(out))
     wait_for(lambda: read_status(out).state == "stopped", 120, "the resumed run to stop")
     assert f"resuming from {out / f'checkpoint-{stopped.step}'}" in (out / "train.log").read_text()
+
+
+def test_raw_text_is_cut_once_and_loaded_from_the_cache_after(tiny_models, tmp_path):
+    import uuid
+
+    from engine.config.schema import parse_args
+    from engine.data.texts import build_text_datasets
+    from engine.models.loading import load_tokenizer
+
+    data = tmp_path / "texts.txt"  # texts no earlier test run has seen: the cache outlives the run
+    data.write_text("".join(f"{sentence} {uuid.uuid4().hex}\n" for sentence in SENTENCES))
+    cfg = parse_args(["--stage", "pt", "--model_name_or_path", "tiny-llama", "--dataset", str(data), "--cutoff_len",
+                      "32"])
+    tokenizer = load_tokenizer(str(tiny_models["tiny-llama"]), cfg)
+    first, second = build_text_datasets(cfg, tokenizer), build_text_datasets(cfg, tokenizer)
+    assert not first.from_cache and second.from_cache and second.template is None
+    assert second.train.to_list() == first.train.to_list() and second.report == first.report
+    cfg.data.cutoff_len = 16
+    assert not build_text_datasets(cfg, tokenizer).from_cache
