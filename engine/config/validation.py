@@ -247,6 +247,8 @@ def _stage(cfg: TunerConfig) -> list[str]:
              "template wraps: leave template out"),
             (d.train_on_prompt, "train_on_prompt: stage pt learns every token of the text already: leave it out"),
             (d.mask_history, "mask_history: stage pt has no conversations: leave it out"),
+            (d.default_system is not None, "default_system: stage pt wraps no text in a template, so there is no "
+             "system prompt to put it in: leave it out"),
             (d.tokenized_path is not None, "tokenized_path keeps supervised samples, not blocks of text: leave it out "
              "with stage pt"),
             (t.do_predict, "do_predict after stage pt would generate from raw text: predict on a dataset of prompts "

@@ -93,6 +93,7 @@ def test_a_pt_run_equals_the_trainer_run_by_hand_on_the_same_blocks(tiny_models,
 @pytest.mark.parametrize(("extra", "said"), [
     (["--template", "llama2"], "stage pt trains on raw text, which no template wraps"),
     (["--train_on_prompt", "true"], "stage pt learns every token of the text already"),
+    (["--default_system", "Be brief."], "stage pt wraps no text in a template"),
 ])
 def test_what_stage_pt_cannot_act_on_is_refused_in_one_line(tmp_path, extra, said):
     data = write_texts(tmp_path / "data")
