@@ -133,17 +133,12 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
 def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
     """Stage dpo's preview: the first pairs rendered as the model sees them, the stats of the prompt and longer
     reply (what cutoff_len cuts)."""
-    from engine.data.loaders import load_conversations
     from engine.data.pairs import encode_pairs
     from engine.data.stats import length_histogram, length_stats
-    from engine.data.tokenize import training_template
     from engine.templates import render_text
 
     d = cfg.data
-    loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
-                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="pairs")
-    check = _compare_template(cfg, tokenizer, catalog_template)
-    template = training_template(check.template, d.default_system)
+    loaded, check, template = _preference_data(cfg, tokenizer, catalog_template, "pairs")
     rows, dropped, lengths, _ = encode_pairs(loaded.train, tokenizer, check.template, d.cutoff_len, d.default_system)
     shown = []
     for pair in loaded.train[:count]:
@@ -165,20 +160,27 @@ def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, cou
                    length_histogram(lengths, d.cutoff_len), check.warning, shown)
 
 
-def _feedback_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
-    """Stage kto's preview: the first samples as the model sees them, the reply (what the loss judges) marked and
-    said desirable or not, and the stats of the prompt and reply (what cutoff_len cuts)."""
+def _preference_data(cfg: TunerConfig, tokenizer, catalog_template: str | None, kind: str):
+    """A preference stage's samples (``kind`` pairs or feedback), the template check and the template itself."""
     from engine.data.loaders import load_conversations
-    from engine.data.pairs import encode_feedback
-    from engine.data.stats import length_histogram, length_stats
     from engine.data.tokenize import training_template
-    from engine.templates import Segment, render_text
 
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
-                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="feedback")
+                                eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind=kind)
     check = _compare_template(cfg, tokenizer, catalog_template)
-    template = training_template(check.template, d.default_system)
+    return loaded, check, training_template(check.template, d.default_system)
+
+
+def _feedback_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
+    """Stage kto's preview: the first samples as the model sees them, the reply (what the loss judges) marked and
+    said desirable or not, and the stats of the prompt and reply (what cutoff_len cuts)."""
+    from engine.data.pairs import encode_feedback
+    from engine.data.stats import length_histogram, length_stats
+    from engine.templates import Segment, render_text
+
+    d = cfg.data
+    loaded, check, template = _preference_data(cfg, tokenizer, catalog_template, "feedback")
     _, dropped, lengths, _ = encode_feedback(loaded.train, tokenizer, check.template, d.cutoff_len, d.default_system)
     shown = []
     for sample in loaded.train:

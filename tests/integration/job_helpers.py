@@ -119,3 +119,24 @@ def start_detached(home: Path, name: str, *extra: str) -> tuple[Path, str]:
     assert result.stdout.startswith("started run ")
     run_id = result.stdout.split()[2]
     return work / name, run_id
+
+
+def stops_and_resumes(out: Path) -> None:
+    """A detached run of any stage, stopped after three logged steps: it ends "stopped" with a checkpoint at its
+    step; resumed, it goes on from that checkpoint (and is stopped again)."""
+    from engine.rundir import read_status
+
+    def typed(*args: str) -> None:
+        done = tuner(*args, cwd=Path.cwd())
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    wait_for(lambda: logged(out, 3), 120, "three logged steps")
+    typed("stop", str(out))
+    wait_for(lambda: read_status(out).state == "stopped", 120, "the run to stop")
+    stopped = read_status(out)
+    assert (out / f"checkpoint-{stopped.step}").is_dir()
+    typed("resume", str(out))
+    wait_for(lambda: logged(out, stopped.step + 1), 120, "a step after the resume")
+    typed("stop", str(out))
+    wait_for(lambda: read_status(out).state == "stopped", 120, "the resumed run to stop")
+    assert f"resuming from {out / f'checkpoint-{stopped.step}'}" in (out / "train.log").read_text()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import job_helpers
 import pytest
-from job_helpers import wait_for
 from test_dpo import COLOURS, typed
 
 from engine.rundir import read_events, read_status
@@ -125,18 +124,7 @@ def test_a_kto_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
     code, output = typed(*kto_args(data, out, "--max_steps", "400", "--save_steps", "2",
                                    "--per_device_train_batch_size", "2", "--detach"))
     assert code == 0, output
-    wait_for(lambda: job_helpers.logged(out, 3), 120, "three logged steps")
-    code, output = typed("stop", str(out))
-    assert code == 0, output
-    wait_for(lambda: read_status(out).state == "stopped", 120, "the run to stop")
-    stopped = read_status(out)
-    assert (out / f"checkpoint-{stopped.step}").is_dir()
-    code, output = typed("resume", str(out))
-    assert code == 0, output
-    wait_for(lambda: job_helpers.logged(out, stopped.step + 1), 120, "a step after the resume")
-    typed("stop", str(out))
-    wait_for(lambda: read_status(out).state == "stopped", 120, "the resumed run to stop")
-    assert f"resuming from {out / f'checkpoint-{stopped.step}'}" in (out / "train.log").read_text()
+    job_helpers.stops_and_resumes(out)
 
 
 @pytest.mark.parametrize(("extra", "said"), [

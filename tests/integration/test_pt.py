@@ -138,24 +138,11 @@ def test_a_pt_runs_config_keeps_no_template_and_predict_and_export_work_on_it(ti
 
 
 def test_a_pt_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_path):
-    from job_helpers import wait_for
-
     data, out = write_texts(tmp_path / "data"), tmp_path / "pt"
     code, output = typed(*pt_args("stories", data, out, "--max_steps", "400", "--save_steps", "2",
                                   "--per_device_train_batch_size", "1", "--detach"))
     assert code == 0, output
-    wait_for(lambda: job_helpers.logged(out, 3), 120, "three logged steps")
-    code, output = typed("stop", str(out))
-    assert code == 0, output
-    wait_for(lambda: read_status(out).state == "stopped", 120, "the run to stop")
-    stopped = read_status(out)
-    assert (out / f"checkpoint-{stopped.step}").is_dir()
-    code, output = typed("resume", str(out))
-    assert code == 0, output
-    wait_for(lambda: job_helpers.logged(out, stopped.step + 1), 120, "a step after the resume")
-    typed("stop", str(out))
-    wait_for(lambda: read_status(out).state == "stopped", 120, "the resumed run to stop")
-    assert f"resuming from {out / f'checkpoint-{stopped.step}'}" in (out / "train.log").read_text()
+    job_helpers.stops_and_resumes(out)
 
 
 def test_raw_text_is_cut_once_and_loaded_from_the_cache_after(tiny_models, tmp_path):

@@ -11,14 +11,20 @@ from tuner_tui.wizard.state import Choices
 from tuner_tui.wizard.steps import DataStep, HardwareStep, MethodStep
 
 
+async def on_the_method_step(pilot, app) -> DataTable:
+    """Past the hardware probe to step 3, its methods estimated: their table."""
+    await on_step(pilot, app, HardwareStep)
+    await until(pilot, lambda: app.hardware is not None, "the probe")
+    await app.push_screen(MethodStep())
+    table = app.screen.query_one("#methods", DataTable)
+    await until(pilot, lambda: table.row_count == 5, "the estimates")
+    return table
+
+
 async def test_stage_dpo_shows_its_settings_lists_pairs_and_previews_one(tiny_models, tmp_path):
     app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
     async with app.run_test(size=(100, 40)) as pilot:
-        await on_step(pilot, app, HardwareStep)
-        await until(pilot, lambda: app.hardware is not None, "the probe")
-        await app.push_screen(MethodStep())
-        table = app.screen.query_one("#methods", DataTable)
-        await until(pilot, lambda: table.row_count == 5, "the estimates")
+        table = await on_the_method_step(pilot, app)
         assert app.screen.focused is table
         assert not app.screen.query_one("#row-pref_beta").display
         full_sft = float(str(table.get_row("full")[1]))
@@ -48,11 +54,7 @@ async def test_stage_dpo_shows_its_settings_lists_pairs_and_previews_one(tiny_mo
 async def test_stage_kto_shows_its_weights_lists_tagged_data_and_previews_a_judged_reply(tiny_models, tmp_path):
     app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
     async with app.run_test(size=(100, 40)) as pilot:
-        await on_step(pilot, app, HardwareStep)
-        await until(pilot, lambda: app.hardware is not None, "the probe")
-        await app.push_screen(MethodStep())
-        table = app.screen.query_one("#methods", DataTable)
-        await until(pilot, lambda: table.row_count == 5, "the estimates")
+        table = await on_the_method_step(pilot, app)
         full_sft = float(str(table.get_row("full")[1]))
         app.screen.query_one("#stage", Select).value = "kto"
         await until(pilot, lambda: app.screen.query_one("#row-kto_chosen_weight").display, "KTO's settings")
@@ -82,9 +84,7 @@ async def test_a_preference_stage_starts_from_a_finished_lora_run_of_the_model(h
                  "lora", "--max_steps", "1", "--output_dir", str(sft)]) == 0
     app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
     async with app.run_test(size=(100, 40)) as pilot:
-        await on_step(pilot, app, HardwareStep)
-        await until(pilot, lambda: app.hardware is not None, "the probe")
-        await app.push_screen(MethodStep())
+        await on_the_method_step(pilot, app)
         start = app.screen.query_one("#adapter_name_or_path", Select)
         assert not app.screen.query_one("#row-adapter_name_or_path").display  # stage sft: no such row
         app.screen.query_one("#stage", Select).value = "dpo"
