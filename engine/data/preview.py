@@ -204,28 +204,27 @@ def _feedback_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None,
 
 def _text_preview(cfg: TunerConfig, tokenizer, count: int) -> Preview:
     """Stage pt's preview: the first blocks of cutoff_len tokens as the model reads them (all learned), and the
-    lengths of the texts they were joined from."""
+    lengths of the texts they were joined from. Cut here, not through the cache a run fills (engine.data.texts)."""
+    from engine.data.loaders import load_conversations
     from engine.data.stats import length_histogram, length_stats
-    from engine.data.texts import build_text_datasets
+    from engine.data.texts import text_blocks
     from engine.templates import Segment, tokenize_texts
 
-    prepared = build_text_datasets(cfg, tokenizer)
-    samples = []
-    for row in prepared.train.select(range(min(count, len(prepared.train)))):
-        text = tokenizer.decode(row["input_ids"])
-        samples.append(PreviewSample(text, "", text, row["input_ids"], row["labels"], [Segment(text, True)]))
-    texts = [entry["text"] for entry in _texts(cfg)]
-    lengths = [len(ids) + 1 for ids in tokenize_texts(tokenizer, texts)]
-    return Preview("none (raw text)", samples, length_stats(lengths, cfg.data.cutoff_len), prepared.report,
-                   cfg.data.cutoff_len, length_histogram(lengths, cfg.data.cutoff_len), None)
-
-
-def _texts(cfg: TunerConfig) -> list[dict]:
-    from engine.data.loaders import load_conversations
-
     d = cfg.data
-    return load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, seed=cfg.train.seed,
-                              kind="text").train
+    loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, seed=cfg.train.seed,
+                                kind="text")
+    texts = [entry["text"] for entry in loaded.train]
+    blocks, left = text_blocks(texts, tokenizer, d.cutoff_len)
+    samples = []
+    for block in blocks[:count]:
+        text = tokenizer.decode(block)
+        samples.append(PreviewSample(text, "", text, block, block, [Segment(text, True)]))
+    lengths = [len(ids) + 1 for ids in tokenize_texts(tokenizer, texts)]
+    report = loaded.report.lines() + [f"train: {len(texts)} texts joined into {len(blocks)} blocks of {d.cutoff_len} "
+                                      "tokens" + (f"; the last {left} tokens, short of a block, left out" if left
+                                                  else "")]
+    return Preview("none (raw text)", samples, length_stats(lengths, d.cutoff_len), report, d.cutoff_len,
+                   length_histogram(lengths, d.cutoff_len), None)
 
 
 def histogram_lines(preview: Preview, bar_width: int = 40) -> list[tuple[str, str]]:

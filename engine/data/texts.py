@@ -47,7 +47,8 @@ def build_text_datasets(cfg: TunerConfig, tokenizer, catalog_template: str | Non
     d = cfg.data
     loaded = load_conversations(d.dataset, d.dataset_dir, max_samples=d.max_samples, val_size=d.val_size,
                                 eval_dataset=d.eval_dataset, seed=cfg.train.seed, kind="text")
-    key = samples_key("text", loaded.train, loaded.eval, tokenizer, cutoff_len=d.cutoff_len)
+    key = samples_key("text", loaded.train, loaded.eval, tokenizer, cutoff_len=d.cutoff_len,
+                      add_bos_token=getattr(tokenizer, "add_bos_token", None))
 
     def build(folder: Path) -> None:
         _build(folder, key, loaded, tokenizer, d.cutoff_len, stop_wait)

@@ -28,6 +28,7 @@ from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
 from engine.errors import UserError, disk_full
 from engine.paths import cache_dir
+from engine.world import local_rank
 from engine.templates import AUTO, IGNORE_INDEX, Template, encode_many, get_template, template_mismatch
 
 log = logging.getLogger("tuner")
@@ -175,7 +176,9 @@ def cached(key: str, build: Callable[[Path], None], load_report: list[str], over
     entry = cache_dir() / "tokenized" / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _locked(entry.with_suffix(".lock")):
-        prepare = overwrite or _meta(entry) is None  # none yet, or damaged: prepared again
+        # none yet, or damaged: prepared again; overwrite_cache: by the first process of the machine only, the
+        # others load what it wrote
+        prepare = (overwrite and local_rank() == 0) or _meta(entry) is None
         if prepare:
             _prepare(entry, build, stop_wait)
         data = _load(entry, load_report)

@@ -33,7 +33,7 @@ def trainer(parts: TrainerParts, plan):
         undesirable_weight=f.kto_rejected_weight, max_length=None,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
-    train = parts.datasets.train.shuffle(seed=parts.cfg.train.seed)
+    train = parts.datasets.train.shuffle(seed=parts.cfg.train.seed, keep_in_memory=True)  # not into the cache
     with adapter_copied_plainly(parts.model):
         return build_trainer(pretokenized_kto_trainer(), parts, args, train_dataset=train,
                              eval_dataset=parts.datasets.eval, ref_model=reference_model(parts, plan))
@@ -54,7 +54,8 @@ def pretokenized_kto_trainer():
                 batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
                 return batch
 
-            return dataset.map(with_kl_completions, batched=True, batch_size=args.per_device_train_batch_size)
+            return dataset.map(with_kl_completions, batched=True, batch_size=args.per_device_train_batch_size,
+                               keep_in_memory=True)  # not into the cache entry the rows were loaded from
 
     PretokenizedKTOTrainer.__name__ = PretokenizedKTOTrainer.__qualname__ = "KTOTrainer"
     return PretokenizedKTOTrainer

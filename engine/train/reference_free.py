@@ -51,7 +51,7 @@ def trl_rows(dataset):
             out[f"{side}_labels"] = [IGNORE] * len(prompt) + reply
         return out
 
-    return dataset.map(row, remove_columns=dataset.column_names)
+    return dataset.map(row, remove_columns=dataset.column_names, keep_in_memory=True)  # not into the cache
 
 
 def pretokenized(trainer_class):

@@ -97,3 +97,6 @@ async def test_a_preference_stage_starts_from_a_finished_lora_run_of_the_model(h
         await until(pilot, lambda: app.choices.values.get("adapter_name_or_path") == str(sft), "the run chosen")
         assert f"--adapter_name_or_path {sft}" in app.choices.command_line()
         assert app.choices.method == "lora"  # its adapter trains on as LoRA
+        app.screen.query_one("#stage", Select).value = "sft"  # a supervised run starts from the model again
+        await until(pilot, lambda: "adapter_name_or_path" not in app.choices.command_line(), "the start dropped")
+        assert start.value is Select.NULL and not app.screen.query_one("#row-adapter_name_or_path").display

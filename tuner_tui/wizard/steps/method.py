@@ -108,6 +108,8 @@ class MethodStep(WizardStep):
         if self.choices.values.get("stage") in STAGE_FIELDS:
             model = str(self.choices.values.get("model_name_or_path", ""))
             self.work("runs", lambda: _runs_to_start_from(model), "listing the runs to start from")
+        else:
+            self.workers.cancel_group(self, "runs")
 
     def _show_method_fields(self) -> None:
         """Only the settings that act for the method chosen (LoRA's for LoRA and QLoRA, the bits for QLoRA, the
@@ -146,6 +148,10 @@ class MethodStep(WizardStep):
         if key == "strategy" and self.choices.values.get("strategy") != self.choices.values.get("_strategy_auto"):
             self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
         if key == "stage":
+            if self.choices.values.get("stage") not in STAGE_FIELDS and self.query_one(
+                    "#adapter_name_or_path", Select).value is not Select.NULL:
+                self.query_one("#adapter_name_or_path", Select).clear()  # a run chosen to start a preference stage
+                self.choices.values.pop("adapter_name_or_path", None)  # from: not a supervised run's start
             self._show_method_fields()
             self._list_runs()
         self.later("estimate", self._estimate)
@@ -288,11 +294,18 @@ class MethodStep(WizardStep):
                 bits.value = wanted
 
     def _fill_runs(self, runs: list[tuple[str, str]]) -> None:
+        """The runs listed, and an adapter given otherwise (a config file, an earlier session) shown as given, so
+        that what the run starts from is always in sight. A list that arrives after the stage went back to sft is
+        not used."""
+        if self.choices.values.get("stage") not in STAGE_FIELDS:
+            return
         start = self.query_one("#adapter_name_or_path", Select)
         chosen = self.choices.values.get("adapter_name_or_path") or ""
+        if chosen and chosen not in {path for _, path in runs}:
+            runs = [(f"{chosen} (given)", chosen), *runs]
         start.set_options(runs)
         start.prompt = FROM_SCRATCH if runs else f"{FROM_SCRATCH}: no finished LoRA run of this model"
-        if chosen in {path for _, path in runs}:
+        if chosen:
             start.value = chosen
 
     def on_select_changed(self, event: Select.Changed) -> None:
