@@ -28,6 +28,7 @@ def _opt(default: Any, help: str, choices: tuple | None = None, secret: bool = F
 
 
 ATTENTION_CHOICES = ("auto", "fa2", "fa3", "sdpa", "eager")
+REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (engine.train.reference_free)
 ROPE_SCALING = ("linear", "dynamic", "yarn", "llama3")
 FINETUNING_TYPES = ("lora", "freeze", "full")
 SCHEDULERS = (
@@ -233,6 +234,11 @@ FLAG_VALUES = {"flash_attn": {True: "fa2", False: "sdpa", "disabled": "eager"}}
 
 # Stages of LLaMA-Factory that this tool does not run, so the message can say so rather than "unknown value".
 UNSUPPORTED_STAGES = ("rm", "ppo")
+
+
+def has_reference(f: FinetuneArgs) -> bool:
+    """Whether the stage trains against a frozen reference: kto, and dpo but with ORPO or SimPO."""
+    return f.stage == "kto" or (f.stage == "dpo" and f.pref_loss not in REFERENCE_FREE)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from engine.config.schema import REPORTERS, TrainArgs, TunerConfig
+from engine.config.schema import REFERENCE_FREE, REPORTERS, TrainArgs, TunerConfig
 from engine.errors import ConfigError, UserError
 
 # Longest sample accepted (2**20 tokens), far beyond any model's context; a larger one is a typo.
@@ -226,7 +226,6 @@ PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid"
                        "kto_rejected_weight": 1.0}
 DPO_ONLY = ("pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma")
 KTO_ONLY = ("kto_chosen_weight", "kto_rejected_weight")
-REFERENCE_FREE = ("orpo", "simpo")  # preference losses without a reference model (engine.train.reference_free)
 
 
 def _preference_keys_unused(f, keys=tuple(PREFERENCE_DEFAULTS)) -> list[str]:

@@ -14,7 +14,6 @@ LLaMA-Factory would.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -23,8 +22,8 @@ from pathlib import Path
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
 from engine.data.stats import Lengths
-from engine.data.tokenize import (META, PreparationStopped, TrainingData, cached, choose_template, samples_key,
-                                  training_template)
+from engine.data.tokenize import (PreparationStopped, TrainingData, cached, choose_template, samples_key,
+                                  training_template, write_meta)
 from engine.templates import AUTO, encode_many, get_template, infer_seqlen, template_mismatch
 
 log = logging.getLogger("tuner")
@@ -160,9 +159,7 @@ def _build(folder: Path, key: str, loaded, tokenizer, template: str, cfg: TunerC
         text += f"; {truncated} longer than cutoff_len={d.cutoff_len} were truncated" if truncated else ""
         text += "".join(f"; dropped {count} with {reason}" for reason, count in dropped.items())
         summaries.append(text)
-    meta = {"key": key, "template": template, "summaries": summaries, "mean_length": lengths.mean,
-            "longest": lengths.longest}
-    (folder / META).write_text(json.dumps(meta))
+    write_meta(folder, key, template, summaries, lengths)
 
 
 def raise_empty(dropped: Counter, cutoff_len: int, noun: str = "pairs") -> None:

@@ -5,18 +5,15 @@ it is."""
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
 from engine.data.loaders import load_conversations
-from engine.data.tokenize import META, PreparationStopped, TrainingData, cached, samples_key
+from engine.data.stats import Lengths
+from engine.data.tokenize import PreparationStopped, TrainingData, cached, samples_key, write_meta
 from engine.errors import UserError
 from engine.templates import tokenize_texts
-
-log = logging.getLogger("tuner")
 
 BATCH = 1000  # texts tokenized in one call between looks for a stop
 
@@ -76,5 +73,4 @@ def _build(folder: Path, key: str, loaded, tokenizer, cutoff_len: int,
                 str(folder / split))
         summaries.append(f"{split}: {len(samples)} texts joined into {len(blocks)} blocks of {cutoff_len} tokens"
                          + (f"; the last {left} tokens, short of a block, left out" if left else ""))
-    meta = {"key": key, "template": "", "summaries": summaries, "mean_length": cutoff_len, "longest": cutoff_len}
-    (folder / META).write_text(json.dumps(meta))
+    write_meta(folder, key, "", summaries, Lengths(cutoff_len, cutoff_len))  # "": no template

@@ -356,9 +356,14 @@ def _build(building: Path, key: str, loaded, tokenizer, template: str, cfg: Tune
             lengths = _lengths(dataset)
         if len(dataset):
             dataset.save_to_disk(str(building / split))
-    meta = {"key": key, "template": template,
-            "summaries": summaries, "mean_length": lengths.mean, "longest": lengths.longest}
-    (building / META).write_text(json.dumps(meta))
+    write_meta(building, key, template, summaries, lengths)
+
+
+def write_meta(folder: Path, key: str, template: str, summaries: list[str], lengths: Lengths) -> None:
+    """What a built entry says of itself (``_meta`` reads it back): written last, once its splits are saved."""
+    meta = {"key": key, "template": template, "summaries": summaries, "mean_length": lengths.mean,
+            "longest": lengths.longest}
+    (folder / META).write_text(json.dumps(meta))
 
 
 _TOKENIZING = False  # while datasets.map forks its workers: what a process forked then is

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.models.catalog import ModelGeometry, list_models, lookup, model_geometry_from_config, param_count
-from engine.config.schema import TunerConfig
-from engine.config.validation import REFERENCE_FREE
+from engine.config.schema import TunerConfig, has_reference
 from engine.errors import UserError
 from engine.memory.estimate import METHODS, Estimate, RunShape, estimate, method_of
 from engine.paths import PRESETS_DIR
@@ -100,8 +99,7 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         double_quantization=cfg.model.double_quantization, precision="pure_bf16" if t.pure_bf16 else "fp16" if t.fp16 else "bf16",
         num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
         pairs=cfg.finetune.stage == "dpo",  # kto's forward of the mismatched replies keeps no activations
-        reference=cfg.finetune.stage == "kto" or (cfg.finetune.stage == "dpo"
-                                                  and cfg.finetune.pref_loss not in REFERENCE_FREE),
+        reference=has_reference(cfg.finetune),
     )
 
 

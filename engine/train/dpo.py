@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
-from engine.config.schema import TunerConfig
-from engine.config.validation import REFERENCE_FREE
+from engine.config.schema import REFERENCE_FREE, TunerConfig
 from engine.train.arguments import build_trainer, training_arguments
 from engine.train.stage import Stage, TrainerParts
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.config.schema import TunerConfig
-from engine.config.validation import REFERENCE_FREE
+from engine.config.schema import TunerConfig, has_reference
 from engine.data.stats import Lengths
 from engine.memory.autofit import Fit, fit_checkpointing, fit_cpu, fit_gpu, user_fit
 from engine.memory.estimate import RunShape
@@ -93,7 +92,7 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
                                    "pairs)")
         f = cfg.finetune
         how = ("TRL's tiled LM head over each reply and its KL sample, against the reference" if f.stage == "kto"
-               else "the model's logits over both replies, no reference" if f.pref_loss in REFERENCE_FREE
+               else "the model's logits over both replies, no reference" if not has_reference(f)
                else "TRL's tiled LM head over both replies, against the reference")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
                          "preference", how)
