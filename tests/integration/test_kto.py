@@ -183,6 +183,9 @@ def test_preference_data_is_tokenized_once_and_loaded_from_the_cache_after(tiny_
     assert not first.from_cache and second.from_cache
     assert second.train.to_list() == first.train.to_list() and second.report == first.report
     assert second.lengths == first.lengths
+    cfg.data.overwrite_cache = True  # acts: prepared again
+    assert not build_pair_datasets(cfg, tokenizer, kind=kind).from_cache
+    cfg.data.overwrite_cache = False
     changed = "rejected" if stage == "dpo" else "kto_tag"
     records[3][changed] = "Nope." if stage == "dpo" else not records[3][changed]
     data.write_text(json.dumps(records))

@@ -160,5 +160,7 @@ def test_raw_text_is_cut_once_and_loaded_from_the_cache_after(tiny_models, tmp_p
     first, second = build_text_datasets(cfg, tokenizer), build_text_datasets(cfg, tokenizer)
     assert not first.from_cache and second.from_cache and second.template is None
     assert second.train.to_list() == first.train.to_list() and second.report == first.report
-    cfg.data.cutoff_len = 16
+    cfg.data.overwrite_cache = True  # acts: cut again
+    assert not build_text_datasets(cfg, tokenizer).from_cache
+    cfg.data.overwrite_cache, cfg.data.cutoff_len = False, 16
     assert not build_text_datasets(cfg, tokenizer).from_cache
