@@ -17,8 +17,8 @@ from typing import Any
 
 from engine.config.library import flag_word
 
-SFT_ONLY = ("tuner runs supervised fine-tuning (stage sft), DPO and KTO (stages dpo, kto) and pre-training (stage "
-            "pt) only")
+SFT_ONLY = ("tuner runs supervised fine-tuning (stage sft), DPO and KTO (stages dpo, kto), reward models (stage rm) "
+            "and pre-training (stage pt) only")
 # The preference keys tuner's stages dpo and kto act on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* /
 # ref_model* family is refused with what there is.
 PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",

@@ -88,7 +88,8 @@ class DataArgs:
 class FinetuneArgs:
     stage: str = _opt("sft", "Training stage: sft (supervised fine-tuning), dpo (preference tuning on ranking "
                       "pairs: a prompt, a chosen and a rejected reply), kto (preference tuning on replies marked "
-                      "desirable or not) or pt (continued pre-training on raw text).", ("sft", "dpo", "kto", "pt"))
+                      "desirable or not), rm (a reward model that scores replies, trained on ranking pairs) or pt "
+                      "(continued pre-training on raw text).", ("sft", "dpo", "kto", "rm", "pt"))
     finetuning_type: str = _opt("lora", "lora, freeze (train the last layers) or full.", FINETUNING_TYPES)
     lora_target: str = _opt("all", "Modules that get LoRA: comma list of names, or all (every linear layer but the head).")
     lora_rank: int = _opt(8, "LoRA rank r.")
@@ -233,7 +234,7 @@ ALIASES = {
 FLAG_VALUES = {"flash_attn": {True: "fa2", False: "sdpa", "disabled": "eager"}}
 
 # Stages of LLaMA-Factory that this tool does not run, so the message can say so rather than "unknown value".
-UNSUPPORTED_STAGES = ("rm", "ppo")
+UNSUPPORTED_STAGES = ("ppo",)
 
 
 def has_reference(f: FinetuneArgs) -> bool:
@@ -393,8 +394,8 @@ def build_config(values: dict[str, Any], problems: list[str] | None = None, comm
         choices = FIELDS[key][1].metadata.get("choices")
         if key == "stage" and value in UNSUPPORTED_STAGES:
             problems.append(f"LLaMA-Factory's stage {value} is not supported by tuner: tuner runs supervised "
-                            "fine-tuning (stage sft), preference tuning (stages dpo and kto) and pre-training "
-                            "(stage pt)")
+                            "fine-tuning (stage sft), preference tuning (stages dpo and kto), reward models (stage "
+                            "rm) and pre-training (stage pt)")
         elif key == "pref_loss" and value == "kto_pair":
             problems.append("LLaMA-Factory's pref_loss kto_pair is not supported by tuner: TRL 1.16 no longer has "
                             "it; use pref_loss sigmoid (DPO) on the same pairs")

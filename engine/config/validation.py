@@ -254,9 +254,9 @@ def _stage(cfg: TunerConfig) -> list[str]:
              "afterwards (tuner predict --run RUN --dataset ...)"),
         ]
         return [message for failed, message in checks if failed] + _preference_keys_unused(f)
-    if f.stage not in ("dpo", "kto"):
+    if f.stage not in ("dpo", "kto", "rm"):
         return _preference_keys_unused(f)
-    stage, what = f.stage, "pair" if f.stage == "dpo" else "sample"
+    stage, what = f.stage, "sample" if f.stage == "kto" else "pair"
     checks = [
         (d.packing, f"packing joins samples into rows, and stage {stage} trains each {what} whole: leave out packing"),
         (d.train_on_prompt, f"train_on_prompt: stage {stage} judges the replies to a prompt, and learns no prompt: "
@@ -264,12 +264,15 @@ def _stage(cfg: TunerConfig) -> list[str]:
         (d.mask_history, f"mask_history: stage {stage} learns from the last reply of each {what} only: leave it out"),
         (d.tokenized_path is not None, f"tokenized_path keeps supervised samples, not preference data: leave it out "
          f"with stage {stage}"),
-        (t.do_predict, f"do_predict after stage {stage} would generate from preference data: predict on a dataset of "
-         "prompts afterwards (tuner predict --run RUN --dataset ...)"),
-        (t.enable_liger_kernel is True, f"enable_liger_kernel: stage {stage} computes its loss through TRL's own LM "
-         "head, and tuner's Liger kernels come with Liger's fused loss: leave it out"),
-        (f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"),
+        (t.do_predict and stage != "rm", f"do_predict after stage {stage} would generate from preference data: "
+         "predict on a dataset of prompts afterwards (tuner predict --run RUN --dataset ...)"),
+        (t.enable_liger_kernel is True, f"enable_liger_kernel: stage {stage} computes its loss through TRL's own "
+         f"{'score' if stage == 'rm' else 'LM'} head, and tuner's Liger kernels come with Liger's fused loss: leave "
+         "it out"),
     ]
+    if stage == "rm":
+        return [message for failed, message in checks if failed] + _preference_keys_unused(f)
+    checks.append((f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"))
     if stage == "kto":
         checks += [
             (f.kto_chosen_weight <= 0, f"kto_chosen_weight {f.kto_chosen_weight}: a weight is more than 0"),

@@ -136,7 +136,7 @@ def detect_format(attr: DatasetAttr, record: dict) -> DatasetAttr:
         raise UserError(
             f"cannot tell the format of dataset '{attr.name}' from its columns: {', '.join(map(str, record))}",
             hint="expected instruction/output (alpaca), conversations (sharegpt) or messages with role/content "
-                 "(openai), instruction with chosen and rejected (pairs, stage dpo), a kto_tag beside a "
+                 "(openai), instruction with chosen and rejected (pairs, stages dpo and rm), a kto_tag beside a "
                  "conversation (stage kto) or text alone (stage pt); or "
                  "register it in dataset_info.json with its formatting and columns",
         )
@@ -320,7 +320,7 @@ def _check_supported(attr: DatasetAttr, kind: str = "conversations") -> None:
         raise UserError(f"dataset '{attr.name}' is a preference (ranking) dataset for DPO / reward "
                         "modelling",
                         hint="supervised fine-tuning, KTO and prediction take conversations with one reply; set "
-                             "stage dpo to train on it")
+                             "stage dpo (or rm, for a reward model) to train on it")
     if pairs and not (attr.ranking and {"chosen", "rejected"} <= set(attr.columns)):
         raise UserError(f"dataset '{attr.name}' is not a preference (ranking) dataset: a pair needs a chosen and a "
                         "rejected reply", hint='register it with "ranking": true and "columns": {..., "chosen": ..., '

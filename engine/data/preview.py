@@ -98,7 +98,7 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
 
     resolved = resolve_configured(cfg.model, check_room=False)  # the tokenizer only
     tokenizer = load_tokenizer(resolved.path, cfg)
-    if cfg.finetune.stage == "dpo":
+    if cfg.finetune.stage in ("dpo", "rm"):  # a reward model reads its pairs as DPO does
         return _pair_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
     if cfg.finetune.stage == "kto":
         return _feedback_preview(cfg, tokenizer, resolved.spec.template if resolved.spec else None, count)
@@ -131,8 +131,8 @@ def build_preview(cfg: TunerConfig, count: int = 3) -> Preview:
 
 
 def _pair_preview(cfg: TunerConfig, tokenizer, catalog_template: str | None, count: int) -> Preview:
-    """Stage dpo's preview: the first pairs rendered as the model sees them, the stats of the prompt and longer
-    reply (what cutoff_len cuts)."""
+    """Stage dpo's (and rm's) preview: the first pairs rendered as the model sees them, the stats of the prompt and
+    longer reply (what cutoff_len cuts)."""
     from engine.data.pairs import encode_pairs
     from engine.data.stats import length_histogram, length_stats
     from engine.templates import render_text

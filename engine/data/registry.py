@@ -80,7 +80,8 @@ class DatasetAttr:
 # The kinds of dataset each stage trains on, the first the kind of sample it reads them as
 # (engine.data.converters.convert): supervised fine-tuning learns a kto dataset's desirable replies (LLaMA-Factory's
 # kto_tag true) and drops the rest.
-STAGE_KINDS = {"sft": ("conversations", "feedback"), "dpo": ("pairs",), "kto": ("feedback",), "pt": ("text",)}
+STAGE_KINDS = {"sft": ("conversations", "feedback"), "dpo": ("pairs",), "kto": ("feedback",), "rm": ("pairs",),
+               "pt": ("text",)}
 
 
 def load_registry(dataset_dir: str | None) -> dict[str, DatasetAttr]:

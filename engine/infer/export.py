@@ -4,6 +4,9 @@ A LoRA adapter is merged into its base loaded in 16-bit (never into quantized we
 taken as it is. Either is saved in the base model's dtype as safetensors shards, with the tokenizer carrying the
 training template as its ``chat_template``. The export is written beside ``export_dir``, reloaded and checked
 against the fine-tuned model as trained, and only then moved into place.
+
+A reward model (stage rm) is exported whole with its score head (transformers' *ForSequenceClassification, the
+adapter's head merged in), and checked by the score it gives the sample conversation.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class ExportSummary:
     max_diff: float
     limit: float
     merged: bool
+    reward: bool = False  # a reward model, exported with its score head
 
 
 def export_model(cfg: TunerConfig, note: Callable[[str], None] = partial(print, flush=True)) -> ExportSummary:
@@ -163,8 +167,7 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
 
     from engine.data.tokenize import choose_template
     from engine.infer.inference import trained_template
-    from engine.models.loading import load_adapters
-    from engine.models.loading import Hardware, Precision, load_model, load_tokenizer
+    from engine.models.loading import Hardware, Precision, is_reward_model, load_adapters, load_model, load_tokenizer
     from engine.templates import get_template, render_text
 
     adapters = cfg.model.adapter_name_or_path
@@ -184,14 +187,19 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
         f" with adapter {adapters}, to merge it in" if adapters else
         ": no adapter to merge (a full or freeze fine-tune, or any whole model), so it is saved again as it is"))
     precision = Precision({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[compute], "export")
-    model = load_adapters(load_model(resolved.path, cfg, precision, "sdpa", device_map), adapters, quantized=False)
+    reward = is_reward_model(resolved.path, adapters)
+    model = load_model(resolved.path, cfg, precision, "sdpa", device_map, reward=reward)
+    if reward:
+        model.config.pad_token_id = tokenizer.pad_token_id  # where the score head finds each row's last token
+    model = load_adapters(model, adapters, quantized=False)
     model.eval()
     expected = _logits(model, ids)
     if adapters:
         model = model.merge_and_unload()
     model.config.use_cache = True  # load_model turns the cache off for training
     model.to(getattr(torch, save))
-    _add_stop_words(model.generation_config, tokenizer, template)
+    if not reward:  # a reward model generates nothing
+        _add_stop_words(model.generation_config, tokenizer, template)
     if not template.from_tokenizer:
         from engine.templates import to_chat_template
 
@@ -206,14 +214,15 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
         gc.collect()
         torch.cuda.empty_cache()
 
-    max_diff = _check(staging, text, ids, expected, compute, device_map)
+    max_diff = _check(staging, text, ids, expected, compute, device_map, reward)
     limit = TOLERANCE[save] * max(1.0, expected.abs().max().item())
     if not max_diff <= limit:
-        raise UserError(f"the exported model's logits differ from the fine-tuned model's by up to {max_diff:.3g} "
+        what = "score" if reward else "logits"
+        raise UserError(f"the exported model's {what} differ from the fine-tuned model's by up to {max_diff:.3g} "
                         f"(limit {limit:.3g} for {save}); export_dir left unchanged")
     shards = sorted(p.name for p in staging.glob("*.safetensors"))
     return ExportSummary(staging, shards, sum((staging / s).stat().st_size for s in shards), save, template.name,
-                         max_diff, limit, bool(adapters))
+                         max_diff, limit, bool(adapters), reward)
 
 
 def _logits(model, ids):
@@ -223,11 +232,11 @@ def _logits(model, ids):
         return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
-def _check(directory: Path, text: str, ids, expected, compute: str, device_map) -> float:
-    """Reload the export as any tool would and return its largest logit difference from ``expected``; the chat
-    template must render the sample as training did."""
+def _check(directory: Path, text: str, ids, expected, compute: str, device_map, reward: bool = False) -> float:
+    """Reload the export as any tool would and return its largest logit (a reward model: score) difference from
+    ``expected``; the chat template must render the sample as training did."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     rendered = tokenizer.apply_chat_template(SAMPLE, tokenize=False)
@@ -236,7 +245,8 @@ def _check(directory: Path, text: str, ids, expected, compute: str, device_map) 
                         f"training rendered {text[:60]!r}...; export_dir left unchanged")
     if tokenizer(text, add_special_tokens=False).input_ids != ids[0].tolist():
         raise UserError("the exported tokenizer tokenizes a sample differently; export_dir left unchanged")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, compute), device_map=device_map)
+    loader = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = loader.from_pretrained(directory, dtype=getattr(torch, compute), device_map=device_map)
     model.eval()
     return (_logits(model, ids) - expected).abs().max().item()
 
@@ -268,7 +278,8 @@ def render_summary(summary: ExportSummary) -> str:
     files = f"{len(summary.shards)} safetensors " + ("file" if len(summary.shards) == 1 else "shards")
     against = "base + adapter" if summary.merged else "the fine-tuned model"
     size = f"{summary.size_bytes / 1e9:.1f} GB" if summary.size_bytes >= 1e9 else f"{summary.size_bytes / 1e6:.1f} MB"
-    return (f"exported {summary.directory}: {files}, {size}, {summary.dtype}, "
-            f"chat template {summary.template}\n"
-            f"check: logits of a sample conversation match {against} within {summary.max_diff:.2g} "
+    what = "the reward model's score of" if summary.reward else "logits of"
+    return (f"exported {summary.directory}: {'a reward model with its score head, ' if summary.reward else ''}"
+            f"{files}, {size}, {summary.dtype}, chat template {summary.template}\n"
+            f"check: {what} a sample conversation match {against} within {summary.max_diff:.2g} "
             f"(largest difference; limit {summary.limit:.2g})")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.schema import TunerConfig
+from engine.errors import UserError
 from engine.rundir.layout import CONFIG
 
 log = logging.getLogger("tuner")
@@ -20,6 +21,7 @@ class Inference:
     tokenizer: object
     template: str
     device: str
+    reward: bool = False  # a reward model: it scores conversations and generates nothing
 
 
 def trained_template(run_dir: str | None) -> str | None:
@@ -33,14 +35,19 @@ def trained_template(run_dir: str | None) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def load_for_inference(cfg: TunerConfig) -> Inference:
-    """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode."""
+def load_for_inference(cfg: TunerConfig, scoring: bool = False) -> Inference:
+    """The base model (quantized again when quantization_bit is set), the adapters on top, in eval mode. A reward
+    model (a stage rm run's) loads with its score head when ``scoring``; for generation it is refused in one line."""
     from engine.models.resolve import resolve_configured
     from engine.data.tokenize import choose_template
-    from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision, load_adapters,
-                                       load_model, load_tokenizer)
+    from engine.models.loading import (Hardware, check_attention, choose_attention, choose_precision,
+                                       is_reward_model, load_adapters, load_model, load_tokenizer)
 
     resolved = resolve_configured(cfg.model)
+    reward = is_reward_model(resolved.path, cfg.model.adapter_name_or_path)
+    if reward and not scoring:
+        raise UserError(f"{cfg.model.adapter_name_or_path or resolved.path} is a reward model (stage rm): it scores "
+                        "replies and writes none", "score ranking pairs with it: tuner predict --run RUN")
     hardware = Hardware.detect()
     check_attention(cfg, hardware)
     precision = choose_precision(cfg.train.bf16, cfg.train.fp16, hardware.on_gpu, hardware.bf16_supported,
@@ -49,13 +56,15 @@ def load_for_inference(cfg: TunerConfig) -> Inference:
     tokenizer = load_tokenizer(resolved.path, cfg)
     tokenizer.padding_side = "left"
     device_map = {"": 0} if hardware.on_gpu else None
-    model = load_model(resolved.path, cfg, precision, attention, device_map)
+    model = load_model(resolved.path, cfg, precision, attention, device_map, reward=reward)
+    if reward:
+        model.config.pad_token_id = tokenizer.pad_token_id  # where the score head finds each row's last token
     model = load_adapters(model, cfg.model.adapter_name_or_path, cfg.model.quantization_bit is not None)
     model.eval()
     if cfg.model.template is None:  # a tuner run (adapter, or a full / freeze output) knows its template
         cfg.model.template = trained_template(cfg.model.adapter_name_or_path) or trained_template(resolved.path)
     template = choose_template(cfg, tokenizer, resolved.spec.template if resolved.spec else None)
-    return Inference(model, tokenizer, template, "cuda" if hardware.on_gpu else "cpu")
+    return Inference(model, tokenizer, template, "cuda" if hardware.on_gpu else "cpu", reward)
 
 
 def prompt_text(inference: Inference, messages: list[dict]) -> str:

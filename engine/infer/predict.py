@@ -5,6 +5,10 @@ predict can be watched and is not lost when interrupted; ``trainer_log.jsonl`` g
 ``predict_results.json`` holds LLaMA-Factory's metric names: BLEU-4 from sacrebleu (its 13a tokenizer, exponential
 smoothing, per sentence) and ROUGE-1/2/L F1 from Google's rouge-score (lower-cased, split on non-alphanumerics), each
 averaged over samples and scaled to 0-100.
+
+A reward model (a stage rm run's) generates nothing: its predict scores ranking pairs instead, a line per pair with
+the score of each reply (LLaMA-Factory's ``chosen`` and ``rejected``), and reports how often the chosen reply scores
+higher (``predict_accuracy``, as a fraction, as LLaMA-Factory's) with the mean margin and the pairs' loss.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
     from engine.data.loaders import load_conversations
     from engine.infer.inference import generate, generation_kwargs, load_for_inference, prompt_text
 
+    if reward_run(cfg):
+        return score_pairs(cfg, progress)
     out = prediction_dir(cfg)
     d = cfg.data
     dataset = d.eval_dataset or d.dataset
@@ -107,6 +113,72 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
     return out, results
 
 
+def reward_run(cfg: TunerConfig) -> bool:
+    """Whether the model to predict with is a reward model (a stage rm run's, or one exported from it)."""
+    from engine.models.loading import is_reward_model
+    from engine.models.resolve import resolve_configured
+
+    return is_reward_model(resolve_configured(cfg.model).path, cfg.model.adapter_name_or_path)
+
+
+def score_pairs(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
+    """A reward model's predict: every ranking pair of the dataset tokenized as stage rm trained on it (template,
+    cutoff_len), both conversations scored, a line per pair written as it is scored; returns the output directory
+    and the results."""
+    import torch
+
+    from engine.data.loaders import load_conversations
+    from engine.data.pairs import encode_pairs, raise_empty
+    from engine.infer.inference import load_for_inference
+
+    out = prediction_dir(cfg)
+    d = cfg.data
+    pairs = load_conversations(d.eval_dataset or d.dataset, d.dataset_dir, max_samples=d.max_samples,
+                               seed=cfg.train.seed, kind="pairs").train
+    inference = load_for_inference(cfg, scoring=True)
+    tokenizer = inference.tokenizer
+    rows, dropped, _, _ = encode_pairs(pairs, tokenizer, inference.template, d.cutoff_len, d.default_system)
+    if not rows:
+        raise_empty(dropped, d.cutoff_len)
+    for reason, count in dropped.items():
+        log.warning("predict: %d pairs dropped with %s", count, reason)
+    batch_size = cfg.train.per_device_eval_batch_size
+    chosen, rejected = [], []
+    started = time.time()
+    if progress is not None:
+        progress(0, len(rows))
+    with open(out / PREDICTIONS, "w", encoding="utf-8") as file, \
+            closing(_trainer_log(cfg, out, math.ceil(len(rows) / batch_size))) as trainer_log:
+        for step, start in enumerate(range(0, len(rows), batch_size), start=1):
+            batch = rows[start:start + batch_size]
+            ids = [row["prompt_ids"] + row["chosen_ids"] for row in batch] + \
+                  [row["prompt_ids"] + row["rejected_ids"] for row in batch]
+            padded = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(inference.model.device)
+            with torch.inference_mode():
+                values = inference.model(**padded).logits[:, 0].float().cpu().tolist()
+            for row, good, bad in zip(batch, values[:len(batch)], values[len(batch):]):
+                line = {"prompt": tokenizer.decode(row["prompt_ids"]), "chosen": round(good, 4),
+                        "rejected": round(bad, 4)}
+                file.write(json.dumps(line, ensure_ascii=False) + "\n")
+                chosen.append(good)
+                rejected.append(bad)
+            file.flush()
+            trainer_log.prediction_step(step)
+            if progress is not None:
+                progress(len(chosen), len(rows))
+    runtime = time.time() - started
+    margins = [good - bad for good, bad in zip(chosen, rejected)]
+    results = {"predict_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+               "predict_margin": round(sum(margins) / len(margins), 4),
+               "predict_loss": round(sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins)
+                                     / len(margins), 4),
+               "predict_samples": len(margins), "predict_runtime": round(runtime, 4),
+               "predict_samples_per_second": round(len(margins) / max(runtime, 1e-9), 3),
+               "template": inference.template}
+    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return out, results
+
+
 def _trainer_log(cfg: TunerConfig, out: Path, batches: int):
     """LLaMA-Factory's trainer_log.jsonl for a predict of ``batches`` batches, timed from now; as there, a log
     already in ``out`` is appended to, or removed first with overwrite_output_dir."""
@@ -121,7 +193,8 @@ def _trainer_log(cfg: TunerConfig, out: Path, batches: int):
 
 
 def summary_lines(out: Path, results: dict) -> list[str]:
-    return [f"{results['predict_samples']} predictions in {out / PREDICTIONS}", score_line(results)]
+    what = "pairs scored" if "predict_accuracy" in results else "predictions"
+    return [f"{results['predict_samples']} {what} in {out / PREDICTIONS}", score_line(results)]
 
 
 def score_line(results: dict) -> str:

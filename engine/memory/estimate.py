@@ -46,8 +46,9 @@ class RunShape:
     sharding: str = "ddp"  # ddp | zero2 | zero3 (FSDP full_shard counts as zero3)
     offload: bool = False  # CPU offload: zero2 moves optimizer states and fp32 masters, zero3 also the weights
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
-    pairs: bool = False  # stage dpo: chosen and rejected in one forward (twice the batch)
+    pairs: bool = False  # stages dpo and rm: chosen and rejected in one forward (twice the batch)
     reference: bool = False  # a preference stage's frozen reference (dpo but ORPO and SimPO, kto)
+    reward: bool = False  # stage rm: a one-output score head in place of the LM head (no vocabulary-wide logits)
 
     @property
     def quantization_bit(self) -> int | None:
@@ -124,8 +125,11 @@ def expert_params(g: ModelGeometry) -> int:
     return g.num_local_experts * 3 * g.hidden_size * g.intermediate_size
 
 
-def embedding_params(g: ModelGeometry) -> int:
-    """Input embeddings and the output head (one matrix when tied), plus the final norm."""
+def embedding_params(g: ModelGeometry, reward: bool = False) -> int:
+    """Input embeddings and the output head (one matrix when tied; a reward model's one-output score head in its
+    place), plus the final norm."""
+    if reward:
+        return g.vocab_size * g.hidden_size + 2 * g.hidden_size
     return g.vocab_size * g.hidden_size * (1 if g.tie_word_embeddings else 2) + g.hidden_size
 
 
@@ -189,7 +193,7 @@ def estimate(shape: RunShape) -> Estimate:
     g = shape.geometry
     layers = g.num_hidden_layers
     linear_params = layers * sum(linear.params for linear in decoder_linears(g))
-    other_params = layers * layer_other_params(g) + embedding_params(g)
+    other_params = layers * layer_other_params(g) + embedding_params(g, shape.reward)
     w16 = 4.0 if shape.precision == "fp32" else 2.0
     pure = shape.precision == "pure_bf16"
     trained = 2.0 if pure else 4.0  # bytes per trained weight and its gradient: fp32 masters, or bf16 with pure_bf16
@@ -236,7 +240,10 @@ def estimate(shape: RunShape) -> Estimate:
     _shard(shape, components, assumptions, trainable)
     if shape.reference:
         _reference(shape, components, assumptions, linear_params + other_params, trainable, w16)
-    if shape.pairs:
+    if shape.reward:
+        assumptions.append("reward model: chosen and rejected in one forward (twice the batch), a one-output score "
+                           "head trained whole in place of the LM head (not yet measured on a GPU)")
+    elif shape.pairs:
         assumptions.append("preference pairs: chosen and rejected in one forward (twice the batch), their logits "
                            "counted as for supervised fine-tuning (not yet measured on a GPU)"
                            + ("" if shape.reference else "; no reference model (ORPO, SimPO)"))
@@ -278,12 +285,13 @@ def estimate(shape: RunShape) -> Estimate:
 
 def _trainable_params(shape: RunShape, linear_params: int, other_params: int) -> int:
     g = shape.geometry
+    head = g.hidden_size if shape.reward else 0  # a reward model's score head trains whole with LoRA and freeze
     if shape.finetuning_type == "lora":
-        return lora_params(g, shape.lora_rank, shape.lora_target)
+        return lora_params(g, shape.lora_rank, shape.lora_target) + head
     if shape.finetuning_type == "full":
         return linear_params + other_params
     count = min(abs(shape.freeze_trainable_layers), g.num_hidden_layers)
-    return count * (sum(linear.params for linear in decoder_linears(g)) + layer_other_params(g))
+    return count * (sum(linear.params for linear in decoder_linears(g)) + layer_other_params(g)) + head
 
 
 def _shard(shape: RunShape, components: dict, assumptions: list[str], trainable: int) -> None:
@@ -366,6 +374,8 @@ def _activation_bytes(shape: RunShape) -> tuple[float, float]:
         per_token = g.num_hidden_layers * residual * g.hidden_size + per_layer  # layer inputs + one layer recomputed
     else:
         per_token = g.num_hidden_layers * per_layer
+    if shape.reward:  # one score per token (the head runs over every position) and its gradient, in fp32
+        return tokens * per_token, tokens * 8.0
     if shape.fused_loss:
         # Liger's fused linear cross-entropy: chunks of tokens / ceil(vocab / hidden) tokens, each chunk's 16-bit
         # logits and their fp32 gradient, plus the gradient of the hidden states
@@ -401,6 +411,6 @@ def _autocast_copies(shape: RunShape, trainable: int, other_params: int) -> floa
         return copies  # the weights are bfloat16 already: nothing to cast
     if shape.finetuning_type in ("full", "freeze"):
         copies += trainable * 2.0
-    if shape.quantization_bit:
+    if shape.quantization_bit and not shape.reward:  # a reward model has no LM head to multiply with
         copies += g.vocab_size * g.hidden_size * 2.0
     return copies

@@ -98,8 +98,8 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         freeze_trainable_layers=cfg.finetune.freeze_trainable_layers, optim=t.optim,
         double_quantization=cfg.model.double_quantization, precision="pure_bf16" if t.pure_bf16 else "fp16" if t.fp16 else "bf16",
         num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
-        pairs=cfg.finetune.stage == "dpo",  # kto's forward of the mismatched replies keeps no activations
-        reference=has_reference(cfg.finetune),
+        pairs=cfg.finetune.stage in ("dpo", "rm"),  # kto's forward of the mismatched replies keeps no activations
+        reference=has_reference(cfg.finetune), reward=cfg.finetune.stage == "rm",
     )
 
 

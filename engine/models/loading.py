@@ -243,27 +243,82 @@ def model_config(model_path: str, cfg: TunerConfig):
     return config
 
 
-def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attention: str, device_map=None):
+def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attention: str, device_map=None,
+               reward: bool = False):
     """The base model as transformers loads it (safetensors only), quantized when quantization_bit is set, its RoPE
-    stretched when rope_scaling asks for it."""
-    (AutoModelForCausalLM,) = from_transformers("AutoModelForCausalLM")
+    stretched when rope_scaling asks for it. ``reward``: as a reward model, the language model's decoder under a
+    one-output score head (transformers' *ForSequenceClassification, num_labels 1, as TRL's RewardTrainer trains it);
+    the head starts random unless the checkpoint is a reward model already."""
     from engine.models.attention import VARLEN, register_varlen_attention
 
     if attention == VARLEN:
         register_varlen_attention()
     config = model_config(model_path, cfg)
+    architecture = reward_architecture(model_path)
+    if architecture and not reward:
+        raise UserError(f"{model_path} is a reward model ({architecture}): it scores replies and writes none",
+                        "train stage rm on it, or start from a language model")
+    kwargs = dict(config=config, dtype=precision.torch_dtype, attn_implementation=attention,
+                  quantization_config=quantization_config(cfg, precision), device_map=device_map,
+                  trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
+                  token=cfg.model.hf_hub_token, cache_dir=cfg.model.cache_dir, use_safetensors=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, config=config, dtype=precision.torch_dtype, attn_implementation=attention,
-            quantization_config=quantization_config(cfg, precision), device_map=device_map,
-            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
-            token=cfg.model.hf_hub_token, cache_dir=cfg.model.cache_dir, use_safetensors=True,
-        )
+        if reward:
+            (AutoModel,) = from_transformers("AutoModelForSequenceClassification")
+            from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+            with suppress_seqcls_warning():  # the language model's head unused, the score head new: as intended
+                model = AutoModel.from_pretrained(model_path, num_labels=1, **kwargs)
+        else:
+            (AutoModel,) = from_transformers("AutoModelForCausalLM")
+            model = AutoModel.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model from {model_path}: {_first_line(exc)}") from None
     model.config.use_cache = False  # with a KV cache transformers builds no packed mask: samples would mix
     quantize_experts(model, cfg)
     return model
+
+
+REWARD_SUFFIX = "ForSequenceClassification"  # transformers' class of a model with a score head
+
+
+def reward_architecture(model_path: str) -> str | None:
+    """The architecture a local model's config.json names when it is a reward model (a stage rm run's full or
+    freeze output, or one exported), else None."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (ValueError, OSError, AttributeError):
+        return None
+    return next((name for name in architectures if isinstance(name, str) and name.endswith(REWARD_SUFFIX)), None)
+
+
+def reward_adapter(path: str) -> bool:
+    """Whether a LoRA adapter was trained for a reward model (PEFT's task SEQ_CLS: its score head saved with it)."""
+    import json
+
+    config = Path(path) / "adapter_config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS"
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def is_reward_model(model_path: str, adapters: str | None) -> bool:
+    """Whether a trained model is a reward model: its last adapter is one (a LoRA stage rm run), or the model itself
+    (a full or freeze one)."""
+    last = [p.strip() for p in (adapters or "").split(",") if p.strip()][-1:]
+    return reward_adapter(last[0]) if last else reward_architecture(model_path) is not None
+
+
+def scores(model) -> bool:
+    """Whether a loaded model (PEFT-wrapped or not) is a reward model with a score head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith(REWARD_SUFFIX)
 
 
 def quantize_experts(model, cfg: TunerConfig) -> None:
@@ -285,10 +340,10 @@ def quantize_experts(model, cfg: TunerConfig) -> None:
 
 def linear_module_names(model) -> list[str]:
     """Short names of the linear layers LoRA can wrap: every ``nn.Linear`` (quantized ones too) but the output head
-    and mixture-of-experts routers (found from the model, not a hard-coded list)."""
+    (a reward model's score head) and mixture-of-experts routers (found from the model, not a hard-coded list)."""
     import torch
 
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() if not scores(model) else model.score  # the head trains whole, or not
     experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
     names = set()
     for full_name, module in model.named_modules():
@@ -330,7 +385,8 @@ def prepare_kbit_model(model) -> None:
 def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
     """Wrap the model with PEFT LoRA (after k-bit preparation for QLoRA). With adapter_name_or_path, as in
     LLaMA-Factory: all but the last given adapter are merged into the base and the last trains further, or, with
-    create_new_adapter, all are merged and a new adapter trains on top."""
+    create_new_adapter, all are merged and a new adapter trains on top. A reward model trains a language model's
+    adapter (an SFT run's) no further: it is merged, and a new adapter trains with the score head."""
     from peft import PeftModel, get_peft_model
 
     if cfg.model.quantization_bit is not None:
@@ -338,10 +394,15 @@ def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
     if gradient_checkpointing:
         model.enable_input_require_grads()
     adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
-    resume = adapters.pop() if adapters and not cfg.finetune.create_new_adapter else None
+    continues = not cfg.finetune.create_new_adapter and (not scores(model) or adapters and reward_adapter(adapters[-1]))
+    resume = adapters.pop() if adapters and continues else None
+    if adapters and scores(model) and not resume:
+        log.info("stage rm: the given adapters are merged and a new one trains with the score head (a language "
+                 "model's adapter has no head to train further)")
     if adapters:
         model = _merge_adapters(model, adapters, cfg.model.quantization_bit is not None)
     if resume:
+        check_adapter_task(model, resume)
         log.info("training the adapter %s further (create_new_adapter false)", resume)
         return PeftModel.from_pretrained(model, resume, is_trainable=True)
     if adapters:
@@ -370,8 +431,9 @@ def load_adapters(model, adapters: str | None, quantized: bool):
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",
                             "a freeze or full fine-tune output is a whole model: pass it as model_name_or_path")
+        check_adapter_task(model, path)
         try:
-            model = PeftModel.from_pretrained(model, path)
+            model = PeftModel.from_pretrained(model, path, config=_lm_adapter_on_reward_model(model, path))
         except RuntimeError as exc:
             if "size mismatch" not in str(exc):
                 raise
@@ -384,6 +446,25 @@ def load_adapters(model, adapters: str | None, quantized: bool):
     return model
 
 
+def check_adapter_task(model, path: str) -> None:
+    """A reward model's adapter (its score head with it) goes on a reward model only."""
+    if reward_adapter(path) and not scores(model):
+        raise UserError(f"the adapter {path} is a reward model's (stage rm): it scores replies and writes none",
+                        "train stage rm on it, or give a language model's adapter")
+
+
+def _lm_adapter_on_reward_model(model, path: str):
+    """A language model's adapter (an SFT run's) on a reward model, to be merged into its decoder: its config without
+    the task, which would wrap the model for generation; None otherwise (the adapter's own config)."""
+    if not scores(model) or reward_adapter(path):
+        return None
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(path)
+    config.task_type = None
+    return config
+
+
 def lora_config(model, cfg: TunerConfig):
     """PEFT's LoraConfig from our keys: PiSSA initialisation and fully trained extra modules included."""
     from peft import LoraConfig
@@ -393,7 +474,7 @@ def lora_config(model, cfg: TunerConfig):
         r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank, lora_dropout=f.lora_dropout,
         target_modules=lora_targets(model, f.lora_target), use_rslora=f.use_rslora, use_dora=f.use_dora,
         modules_to_save=additional_targets(model, f.additional_target), init_lora_weights=lora_init(f),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if scores(model) else "CAUSAL_LM",  # SEQ_CLS: the score head trains whole, saved with it
     )
 
 
@@ -428,19 +509,19 @@ def freeze_pattern(num_layers: int, trainable_layers: int, modules: str) -> re.P
 
 
 def apply_freeze(model, cfg: TunerConfig, gradient_checkpointing: bool):
-    """Train only the chosen layers; trainable weights kept in fp32 so the optimizer updates are not lost to rounding
-    (in bfloat16 under pure_bf16)."""
+    """Train only the chosen layers (and a reward model's score head); trainable weights kept in fp32 so the optimizer
+    updates are not lost to rounding (in bfloat16 under pure_bf16)."""
     import torch
 
     pattern = freeze_pattern(model.config.num_hidden_layers, cfg.finetune.freeze_trainable_layers,
                              cfg.finetune.freeze_trainable_modules)
-    trainable = 0
+    trainable, head = 0, scores(model)
     for name, param in model.named_parameters():
-        param.requires_grad = bool(pattern.search(name))
-        if param.requires_grad:
-            if not cfg.train.pure_bf16:
-                param.data = param.data.to(torch.float32)
-            trainable += 1
+        in_layers = bool(pattern.search(name))
+        param.requires_grad = in_layers or (head and name.startswith("score."))
+        if param.requires_grad and not cfg.train.pure_bf16:
+            param.data = param.data.to(torch.float32)
+        trainable += in_layers
     if trainable == 0:
         raise UserError(f"freeze_trainable_modules {cfg.finetune.freeze_trainable_modules} matches no parameter "
                         f"of the last {cfg.finetune.freeze_trainable_layers} layers",

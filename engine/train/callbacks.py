@@ -176,12 +176,15 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
-STAGE_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")  # TRL's stage metrics without a "/"
+# TRL's stage metrics without a "/": ORPO's, KTO's, and the RewardTrainer's
+STAGE_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen", "kl", "accuracy", "margin", "mean_reward",
+                 "min_reward", "max_reward")
 
 
 def stage_metrics(logs: dict) -> dict:
     """What a stage's trainer logs beyond the loss, by TRL's names ("rewards/chosen", "rewards/margins",
-    "rewards/accuracies", "logps/rejected", ORPO's "nll_loss" and "log_odds_ratio", ...): the log event's
+    "rewards/accuracies", "logps/rejected", ORPO's "nll_loss" and "log_odds_ratio", a reward model's "accuracy"
+    and "margin", ...): the log event's
     ``metrics``, which the dashboard can draw."""
     return {key: value for key, value in logs.items() if ("/" in key or key in STAGE_METRICS)
             and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}

@@ -1,7 +1,7 @@
 """``plot_loss``: the loss curves of a finished run as PNG files in its directory, drawn as LLaMA-Factory's
 extras/ploting.py draws them (its smoothing, title, labels, colours, size and file names: training_loss.png,
-training_eval_loss.png; stage dpo's training_rewards_accuracies.png, kto's training_rewards_chosen.png), so a migrated user finds them where they
-were."""
+training_eval_loss.png; stage dpo's training_rewards_accuracies.png, kto's training_rewards_chosen.png, rm's
+training_eval_accuracy.png), so a migrated user finds them where they were."""
 
 from __future__ import annotations
 

@@ -47,11 +47,15 @@ def stage_of(cfg: TunerConfig) -> Stage:
         from engine.train.kto import KTO
 
         return KTO
+    if cfg.finetune.stage == "rm":
+        from engine.train.rm import RM
+
+        return RM
     if cfg.finetune.stage == "pt":
         from engine.train.pt import PT
 
         return PT
-    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft, dpo, kto or pt")
+    raise UserError(f"stage {cfg.finetune.stage} is not one tuner runs", "use stage sft, dpo, kto, rm or pt")
 
 
 SNAPSHOT_POLL_S = 1.0  # how often a machine's other processes look for the snapshot its first process downloads
@@ -269,7 +273,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
 
     set_seed(cfg.train.seed)  # LoRA's initial weights too: the same seed trains the same run
     strategy.before_model_load(plan.fit.micro_batch, plan.fit.accumulation)  # the strategy keeps what must live
-    model = load_model(model_path, cfg, precision, plan.attention, device_map(cfg, hardware))
+    model = load_model(model_path, cfg, precision, plan.attention, device_map(cfg, hardware), reward=stage.reward)
     if plan.liger.on:
         from engine.models.kernels import apply_liger
 

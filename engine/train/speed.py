@@ -83,7 +83,7 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
     padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
                                                 padding_free, machine.torch_varlen, model.varlen_blocker)
-    liger = (LigerChoice(False, "a preference stage: TRL's trainer computes its preference loss itself")
+    liger = (LigerChoice(False, "a preference or reward stage: TRL's trainer computes its loss itself")
              if pairs else
              choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
@@ -92,10 +92,12 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
                                    "pairs)")
         f = cfg.finetune
         how = ("TRL's tiled LM head over each reply and its KL sample, against the reference" if f.stage == "kto"
+               else "the score head at the last token of each conversation, chosen against rejected"
+               if f.stage == "rm"
                else "the model's logits over both replies, no reference" if not has_reference(f)
                else "TRL's tiled LM head over both replies, against the reference")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
-                         "preference", how)
+                         "reward" if f.stage == "rm" else "preference", how)
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
     elif shape is None:
@@ -129,9 +131,11 @@ def _padding_free(cfg: TunerConfig, model: ModelTraits) -> tuple[bool, str]:
     return True, "default: no padding computed, samples kept apart"
 
 
-PAIRS_PAD = "TRL's preference trainers pad each batch of pairs (DPO's padding-free path is off in TRL 1.16)"
+PAIRS_PAD = ("TRL's preference and reward trainers pad each batch of pairs (DPO's padding-free path is off in TRL "
+             "1.16)")
 LOSSES = {"liger": "Liger's fused linear cross-entropy", "trl": "TRL's tiled LM head",
-          "model": "the model's own cross-entropy", "preference": "TRL's preference loss"}
+          "model": "the model's own cross-entropy", "preference": "TRL's preference loss",
+          "reward": "TRL's reward loss (chosen scored above rejected)"}
 
 
 def _choose_loss(liger: bool, on_gpu: bool) -> tuple[str, str]:

@@ -56,3 +56,4 @@ class Stage:
     pairs: bool = False  # its samples are preference pairs: padded batches, no packing, no Liger, the batch as given
     perplexity: bool = True  # its eval loss is a language model's, so eval_results.json gets exp(eval_loss)
     plots: tuple[str, ...] = ("loss", "eval_loss")  # what plot_loss draws, as LLaMA-Factory's workflow for it
+    reward: bool = False  # it trains a reward model: the decoder under a score head, not a language model

@@ -178,7 +178,7 @@ def test_supervised_data_is_refused_by_stage_dpo_and_pairs_by_stage_sft(tiny_mod
     assert code == 2 and "is not a preference (ranking) dataset" in output and "Traceback" not in output
     code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "pairs_alpaca", "--dataset_dir",
                          str(data), "--output_dir", str(tmp_path / "b"), "--max_steps", "1")
-    assert code == 2 and "set stage dpo to train on it" in output
+    assert code == 2 and "set stage dpo (or rm, for a reward model) to train on it" in output
     code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--pref_beta",
                          "0.3", "--output_dir", str(tmp_path / "c"))
     assert code == 2 and "pref_beta 0.3 acts in preference tuning" in output

@@ -87,6 +87,18 @@ def test_additional_target_is_trained_in_full_and_saved_with_the_adapter(tiny_mo
     assert len(saved) == 1 and saved[0].shape == base.shape and not torch.equal(saved[0], base)
 
 
+def test_additional_target_trains_in_fp32_beside_a_4bit_base(tiny_models, tmp_path):
+    """TRL casts a quantized model's trainable weights to bfloat16; a module trained whole does not cast its input as
+    LoRA's layers do, so it goes back to fp32 (on the CPU an fp32 input met a bfloat16 lm_head and the run failed)."""
+    from safetensors.torch import load_file
+
+    out = train(tmp_path / "extra", "--quantization_bit", "4", "--additional_target", "lm_head")
+    assert read_status(out).state == "completed"
+    saved = [t for key, t in adapter_tensors(out).items() if "lm_head" in key]
+    base = load_file(tiny_models["tiny-llama"] / "model.safetensors")["lm_head.weight"]
+    assert len(saved) == 1 and saved[0].shape == base.shape
+
+
 def test_create_new_adapter_trains_a_second_adapter_over_the_merged_first(tiny_models, tmp_path):
     import torch
 

@@ -146,6 +146,59 @@ export_device: cpu
 export_legacy_format: false
 """
 
+# examples/train_lora/qwen3_lora_{dpo,kto,reward,pretrain}.yaml of LLaMA-Factory: the stages after (and before) SFT,
+# as they are but for the model and comments. They share LORA_SFT's output and train blocks (save_only_model and
+# resume_from_checkpoint left out of the KTO file there).
+AFTER_SFT = """\
+### model
+model_name_or_path: {{model}}
+trust_remote_code: true
+
+### method
+stage: {stage}
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+{method}
+### dataset
+dataset: {dataset}
+{template}cutoff_len: 2048
+max_samples: 1000
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/qwen3-4b/lora/{output}
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: {learning_rate}
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+LF_STAGES = {
+    "dpo": dict(stage="dpo", method="pref_beta: 0.1\npref_loss: sigmoid\n", dataset="dpo_en_demo",
+                template="template: qwen3_nothink\n", output="dpo", learning_rate="5.0e-6"),
+    "kto": dict(stage="kto", method="pref_beta: 0.1\n", dataset="kto_en_demo", template="template: qwen3_nothink\n",
+                output="kto", learning_rate="5.0e-6"),
+    "reward": dict(stage="rm", method="", dataset="dpo_en_demo", template="template: qwen3_nothink\n",
+                   output="reward", learning_rate="1.0e-4"),
+    "pretrain": dict(stage="pt", method="", dataset="c4_demo", template="", output="pretrain",
+                     learning_rate="1.0e-4"),
+}
+
 # Small enough for a CPU: the files say 1000 samples for 3 epochs.
 SHORTER = ["--max_samples", "12", "--num_train_epochs", "1", "--logging_steps", "1"]
 
@@ -212,6 +265,34 @@ def test_llamafactory_qlora_config_then_predict_and_merge_configs_run_unchanged(
     assert merged.returncode == 0, merged.stdout + merged.stderr
     exported = workdir / "output/llama3_lora_sft"
     assert list(exported.glob("*.safetensors")) and not list(exported.glob("*.bin"))
+
+
+@pytest.mark.parametrize("example", ["dpo", "reward", "pretrain"])
+def test_llamafactorys_examples_of_the_other_stages_run_unchanged(workdir, tiny_models, example):
+    text = AFTER_SFT.format(**LF_STAGES[example])
+    shorter = [*SHORTER, "--cutoff_len", "64"] if example == "pretrain" else SHORTER  # our c4_demo: 5 short texts
+    done = tuner(workdir, "train", write(workdir, f"qwen3_lora_{example}.yaml", text, tiny_models["tiny-llama"]),
+                 *shorter)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = workdir / f"saves/qwen3-4b/lora/{example}"
+    status = read_status(out)
+    assert status.state == "completed" and status.method == f"{LF_STAGES[example]['stage']}-lora"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert lines and list(lines[0])[:2] == ["current_steps", "total_steps"]
+
+
+def test_llamafactorys_kto_example_is_refused_with_what_to_change(workdir, tiny_models):
+    """Its batch of one sample leaves KTO's KL term (TRL's KTOTrainer pairs each prompt with another reply of the
+    same batch) nothing to pair with: one line says what to change."""
+    text = AFTER_SFT.format(**LF_STAGES["kto"])
+    done = tuner(workdir, "train", write(workdir, "qwen3_lora_kto.yaml", text, tiny_models["tiny-llama"]), *SHORTER)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "per_device_train_batch_size 1: KTO's KL term pairs each prompt with another sample's reply" in done.stderr
+    assert "give 2 or more, and halve gradient_accumulation_steps" in done.stderr
+    done = tuner(workdir, "train", "qwen3_lora_kto.yaml", *SHORTER, "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_config_with_keys_tuner_does_not_run_fails_in_one_round(workdir, tiny_models):

@@ -100,3 +100,38 @@ async def test_a_preference_stage_starts_from_a_finished_lora_run_of_the_model(h
         app.screen.query_one("#stage", Select).value = "sft"  # a supervised run starts from the model again
         await until(pilot, lambda: "adapter_name_or_path" not in app.choices.command_line(), "the start dropped")
         assert start.value is Select.NULL and not app.screen.query_one("#row-adapter_name_or_path").display
+
+
+async def test_stage_rm_estimates_a_score_head_lists_pairs_and_starts_from_an_sft_run(home, tmp_path):
+    """A reward model in the wizard: no preference settings, an estimate without the LM head's logits, the ranking
+    datasets with demo_pairs and a pair previewed; it may start from a finished LoRA SFT run, whose adapter is merged
+    under the new one. A reward model's run is offered to stage rm only, never to DPO."""
+    from engine.cli import main
+
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    assert main(["train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--max_steps", "1",
+                 "--output_dir", str(sft)]) == 0
+    assert main(["train", "--stage", "rm", "--model_name_or_path", "tiny-llama", "--dataset", "demo_pairs",
+                 "--max_steps", "1", "--output_dir", str(rm)]) == 0
+    app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "tiny-llama"}))
+    async with app.run_test(size=(100, 40)) as pilot:
+        table = await on_the_method_step(pilot, app)
+        lora_sft = float(str(table.get_row("lora")[1]))
+        start = app.screen.query_one("#adapter_name_or_path", Select)
+        app.screen.query_one("#stage", Select).value = "rm"
+        await until(pilot, lambda: len(start._options) > 2, "the finished runs listed")
+        assert {value for _, value in start._options if value is not Select.NULL} == {str(sft), str(rm)}
+        assert not app.screen.query_one("#row-pref_beta").display
+        await until(pilot, lambda: float(str(table.get_row("lora")[1])) != lora_sft, "the estimate for stage rm")
+        start.value = str(sft)
+        await until(pilot, lambda: app.choices.values.get("adapter_name_or_path") == str(sft), "the run chosen")
+        app.screen.query_one("#stage", Select).value = "dpo"
+        await until(pilot, lambda: [v for _, v in start._options if v is not Select.NULL] == [str(sft)],
+                    "the runs DPO can start from")
+
+        app.screen.query_one("#stage", Select).value = "rm"
+        await app.push_screen(DataStep())
+        await until(pilot, lambda: app.choices.values.get("dataset") == "demo_pairs", "the demo pairs chosen")
+        preview = app.screen.query_one("#preview", Static)
+        await until(pilot, lambda: "── pair 1" in shown(preview), "a pair previewed")
+        assert "--stage rm" in app.choices.command_line()

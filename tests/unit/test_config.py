@@ -94,13 +94,13 @@ def test_unknown_key_names_the_closest_known_key():
 
 def test_bad_values_and_choices_are_all_reported():
     with pytest.raises(ConfigError) as info:
-        build_config({"cutoff_len": "long", "finetuning_type": "qlora", "bf16": "maybe", "stage": "rm"})
+        build_config({"cutoff_len": "long", "finetuning_type": "qlora", "bf16": "maybe", "stage": "ppo"})
     assert info.value.problems == [
         "cutoff_len: expected a whole number, got 'long'",
         "finetuning_type: 'qlora' is not one of lora, freeze, full",
         "bf16: expected true or false, got 'maybe'",
-        "LLaMA-Factory's stage rm is not supported by tuner: tuner runs supervised fine-tuning (stage sft), "
-        "preference tuning (stages dpo and kto) and pre-training (stage pt)",
+        "LLaMA-Factory's stage ppo is not supported by tuner: tuner runs supervised fine-tuning (stage sft), "
+        "preference tuning (stages dpo and kto), reward models (stage rm) and pre-training (stage pt)",
     ]
 
 

@@ -203,3 +203,24 @@ def test_a_preference_pair_doubles_the_batch_and_only_losses_against_a_reference
                                                  "--cutoff_len", "1024", "--finetuning_type", "full"]), LLAMA2_7B))
     assert kto.components["reference_model"] == dpo.components["reference_model"]
     assert kto.components["activations"] == sft.components["activations"]  # its KL forward keeps none
+
+
+def test_a_reward_model_has_a_score_head_in_place_of_the_lm_head():
+    """Stage rm: both conversations of a pair in one forward, no reference, no vocabulary-wide logits, no LM head
+    (and its upcast copy under QLoRA), the one-output head trained whole beside the adapter."""
+    def shape(stage: str, *args: str) -> RunShape:
+        return shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--stage", stage,
+                                             "--cutoff_len", "1024", *args]), LLAMA2_7B)
+
+    rm, sft = estimate(shape("rm")), estimate(shape("sft"))
+    head = LLAMA2_7B.vocab_size * LLAMA2_7B.hidden_size
+    assert rm.trainable_params == sft.trainable_params + LLAMA2_7B.hidden_size
+    assert rm.components["weights_16bit"] == pytest.approx(sft.components["weights_16bit"] - head * 2 / GIB,
+                                                           abs=1e-2)
+    assert rm.components["activations"] == pytest.approx(2 * sft.components["activations"], rel=1e-3)
+    assert rm.components["logits_and_loss"] < 0.01 < sft.components["logits_and_loss"]
+    assert not any(key.startswith("reference") for key in rm.components)
+    assert any("score head" in line for line in rm.assumptions)
+    qlora_rm, qlora_sft = estimate(shape("rm", "--quantization_bit", "4")), estimate(shape("sft", "--quantization_bit",
+                                                                                          "4"))
+    assert qlora_rm.components["autocast_weight_copies"] < qlora_sft.components["autocast_weight_copies"]

@@ -218,7 +218,10 @@ class DashboardScreen(Screen):
     def action_chat(self) -> None:
         from tuner_tui.followup.chat import ChatScreen
 
-        if not self._follow_up_refused():
+        if self.run is not None and (self.run.method or "").startswith("rm-"):
+            self.notify(f"run {self.run.run_id} is a reward model (stage rm): it scores replies and writes none; "
+                        "p scores ranking pairs with it", severity="warning", markup=False)
+        elif not self._follow_up_refused():
             self.app.push_screen(ChatScreen(self.run_dir))
 
     def action_predict(self) -> None:

@@ -282,10 +282,12 @@ class PredictScreen(TaskScreen):
     def note(self, job, fields: dict[str, str]) -> str:
         from engine.infer.followup import training_data_warning
 
+        scores = ("a reward model: it scores both replies of each ranking pair and reports how often the chosen one "
+                  "scores higher (predict_accuracy)" if job.status and (job.status.method or "").startswith("rm-") else "")
         warning = training_data_warning(job, fields["dataset"])
         if warning or fields["dataset"] != self.prefilled["dataset"]:
-            return warning or ""
-        return "the dataset is the run's eval_dataset"
+            return " · ".join(filter(None, (scores, warning)))
+        return " · ".join(filter(None, (scores, "the dataset is the run's eval_dataset")))
 
     def on_input_changed(self, event: Input.Changed) -> None:
         super().on_input_changed(event)

@@ -21,7 +21,7 @@ from tuner_tui.wizard.steps.base import Field, WizardStep, field_row
 PREVIEWING = threading.Lock()
 LEARNED = "$text-success on $success-muted"
 DEMO_DATASET = "demo_alpaca"  # chosen when no dataset is: it trains any model end to end
-DEMO_PAIRS = "demo_pairs"  # ... for stage dpo
+DEMO_PAIRS = "demo_pairs"  # ... for stages dpo and rm
 DEMO_FEEDBACK = "demo_feedback"  # ... and for stage kto
 BUSY = {"template": "comparing the template with the model's own…", "preview": "previewing the data…"}
 
@@ -162,7 +162,7 @@ class DataStep(WizardStep):
             registry = self.query_one("#dataset-select", Select)
             registry.set_options([(name, name) for name in datasets])
             self._registered = list(datasets)
-            demos = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS, "kto": DEMO_FEEDBACK}
+            demos = {"sft": DEMO_DATASET, "dpo": DEMO_PAIRS, "kto": DEMO_FEEDBACK, "rm": DEMO_PAIRS}
             demo = demos.get(self.choices.values.get("stage") or "sft", "")
             current = self.choices.values.get("dataset") or ""
             if current in ("", *demos.values()) and current != demo:  # none, or another stage's demo

@@ -1,5 +1,5 @@
 """Step 3, Method: the stage (supervised fine-tuning, DPO on preference pairs, KTO on replies marked desirable or
-not, pre-training on raw text), what trains (LoRA, QLoRA, freeze or full) with the memory estimate for each and
+not, a reward model on preference pairs, pre-training on raw text), what trains (LoRA, QLoRA, freeze or full) with the memory estimate for each and
 whether it fits the chosen GPUs, the method recommended and why, and the settings of the method and stage chosen."""
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target")
 STAGE_FIELDS = {"dpo": ("pref_beta", "pref_loss", "pref_ftx"),
                 "kto": ("pref_beta", "kto_chosen_weight", "kto_rejected_weight")}
 PREFERENCE_FIELDS = ("pref_beta", "pref_loss", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight")
+# The stages that may start from a finished LoRA run (a preference stage trains its adapter on; a reward model merges
+# it and trains a new adapter with its score head).
+START_FROM_RUN = ("dpo", "kto", "rm")
 # The settings that act for each method (row ids of the body); the others are hidden while it is chosen.
 METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LORA_FIELDS,
                  "qlora-8bit": (*LORA_FIELDS, "qlora-bits"), "qlora-4bit": (*LORA_FIELDS, "qlora-bits")}
@@ -31,13 +34,16 @@ METHOD_FIELDS = {"full": (), "freeze": ("freeze_trainable_layers",), "lora": LOR
 FROM_SCRATCH = "the model itself (a new adapter)"
 
 
-def _runs_to_start_from(model: str) -> list[tuple[str, str]]:
-    """(label, run directory) of each finished LoRA run of ``model``, newest first."""
+def _runs_to_start_from(model: str, stage: str) -> list[tuple[str, str]]:
+    """(label, run directory) of each finished LoRA run of ``model`` that ``stage`` can start from, newest first (a
+    reward model's adapter only for another reward model)."""
     from engine.rundir.jobs import adapters_of, job_row
 
     runs = []
     for job in adapters_of(model):
         row = job_row(job)
+        if row["method"].startswith("rm-") and stage != "rm":
+            continue
         runs.append((f"{row['name'] or row['id']} · {row['method']} · loss {row['loss'] or '?'} · {row['started']}",
                      str(job.dir)))
     return runs
@@ -92,8 +98,9 @@ class MethodStep(WizardStep):
         yield from setting_row("kto_chosen_weight", "Desirable weight", self.choices)
         yield from setting_row("kto_rejected_weight", "Undesirable weight", self.choices)
         start = Select([], id="adapter_name_or_path", prompt=FROM_SCRATCH)
-        start.tooltip = ("Continue from a finished LoRA run of this model: its adapter trains on, and is the "
-                         "reference (adapter_name_or_path)")
+        start.tooltip = ("Continue from a finished LoRA run of this model (adapter_name_or_path): DPO and KTO train "
+                         "its adapter on, against it as the reference; a reward model merges it and trains a new "
+                         "adapter with its score head")
         yield from field_row("Start from", start)
 
     def on_mount(self) -> None:
@@ -103,11 +110,11 @@ class MethodStep(WizardStep):
         self._list_runs()
 
     def _list_runs(self) -> None:
-        """The finished LoRA runs of the model chosen, to start a preference stage from (a worker: it reads every
-        indexed run)."""
-        if self.choices.values.get("stage") in STAGE_FIELDS:
-            model = str(self.choices.values.get("model_name_or_path", ""))
-            self.work("runs", lambda: _runs_to_start_from(model), "listing the runs to start from")
+        """The finished LoRA runs of the model chosen, to start a preference stage or reward model from (a worker:
+        it reads every indexed run)."""
+        if self.choices.values.get("stage") in START_FROM_RUN:
+            model, stage = str(self.choices.values.get("model_name_or_path", "")), self.choices.values["stage"]
+            self.work("runs", lambda: _runs_to_start_from(model, stage), "listing the runs to start from")
         else:
             self.workers.cancel_group(self, "runs")
 
@@ -116,7 +123,7 @@ class MethodStep(WizardStep):
         layers for freeze); one with a problem stays, so that it can be mended."""
         wanted = METHOD_FIELDS[self.choices.method or "lora"]
         wanted += STAGE_FIELDS.get(self.choices.values.get("stage"), ())
-        wanted += ("adapter_name_or_path",) if self.choices.values.get("stage") in STAGE_FIELDS else ()
+        wanted += ("adapter_name_or_path",) if self.choices.values.get("stage") in START_FROM_RUN else ()
         for key in (*LORA_FIELDS, "freeze_trainable_layers", "qlora-bits", *PREFERENCE_FIELDS, "adapter_name_or_path"):
             shown = key in wanted or key in self.troubled
             for widget in self.query(f"#row-{key}, #err-{key}" + (", #targets" if key == "lora_target" else "")):
@@ -148,7 +155,7 @@ class MethodStep(WizardStep):
         if key == "strategy" and self.choices.values.get("strategy") != self.choices.values.get("_strategy_auto"):
             self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
         if key == "stage":
-            if self.choices.values.get("stage") not in STAGE_FIELDS and self.query_one(
+            if self.choices.values.get("stage") not in START_FROM_RUN and self.query_one(
                     "#adapter_name_or_path", Select).value is not Select.NULL:
                 self.query_one("#adapter_name_or_path", Select).clear()  # a run chosen to start a preference stage
                 self.choices.values.pop("adapter_name_or_path", None)  # from: not a supervised run's start
@@ -297,7 +304,7 @@ class MethodStep(WizardStep):
         """The runs listed, and an adapter given otherwise (a config file, an earlier session) shown as given, so
         that what the run starts from is always in sight. A list that arrives after the stage went back to sft is
         not used."""
-        if self.choices.values.get("stage") not in STAGE_FIELDS:
+        if self.choices.values.get("stage") not in START_FROM_RUN:
             return
         start = self.query_one("#adapter_name_or_path", Select)
         chosen = self.choices.values.get("adapter_name_or_path") or ""
