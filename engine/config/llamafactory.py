@@ -19,13 +19,15 @@ from engine.config.library import flag_word
 
 SFT_ONLY = ("tuner runs supervised fine-tuning (stage sft), DPO and KTO (stages dpo, kto), reward models (stage rm) "
             "and pre-training (stage pt) only")
-# The preference keys tuner's stages dpo and kto act on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_* /
-# ref_model* family is refused with what there is.
+# The preference keys tuner's stages dpo and kto act on; the rest of LLaMA-Factory's pref_* / dpo_* / simpo_*
+# family is refused with what there is.
 PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",
-                   "kto_chosen_weight", "kto_rejected_weight")
+                   "kto_chosen_weight", "kto_rejected_weight", "ld_alpha", "ref_model", "ref_model_adapters",
+                   "ref_model_quantization_bit")
 PREFERENCE_LATER = ("tuner's stage dpo takes pref_beta, pref_ftx, pref_loss (sigmoid, hinge, ipo, orpo, simpo), "
-                    "pref_bco_weight, dpo_label_smoothing and simpo_gamma, stage kto pref_beta, kto_chosen_weight and "
-                    "kto_rejected_weight; the reference is the model as it starts (LoRA: the adapter as it starts)")
+                    "pref_bco_weight, dpo_label_smoothing, simpo_gamma and ld_alpha, stage kto pref_beta, "
+                    "kto_chosen_weight and kto_rejected_weight, both ref_model, ref_model_adapters and "
+                    "ref_model_quantization_bit")
 TEXT_ONLY = "tuner trains text models; images, videos and audio are not supported"
 HF_BACKEND = "tuner generates with transformers (infer_backend huggingface)"
 
@@ -115,8 +117,6 @@ UNSUPPORTED_PREFIXES = {
     "kto_": SFT_ONLY,
     "simpo_": PREFERENCE_LATER,
     "ppo_": SFT_ONLY,
-    "ld_alpha": PREFERENCE_LATER,
-    "ref_model": PREFERENCE_LATER,
     "reward_model": SFT_ONLY,
     "swanlab_": UNSUPPORTED["use_swanlab"],
     "vllm_": HF_BACKEND,

@@ -125,6 +125,13 @@ class FinetuneArgs:
     simpo_gamma: float = _opt(0.5, "simpo: the target reward margin.")
     kto_chosen_weight: float = _opt(1.0, "kto: weight of the loss on desirable replies.")
     kto_rejected_weight: float = _opt(1.0, "kto: weight of the loss on undesirable replies.")
+    ld_alpha: float | None = _opt(None, "dpo: LD-DPO's alpha, in [0, 1]: each reply's tokens past the shorter reply's "
+                                  "length count this much in its log-probability (TRL's ld_alpha; 1: plain DPO).")
+    ref_model: str | None = _opt(None, "dpo, kto: the reference model (catalog name, hub id in the cache, or "
+                                 "directory); default: the model as it starts.")
+    ref_model_adapters: str | None = _opt(None, "dpo, kto: LoRA adapters applied to ref_model (comma list: all but "
+                                          "the last merged).")
+    ref_model_quantization_bit: int | None = _opt(None, "dpo, kto: load ref_model in 4 or 8 bits.", (4, 8))
 
 
 @dataclass

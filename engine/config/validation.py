@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from engine.config.schema import REFERENCE_FREE, REPORTERS, TrainArgs, TunerConfig
+from engine.config.schema import REFERENCE_FREE, REPORTERS, TrainArgs, TunerConfig, has_reference
 from engine.errors import ConfigError, UserError
 
 # Longest sample accepted (2**20 tokens), far beyond any model's context; a larger one is a typo.
@@ -223,8 +223,9 @@ def _collisions(cfg: TunerConfig) -> list[str]:
 
 PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid", "pref_bco_weight": 0.0,
                        "dpo_label_smoothing": 0.0, "simpo_gamma": 0.5, "kto_chosen_weight": 1.0,
-                       "kto_rejected_weight": 1.0}
-DPO_ONLY = ("pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma")
+                       "kto_rejected_weight": 1.0, "ld_alpha": None, "ref_model": None, "ref_model_adapters": None,
+                       "ref_model_quantization_bit": None}
+DPO_ONLY = ("pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma", "ld_alpha")
 KTO_ONLY = ("kto_chosen_weight", "kto_rejected_weight")
 
 
@@ -235,6 +236,23 @@ def _preference_keys_unused(f, keys=tuple(PREFERENCE_DEFAULTS)) -> list[str]:
 
     return [f"{key} {getattr(f, key)} acts in preference tuning: set stage {stages(key)}, or leave {key} out"
             for key in keys if getattr(f, key) != PREFERENCE_DEFAULTS[key]]
+
+
+def _reference_checks(cfg: TunerConfig) -> list[tuple[bool, str]]:
+    """ref_model and its adapters and bits: a reference to load, and only where the loss has one."""
+    from engine.models.resolve import needs_hub
+
+    f, m = cfg.finetune, cfg.model
+    has_one = has_reference(f)
+    return [
+        (f.ref_model is not None and not has_one, f"ref_model: pref_loss {f.pref_loss} trains without a reference "
+         "model: leave ref_model out"),
+        (f.ref_model is None and (f.ref_model_adapters or f.ref_model_quantization_bit) is not None,
+         "ref_model_adapters and ref_model_quantization_bit load ref_model: give ref_model too (without it the "
+         "reference is the model as it starts)"),
+        (f.ref_model is not None and has_one and needs_hub(f.ref_model, m.model_revision, m.cache_dir),
+         f"ref_model {f.ref_model} is not downloaded: fetch it first with `tuner download {f.ref_model}`"),
+    ]
 
 
 def _stage(cfg: TunerConfig) -> list[str]:
@@ -273,6 +291,7 @@ def _stage(cfg: TunerConfig) -> list[str]:
     if stage == "rm":
         return [message for failed, message in checks if failed] + _preference_keys_unused(f)
     checks.append((f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"))
+    checks += _reference_checks(cfg)  # dpo and kto
     if stage == "kto":
         checks += [
             (f.kto_chosen_weight <= 0, f"kto_chosen_weight {f.kto_chosen_weight}: a weight is more than 0"),
@@ -285,6 +304,10 @@ def _stage(cfg: TunerConfig) -> list[str]:
             f"{key} {getattr(f, key)}: stage kto does not take it (TRL's KTOTrainer; it acts in stage dpo): leave "
             f"it out" for key in DPO_ONLY if getattr(f, key) != PREFERENCE_DEFAULTS[key]]
     checks += [
+        (f.ld_alpha is not None and not 0 <= f.ld_alpha <= 1, f"ld_alpha {f.ld_alpha}: LD-DPO's alpha is between 0 "
+         "and 1 (1: plain DPO)"),
+        (f.ld_alpha is not None and f.pref_loss in REFERENCE_FREE, f"ld_alpha acts through TRL's DPOTrainer (pref_loss "
+         f"sigmoid, hinge, ipo), not on pref_loss {f.pref_loss}: leave it out"),
         (f.pref_ftx < 0, f"pref_ftx {f.pref_ftx}: the weight of the supervised loss is 0 or more"),
         (f.pref_loss == "orpo" and f.pref_ftx > 0, f"pref_ftx {f.pref_ftx}: ORPO's loss holds the supervised loss on "
          "the chosen replies already (pref_beta weighs its odds-ratio part): leave pref_ftx out"),

@@ -48,6 +48,8 @@ class RunShape:
     fused_loss: bool = False  # Liger's fused linear cross-entropy (not yet measured); else TRL's tiled LM head
     pairs: bool = False  # stages dpo and rm: chosen and rejected in one forward (twice the batch)
     reference: bool = False  # a preference stage's frozen reference (dpo but ORPO and SimPO, kto)
+    reference_model: bool = False  # ref_model given: a whole model as the reference, even with LoRA
+    reference_bits: int | None = None  # ref_model_quantization_bit
     reward: bool = False  # stage rm: a one-output score head in place of the LM head (no vocabulary-wide logits)
 
     @property
@@ -351,7 +353,12 @@ def _reference(shape: RunShape, components: dict, assumptions: list, params: int
     """A preference stage's reference: with LoRA, TRL's frozen copy of the adapter as it starts; else the model
     loaded a second time in the training precision (sharded like the weights under ZeRO-3). Its forward runs
     without gradients, inside the training forward's peak (so does KTO's forward of the mismatched replies)."""
-    if shape.finetuning_type == "lora":
+    if shape.reference_model:
+        per_param = {4: 0.5 + 1 / 64, 8: 1.0}.get(shape.reference_bits, w16)  # 4-bit: NF4 with its block scales
+        components["reference_model"] = params * per_param / (shape.num_gpus if shape.sharding == "zero3" else 1)
+        bits = f"in {shape.reference_bits} bits" if shape.reference_bits else "in the training precision"
+        reference = f"ref_model, counted as large as the model trained, {bits}, frozen"
+    elif shape.finetuning_type == "lora":
         components["reference_adapter"] = trainable * w16
         reference = "a frozen copy of the adapter"
     else:

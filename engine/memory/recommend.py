@@ -100,6 +100,8 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         num_gpus=num_gpus, sharding=sharding_of(cfg), offload=cfg.train.strategy.endswith("_offload"),
         pairs=cfg.finetune.stage in ("dpo", "rm"),  # kto's forward of the mismatched replies keeps no activations
         reference=has_reference(cfg.finetune), reward=cfg.finetune.stage == "rm",
+        reference_model=has_reference(cfg.finetune) and cfg.finetune.ref_model is not None,
+        reference_bits=cfg.finetune.ref_model_quantization_bit,
     )
 
 

@@ -2,21 +2,26 @@
 through the template as LLaMA-Factory's pairwise processor does (engine.data.pairs), TRL's DPOTrainer with
 LLaMA-Factory's keys: pref_beta (beta), pref_loss (sigmoid, hinge, ipo; orpo and simpo through
 engine.train.reference_free), pref_ftx (TRL's "sft" loss on the chosen replies, weighted), dpo_label_smoothing and
-pref_bco_weight (loss_terms).
+pref_bco_weight (loss_terms), ld_alpha (TRL's LD-DPO weighting).
 
 The reference is the model as it starts, never a second copy when it can be avoided: with LoRA, TRL keeps a frozen
 copy of the adapter as it starts (a fresh adapter: the base model itself; one continued from an SFT run: that run's
 model); a full or freeze fine-tune loads the model again as the reference, the way tuner loaded the policy (its
-precision, attention, rope scaling), frozen.
+precision, attention, rope scaling), frozen. ref_model (with ref_model_adapters, in ref_model_quantization_bit
+bits) replaces either, as LLaMA-Factory's does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from engine.config.schema import REFERENCE_FREE, TunerConfig
+from engine.errors import UserError
 from engine.train.arguments import build_trainer, training_arguments
 from engine.train.stage import Stage, TrainerParts
+
+log = logging.getLogger("tuner")
 
 
 def datasets(cfg: TunerConfig, tokenizer, catalog_template: str | None, stop_wait):
@@ -38,7 +43,7 @@ def trainer(parts: TrainerParts, plan):
     losses, weights = loss_terms(f)
     args = training_arguments(
         DPOConfig, parts, plan, beta=f.pref_beta, loss_type=losses, loss_weights=weights,
-        label_smoothing=f.dpo_label_smoothing, max_length=None, padding_free=False,
+        label_smoothing=f.dpo_label_smoothing, ld_alpha=f.ld_alpha, max_length=None, padding_free=False,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
     with adapter_copied_plainly(parts.model):
@@ -66,18 +71,56 @@ def loss_terms(f) -> tuple[list[str], list[float]]:
 
 
 def reference_model(parts: TrainerParts, plan):
-    """None with LoRA (TRL copies the adapter); else the model loaded again as tuner loads it, frozen, in eval mode."""
-    if parts.cfg.finetune.finetuning_type == "lora":
+    """ref_model when given (with ref_model_adapters, in ref_model_quantization_bit bits); else None with LoRA (TRL
+    copies the adapter), or the model loaded again as tuner loads it. Frozen, in eval mode, loaded once (a rebuild
+    after a back-off reuses it)."""
+    f = parts.cfg.finetune
+    if f.ref_model is None and f.finetuning_type == "lora":
         return None
     if parts.reference is None:
-        from engine.models.loading import load_model
+        from engine.models.loading import load_adapters, load_model
         from engine.train.setup import device_map
 
-        reference = load_model(parts.model_path, parts.cfg, parts.precision, plan.attention,
-                               device_map(parts.cfg, parts.hardware))
+        path, cfg = parts.model_path, parts.cfg
+        if f.ref_model is not None:
+            path, cfg = reference_source(parts)
+        reference = load_model(path, cfg, parts.precision, plan.attention, device_map(cfg, parts.hardware))
+        if f.ref_model_adapters:  # merged in whole: TRL's fused LM head patches the model itself, not a wrapper
+            reference = load_adapters(reference, f.ref_model_adapters, f.ref_model_quantization_bit is not None)
+            reference = reference.merge_and_unload()
+        if f.ref_model is not None:
+            _same_vocabulary(parts.model, reference, f.ref_model)
+            log.info("reference: %s%s%s", f.ref_model, f" with adapters {f.ref_model_adapters}"
+                     if f.ref_model_adapters else "", f", {f.ref_model_quantization_bit}-bit"
+                     if f.ref_model_quantization_bit else "")
         reference.requires_grad_(False)
         parts.reference = reference.eval()
     return parts.reference
+
+
+def reference_source(parts: TrainerParts):
+    """Where ref_model loads from, and the config it loads with: the run's, its model section that of ref_model
+    (its adapters given apart, quantized in ref_model_quantization_bit bits, LLaMA-Factory's ref_model_* keys)."""
+    import dataclasses
+
+    from engine.models.resolve import resolve_configured
+
+    f = parts.cfg.finetune
+    model = dataclasses.replace(parts.cfg.model, model_name_or_path=f.ref_model, adapter_name_or_path=None,
+                                quantization_bit=f.ref_model_quantization_bit)
+    resolved = resolve_configured(model)
+    if resolved.plan is not None:  # the config's check said so before the run; the cache may have changed since
+        raise UserError(f"ref_model {f.ref_model} is not downloaded", f"tuner download {f.ref_model}")
+    return resolved.path, dataclasses.replace(parts.cfg, model=model)
+
+
+def _same_vocabulary(model, reference, name: str) -> None:
+    """The reference scores the policy's token ids: its vocabulary must be the same size (the same tokenizer)."""
+    mine = model.get_input_embeddings().weight.shape[0]
+    theirs = reference.get_input_embeddings().weight.shape[0]
+    if mine != theirs:
+        raise UserError(f"ref_model {name} has a vocabulary of {theirs} tokens and the model trained {mine}: the "
+                        "reference must score the same token ids", "give a ref_model of the same family and tokenizer")
 
 
 @contextlib.contextmanager

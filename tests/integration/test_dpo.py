@@ -162,7 +162,13 @@ def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
 @pytest.mark.parametrize(("extra", "said"), [
     (["--packing", "true"], "stage dpo trains each pair whole"),
     (["--pref_loss", "dpop"], "pref_loss: 'dpop' is not one of sigmoid, hinge, ipo, orpo, simpo"),
-    (["--ld_alpha", "0.5"], "ld_alpha is not supported by tuner"),
+    (["--ld_alpha", "2"], "ld_alpha 2.0: LD-DPO's alpha is between 0 and 1"),
+    (["--pref_loss", "simpo", "--ld_alpha", "0.5"], "ld_alpha acts through TRL's DPOTrainer"),
+    (["--pref_loss", "orpo", "--ref_model", "tiny-llama"], "ref_model: pref_loss orpo trains without a reference"),
+    (["--ref_model_quantization_bit", "4"], "ref_model_adapters and ref_model_quantization_bit load ref_model: give "
+                                            "ref_model too"),
+    (["--ref_model", "org/not-downloaded"], "ref_model org/not-downloaded is not downloaded: fetch it first with "
+                                            "`tuner download org/not-downloaded`"),
 ])
 def test_what_stage_dpo_cannot_act_on_is_refused_in_one_line(tmp_path, extra, said):
     data = write_pairs(tmp_path / "data", count=4)
@@ -282,3 +288,44 @@ def test_pref_loss_and_pref_beta_choose_the_loss_trained(tiny_models, tmp_path, 
     code, output = typed(*dpo_args(data, out, "--max_steps", "1", "--pref_loss", loss, "--pref_beta", "0.3"))
     assert code == 0, output
     assert [e["loss"] for e in read_events(out) if e["type"] == "log"] == [pytest.approx(first, abs=2e-3)]
+
+
+def test_ref_model_and_its_adapters_are_the_reference(tiny_models, tmp_path):
+    """LLaMA-Factory's ref_model keys: DPO continues an SFT run's adapter; against the base model as ref_model the
+    first loss is off ln 2 (the policy starts as the SFT model), against the base with the SFT adapter
+    (ref_model_adapters) it is ln 2 again; a 4-bit reference (ref_model_quantization_bit) of the base under a fresh
+    adapter is ln 2 but for the rounding of its weights."""
+    data, sft = write_pairs(tmp_path / "data"), tmp_path / "sft"
+    code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template",
+                         "llama2", "--output_dir", str(sft), "--max_steps", "3", "--learning_rate", "1e-2",
+                         "--max_samples", "24")
+    assert code == 0, output
+    first = {}
+    for name, extra in (("base", ["--adapter_name_or_path", str(sft), "--ref_model", "tiny-llama"]),
+                        ("sft", ["--adapter_name_or_path", str(sft), "--ref_model", "tiny-llama",
+                                 "--ref_model_adapters", str(sft)]),
+                        ("4bit", ["--ref_model", "tiny-llama", "--ref_model_quantization_bit", "4"])):
+        out = tmp_path / f"against_{name}"
+        code, output = typed(*dpo_args(data, out, "--max_steps", "1", *extra))
+        assert code == 0, output
+        first[name] = next(e["loss"] for e in read_events(out) if e["type"] == "log")
+    assert abs(first["base"] - 0.6931) > 5e-3 and first["sft"] == pytest.approx(0.6931, abs=2e-3)
+    assert first["4bit"] == pytest.approx(0.6931, abs=0.05) and first["4bit"] != pytest.approx(0.6931, abs=1e-5)
+    assert "reference: tiny-llama, 4-bit" in (tmp_path / "against_4bit" / "train.log").read_text()
+
+
+def test_ld_alpha_weighs_the_longer_replys_tail(tiny_models, tmp_path):
+    """TRL's LD-DPO: ld_alpha 1 is plain DPO, step for step; 0 counts each reply only as far as the shorter one goes,
+    so on demo_pairs (a refusal is longer than most answers) the training goes another way."""
+    losses = {}
+    for name, extra in (("plain", []), ("one", ["--ld_alpha", "1"]), ("zero", ["--ld_alpha", "0"])):
+        out = tmp_path / name
+        code, output = typed("train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset",
+                             "demo_pairs", "--max_samples", "24", "--output_dir", str(out), "--max_steps", "3",
+                             "--per_device_train_batch_size", "8", "--logging_steps", "1", "--learning_rate", "1e-2",
+                             *extra)
+        assert code == 0, output
+        losses[name] = [e["loss"] for e in read_events(out) if e["type"] == "log"]
+    assert losses["one"] == pytest.approx(losses["plain"], rel=1e-5)
+    assert losses["zero"][0] == pytest.approx(0.6931, abs=2e-3)  # the reference is the policy at the start
+    assert losses["zero"][1:] != pytest.approx(losses["plain"][1:], rel=1e-3)

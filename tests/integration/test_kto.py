@@ -190,3 +190,13 @@ def test_preference_data_is_tokenized_once_and_loaded_from_the_cache_after(tiny_
     records[3][changed] = "Nope." if stage == "dpo" else not records[3][changed]
     data.write_text(json.dumps(records))
     assert not build_pair_datasets(cfg, tokenizer, kind=kind).from_cache
+
+
+def test_kto_takes_a_ref_model(tiny_models, tmp_path):
+    """ref_model replaces LoRA's copy of the adapter: the base model itself is the reference of a fresh adapter, so
+    the first loss is 1 - sigmoid(0) = 0.5 as without it."""
+    data, out = write_feedback(tmp_path / "data", count=8), tmp_path / "kto"
+    code, output = typed(*kto_args(data, out, "--max_steps", "1", "--ref_model", "tiny-llama"))
+    assert code == 0, output
+    assert losses(out) == [pytest.approx(0.5, abs=1e-3)]
+    assert "reference: tiny-llama" in (out / "train.log").read_text()

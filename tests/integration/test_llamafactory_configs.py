@@ -303,7 +303,8 @@ def test_a_config_with_keys_tuner_does_not_run_fails_in_one_round(workdir, tiny_
     lines = done.stderr.splitlines()
     assert any(line.startswith("tuner: error: LLaMA-Factory's use_galore is not supported by tuner: use optim "
                                "galore_adamw") for line in lines)
-    assert any("LLaMA-Factory's ref_model is not supported by tuner" in line for line in lines)
+    assert any("ref_model meta-llama/Llama-2-7b-hf acts in preference tuning: set stage dpo or kto" in line
+               for line in lines)
     assert any("template 'qwen3_nothinkk' does not exist" in line for line in lines)
     assert not (workdir / "saves").exists()
 

@@ -119,7 +119,7 @@ def test_the_schedules_that_need_keywords_say_which():
     ("use_apollo", "true", "LLaMA-Factory's use_apollo is not supported by tuner"),
     ("use_llama_pro", "true", "LLaMA-Factory's use_llama_pro is not supported by tuner"),
     ("oft_rank", "8", "LLaMA-Factory's oft_rank is not supported by tuner: use finetuning_type lora"),
-    ("ref_model", "other/model", "LLaMA-Factory's ref_model is not supported by tuner: tuner's stage dpo takes"),
+    ("reward_model", "other/model", "LLaMA-Factory's reward_model is not supported by tuner: tuner runs supervised"),
     ("export_quantization_bit", "4", "LLaMA-Factory's export_quantization_bit 4 is not supported by tuner"),
     ("use_unsloth", "true", "LLaMA-Factory's use_unsloth is not supported by tuner"),
     ("image_max_pixels", "1000", "LLaMA-Factory's image_max_pixels is not supported by tuner: tuner trains text"),

@@ -224,3 +224,19 @@ def test_a_reward_model_has_a_score_head_in_place_of_the_lm_head():
     qlora_rm, qlora_sft = estimate(shape("rm", "--quantization_bit", "4")), estimate(shape("sft", "--quantization_bit",
                                                                                           "4"))
     assert qlora_rm.components["autocast_weight_copies"] < qlora_sft.components["autocast_weight_copies"]
+
+
+def test_a_ref_model_counts_as_a_whole_model_in_its_bits():
+    """ref_model replaces LoRA's adapter copy with a second model, as large as the one trained (its geometry is not
+    read), in ref_model_quantization_bit bits when given."""
+    def dpo(*args: str):
+        return estimate(shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--stage", "dpo",
+                                                      "--cutoff_len", "1024", *args]), LLAMA2_7B))
+
+    own, whole, four = dpo(), dpo("--ref_model", "llama2-7b"), dpo("--ref_model", "llama2-7b",
+                                                                  "--ref_model_quantization_bit", "4")
+    assert "reference_adapter" in own.components and "reference_adapter" not in whole.components
+    assert whole.components["reference_model"] == pytest.approx(13.0, rel=0.05)  # 7B parameters in 16 bits
+    assert four.components["reference_model"] == pytest.approx(whole.components["reference_model"] / 4 * 1.03,
+                                                               rel=0.02)
+    assert any("ref_model, counted as large as the model trained, in 4 bits" in a for a in four.assumptions)
