@@ -73,10 +73,12 @@ def run_predict_after_training(cfg) -> int:
     import copy
     from pathlib import Path
 
+    from engine.infer.followup import adapter_chain
+
     run_dir = cfg.train.output_dir
     predict = copy.deepcopy(cfg)
     if cfg.finetune.finetuning_type == "lora":
-        predict.model.adapter_name_or_path = run_dir
+        predict.model.adapter_name_or_path = adapter_chain(cfg.to_dict(), run_dir)
     else:
         predict.model.model_name_or_path = run_dir
     predict.train.output_dir = str(Path(run_dir) / "predict")

@@ -290,6 +290,9 @@ def _stage(cfg: TunerConfig) -> list[str]:
     ]
     if stage == "rm":
         return [message for failed, message in checks if failed] + _preference_keys_unused(f)
+    checks.append((f.finetuning_type == "lora" and f.lora_dropout > 0, f"lora_dropout {f.lora_dropout}: TRL's "
+                   f"preference trainers turn dropout off (as LLaMA-Factory's stage {stage} does), so it would not "
+                   "act: leave it out"))
     checks.append((f.pref_beta <= 0, f"pref_beta {f.pref_beta}: beta is more than 0 (0.1 is usual)"))
     checks += _reference_checks(cfg)  # dpo and kto
     if stage == "kto":

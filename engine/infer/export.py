@@ -187,10 +187,10 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
         f" with adapter {adapters}, to merge it in" if adapters else
         ": no adapter to merge (a full or freeze fine-tune, or any whole model), so it is saved again as it is"))
     precision = Precision({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[compute], "export")
-    reward = is_reward_model(resolved.path, adapters)
+    reward = is_reward_model(resolved.path, adapters, cfg.model)
     model = load_model(resolved.path, cfg, precision, "sdpa", device_map, reward=reward)
     if reward:
-        model.config.pad_token_id = tokenizer.pad_token_id  # where the score head finds each row's last token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # where the score head finds the last token
     model = load_adapters(model, adapters, quantized=False)
     model.eval()
     expected = _logits(model, ids)

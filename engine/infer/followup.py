@@ -66,7 +66,7 @@ def followup_values(job: Job, command: str) -> dict[str, Any]:
     trained = run_config_values(job)
     values = {key: trained[key] for key in INHERITED if key in trained}
     if trained.get("finetuning_type", "lora") == "lora":
-        values["adapter_name_or_path"] = ",".join(p for p in (trained.get("adapter_name_or_path"), str(weights)) if p)
+        values["adapter_name_or_path"] = adapter_chain(trained, str(weights))
         if command != "export" and trained.get("quantization_bit"):
             values["quantization_bit"] = trained["quantization_bit"]
     else:
@@ -77,6 +77,16 @@ def followup_values(job: Job, command: str) -> dict[str, Any]:
     elif command == "export":
         values["export_dir"] = str(job.dir / "merged")
     return {key: value for key, value in values.items() if value is not None}
+
+
+def adapter_chain(trained: dict[str, Any], weights: str) -> str:
+    """The adapters that give a LoRA run's model, from its config's values: those it merged into its base (an
+    adapter it trained further is in its own weights already), then its own ``weights``."""
+    from engine.models.loading import adapters_trained_on
+
+    merged, _ = adapters_trained_on(trained.get("adapter_name_or_path"), bool(trained.get("create_new_adapter")),
+                                    trained.get("stage") == "rm")
+    return ",".join([*merged, weights])
 
 
 def training_data_warning(job: Job, dataset: str | None) -> str | None:

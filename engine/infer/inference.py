@@ -44,7 +44,7 @@ def load_for_inference(cfg: TunerConfig, scoring: bool = False) -> Inference:
                                        is_reward_model, load_adapters, load_model, load_tokenizer)
 
     resolved = resolve_configured(cfg.model)
-    reward = is_reward_model(resolved.path, cfg.model.adapter_name_or_path)
+    reward = is_reward_model(resolved.path, cfg.model.adapter_name_or_path, cfg.model)
     if reward and not scoring:
         raise UserError(f"{cfg.model.adapter_name_or_path or resolved.path} is a reward model (stage rm): it scores "
                         "replies and writes none", "score ranking pairs with it: tuner predict --run RUN")
@@ -58,7 +58,7 @@ def load_for_inference(cfg: TunerConfig, scoring: bool = False) -> Inference:
     device_map = {"": 0} if hardware.on_gpu else None
     model = load_model(resolved.path, cfg, precision, attention, device_map, reward=reward)
     if reward:
-        model.config.pad_token_id = tokenizer.pad_token_id  # where the score head finds each row's last token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # where the score head finds the last token
     model = load_adapters(model, cfg.model.adapter_name_or_path, cfg.model.quantization_bit is not None)
     model.eval()
     if cfg.model.template is None:  # a tuner run (adapter, or a full / freeze output) knows its template

@@ -118,7 +118,7 @@ def reward_run(cfg: TunerConfig) -> bool:
     from engine.models.loading import is_reward_model
     from engine.models.resolve import resolve_configured
 
-    return is_reward_model(resolve_configured(cfg.model).path, cfg.model.adapter_name_or_path)
+    return is_reward_model(resolve_configured(cfg.model).path, cfg.model.adapter_name_or_path, cfg.model)
 
 
 def score_pairs(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:

@@ -9,6 +9,10 @@ kept, and the one the throughput model ranks highest wins. The throughput model 
 tokens/s grows with the tokens of a micro-batch and saturates (T / (T + SATURATION_TOKENS)), and checkpointing costs
 one more forward pass (x 0.75).
 
+A preference or reward stage's batch is padded by TRL (no packing, no padding-free rows): there auto-fit chooses the
+micro-batch among the divisors of the user's samples per step (the rest accumulated, so the batch stays exactly the
+user's) and checkpointing, each candidate estimated at its worst, micro-batch x the longest pair (``fit_pairs``).
+
 On a CPU memory is rarely the limit: the user's micro-batch and accumulation are kept and checkpointing is off when
 the estimated activations take less than a quarter of the available RAM.
 
@@ -93,6 +97,39 @@ def fit_gpu(shape: RunShape, lengths: Lengths, micro_batch: int, accumulation: i
 def _gpu_reason(samples_per_step: int, lengths: Lengths, free_gib: float) -> str:
     return (f"{samples_per_step} samples per optimizer step as asked (mean {lengths.mean:.0f} tokens, longest "
             f"{lengths.longest}), the fastest layout whose estimate fits {free_gib:.1f} GiB free less {MARGIN:.0%}")
+
+
+def fit_pairs(shape: RunShape, lengths: Lengths, micro_batch: int, accumulation: int, checkpointing: bool | None,
+              free_gib: float) -> Fit:
+    """The fastest padded layout of a preference or reward stage that fits ``free_gib`` (less the margin): a
+    micro-batch m dividing the user's samples per step, accumulation the rest, checkpointing on or off, each
+    estimated with m samples of the longest pair's length (TRL pads a batch to its longest). When nothing fits, the
+    user's layout with checkpointing."""
+    samples_per_step = micro_batch * accumulation
+    budget = free_gib * (1 - MARGIN)
+    options = [checkpointing] if checkpointing is not None else [False, True]
+    per_sample = lengths.mean * (2 if shape.pairs else 1)  # a pair's two conversations go through in one forward
+    best, best_score = None, -1.0
+    for m in (m for m in range(samples_per_step, 0, -1) if samples_per_step % m == 0):
+        for on in options:
+            needed = estimate(replace(shape, batch_size=m, seq_len=lengths.longest, gradient_checkpointing=on))
+            if needed.total_gib > budget:
+                continue
+            typical = m * per_sample
+            score = (CHECKPOINTING_SPEED if on else 1.0) * typical / (typical + SATURATION_TOKENS)
+            if score > best_score:
+                best_score = score
+                best = Fit(m, samples_per_step // m, on, None, needed.total_gib,
+                           f"{samples_per_step} samples per optimizer step as asked (longest {lengths.longest} "
+                           f"tokens), padded: the fastest layout whose estimate fits {free_gib:.1f} GiB free less "
+                           f"{MARGIN:.0%}")
+    if best is not None:
+        return best
+    on = True if checkpointing is None else checkpointing
+    needed = estimate(replace(shape, seq_len=lengths.longest, gradient_checkpointing=on)).total_gib
+    return Fit(micro_batch, accumulation, on, None, needed,
+               f"no layout's estimate fits {budget:.1f} GiB (free {free_gib:.1f} GiB less {MARGIN:.0%}): "
+               "the batch as given")
 
 
 def fit_checkpointing(shape: RunShape, micro_batch: int, accumulation: int, checkpointing: bool | None,

@@ -254,7 +254,7 @@ def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attentio
     if attention == VARLEN:
         register_varlen_attention()
     config = model_config(model_path, cfg)
-    architecture = reward_architecture(model_path)
+    architecture = reward_architecture(model_path, cfg.model)
     if architecture and not reward:
         raise UserError(f"{model_path} is a reward model ({architecture}): it scores replies and writes none",
                         "train stage rm on it, or start from a language model")
@@ -282,14 +282,26 @@ def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attentio
 REWARD_SUFFIX = "ForSequenceClassification"  # transformers' class of a model with a score head
 
 
-def reward_architecture(model_path: str) -> str | None:
-    """The architecture a local model's config.json names when it is a reward model (a stage rm run's full or
-    freeze output, or one exported), else None."""
-    config = Path(model_path) / "config.json"
-    if not config.is_file():
-        return None
+def reward_architecture(model_path: str, model=None) -> str | None:
+    """The architecture a model's config.json names when it is a reward model (a stage rm run's full or freeze
+    output, or one exported or on the hub), else None. A hub id not downloaded yet is asked for its config.json alone
+    (``model``: the config's model section, for its revision, token and cache)."""
     import json
 
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        if Path(model_path).expanduser().exists():
+            return None
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(model_path, "config.json", revision=getattr(model, "model_revision", None),
+                                token=getattr(model, "hf_hub_token", None), cache_dir=getattr(model, "cache_dir", None))
+        except (OSError, ValueError):
+            return None
+        if found is None:
+            return None
+        config = Path(found)
     try:
         architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
     except (ValueError, OSError, AttributeError):
@@ -308,11 +320,11 @@ def reward_adapter(path: str) -> bool:
         return False
 
 
-def is_reward_model(model_path: str, adapters: str | None) -> bool:
+def is_reward_model(model_path: str, adapters: str | None, model=None) -> bool:
     """Whether a trained model is a reward model: its last adapter is one (a LoRA stage rm run), or the model itself
-    (a full or freeze one)."""
+    (a full or freeze one, or a reward model from the hub; ``model``: the config's model section)."""
     last = [p.strip() for p in (adapters or "").split(",") if p.strip()][-1:]
-    return reward_adapter(last[0]) if last else reward_architecture(model_path) is not None
+    return reward_adapter(last[0]) if last else reward_architecture(model_path, model) is not None
 
 
 def scores(model) -> bool:
@@ -343,7 +355,7 @@ def linear_module_names(model) -> list[str]:
     (a reward model's score head) and mixture-of-experts routers (found from the model, not a hard-coded list)."""
     import torch
 
-    head = model.get_output_embeddings() if not scores(model) else model.score  # the head trains whole, or not
+    head = model.get_output_embeddings() if not scores(model) else getattr(model, "score", None)  # trains whole
     experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
     names = set()
     for full_name, module in model.named_modules():
@@ -393,9 +405,8 @@ def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
         prepare_kbit_model(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
-    continues = not cfg.finetune.create_new_adapter and (not scores(model) or adapters and reward_adapter(adapters[-1]))
-    resume = adapters.pop() if adapters and continues else None
+    adapters, resume = adapters_trained_on(cfg.model.adapter_name_or_path, cfg.finetune.create_new_adapter,
+                                           scores(model))
     if adapters and scores(model) and not resume:
         log.info("stage rm: the given adapters are merged and a new one trains with the score head (a language "
                  "model's adapter has no head to train further)")
@@ -404,11 +415,39 @@ def apply_lora(model, cfg: TunerConfig, gradient_checkpointing: bool):
     if resume:
         check_adapter_task(model, resume)
         log.info("training the adapter %s further (create_new_adapter false)", resume)
-        return PeftModel.from_pretrained(model, resume, is_trainable=True)
-    if adapters:
-        log.info("training a new adapter over the merged %s: predict and export with adapter_name_or_path "
-                 "%s,<this run>", ",".join(adapters), ",".join(adapters))
-    return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=not cfg.train.pure_bf16)
+        model = PeftModel.from_pretrained(model, resume, is_trainable=True)
+    else:
+        if adapters:
+            log.info("training a new adapter over the merged %s: predict and export with adapter_name_or_path "
+                     "%s,<this run>", ",".join(adapters), ",".join(adapters))
+        model = get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=not cfg.train.pure_bf16)
+    if not cfg.train.pure_bf16:
+        whole_modules_in_fp32(model)
+    return model
+
+
+def whole_modules_in_fp32(model) -> None:
+    """Modules trained whole beside LoRA (additional_target, a reward model's score head) in fp32, as PEFT keeps the
+    LoRA matrices (autocast_adapter_dtype) and tuner the weights of a full fine-tune: PEFT copies them in the load
+    dtype, where an optimizer loses small updates to bfloat16's rounding and fp16 gradients cannot be unscaled.
+    Also after TRL, which casts a quantized model's trainable weights to bfloat16: a plain layer, unlike LoRA's,
+    does not cast its input to match."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" not in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.to(torch.float32)
+
+
+def adapters_trained_on(given: str | None, create_new_adapter: bool, reward: bool) -> tuple[list[str], str | None]:
+    """What a run makes of adapter_name_or_path: the adapters it merges into its base, and the one it trains further
+    (None: a new one). The last trains further unless create_new_adapter, or a reward model is given a language
+    model's adapter (no head to train on). A follow-up of the run loads the merged ones, then the run's own."""
+    adapters = [p.strip() for p in (given or "").split(",") if p.strip()]
+    continues = not create_new_adapter and (not reward or bool(adapters) and reward_adapter(adapters[-1]))
+    if adapters and continues:
+        return adapters[:-1], adapters[-1]
+    return adapters, None
 
 
 def _merge_adapters(model, adapters: list[str], quantized: bool):
@@ -418,15 +457,15 @@ def _merge_adapters(model, adapters: list[str], quantized: bool):
 
 
 def load_adapters(model, adapters: str | None, quantized: bool):
-    """Apply a comma list of LoRA adapters: all but the last merged in, the last kept (a 4-bit base takes one)."""
+    """Apply a comma list of LoRA adapters: all but the last merged in (into a quantized base's weights too, as a
+    run that merged them trained on), the last kept."""
     if not adapters:
         return model
     from peft import PeftModel
 
     paths = [p.strip() for p in adapters.split(",") if p.strip()]
     if quantized and len(paths) > 1:
-        raise UserError("several adapters cannot be stacked on a quantized base",
-                        "merge them first with `tuner export`, or leave out quantization_bit")
+        log.info("merging %s into the quantized base, as the run trained on it", ",".join(paths[:-1]))
     for index, path in enumerate(paths):
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"{path} is not a LoRA adapter (no adapter_config.json)",

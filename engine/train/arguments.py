@@ -70,19 +70,10 @@ def build_trainer(trainer_class, parts: TrainerParts, args, **inputs):
         raise UserError(f"the trainer refused the settings: {str(exc).strip().splitlines()[0]}") from None
     trainer.remove_callback(PrinterCallback)
     if parts.cfg.model.quantization_bit is not None and not parts.cfg.train.pure_bf16:
-        whole_modules_in_fp32(trainer.model)
+        from engine.models.loading import whole_modules_in_fp32
+
+        whole_modules_in_fp32(trainer.model)  # TRL cast a quantized model's trainable weights to bfloat16
     return trainer
-
-
-def whole_modules_in_fp32(model) -> None:
-    """TRL casts every trainable parameter of a quantized model to bfloat16, as QLoRA keeps its adapters; LoRA's
-    layers cast their input to match, but a module trained whole (additional_target, a reward model's score head) is
-    a plain layer that does not, and fails on fp32 input: it goes back to fp32, as k-bit preparation left it."""
-    import torch
-
-    for name, param in model.named_parameters():
-        if param.requires_grad and "lora_" not in name and param.dtype == torch.bfloat16:
-            param.data = param.data.to(torch.float32)
 
 
 def optimizers(cfg: TunerConfig, model, args, Trainer) -> tuple:

@@ -26,7 +26,7 @@ def trainer(parts: TrainerParts, plan):
     """RewardTrainer on the pairs as whole conversations (cut to cutoff_len already: TRL cuts nothing again)."""
     from trl import RewardConfig, RewardTrainer
 
-    args = training_arguments(RewardConfig, parts, plan, max_length=None,
+    args = training_arguments(RewardConfig, parts, plan, max_length=None, disable_dropout=False,  # as LF's rm
                               dataset_num_proc=parts.cfg.data.preprocessing_num_workers)
     train, evaluation = parts.datasets.train, parts.datasets.eval
     return build_trainer(RewardTrainer, parts, args, train_dataset=conversations(train),

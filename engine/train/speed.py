@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from engine.config.schema import TunerConfig, has_reference
 from engine.data.stats import Lengths
-from engine.memory.autofit import Fit, fit_checkpointing, fit_cpu, fit_gpu, user_fit
+from engine.memory.autofit import Fit, fit_checkpointing, fit_cpu, fit_gpu, fit_pairs, user_fit
 from engine.memory.estimate import RunShape
 from engine.models.kernels import LigerChoice, choose_liger
 from engine.models.loading import choose_attention
@@ -77,8 +77,8 @@ class SpeedPlan:
 def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: ModelTraits,
                shape: RunShape | None, pairs: bool = False) -> SpeedPlan:
     """Every speed decision of a run. ``shape`` is the estimator's view of the run (None when the model's geometry
-    is unknown: auto-fit then keeps the batch as given). ``pairs``: a preference stage's run (TRL's DPOTrainer pads
-    each batch and needs the logits; the estimator does not yet model a pair and its reference)."""
+    is unknown: auto-fit then keeps the batch as given). ``pairs``: a preference or reward stage's run (TRL's trainer
+    pads each batch of pairs, computes its loss itself, and auto-fit chooses among padded layouts: fit_pairs)."""
     d, t = cfg.data, cfg.train
     padding_free, why = (False, PAIRS_PAD) if pairs else _padding_free(cfg, model)
     attention, attention_why = choose_attention(cfg.model.flash_attn, machine.on_gpu, machine.flash_attn_installed,
@@ -88,15 +88,22 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
              choose_liger(t.enable_liger_kernel, machine.on_gpu, machine.liger_model_types, model.model_type))
     mb, ga, gc = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing
     if pairs:
-        fit = user_fit(mb, ga, gc, "a preference stage: the batch as given (auto-fit does not yet choose a batch of "
-                                   "pairs)")
+        if not t.auto_fit:
+            fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
+        elif shape is None:
+            fit = user_fit(mb, ga, gc, "the model's geometry is unknown, so nothing can be estimated: the batch as "
+                                       "given")
+        elif machine.on_gpu and machine.free_gib is not None:
+            fit = fit_pairs(_with_speed(shape, attention, False), lengths, mb, ga, gc, machine.free_gib)
+        else:
+            fit = fit_cpu(shape, mb, ga, gc, machine.available_ram_gib)
         f = cfg.finetune
         how = ("TRL's tiled LM head over each reply and its KL sample, against the reference" if f.stage == "kto"
                else "the score head at the last token of each conversation, chosen against rejected"
                if f.stage == "rm"
                else "the model's logits over both replies, no reference" if not has_reference(f)
                else "TRL's tiled LM head over both replies, against the reference")
-        return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, False, lengths.longest,
+        return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, t.auto_fit, lengths.longest,
                          "reward" if f.stage == "rm" else "preference", how)
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")

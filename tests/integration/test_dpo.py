@@ -163,6 +163,7 @@ def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
     (["--packing", "true"], "stage dpo trains each pair whole"),
     (["--pref_loss", "dpop"], "pref_loss: 'dpop' is not one of sigmoid, hinge, ipo, orpo, simpo"),
     (["--ld_alpha", "2"], "ld_alpha 2.0: LD-DPO's alpha is between 0 and 1"),
+    (["--lora_dropout", "0.05"], "lora_dropout 0.05: TRL's preference trainers turn dropout off"),
     (["--pref_loss", "simpo", "--ld_alpha", "0.5"], "ld_alpha acts through TRL's DPOTrainer"),
     (["--pref_loss", "orpo", "--ref_model", "tiny-llama"], "ref_model: pref_loss orpo trains without a reference"),
     (["--ref_model_quantization_bit", "4"], "ref_model_adapters and ref_model_quantization_bit load ref_model: give "

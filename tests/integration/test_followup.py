@@ -111,3 +111,15 @@ def test_a_running_run_or_a_foreign_directory_is_refused_in_one_line(project, tm
     result = tuner("chat", "--run", "no-such-run", cwd=project)
     assert result.returncode == 2 and "no run 'no-such-run'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_follow_up_loads_the_adapters_a_run_merged_then_its_own(tmp_path):
+    """An adapter a run trained further is in the run's own weights already (loading it again would apply it twice);
+    adapters it merged (create_new_adapter, or a language model's adapter under a reward model) come first."""
+    from engine.infer.followup import adapter_chain
+
+    assert adapter_chain({"adapter_name_or_path": "sft"}, "run") == "run"
+    assert adapter_chain({"adapter_name_or_path": "a,b"}, "run") == "a,run"
+    assert adapter_chain({"adapter_name_or_path": "a,b", "create_new_adapter": True}, "run") == "a,b,run"
+    assert adapter_chain({"adapter_name_or_path": "sft", "stage": "rm"}, "run") == "sft,run"
+    assert adapter_chain({}, "run") == "run"

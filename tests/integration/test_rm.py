@@ -103,7 +103,7 @@ def test_reward_losses_equal_trls_reward_trainer_run_directly(tiny_models, tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     args = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3,
                         learning_rate=1e-4, logging_steps=1, seed=7, use_cpu=True, report_to=[], max_length=None,
-                        save_strategy="no", disable_tqdm=True, bf16=False)
+                        save_strategy="no", disable_tqdm=True, bf16=False, disable_dropout=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(whole),
                             processing_class=tokenizer)
     trainer.train()
@@ -148,20 +148,55 @@ def test_qlora_and_freeze_reward_models_train_their_head_and_score(tiny_models, 
 
 def test_a_reward_model_starts_from_a_supervised_runs_adapter(tiny_models, tmp_path):
     """LLaMA-Factory's recipe: SFT, then a reward model from that run. The SFT adapter (a language model's) is merged
-    into the decoder and a new adapter trains with the head; predict and export take both. A reward model's adapter
-    is refused under a language model."""
+    into the decoder and a new adapter trains with the head; --do_predict after training, `predict --run` and the
+    export all score with both, not with the reward adapter alone. A reward model's adapter is refused under a
+    language model."""
     data, sft, rm = write_pairs(tmp_path / "data", count=8), tmp_path / "sft", tmp_path / "rm"
     code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca", "--template",
-                         "llama2", "--output_dir", str(sft), "--max_steps", "2", "--max_samples", "8")
+                         "llama2", "--output_dir", str(sft), "--max_steps", "3", "--max_samples", "24",
+                         "--learning_rate", "5e-2")
     assert code == 0, output
-    code, output = typed(*rm_args(data, rm, "--max_steps", "2", "--adapter_name_or_path", str(sft)))
-    assert code == 0, output
-    assert "merged 1 adapter(s) into the base" in (rm / "train.log").read_text()
-    code, output = typed("predict", "--run", str(rm), "--output_dir", str(tmp_path / "scored"))
+    code, output = typed(*rm_args(data, rm, "--max_steps", "2", "--adapter_name_or_path", str(sft), "--do_train",
+                                  "--do_predict"))
     assert code == 0 and "8 pairs scored" in output, output
+    assert "merged 1 adapter(s) into the base" in (rm / "train.log").read_text()
+    after_training = [(p["chosen"], p["rejected"]) for p in predictions(rm / "predict")]
+    code, output = typed("predict", "--run", str(rm), "--output_dir", str(tmp_path / "scored"))
+    assert code == 0, output
+    assert [(p["chosen"], p["rejected"]) for p in predictions(tmp_path / "scored")] == after_training
+    code, output = typed("predict", "--model_name_or_path", "tiny-llama", "--adapter_name_or_path", str(rm),
+                         "--dataset", "pairs_alpaca", "--dataset_dir", str(data), "--template", "llama2",
+                         "--cutoff_len", "64", "--output_dir", str(tmp_path / "alone"))
+    assert code == 0, output
+    alone = [(p["chosen"], p["rejected"]) for p in predictions(tmp_path / "alone")]
+    assert alone != pytest.approx(after_training, abs=1e-3)  # the SFT adapter counts
+    code, output = typed("export", "--run", str(rm), "--export_dir", str(tmp_path / "merged"))
+    assert code == 0, output
+    code, output = typed("predict", "--model_name_or_path", str(tmp_path / "merged"), "--dataset", "pairs_alpaca",
+                         "--dataset_dir", str(data), "--cutoff_len", "64", "--output_dir", str(tmp_path / "exported"))
+    assert code == 0, output
+    assert [(p["chosen"], p["rejected"]) for p in predictions(tmp_path / "exported")] == pytest.approx(
+        after_training, abs=1e-3)
     code, output = typed("train", "--model_name_or_path", "tiny-llama", "--dataset", "demo_alpaca",
                          "--adapter_name_or_path", str(rm), "--output_dir", str(tmp_path / "back"), "--max_steps", "1")
     assert code == 2 and "is a reward model's (stage rm)" in output and "Traceback" not in output
+
+
+def test_the_score_head_trains_in_fp32_under_lora_and_freeze(tiny_models):
+    """The head trains whole: with LoRA, PEFT copies it in the load dtype (bfloat16 on a GPU), where the optimizer
+    would lose small updates and fp16 gradients could not be unscaled, so it goes to fp32 as the LoRA matrices;
+    with freeze it trains beside the last layers."""
+    import torch
+
+    from engine.config.schema import build_config
+    from engine.models.loading import Precision, apply_method, load_model
+
+    path = str(tiny_models["tiny-llama"])
+    for method in ("lora", "freeze"):
+        cfg = build_config({"model_name_or_path": path, "stage": "rm", "finetuning_type": method})
+        model = apply_method(load_model(path, cfg, Precision("bf16", "test"), "sdpa", reward=True), cfg, False)
+        head = {name: p for name, p in model.named_parameters() if "score" in name and p.requires_grad}
+        assert head and all(p.dtype == torch.float32 for p in head.values()), (method, head.keys())
 
 
 def test_pissa_convert_keeps_the_score_head(tiny_models, tmp_path):

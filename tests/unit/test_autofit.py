@@ -187,3 +187,45 @@ def test_a_sliding_window_shorter_than_a_sample_keeps_transformers_masked_sdpa()
     assert varlen_blocker({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, 1024)
     windowed = plan("", h200(), traits=ModelTraits("mistral", varlen_blocker=blocker))
     assert windowed.padding_free and windowed.attention == "sdpa" and "dense block-diagonal" in windowed.attention_why
+
+
+PAIRS = Lengths(mean=300.0, longest=1024)  # a prompt and its longer reply
+
+
+@pytest.mark.parametrize("stage", ["--stage dpo", "--stage dpo --pref_loss orpo", "--stage kto", "--stage rm"])
+@pytest.mark.parametrize("free_gib", [139.0, 40.0, 24.0])
+def test_a_preference_or_reward_stage_gets_a_padded_layout_that_keeps_its_batch_exactly(stage, free_gib):
+    """TRL pads each batch of pairs: auto-fit picks a micro-batch dividing the samples per step (the batch stays the
+    user's to the sample), never packed rows, estimated at micro-batch x the longest pair; backoff halves it."""
+    flags = f"{stage} --per_device_train_batch_size 8 --gradient_accumulation_steps 4 --cutoff_len 1024"
+    cfg = parse_args(f"--model_name_or_path meta-llama/Llama-2-7b-hf {flags}".split())
+    p = plan_speed(cfg, h200(free_gib), PAIRS, ModelTraits("llama"), shape_from_config(cfg, LLAMA2_7B), pairs=True)
+    fit = p.fit
+    assert fit.tokens is None and fit.micro_batch * fit.accumulation == 32 and p.auto_fit
+    assert not p.padding_free and not p.liger.on
+    if fit.estimate_gib <= free_gib * (1 - MARGIN):
+        assert fit.estimate_gib == pytest.approx(estimate(
+            shape_from_config(parse_args(f"--model_name_or_path meta-llama/Llama-2-7b-hf {flags} "
+                                         f"--per_device_train_batch_size {fit.micro_batch} --cutoff_len 1024 "
+                                         f"--gradient_checkpointing {str(fit.gradient_checkpointing).lower()}"
+                                         .split()), LLAMA2_7B)).total_gib, rel=1e-6)
+    else:
+        assert "the batch as given" in fit.reason
+    if fit.micro_batch > 1:
+        smaller = backoff(fit, PAIRS.longest)
+        assert smaller.micro_batch == fit.micro_batch // 2 and smaller.micro_batch * smaller.accumulation == 32
+
+
+def test_a_roomier_card_takes_a_larger_micro_batch_of_pairs_without_checkpointing():
+    flags = "--stage dpo --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --cutoff_len 1024"
+    cfg = parse_args(f"--model_name_or_path meta-llama/Llama-2-7b-hf {flags}".split())
+    roomy, tight = (plan_speed(cfg, h200(free), PAIRS, ModelTraits("llama"), shape_from_config(cfg, LLAMA2_7B),
+                               pairs=True).fit for free in (139.0, 24.0))
+    assert roomy.micro_batch > tight.micro_batch and not roomy.gradient_checkpointing
+    assert tight.gradient_checkpointing
+    cpu = plan_speed(cfg, CPU, PAIRS, ModelTraits("llama"), shape_from_config(cfg, LLAMA2_7B), pairs=True).fit
+    assert (cpu.micro_batch, cpu.accumulation) == (4, 8)
+    fixed = parse_args(f"--model_name_or_path meta-llama/Llama-2-7b-hf {flags} --auto_fit false".split())
+    kept = plan_speed(fixed, h200(139.0), PAIRS, ModelTraits("llama"), shape_from_config(fixed, LLAMA2_7B),
+                      pairs=True)
+    assert (kept.fit.micro_batch, kept.fit.accumulation, kept.auto_fit) == (4, 8, False)

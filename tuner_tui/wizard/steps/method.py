@@ -35,8 +35,11 @@ FROM_SCRATCH = "the model itself (a new adapter)"
 
 
 def _runs_to_start_from(model: str, stage: str) -> list[tuple[str, str]]:
-    """(label, run directory) of each finished LoRA run of ``model`` that ``stage`` can start from, newest first (a
-    reward model's adapter only for another reward model)."""
+    """(label, adapters) of each finished LoRA run of ``model`` that ``stage`` can start from, newest first (a
+    reward model's adapter only for another reward model): the run's directory after the adapters it merged into
+    its base (engine.infer.followup.adapter_chain), so its model is the one the new stage starts from."""
+    from engine.errors import UserError
+    from engine.infer.followup import adapter_chain, run_config_values
     from engine.rundir.jobs import adapters_of, job_row
 
     runs = []
@@ -44,8 +47,12 @@ def _runs_to_start_from(model: str, stage: str) -> list[tuple[str, str]]:
         row = job_row(job)
         if row["method"].startswith("rm-") and stage != "rm":
             continue
+        try:
+            chain = adapter_chain(run_config_values(job), str(job.dir))
+        except UserError:  # its config.yaml gone: not a run to start from
+            continue
         runs.append((f"{row['name'] or row['id']} · {row['method']} · loss {row['loss'] or '?'} · {row['started']}",
-                     str(job.dir)))
+                     chain))
     return runs
 
 
@@ -155,13 +162,21 @@ class MethodStep(WizardStep):
         if key == "strategy" and self.choices.values.get("strategy") != self.choices.values.get("_strategy_auto"):
             self.choices.values.pop("_strategy_auto", None)  # the user's choice from now on
         if key == "stage":
-            if self.choices.values.get("stage") not in START_FROM_RUN and self.query_one(
-                    "#adapter_name_or_path", Select).value is not Select.NULL:
-                self.query_one("#adapter_name_or_path", Select).clear()  # a run chosen to start a preference stage
-                self.choices.values.pop("adapter_name_or_path", None)  # from: not a supervised run's start
+            start = self.query_one("#adapter_name_or_path", Select)
+            cannot_start = self.choices.values.get("stage") not in START_FROM_RUN or self._reward_start_left()
+            if cannot_start and start.value is not Select.NULL:  # a supervised run, or a reward model's for dpo
+                start.clear()
+                self.choices.values.pop("adapter_name_or_path", None)
             self._show_method_fields()
             self._list_runs()
         self.later("estimate", self._estimate)
+
+    def _reward_start_left(self) -> bool:
+        """A reward model's run chosen to start from, and the stage no longer rm: it cannot start another stage."""
+        from engine.models.loading import reward_adapter
+
+        chosen = str(self.choices.values.get("adapter_name_or_path") or "").split(",")[-1].strip()
+        return bool(chosen) and self.choices.values.get("stage") != "rm" and reward_adapter(chosen)
 
     def _estimate(self) -> None:
         self.work("estimate", self._recommend, "estimating memory")
