@@ -10,6 +10,7 @@ import warnings
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's bars (its reference log-probabilities computed beforehand)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel notices, not about the user's run
     # the kernels hub bitsandbytes asks for its CPU kernel: "Skipping publisher trust check" in offline mode

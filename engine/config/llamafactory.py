@@ -23,7 +23,7 @@ SFT_ONLY = ("tuner runs supervised fine-tuning (stage sft), DPO and KTO (stages 
 # family is refused with what there is.
 PREFERENCE_KEYS = ("pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",
                    "kto_chosen_weight", "kto_rejected_weight", "ld_alpha", "ref_model", "ref_model_adapters",
-                   "ref_model_quantization_bit")
+                   "ref_model_quantization_bit", "precompute_ref_log_probs")
 PREFERENCE_LATER = ("tuner's stage dpo takes pref_beta, pref_ftx, pref_loss (sigmoid, hinge, ipo, orpo, simpo), "
                     "pref_bco_weight, dpo_label_smoothing, simpo_gamma and ld_alpha, stage kto pref_beta, "
                     "kto_chosen_weight and kto_rejected_weight, both ref_model, ref_model_adapters and "

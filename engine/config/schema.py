@@ -132,6 +132,8 @@ class FinetuneArgs:
     ref_model_adapters: str | None = _opt(None, "dpo, kto: LoRA adapters applied to ref_model (comma list: all but "
                                           "the last merged).")
     ref_model_quantization_bit: int | None = _opt(None, "dpo, kto: load ref_model in 4 or 8 bits.", (4, 8))
+    precompute_ref_log_probs: bool = _opt(False, "dpo, kto: the reference's log-probabilities computed once before "
+                                          "training (TRL's), so a full or freeze fine-tune holds no second model.")
 
 
 @dataclass

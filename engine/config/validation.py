@@ -224,7 +224,7 @@ def _collisions(cfg: TunerConfig) -> list[str]:
 PREFERENCE_DEFAULTS = {"pref_beta": 0.1, "pref_ftx": 0.0, "pref_loss": "sigmoid", "pref_bco_weight": 0.0,
                        "dpo_label_smoothing": 0.0, "simpo_gamma": 0.5, "kto_chosen_weight": 1.0,
                        "kto_rejected_weight": 1.0, "ld_alpha": None, "ref_model": None, "ref_model_adapters": None,
-                       "ref_model_quantization_bit": None}
+                       "ref_model_quantization_bit": None, "precompute_ref_log_probs": False}
 DPO_ONLY = ("pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma", "ld_alpha")
 KTO_ONLY = ("kto_chosen_weight", "kto_rejected_weight")
 
@@ -247,6 +247,8 @@ def _reference_checks(cfg: TunerConfig) -> list[tuple[bool, str]]:
     return [
         (f.ref_model is not None and not has_one, f"ref_model: pref_loss {f.pref_loss} trains without a reference "
          "model: leave ref_model out"),
+        (f.precompute_ref_log_probs and not has_one, f"precompute_ref_log_probs: pref_loss {f.pref_loss} trains "
+         "without a reference model: leave it out"),
         (f.ref_model is None and (f.ref_model_adapters or f.ref_model_quantization_bit) is not None,
          "ref_model_adapters and ref_model_quantization_bit load ref_model: give ref_model too (without it the "
          "reference is the model as it starts)"),

@@ -50,6 +50,7 @@ class RunShape:
     reference: bool = False  # a preference stage's frozen reference (dpo but ORPO and SimPO, kto)
     reference_model: bool = False  # ref_model given: a whole model as the reference, even with LoRA
     reference_bits: int | None = None  # ref_model_quantization_bit
+    reference_precomputed: bool = False  # precompute_ref_log_probs: no reference held in training (no ref_model)
     reward: bool = False  # stage rm: a one-output score head in place of the LM head (no vocabulary-wide logits)
 
     @property
@@ -353,6 +354,10 @@ def _reference(shape: RunShape, components: dict, assumptions: list, params: int
     """A preference stage's reference: with LoRA, TRL's frozen copy of the adapter as it starts; else the model
     loaded a second time in the training precision (sharded like the weights under ZeRO-3). Its forward runs
     without gradients, inside the training forward's peak (so does KTO's forward of the mismatched replies)."""
+    if shape.reference_precomputed and not shape.reference_model:
+        assumptions.append("the reference's log-probabilities computed once before training "
+                           "(precompute_ref_log_probs): no reference held while training")
+        return
     if shape.reference_model:
         per_param = {4: 0.5 + 1 / 64, 8: 1.0}.get(shape.reference_bits, w16)  # 4-bit: NF4 with its block scales
         components["reference_model"] = params * per_param / (shape.num_gpus if shape.sharding == "zero3" else 1)

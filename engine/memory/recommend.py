@@ -102,6 +102,7 @@ def shape_from_config(cfg: TunerConfig, geometry: ModelGeometry, num_gpus: int =
         reference=has_reference(cfg.finetune), reward=cfg.finetune.stage == "rm",
         reference_model=has_reference(cfg.finetune) and cfg.finetune.ref_model is not None,
         reference_bits=cfg.finetune.ref_model_quantization_bit,
+        reference_precomputed=cfg.finetune.precompute_ref_log_probs,
     )
 
 

@@ -44,6 +44,7 @@ def trainer(parts: TrainerParts, plan):
     args = training_arguments(
         DPOConfig, parts, plan, beta=f.pref_beta, loss_type=losses, loss_weights=weights,
         label_smoothing=f.dpo_label_smoothing, ld_alpha=f.ld_alpha, max_length=None, padding_free=False,
+        precompute_ref_log_probs=f.precompute_ref_log_probs,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
     with adapter_copied_plainly(parts.model):
@@ -72,10 +73,14 @@ def loss_terms(f) -> tuple[list[str], list[float]]:
 
 def reference_model(parts: TrainerParts, plan):
     """ref_model when given (with ref_model_adapters, in ref_model_quantization_bit bits); else None with LoRA (TRL
-    copies the adapter), or the model loaded again as tuner loads it. Frozen, in eval mode, loaded once (a rebuild
+    copies the adapter) or precompute_ref_log_probs (TRL scores the data with the model before it trains), or the
+    model loaded again as tuner loads it. Frozen, in eval mode, loaded once (a rebuild
     after a back-off reuses it)."""
     f = parts.cfg.finetune
-    if f.ref_model is None and f.finetuning_type == "lora":
+    if f.ref_model is None and (f.finetuning_type == "lora" or f.precompute_ref_log_probs):
+        if f.precompute_ref_log_probs:  # TRL computes them with the model as it starts, before the first step
+            log.info("reference: its log-probabilities computed once before training (precompute_ref_log_probs), "
+                     "no second model held")
         return None
     if parts.reference is None:
         from engine.models.loading import load_adapters, load_model

@@ -30,7 +30,7 @@ def trainer(parts: TrainerParts, plan):
     f = parts.cfg.finetune
     args = training_arguments(
         KTOConfig, parts, plan, beta=f.pref_beta, desirable_weight=f.kto_chosen_weight,
-        undesirable_weight=f.kto_rejected_weight, max_length=None,
+        undesirable_weight=f.kto_rejected_weight, max_length=None, precompute_ref_log_probs=f.precompute_ref_log_probs,
         dataset_num_proc=parts.cfg.data.preprocessing_num_workers, include_num_input_tokens_seen="no",
     )
     train = parts.datasets.train.shuffle(seed=parts.cfg.train.seed, keep_in_memory=True)  # not into the cache

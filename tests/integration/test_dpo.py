@@ -330,3 +330,21 @@ def test_ld_alpha_weighs_the_longer_replys_tail(tiny_models, tmp_path):
     assert losses["one"] == pytest.approx(losses["plain"], rel=1e-5)
     assert losses["zero"][0] == pytest.approx(0.6931, abs=2e-3)  # the reference is the policy at the start
     assert losses["zero"][1:] != pytest.approx(losses["plain"][1:], rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_precomputed_reference_log_probs_train_as_a_held_reference_does(tiny_models, tmp_path, stage):
+    """TRL's precompute_ref_log_probs: a full fine-tune's reference scores the data once, with the model as it
+    starts, and no second model is loaded; the losses are those of a run holding the reference."""
+    from test_kto import write_feedback
+
+    data = write_pairs(tmp_path / "data", count=16) if stage == "dpo" else write_feedback(tmp_path / "data", count=16)
+    common = ["--stage", stage, "--dataset", "pairs_alpaca" if stage == "dpo" else "feedback", "--finetuning_type",
+              "full", "--max_steps", "3", "--learning_rate", "1e-4", "--gradient_checkpointing", "false"]
+    losses = {}
+    for name, extra in (("held", []), ("precomputed", ["--precompute_ref_log_probs", "true"])):
+        code, output = typed(*dpo_args(data, tmp_path / name, *common, *extra))
+        assert code == 0, output
+        losses[name] = [e["loss"] for e in read_events(tmp_path / name) if e["type"] == "log"]
+    assert losses["precomputed"] == pytest.approx(losses["held"], rel=1e-4)
+    assert "no second model held" in (tmp_path / "precomputed" / "train.log").read_text()

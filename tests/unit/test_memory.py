@@ -240,3 +240,15 @@ def test_a_ref_model_counts_as_a_whole_model_in_its_bits():
     assert four.components["reference_model"] == pytest.approx(whole.components["reference_model"] / 4 * 1.03,
                                                                rel=0.02)
     assert any("ref_model, counted as large as the model trained, in 4 bits" in a for a in four.assumptions)
+
+
+def test_precomputed_reference_log_probs_hold_no_second_model():
+    def dpo(*args: str):
+        return estimate(shape_from_config(parse_args(["--model_name_or_path", "llama2-7b", "--stage", "dpo",
+                                                      "--cutoff_len", "1024", "--finetuning_type", "full", *args]),
+                                          LLAMA2_7B))
+
+    held, precomputed = dpo(), dpo("--precompute_ref_log_probs", "true")
+    assert "reference_model" in held.components and "reference_model" not in precomputed.components
+    assert precomputed.total_gib < held.total_gib - 10
+    assert "reference_model" in dpo("--precompute_ref_log_probs", "true", "--ref_model", "llama2-7b").components
