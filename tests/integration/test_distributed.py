@@ -166,3 +166,24 @@ def test_a_deepspeed_config_in_a_run_of_one_process_trains_without_a_launcher(ho
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_status(out).state == "completed" and events_of(out, "start")[0]["world_size"] == 1
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_preference_and_reward_stages_train_as_one_run_of_two_processes(home, tmp_path):
+    """DPO, KTO and a reward model under torchrun (gloo): rank 0 alone records, and both ranks end with the same
+    weights."""
+    from test_dpo import write_pairs
+    from test_kto import write_feedback
+
+    pairs, feedback = write_pairs(tmp_path / "pairs", count=16), write_feedback(tmp_path / "feedback", count=16)
+    for stage, data, dataset in (("dpo", pairs, "pairs_alpaca"), ("kto", feedback, "feedback"),
+                                 ("rm", pairs, "pairs_alpaca")):
+        out = tmp_path / stage
+        done = tuner("train", "--stage", stage, "--model_name_or_path", "tiny-llama", "--dataset", dataset,
+                     "--dataset_dir", str(data), "--template", "llama2", "--cutoff_len", "64",
+                     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--max_steps", "3",
+                     "--output_dir", str(out), *TWO, cwd=home)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert read_status(out).state == "completed" and events_of(out, "start")[0]["world_size"] == 2
+        assert [e["step"] for e in events_of(out, "log")] == [1, 2, 3]
+        digests = events_of(out, "end")[-1]["weight_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], stage
