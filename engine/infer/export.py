@@ -190,7 +190,7 @@ def _export(cfg: TunerConfig, resolved, staging: Path, note: Callable[[str], Non
     reward = is_reward_model(resolved.path, adapters, cfg.model)
     model = load_model(resolved.path, cfg, precision, "sdpa", device_map, reward=reward)
     if reward:
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # where the score head finds the last token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # the score head: last token
     model = load_adapters(model, adapters, quantized=False)
     model.eval()
     expected = _logits(model, ids)

@@ -58,7 +58,7 @@ def load_for_inference(cfg: TunerConfig, scoring: bool = False) -> Inference:
     device_map = {"": 0} if hardware.on_gpu else None
     model = load_model(resolved.path, cfg, precision, attention, device_map, reward=reward)
     if reward:
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # where the score head finds the last token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # the score head: last token
     model = load_adapters(model, cfg.model.adapter_name_or_path, cfg.model.quantization_bit is not None)
     model.eval()
     if cfg.model.template is None:  # a tuner run (adapter, or a full / freeze output) knows its template

@@ -85,32 +85,46 @@ def predict(cfg: TunerConfig, progress: Callable[[int, int], None] | None = None
     samples = load_conversations(dataset, d.dataset_dir, max_samples=d.max_samples, seed=cfg.train.seed).train
     inference = load_for_inference(cfg)
     kwargs = generation_kwargs(cfg, inference)
+
+    def answer(batch: list[dict]) -> list[tuple[dict, tuple[str, str]]]:
+        asked = [split_prompt(sample["messages"]) for sample in batch]
+        replies = generate(inference, [prompt for prompt, _ in asked], kwargs)
+        return [({"prompt": prompt_text(inference, prompt), "predict": reply, "label": label}, (reply, label))
+                for (prompt, label), reply in zip(asked, replies)]
+
+    answered, runtime = _in_batches(cfg, out, samples, answer, progress)
+    predictions, labels = [reply for reply, _ in answered], [label for _, label in answered]
+    results = {**score(predictions, labels), **_speed(len(answered), runtime), "template": inference.template}
+    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return out, results
+
+
+def _in_batches(cfg: TunerConfig, out: Path, items: list, work: Callable[[list], list[tuple[dict, object]]],
+                progress: Callable[[int, int], None] | None) -> tuple[list, float]:
+    """``work`` on ``items`` in batches of per_device_eval_batch_size: each of its (line, value) pairs written to
+    generated_predictions.jsonl as the batch ends, trainer_log.jsonl stepped, ``progress`` told (once before the
+    first batch too). Returns the values and the seconds it took."""
     batch_size = cfg.train.per_device_eval_batch_size
-    predictions, labels = [], []
+    values = []
     started = time.time()
     if progress is not None:
-        progress(0, len(samples))
+        progress(0, len(items))
     with open(out / PREDICTIONS, "w", encoding="utf-8") as file, \
-            closing(_trainer_log(cfg, out, math.ceil(len(samples) / batch_size))) as trainer_log:
-        for step, start in enumerate(range(0, len(samples), batch_size), start=1):
-            batch = [split_prompt(sample["messages"]) for sample in samples[start:start + batch_size]]
-            replies = generate(inference, [prompt for prompt, _ in batch], kwargs)
-            for (prompt, label), reply in zip(batch, replies):
-                line = {"prompt": prompt_text(inference, prompt), "predict": reply, "label": label}
+            closing(_trainer_log(cfg, out, math.ceil(len(items) / batch_size))) as trainer_log:
+        for step, start in enumerate(range(0, len(items), batch_size), start=1):
+            for line, value in work(items[start:start + batch_size]):
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
-                predictions.append(reply)
-                labels.append(label)
+                values.append(value)
             file.flush()
             trainer_log.prediction_step(step)
             if progress is not None:
-                progress(len(predictions), len(samples))
-    runtime = time.time() - started
-    results = {**score(predictions, labels), "predict_samples": len(predictions),
-               "predict_runtime": round(runtime, 4),
-               "predict_samples_per_second": round(len(predictions) / max(runtime, 1e-9), 3),
-               "template": inference.template}
-    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-    return out, results
+                progress(len(values), len(items))
+    return values, time.time() - started
+
+
+def _speed(count: int, runtime: float) -> dict:
+    return {"predict_samples": count, "predict_runtime": round(runtime, 4),
+            "predict_samples_per_second": round(count / max(runtime, 1e-9), 3)}
 
 
 def reward_run(cfg: TunerConfig) -> bool:
@@ -142,39 +156,22 @@ def score_pairs(cfg: TunerConfig, progress: Callable[[int, int], None] | None = 
         raise_empty(dropped, d.cutoff_len)
     for reason, count in dropped.items():
         log.warning("predict: %d pairs dropped with %s", count, reason)
-    batch_size = cfg.train.per_device_eval_batch_size
-    chosen, rejected = [], []
-    started = time.time()
-    if progress is not None:
-        progress(0, len(rows))
-    with open(out / PREDICTIONS, "w", encoding="utf-8") as file, \
-            closing(_trainer_log(cfg, out, math.ceil(len(rows) / batch_size))) as trainer_log:
-        for step, start in enumerate(range(0, len(rows), batch_size), start=1):
-            batch = rows[start:start + batch_size]
-            ids = [row["prompt_ids"] + row["chosen_ids"] for row in batch] + \
-                  [row["prompt_ids"] + row["rejected_ids"] for row in batch]
-            padded = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(inference.model.device)
-            with torch.inference_mode():
-                values = inference.model(**padded).logits[:, 0].float().cpu().tolist()
-            for row, good, bad in zip(batch, values[:len(batch)], values[len(batch):]):
-                line = {"prompt": tokenizer.decode(row["prompt_ids"]), "chosen": round(good, 4),
-                        "rejected": round(bad, 4)}
-                file.write(json.dumps(line, ensure_ascii=False) + "\n")
-                chosen.append(good)
-                rejected.append(bad)
-            file.flush()
-            trainer_log.prediction_step(step)
-            if progress is not None:
-                progress(len(chosen), len(rows))
-    runtime = time.time() - started
-    margins = [good - bad for good, bad in zip(chosen, rejected)]
+
+    def judge(batch: list[dict]) -> list[tuple[dict, float]]:
+        ids = [row["prompt_ids"] + row["chosen_ids"] for row in batch] + \
+              [row["prompt_ids"] + row["rejected_ids"] for row in batch]
+        padded = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(inference.model.device)
+        with torch.inference_mode():
+            values = inference.model(**padded).logits[:, 0].float().cpu().tolist()
+        return [({"prompt": tokenizer.decode(row["prompt_ids"]), "chosen": round(good, 4), "rejected": round(bad, 4)},
+                 good - bad) for row, good, bad in zip(batch, values[:len(batch)], values[len(batch):])]
+
+    margins, runtime = _in_batches(cfg, out, rows, judge, progress)
     results = {"predict_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
                "predict_margin": round(sum(margins) / len(margins), 4),
                "predict_loss": round(sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins)
                                      / len(margins), 4),
-               "predict_samples": len(margins), "predict_runtime": round(runtime, 4),
-               "predict_samples_per_second": round(len(margins) / max(runtime, 1e-9), 3),
-               "template": inference.template}
+               **_speed(len(margins), runtime), "template": inference.template}
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return out, results
 

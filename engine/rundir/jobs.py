@@ -78,6 +78,11 @@ def adapters_of(model: str) -> list[Job]:
             and (job.dir / "adapter_config.json").is_file()]
 
 
+def reward_method(method: str | None) -> bool:
+    """Whether a run's method (its status' "rm-lora", ...: engine.runs.launch.method_label) is a reward model's."""
+    return (method or "").startswith("rm-")
+
+
 JOB_COLUMNS = ("id", "name", "state", "model", "method", "progress", "loss", "started", "elapsed")
 FAILED_LOG_LINES = 3
 

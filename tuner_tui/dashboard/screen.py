@@ -21,7 +21,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from engine.hardware import HardwareState
-from engine.rundir.jobs import load_job, stop_job
+from engine.rundir.jobs import load_job, reward_method, stop_job
 from tuner_tui.confirm import ConfirmScreen
 from tuner_tui.dashboard.sampler import GpuSampler, GpuSnapshot, RunSampler, RunSnapshot
 from tuner_tui.dashboard.widgets import (CheckpointList, ConfigView, GpuPanel, LearningRate, LogView, LossChart,
@@ -218,7 +218,7 @@ class DashboardScreen(Screen):
     def action_chat(self) -> None:
         from tuner_tui.followup.chat import ChatScreen
 
-        if self.run is not None and (self.run.method or "").startswith("rm-"):
+        if self.run is not None and reward_method(self.run.method):
             self.notify(f"run {self.run.run_id} is a reward model (stage rm): it scores replies and writes none; "
                         "p scores ranking pairs with it", severity="warning", markup=False)
         elif not self._follow_up_refused():

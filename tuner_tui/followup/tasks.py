@@ -281,9 +281,10 @@ class PredictScreen(TaskScreen):
 
     def note(self, job, fields: dict[str, str]) -> str:
         from engine.infer.followup import training_data_warning
+        from engine.rundir.jobs import reward_method
 
         scores = ("a reward model: it scores both replies of each ranking pair and reports how often the chosen one "
-                  "scores higher (predict_accuracy)" if job.status and (job.status.method or "").startswith("rm-") else "")
+                  "scores higher (predict_accuracy)") if job.status and reward_method(job.status.method) else ""
         warning = training_data_warning(job, fields["dataset"])
         if warning or fields["dataset"] != self.prefilled["dataset"]:
             return " · ".join(filter(None, (scores, warning)))

@@ -1,6 +1,7 @@
 """Step 3, Method: the stage (supervised fine-tuning, DPO on preference pairs, KTO on replies marked desirable or
-not, a reward model on preference pairs, pre-training on raw text), what trains (LoRA, QLoRA, freeze or full) with the memory estimate for each and
-whether it fits the chosen GPUs, the method recommended and why, and the settings of the method and stage chosen."""
+not, a reward model on preference pairs, pre-training on raw text), what trains (LoRA, QLoRA, freeze or full) with
+the memory estimate for each and whether it fits the chosen GPUs, the method recommended and why, and the settings
+of the method and stage chosen."""
 
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ def _runs_to_start_from(model: str, stage: str) -> list[tuple[str, str]]:
     its base (engine.infer.followup.adapter_chain), so its model is the one the new stage starts from."""
     from engine.errors import UserError
     from engine.infer.followup import adapter_chain, run_config_values
-    from engine.rundir.jobs import adapters_of, job_row
+    from engine.rundir.jobs import adapters_of, job_row, reward_method
 
     runs = []
     for job in adapters_of(model):
         row = job_row(job)
-        if row["method"].startswith("rm-") and stage != "rm":
+        if reward_method(job.status.method) and stage != "rm":
             continue
         try:
             chain = adapter_chain(run_config_values(job), str(job.dir))
