@@ -67,16 +67,18 @@ def _adapters(cfg: TunerConfig) -> list[str]:
     """An adapter given as a local path (absolute, ./, ../ or ~) must be one: a directory with adapter_config.json.
     A name like user/adapter is a hub id, looked for when the model loads."""
     problems = []
-    for given in (cfg.model.adapter_name_or_path or "").split(","):
-        given = given.strip()
-        if not given.startswith(("/", "./", "../", "~")):
-            continue
-        path = Path(given).expanduser()
-        if not path.exists():
-            problems.append(f"adapter_name_or_path {given}: no such directory (a LoRA adapter, as training saves one)")
-        elif not (path / "adapter_config.json").is_file():
-            problems.append(f"{given} is not a LoRA adapter (no adapter_config.json): a freeze or full fine-tune "
-                            "output is a whole model, pass it as model_name_or_path")
+    for key, adapters in (("adapter_name_or_path", cfg.model.adapter_name_or_path),
+                          ("ref_model_adapters", cfg.finetune.ref_model_adapters)):
+        for given in (adapters or "").split(","):
+            given = given.strip()
+            if not given.startswith(("/", "./", "../", "~")):
+                continue
+            path = Path(given).expanduser()
+            if not path.exists():
+                problems.append(f"{key} {given}: no such directory (a LoRA adapter, as training saves one)")
+            elif not (path / "adapter_config.json").is_file():
+                problems.append(f"{given} is not a LoRA adapter (no adapter_config.json): a freeze or full fine-tune "
+                                "output is a whole model, pass it as model_name_or_path")
     return problems
 
 

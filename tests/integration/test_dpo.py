@@ -168,6 +168,8 @@ def test_a_dpo_run_stops_with_a_checkpoint_and_resumes_from_it(tiny_models, tmp_
     (["--pref_loss", "orpo", "--ref_model", "tiny-llama"], "ref_model: pref_loss orpo trains without a reference"),
     (["--ref_model_quantization_bit", "4"], "ref_model_adapters and ref_model_quantization_bit load ref_model: give "
                                             "ref_model too"),
+    (["--ref_model", "tiny-llama", "--ref_model_adapters", "/nonexistent/sft"], "ref_model_adapters /nonexistent/sft: "
+                                                                                 "no such directory"),
     (["--ref_model", "org/not-downloaded"], "ref_model org/not-downloaded is not downloaded: fetch it first with "
                                             "`tuner download org/not-downloaded`"),
 ])
