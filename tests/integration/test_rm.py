@@ -241,3 +241,18 @@ def test_the_demo_reward_model_learns_on_held_out_pairs(tiny_models, tmp_path):
     assert [e["step"] for e in evals] == [0, 20]
     assert abs(evals[0]["eval_margin"]) < 0.2 and evals[-1]["eval_margin"] > 1
     assert evals[-1]["eval_accuracy"] > 0.7 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
+
+
+def test_lora_dropout_acts_in_a_reward_model(tiny_models, tmp_path):
+    """Stage rm keeps dropout on, as LLaMA-Factory's does (TRL's RewardConfig would turn it off): the same seeded run
+    with lora_dropout trains differently from one without (at step 1 LoRA's B matrices are still zero, so after)."""
+    data = write_pairs(tmp_path / "data", count=8)
+    losses = {}
+    for dropout in ("0", "0.5"):
+        out = tmp_path / f"dropout_{dropout}"
+        code, output = typed(*rm_args(data, out, "--max_steps", "3", "--lora_dropout", dropout, "--learning_rate",
+                                      "1e-2"))
+        assert code == 0, output
+        losses[dropout] = [e["loss"] for e in read_events(out) if e["type"] == "log"]
+    assert losses["0"][0] == pytest.approx(losses["0.5"][0], rel=1e-6)
+    assert losses["0"][1:] != pytest.approx(losses["0.5"][1:], rel=1e-4)
