@@ -147,6 +147,9 @@ def check_torch_gpus(hw: HardwareState, torch: TorchInfo | None, env: Mapping[st
     if torch is None:
         return Finding("torch", PROBLEM, "torch is not installed", "pip install torch")
     if not hw.gpus:
+        if hw.driver_version and spec is not None and spec.strip().startswith("MIG-"):
+            return Finding("torch", PROBLEM, f"CUDA_VISIBLE_DEVICES={spec!r} names no MIG instance NVML lists",
+                           "`nvidia-smi -L` lists each MIG instance's UUID")
         if hw.driver_version and spec is not None:
             return Finding("torch", PROBLEM, f"CUDA_VISIBLE_DEVICES={spec!r} hides every GPU",
                            "unset CUDA_VISIBLE_DEVICES")

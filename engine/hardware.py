@@ -1,4 +1,5 @@
-"""The GPU probe: what NVML reports about this machine's NVIDIA GPUs, numbered as CUDA will number them.
+"""The GPU probe: what NVML reports about this machine's NVIDIA GPUs, numbered as CUDA will number them (a MIG
+instance that CUDA_VISIBLE_DEVICES names is one GPU), and which NVML device a CUDA device is.
 
 No driver, no GPU or every GPU hidden by ``CUDA_VISIBLE_DEVICES`` is a normal state with a message, never an
 exception; a reading a card does not support is ``None``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,29 +72,68 @@ def _no_gpu(reason: str, driver_version: str | None = None, cuda_version: str | 
                          message=NO_GPU.format(reason=reason))
 
 
-def visible_devices(spec: str | None, uuids: list[str | None]) -> list[int]:
-    """NVML indices of the GPUs CUDA will see, in CUDA's order, for a CUDA_VISIBLE_DEVICES value.
+@dataclasses.dataclass(frozen=True)
+class NvmlDevice:
+    """A device NVML lists: a whole GPU (``index``: nvidia-smi's number), or one MIG instance of GPU ``index`` in
+    its slot ``mig``; ``handle`` is NVML's, for reading it."""
 
-    Follows CUDA (as PyTorch mirrors it): unset shows all; entries are indices or ``GPU-`` UUID prefixes; the first
-    invalid, out-of-range or ambiguous entry ends the list; a repeated device hides them all.
+    index: int
+    uuid: str | None = None
+    mig: int | None = None
+    legacy_uuid: str | None = None  # a MIG instance's older name, MIG-<its GPU's UUID>/<GPU instance>/<compute inst.>
+    handle: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def visible_devices(spec: str | None, devices: Sequence[NvmlDevice]) -> list[NvmlDevice]:
+    """The devices CUDA will see, in CUDA's order, for a CUDA_VISIBLE_DEVICES value; ``devices`` are NVML's.
+
+    Follows CUDA (as PyTorch mirrors it): unset shows every whole GPU; entries are indices, ``GPU-`` or ``MIG-`` UUID
+    prefixes, of the first entry's kind; the first invalid, out-of-range or ambiguous entry ends the list; a repeated
+    device hides them all. A process enumerates one MIG instance at most (CUDA's limit): of MIG entries the first
+    counts. The older ``MIG-GPU-<uuid>/<gi>/<ci>`` form is matched whole against each instance's ``legacy_uuid``.
     """
+    gpus = [d for d in devices if d.mig is None]
     if spec is None:
-        return list(range(len(uuids)))
-    by_uuid = spec.strip().startswith("GPU-")
-    chosen: list[int] = []
+        return gpus
+    kind = next((prefix for prefix in ("GPU-", "MIG-") if spec.strip().startswith(prefix)), None)
+    candidates = [d for d in devices if (d.mig is None) == (kind == "GPU-")]
+    chosen: list[NvmlDevice] = []
     for entry in (e.strip() for e in spec.split(",")):
-        if by_uuid:
-            matches = [i for i, u in enumerate(uuids) if u and entry.startswith("GPU-") and u.startswith(entry)]
-            index = matches[0] if len(matches) == 1 else -1
+        if kind:
+            matches = [d for d in candidates if entry.startswith(kind) and (
+                (d.uuid or "").startswith(entry) or entry == d.legacy_uuid)]
+            device = matches[0] if len(matches) == 1 else None
         else:
             digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]  # CUDA reads it like strtoul: "1abc" is 1
-            index = int(digits) if digits and int(digits) < len(uuids) else -1
-        if index < 0:
+            device = gpus[int(digits)] if digits and int(digits) < len(gpus) else None
+        if device is None:
             break
-        if index in chosen:
+        if device in chosen:
             return []
-        chosen.append(index)
-    return chosen
+        chosen.append(device)
+    return chosen[:1] if kind == "MIG-" else chosen
+
+
+def nvml_device_for(cuda_index: int, cuda_uuid: str | None, devices: Sequence[NvmlDevice],
+                    spec: str | None) -> NvmlDevice | None:
+    """The NVML device behind CUDA device ``cuda_index``: NVML numbers GPUs as nvidia-smi does, ignoring
+    CUDA_VISIBLE_DEVICES (``spec``), so it is found by the UUID torch gives (``cuda_uuid``, with or without the
+    ``GPU-``/``MIG-`` prefix), else by its place in CUDA_VISIBLE_DEVICES' order (which assumes CUDA numbers GPUs in
+    nvidia-smi's order, as CUDA_DEVICE_ORDER=PCI_BUS_ID does)."""
+    order = visible_devices(spec, devices)
+    placed = order[cuda_index] if 0 <= cuda_index < len(order) else None
+    body = _uuid_body(cuda_uuid)
+    matched = next((d for d in devices if body and _uuid_body(d.uuid) == body), None)
+    if matched and placed and matched.mig is None and placed.mig is not None and placed.index == matched.index:
+        return placed  # a MIG instance that CUDA named by its GPU's UUID
+    return matched or placed
+
+
+def _uuid_body(uuid: str | None) -> str | None:
+    """A UUID without NVML's ``GPU-`` or ``MIG-`` prefix (torch prints a CUDA UUID bare), lower-case."""
+    if not uuid:
+        return None
+    return uuid.removeprefix("GPU-").removeprefix("MIG-").lower()
 
 
 def probe(nvml: Any = None) -> HardwareState:
@@ -119,14 +160,120 @@ def _read_state(nvml: Any) -> HardwareState:
         return _no_gpu(str(e), driver, cuda)
     if count == 0:
         return _no_gpu("the driver sees no device", driver, cuda)
-    handles = [_call(nvml, nvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)]
-    uuids = [None if h is None else _call(nvml, nvml.nvmlDeviceGetUUID, h) for h in handles]
     spec = os.environ.get("CUDA_VISIBLE_DEVICES")
-    order = visible_devices(spec, uuids)
+    devices = nvml_devices(nvml, count)
+    order = visible_devices(spec, devices)
     if not order:
         return _no_gpu(f"CUDA_VISIBLE_DEVICES={spec!r} hides every GPU", driver, cuda)
-    gpus = [_read_gpu(nvml, handles[p], Gpu(index=i, physical_index=p, uuid=uuids[p])) for i, p in enumerate(order)]
+    gpus = [_read_device(nvml, d, devices, i) for i, d in enumerate(order)]
     return HardwareState(gpus=gpus, driver_version=driver, cuda_version=cuda)
+
+
+def nvml_devices(nvml: Any, count: int | None = None) -> list[NvmlDevice]:
+    """Every device NVML lists (after ``nvmlInit``): the GPUs in nvidia-smi's order, then the MIG instances of each
+    GPU in MIG mode."""
+    if count is None:
+        count = _call(nvml, nvml.nvmlDeviceGetCount) or 0
+    gpus = []
+    for i in range(count):
+        handle = _call(nvml, nvml.nvmlDeviceGetHandleByIndex, i)
+        uuid = None if handle is None else _call(nvml, nvml.nvmlDeviceGetUUID, handle)
+        gpus.append(NvmlDevice(index=i, uuid=uuid, handle=handle))
+    return gpus + [instance for gpu in gpus for instance in _mig_instances(nvml, gpu)]
+
+
+def _mig_instances(nvml: Any, gpu: NvmlDevice) -> list[NvmlDevice]:
+    mode = None if gpu.handle is None else _call(nvml, nvml.nvmlDeviceGetMigMode, gpu.handle)
+    if not mode or mode[0] != nvml.NVML_DEVICE_MIG_ENABLE:  # (current, pending)
+        return []
+    instances = []
+    for slot in range(_call(nvml, nvml.nvmlDeviceGetMaxMigDeviceCount, gpu.handle) or 0):
+        handle = _call(nvml, nvml.nvmlDeviceGetMigDeviceHandleByIndex, gpu.handle, slot)  # an empty slot raises
+        if handle is None:
+            continue
+        ids = (_call(nvml, nvml.nvmlDeviceGetGpuInstanceId, handle), _call(nvml, nvml.nvmlDeviceGetComputeInstanceId,
+                                                                           handle))
+        legacy = None if gpu.uuid is None or None in ids else f"MIG-{gpu.uuid}/{ids[0]}/{ids[1]}"
+        instances.append(NvmlDevice(index=gpu.index, uuid=_call(nvml, nvml.nvmlDeviceGetUUID, handle), mig=slot,
+                                    legacy_uuid=legacy, handle=handle))
+    return instances
+
+
+def _read_device(nvml: Any, device: NvmlDevice, devices: list[NvmlDevice], cuda_index: int) -> Gpu:
+    """A MIG instance reads from its own handle (its memory, its processes); NVML names it "<GPU> MIG <profile>",
+    else it takes its GPU's name."""
+    gpu = _read_gpu(nvml, device.handle, Gpu(index=cuda_index, physical_index=device.index, uuid=device.uuid))
+    if device.mig is not None and not gpu.name:
+        parent = devices[device.index].handle
+        name = None if parent is None else _call(nvml, nvml.nvmlDeviceGetName, parent)
+        gpu.name = None if name is None else f"{name} MIG"
+    return gpu
+
+
+def cuda_nvml_mapping(nvml: Any = None, cuda_uuids: list[str | None] | None = None) -> list[dict[str, Any]]:
+    """Each CUDA device with the NVML device behind it (`tuner doctor --gpu`): ``cuda`` and ``cuda_uuid`` (CUDA's
+    index and the UUID torch gives, from ``cuda_uuids`` else torch's own), ``nvml`` (nvidia-smi's index of the GPU),
+    ``mig`` (the MIG slot, None for a whole GPU), NVML's ``uuid`` and ``name``, ``by`` ("uuid" or "order": how it was
+    found; None where NVML shows no device for it)."""
+    if cuda_uuids is None:
+        cuda_uuids = cuda_device_uuids()
+    if nvml is None:
+        import pynvml as nvml
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return [_mapped(i, uuid, None, nvml) for i, uuid in enumerate(cuda_uuids)]
+    try:
+        devices, spec = nvml_devices(nvml), os.environ.get("CUDA_VISIBLE_DEVICES")
+        return [_mapped(i, uuid, nvml_device_for(i, uuid, devices, spec), nvml) for i, uuid in enumerate(cuda_uuids)]
+    finally:
+        _call(nvml, nvml.nvmlShutdown)
+
+
+def _mapped(cuda_index: int, cuda_uuid: str | None, device: NvmlDevice | None, nvml: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"cuda": cuda_index, "cuda_uuid": cuda_uuid, "nvml": None, "mig": None, "uuid": None,
+                           "name": None, "by": None}
+    if device is not None:
+        name = None if device.handle is None else _call(nvml, nvml.nvmlDeviceGetName, device.handle)
+        by = "uuid" if cuda_uuid and _uuid_body(cuda_uuid) == _uuid_body(device.uuid) else "order"
+        row.update(nvml=device.index, mig=device.mig, uuid=device.uuid, name=name, by=by)
+    return row
+
+
+def nvml_memory_used(cuda_index: int, cuda_uuid: str | None, nvml: Any = None) -> int | None:
+    """Bytes in use on CUDA device ``cuda_index`` as NVML counts them (every process's); ``None`` where NVML cannot
+    say. ``cuda_uuid`` is the UUID torch gives the device, None where unknown."""
+    if nvml is None:
+        import pynvml as nvml
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return None
+    try:
+        device = nvml_device_for(cuda_index, cuda_uuid, nvml_devices(nvml), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        memory = None if device is None or device.handle is None else _call(
+            nvml, nvml.nvmlDeviceGetMemoryInfo, device.handle)
+        return None if memory is None else memory.used
+    finally:
+        _call(nvml, nvml.nvmlShutdown)
+
+
+def cuda_device_uuids() -> list[str | None]:
+    """The UUID torch gives each CUDA device this process sees, in CUDA's order; empty where torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [cuda_device_uuid(i) for i in range(torch.cuda.device_count())]
+
+
+def cuda_device_uuid(index: int) -> str | None:
+    """torch's UUID of CUDA device ``index``: it prints CUDA's bytes bare (``0c3e9a51-7b2d-...``), without NVML's
+    ``GPU-``/``MIG-`` prefix; ``None`` where this torch gives none."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return None if uuid is None else str(uuid)
 
 
 def _read_gpu(nvml: Any, handle: Any, gpu: Gpu) -> Gpu:

@@ -54,8 +54,9 @@ COMMANDS: dict[str, Command] = {
     "gpus": Command(cmd_gpus, "The NVIDIA GPUs found: memory, utilisation, temperature, power, processes.",
                     "tuner gpus [--json]"),
     "doctor": Command(cmd_doctor, "Check this machine before a first run: driver and torch, GPUs, kernels, disk, "
-                      "the hub; exit 1 on a problem. --full also loads bitsandbytes (seconds).",
-                      "tuner doctor [--full] [--json]"),
+                      "the hub; exit 1 on a problem. --full also loads bitsandbytes (seconds). --gpu runs every "
+                      "kernel path the engine can choose on each GPU against the reference (about two minutes).",
+                      "tuner doctor [--full | --gpu] [--json]"),
     "models": Command(cmd_models, "List the model catalog.", "tuner models [--json]"),
     "templates": Command(cmd_templates, "List the prompt templates with a rendered example.", "tuner templates"),
     "datasets": Command(cmd_datasets, "List the registered datasets (bundled, and those of --dataset_dir's "

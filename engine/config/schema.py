@@ -173,6 +173,9 @@ class TrainArgs:
     pure_bf16: bool = _opt(False, "Hold the weights in bfloat16 and train without mixed precision (less memory).")
     plot_loss: bool = _opt(False, "Draw training_loss.png (and training_eval_loss.png with evaluation) in output_dir, "
                           "as LLaMA-Factory does.")
+    check_fast_path: bool | None = _opt(None, "At the start, put the first micro-batch through the chosen fast path "
+                                        "(padding-free rows, attention kernel, fused loss) and the classic one, and "
+                                        "fall back to the classic path if they disagree (default: on a GPU).")
     auto_fit: bool = _opt(True, "Choose tokens per micro-batch, accumulation and checkpointing for the GPU's free "
                           "memory, keeping the samples per optimizer step; false keeps the batch settings as given.")
     seed: int = _opt(42, "Random seed.")

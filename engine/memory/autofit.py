@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, replace
 
 from engine.data.stats import Lengths
-from engine.memory.estimate import RunShape, estimate
+from engine.memory.estimate import RunShape, dequantized_expert_bytes, estimate
 
 MARGIN = 0.10  # of the free memory, kept free
 BATCH_TOLERANCE = 0.10  # samples per optimizer step may differ from the user's by this much on average
@@ -152,7 +152,8 @@ def fit_cpu(shape: RunShape, micro_batch: int, accumulation: int, checkpointing:
     if checkpointing is not None:
         return user_fit(micro_batch, accumulation, checkpointing, "CPU: the batch and checkpointing as given")
     activations = estimate(replace(shape, precision="fp32", gradient_checkpointing=False)).components
-    needed = (activations.get("activations", 0.0) + activations.get("logits_and_loss", 0.0))
+    needed = (activations.get("activations", 0.0) + activations.get("logits_and_loss", 0.0)
+              + activations.get("dequantized_experts", 0.0))
     if needed <= available_gib * CPU_RAM_SHARE:
         return Fit(micro_batch, accumulation, False, None, None,
                    f"CPU: activations need ~{needed:.1f} GiB of {available_gib:.1f} GiB available RAM, "
@@ -162,9 +163,15 @@ def fit_cpu(shape: RunShape, micro_batch: int, accumulation: int, checkpointing:
                "checkpointing on")
 
 
-def backoff(fit: Fit, longest: int) -> Fit | None:
+def backoff(fit: Fit, longest: int, shape: RunShape | None = None) -> Fit | None:
     """After an out-of-memory error: half the tokens per micro-batch (twice the accumulation), down to the longest
-    sample, then checkpointing on; None when nothing smaller is left."""
+    sample, then checkpointing on; None when nothing smaller is left. Checkpointing comes first where ``shape`` (the
+    estimator's view of the run) shows memory that fewer tokens leave untouched and checkpointing frees: every
+    layer's dequantized 4-bit experts kept for the backward pass (a mixture of experts under QLoRA)."""
+    if not fit.gradient_checkpointing and shape is not None and _keeps_every_layers_experts(shape):
+        return replace(fit, gradient_checkpointing=True, estimate_gib=None,
+                       reason="backed off after running out of memory: gradient checkpointing on, so only one "
+                              "layer's dequantized experts are held at a time")
     if fit.tokens and fit.tokens // 2 >= longest:
         return replace(fit, tokens=fit.tokens // 2, accumulation=fit.accumulation * 2, estimate_gib=None,
                        reason="backed off after running out of memory: half the tokens per micro-batch")
@@ -176,3 +183,8 @@ def backoff(fit: Fit, longest: int) -> Fit | None:
         return replace(fit, gradient_checkpointing=True, estimate_gib=None,
                        reason="backed off after running out of memory: gradient checkpointing on")
     return None
+
+
+def _keeps_every_layers_experts(shape: RunShape) -> bool:
+    return dequantized_expert_bytes(replace(shape, gradient_checkpointing=False)) > \
+        dequantized_expert_bytes(replace(shape, gradient_checkpointing=True))

@@ -209,8 +209,7 @@ def estimate(shape: RunShape) -> Estimate:
 
     # Weights: 16-bit unless quantized (QLoRA: Linear layers, and fused experts at 4 bits) or trained (fp32 masters).
     if bits:
-        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64) if bits == 4 \
-            else 1.0
+        per_param = _quantized_bytes(shape)
         experts = layers * expert_params(g)
         quantized_experts = experts if bits == 4 else 0
         components["weights_quantized"] = (linear_params + quantized_experts) * per_param
@@ -257,11 +256,13 @@ def estimate(shape: RunShape) -> Estimate:
     components["logits_and_loss"] = logits
     if bits:
         biggest = max(linear.params for linear in decoder_linears(g))
-        if bits == 4 and g.num_local_experts:
-            biggest = max(biggest, expert_params(g) * 2 // 3)  # one fused gate_up tensor, dequantized whole
-        # the backward pass dequantizes one weight at a time: 4-bit to the 16-bit compute dtype, 8-bit to its input's
-        # dtype, fp32 after k-bit preparation
+        # the backward pass dequantizes one Linear weight at a time: 4-bit to the 16-bit compute dtype, 8-bit to its
+        # input's dtype, fp32 after k-bit preparation
         components["dequantized_layer"] = biggest * (4.0 if bits == 8 else 2.0)
+    if experts_kept := dequantized_expert_bytes(shape):
+        components["dequantized_experts"] = experts_kept
+        assumptions.append(DEQUANTIZED_EXPERTS_KEPT if not shape.gradient_checkpointing else
+                           "the 4-bit fused experts of the layer being recomputed held dequantized in its backward")
     if bits == 8:
         components["int8_kept_inputs"] = shape.batch_size * shape.seq_len * int8_kept_input_bytes(shape)
     components["autocast_weight_copies"] = _autocast_copies(shape, trainable, other_params)
@@ -269,21 +270,34 @@ def estimate(shape: RunShape) -> Estimate:
         else 0.0
     components["optimizer_step_temporaries"] = optimizer_step
 
-    transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "int8_kept_inputs",
-                      "autocast_weight_copies")
+    transient_keys = ("activations", "logits_and_loss", "dequantized_layer", "dequantized_experts",
+                      "int8_kept_inputs", "autocast_weight_copies")
     static = sum(v for k, v in components.items() if k not in transient_keys + ("optimizer_step_temporaries",))
     forward_backward = sum(components.get(k, 0.0) for k in transient_keys)
     peak = static + max(forward_backward, optimizer_step)
+    assumptions.append("forward/backward buffers and the optimizer step's temporaries do not overlap: the peak is "
+                       "the larger of the two on top of weights, gradients and optimizer states")
+    loading = _loading_bytes(shape, linear_params, other_params, w16)
+    if loading > peak:
+        assumptions.append(f"the peak is while the model loads ({loading / GIB:.2f} GiB, training's "
+                           f"{peak / GIB:.2f} GiB): {LOADING}")
+        peak = loading
     total = peak * ALLOCATOR_FACTOR + ALLOCATOR_GIB * GIB + CUDA_CONTEXT_GIB * GIB
     components["allocator_reserve"] = total - peak - CUDA_CONTEXT_GIB * GIB
     components["cuda_context"] = CUDA_CONTEXT_GIB * GIB
-    assumptions.append("forward/backward buffers and the optimizer step's temporaries do not overlap: the peak is "
-                       "the larger of the two on top of weights, gradients and optimizer states")
     return Estimate(
         method=shape.method, components={k: round(v / GIB, 3) for k, v in components.items()},
         peak_allocated_gib=round(peak / GIB, 3), total_gib=round(total / GIB, 3), trainable_params=trainable,
         assumptions=assumptions,
     )
+
+
+def _quantized_bytes(shape: RunShape) -> float:
+    """Bytes per quantized weight: 4-bit NF4 with its block scales (themselves quantized with double quantization),
+    or 8-bit."""
+    if shape.quantization_bit == 8:
+        return 1.0
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if shape.double_quantization else 4 / 64)
 
 
 def _trainable_params(shape: RunShape, linear_params: int, other_params: int) -> int:
@@ -394,6 +408,44 @@ def _activation_bytes(shape: RunShape) -> tuple[float, float]:
         chunk = math.ceil(tokens / math.ceil(g.vocab_size / g.hidden_size))
         return tokens * per_token, chunk * 6.0 * g.vocab_size + tokens * 2.0 * g.hidden_size
     return tokens * per_token, tokens * LOGIT_BYTES_PER_VOCAB * g.vocab_size
+
+
+DEQUANTIZED_EXPERTS_KEPT = ("every layer's 4-bit fused experts (both tensors) kept dequantized until the backward "
+                            "pass without gradient checkpointing: autograd saves the weights it multiplied with")
+
+
+def dequantized_expert_bytes(shape: RunShape) -> float:
+    """What 4-bit fused experts hold dequantized for the backward pass (in the load dtype, which the quantization
+    state keeps): autograd saves the dequantized gate_up and down tensors each layer's forward multiplied with, so
+    without checkpointing every layer's stay until the backward pass reaches it; with checkpointing only the layer
+    being recomputed holds them (tests/integration/test_moe_quantization.py counts what autograd saves)."""
+    g = shape.geometry
+    if shape.quantization_bit != 4 or not g.num_local_experts:
+        return 0.0
+    layers = 1 if shape.gradient_checkpointing else g.num_hidden_layers
+    return layers * expert_params(g) * (4.0 if shape.precision == "fp32" else 2.0)
+
+
+LOADING = ("the weights loaded so far in their load dtype (before k-bit preparation), and a fused expert tensor being "
+           "joined from the checkpoint's per-expert pieces: pieces and joined tensor in 16-bit")
+
+
+def _loading_bytes(shape: RunShape, linear_params: int, other_params: int, w16: float) -> float:
+    """The moment a quantized mixture of experts loads its last fused gate_up tensor onto the GPU (quantized models
+    load there, others on the CPU): every other weight as loaded, quantized or in the load dtype, and that tensor's
+    per-expert pieces stacked beside the joined tensor. Under 4-bit each is quantized as soon as it is joined
+    (engine.models.moe_quant), so only one is ever there in 16-bit; under 8-bit they stay 16-bit. 0 for other
+    models, whose loading holds no more than training does."""
+    g = shape.geometry
+    bits = shape.quantization_bit
+    if not bits or not g.num_local_experts or shape.sharding == "zero3":
+        return 0.0
+    experts = g.num_hidden_layers * expert_params(g)
+    gate_up = expert_params(g) * 2 // 3 * w16
+    if bits == 4:
+        weights = (linear_params + experts) * _quantized_bytes(shape) + (other_params - experts) * w16
+        return weights + 2 * gate_up  # the packed result is counted with the weights
+    return linear_params * _quantized_bytes(shape) + other_params * w16 + gate_up
 
 
 INT8_KEPT_INPUTS = ("bitsandbytes' 8-bit matmul keeps every layer's inputs (fp32 after k-bit preparation) until the "

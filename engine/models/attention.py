@@ -6,7 +6,8 @@ transformers' SDPA and eager paths turn the ``position_ids`` into a dense block-
 correct, but quadratic in the row and without SDPA's fused kernel. ``VARLEN`` is our own attention name, registered
 with transformers' ``AttentionInterface``, that honours the boundaries directly:
 
-- on CUDA with torch's variable-length attention (``torch.nn.attention.varlen``, torch >= 2.10): one fused call;
+- on CUDA with torch's variable-length attention (``torch.nn.attention.varlen``, torch >= 2.10): one fused call, in
+  half precision (fp32 q/k/v from a k-bit model or under autocast are cast first, as transformers' flash path does);
 - elsewhere: SDPA per sample (causal, no mask), which is exact and costs only the samples' own lengths.
 
 A batch without ``cu_seq_lens`` (evaluation with padding, generation) goes through transformers' SDPA unchanged.
@@ -57,11 +58,43 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     dropout = dropout if module.training else 0.0
     longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
     _refuse_what_varlen_cannot_do(kwargs, longest)
-    head_dim = query.shape[-1]
-    if query.is_cuda and query.dtype in _half_dtypes() and dropout == 0.0 and head_dim % 8 == 0 \
-            and head_dim <= 256 and torch_varlen_available():
+    kernel_dtype = _torch_varlen_dtype(module, query, dropout)
+    if kernel_dtype is not None:
+        query, key, value = (t.to(kernel_dtype) for t in (query, key, value))
         return _torch_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
     return _per_sample_sdpa(query, key, value, cu_seq_lens_q, dropout, scaling)
+
+
+def _torch_varlen_dtype(module, query, dropout: float):
+    """The half dtype torch's varlen kernel runs this call in, or None when the call takes the per-sample path.
+
+    q/k/v arrive in fp32 from a k-bit model (PEFT's k-bit preparation keeps norms and embeddings in fp32, and
+    bitsandbytes' layers return their input's dtype) or under autocast: like transformers' flash-attention path
+    (``get_target_dtype``), they are cast to the autocast dtype, else to the quantized model's compute dtype, rather
+    than sent through the per-sample loop."""
+    head_dim = query.shape[-1]
+    if not _on_cuda(query) or dropout != 0.0 or head_dim % 8 or head_dim > 256 or not torch_varlen_available():
+        return None
+    dtype = query.dtype
+    if dtype not in _half_dtypes():
+        dtype = _target_dtype(module, query)
+    return dtype if dtype in _half_dtypes() else None
+
+
+def _target_dtype(module, query):
+    import torch
+
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    config = getattr(module, "config", None)
+    if getattr(config, "_is_quantized", False) or getattr(config, "quantization_config", None) is not None:
+        return getattr(config, "dtype", None)
+    return None
+
+
+def _on_cuda(tensor) -> bool:
+    return tensor.is_cuda
 
 
 def _refuse_what_varlen_cannot_do(kwargs: dict, longest: int) -> None:

@@ -263,15 +263,16 @@ def load_model(model_path: str, cfg: TunerConfig, precision: Precision, attentio
                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
                   token=cfg.model.hf_hub_token, cache_dir=cfg.model.cache_dir, use_safetensors=True)
     try:
-        if reward:
-            (AutoModel,) = from_transformers("AutoModelForSequenceClassification")
-            from trl.trainer.reward_trainer import suppress_seqcls_warning
+        with loading_experts(cfg):
+            if reward:
+                (AutoModel,) = from_transformers("AutoModelForSequenceClassification")
+                from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-            with suppress_seqcls_warning():  # the language model's head unused, the score head new: as intended
-                model = AutoModel.from_pretrained(model_path, num_labels=1, **kwargs)
-        else:
-            (AutoModel,) = from_transformers("AutoModelForCausalLM")
-            model = AutoModel.from_pretrained(model_path, **kwargs)
+                with suppress_seqcls_warning():  # the language model's head unused, the score head new: as intended
+                    model = AutoModel.from_pretrained(model_path, num_labels=1, **kwargs)
+            else:
+                (AutoModel,) = from_transformers("AutoModelForCausalLM")
+                model = AutoModel.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model from {model_path}: {_first_line(exc)}") from None
     model.config.use_cache = False  # with a KV cache transformers builds no packed mask: samples would mix
@@ -333,9 +334,21 @@ def scores(model) -> bool:
     return type(base).__name__.endswith(REWARD_SUFFIX)
 
 
+def loading_experts(cfg: TunerConfig):
+    """What the model loads within: under quantization_bit 4, fused mixture-of-experts weights (which bitsandbytes'
+    nn.Linear swap skips) quantized as they load, one at a time, so the whole model's experts are never on the GPU in
+    16-bit (engine.models.moe_quant)."""
+    import contextlib
+
+    from engine.models import moe_quant
+
+    return moe_quant.quantizing_experts_while_loading() if cfg.model.quantization_bit == 4 else \
+        contextlib.nullcontext()
+
+
 def quantize_experts(model, cfg: TunerConfig) -> None:
-    """Fused mixture-of-experts weights, which bitsandbytes' nn.Linear swap skips: 4-bit too under quantization_bit
-    4, left in the load dtype (and said so) under 8-bit."""
+    """Once loaded, the fused mixture-of-experts weights: under quantization_bit 4, any the load left in 16-bit
+    quantized too and all of them reported; under 8-bit, left in the load dtype and said so."""
     from engine.models import moe_quant
 
     experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)

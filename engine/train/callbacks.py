@@ -29,7 +29,7 @@ def gpu_memory_gib() -> dict[str, float] | None:
     """Peak memory since the start on this process's GPU: torch's allocated and reserved, and NVML's used, in GiB."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not _on_cuda():
         return None
     gib = 1024**3
     memory = {
@@ -37,14 +37,29 @@ def gpu_memory_gib() -> dict[str, float] | None:
         "max_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
     }
     try:
-        import pynvml
+        from engine.hardware import cuda_device_uuid, nvml_memory_used
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        memory["nvml_used_gib"] = round(pynvml.nvmlDeviceGetMemoryInfo(handle).used / gib, 3)
-    except Exception:  # NVML missing or the field unsupported: torch's figures still stand
-        pass
+        index = torch.cuda.current_device()  # CUDA's number, not NVML's: the GPU is found by its UUID
+        used = nvml_memory_used(index, cuda_device_uuid(index))
+    except Exception:  # NVML missing: torch's figures still stand
+        used = None
+    if used is not None:
+        memory["nvml_used_gib"] = round(used / gib, 3)
     return memory
+
+
+def reset_peak_memory() -> None:
+    """Start the peak statistics afresh: after an out-of-memory back-off the failed attempt's peak is not the run's."""
+    import torch
+
+    if _on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class TrainerLog:

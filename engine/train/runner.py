@@ -297,6 +297,7 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
                          model_path)
     try:
         trainer = stage.trainer(parts, plan)
+        plan, trainer = _check_fast_path(stage, parts, plan, trainer)
     except BaseException:
         if run_events:
             run_events.close()
@@ -333,6 +334,44 @@ def _train(cfg: TunerConfig, resolved, run: RunDir, events: EventWriter | None, 
         events.emit(Event.MEMORY, **memory)
     return {"step": trainer.state.global_step, "train_loss": result.training_loss,
             "runtime_s": round(time.time() - started, 2), **({"weight_digests": digests} if digests else {})}
+
+
+def _check_fast_path(stage: Stage, parts: TrainerParts, plan, trainer):
+    """The start-of-run check of the plan's fast path (engine.train.path_check); after a failed one, the classic
+    plan and its trainer. Returns the plan (with the check's result) and the trainer to train with."""
+    from dataclasses import replace
+
+    from engine.train import path_check
+
+    why = path_check.why_not(parts.cfg, plan, parts.hardware.on_gpu, stage.pairs, trainer.args.world_size)
+    if why is not None:
+        return replace(plan, check=path_check.PathCheck(False, why)), trainer
+    pad = parts.tokenizer.pad_token_id
+    result = path_check.check(trainer, parts.model, plan, parts.precision.name, 0 if pad is None else pad)
+    _forget_the_checks_memory()
+    if not result.fell_back:
+        log.info("%s", result.line())
+        return replace(plan, check=result), trainer
+    log.warning("%s", result.line())
+    classic = path_check.classic_plan(plan, parts.cfg, result)
+    path_check.use_classic_attention(parts.model)
+    if classic.fit.gradient_checkpointing and hasattr(parts.model, "enable_input_require_grads"):
+        parts.model.enable_input_require_grads()
+    return classic, stage.trainer(parts, classic)
+
+
+def _forget_the_checks_memory() -> None:
+    """The check's activations freed and its peak forgotten: the peak a run records is its training's."""
+    import gc
+
+    import torch
+
+    from engine.train.callbacks import reset_peak_memory
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    reset_peak_memory()
 
 
 def _say_where_it_resumes(cfg: TunerConfig, run: RunDir) -> None:
@@ -468,7 +507,7 @@ def _backoff(plan, trainer):
 
     if not plan.auto_fit or trainer.state.global_step >= BACKOFF_BEFORE_STEP or trainer.args.world_size > 1:
         return None  # under several processes one rank cannot start over alone: the run fails with the message
-    smaller = backoff(plan.fit, plan.longest_sample)
+    smaller = backoff(plan.fit, plan.longest_sample, plan.shape)
     return replace(plan, fit=smaller) if smaller else None
 
 
@@ -478,6 +517,8 @@ def _release(trainer, model, smaller) -> None:
 
     import torch
 
+    from engine.train.callbacks import reset_peak_memory
+
     hook = getattr(trainer, "neftune_hook_handle", None)
     if hook is not None:
         hook.remove()  # the Trainer removes NEFTune's hook only when train() returns; the next attempt adds its own
@@ -486,6 +527,7 @@ def _release(trainer, model, smaller) -> None:
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
+    reset_peak_memory()  # the peak the run records is the smaller layout's, not the failed attempt's
     if smaller.fit.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 
@@ -499,8 +541,9 @@ def _oom_message(cfg: TunerConfig, plan) -> str:
         peak = torch.cuda.max_memory_allocated() / gib
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib
         figures = f" than the {total:.1f} GiB this GPU has (peak allocated {peak:.1f} GiB before the failure)"
-    return (f"out of GPU memory: the run needed more{figures} with {plan.fit.describe()}; lower per_device_train_batch_size "
-            f"({cfg.train.per_device_train_batch_size}) and raise gradient_accumulation_steps, lower cutoff_len "
+    return (f"out of GPU memory: the run needed more{figures} with {plan.fit.describe()}; lower "
+            f"per_device_train_batch_size ({cfg.train.per_device_train_batch_size}) and raise "
+            f"gradient_accumulation_steps, lower cutoff_len "
             f"({cfg.data.cutoff_len}), keep gradient_checkpointing on, or use quantization_bit 4")
 
 

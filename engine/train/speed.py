@@ -50,6 +50,8 @@ class SpeedPlan:
     longest_sample: int
     loss: str  # "liger" (fused linear cross-entropy), "trl" (TRL's tiled LM head) or "model" (the model's own)
     loss_why: str
+    check: object = None  # engine.train.path_check.PathCheck, once the start-of-run check ran (or was left out)
+    shape: RunShape | None = None  # the estimator's view of the run, which the out-of-memory back-off weighs
 
     @property
     def packed_tokens(self) -> int | None:
@@ -64,7 +66,7 @@ class SpeedPlan:
             {"feature": "loss", "on": True, "value": LOSSES[self.loss], "why": self.loss_why},
             {"feature": "auto-fit", "on": self.auto_fit, "value": self.fit.describe(), "why": self.fit.reason},
             {"feature": "gradient checkpointing", "on": self.fit.gradient_checkpointing, "why": self.fit.reason},
-        ]
+        ] + ([self.check.feature()] if self.check is not None else [])
 
     def lines(self) -> list[str]:
         lines = []
@@ -104,7 +106,7 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
                else "the model's logits over both replies, no reference" if not has_reference(f)
                else "TRL's tiled LM head over both replies, against the reference")
         return SpeedPlan(False, PAIRS_PAD, attention, attention_why, liger, fit, t.auto_fit, lengths.longest,
-                         "reward" if f.stage == "rm" else "preference", how)
+                         "reward" if f.stage == "rm" else "preference", how, shape=shape)
     if not t.auto_fit:
         fit = user_fit(mb, ga, gc, "auto_fit false: the batch settings as given")
     elif shape is None:
@@ -120,7 +122,7 @@ def plan_speed(cfg: TunerConfig, machine: Machine, lengths: Lengths, model: Mode
         fit = fit_cpu(shape, mb, ga, gc, machine.available_ram_gib)
     loss, loss_why = _choose_loss(liger.on, machine.on_gpu)
     return SpeedPlan(padding_free, why, attention, attention_why, liger, fit, t.auto_fit, lengths.longest, loss,
-                     loss_why)
+                     loss_why, shape=shape)
 
 
 def _padding_free(cfg: TunerConfig, model: ModelTraits) -> tuple[bool, str]:

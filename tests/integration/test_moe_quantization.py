@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import weakref
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from safetensors import safe_open
 from engine.cli import main
 from engine.config.schema import parse_args
 from engine.infer.chat import start_chat
-from engine.models.loading import Precision, apply_method, count_parameters, load_model
+from engine.memory.estimate import RunShape, dequantized_expert_bytes
+from engine.models.catalog import lookup
+from engine.models.loading import Precision, apply_method, count_parameters, load_model, quantization_config
 from engine.models.moe_quant import fused_expert_parameters, held_bytes, quant_state, quantize_fused_experts
 from engine.rundir import read_events
 
@@ -43,18 +46,52 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+class PeakStorage:
+    """The peak bytes of the storages ``track`` was shown that were alive at once: a storage counts from the moment
+    it is shown until it is freed, whichever tensors (views, parameters) hold it meanwhile."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def track(self, tensor) -> None:
+        storage = tensor.untyped_storage()
+        if id(storage) not in self.live:
+            self.live[id(storage)] = storage.nbytes()
+            weakref.finalize(storage, self.live.pop, id(storage))
+            self.peak = max(self.peak, sum(self.live.values()))
+
+
+class FusedExpertsInFloatingPoint(torch.overrides.TorchFunctionMode):
+    """Every 3-D floating-point tensor torch makes while the mode is on (fused expert tensors, their stacked pieces),
+    tracked by PeakStorage."""
+
+    def __init__(self):
+        super().__init__()
+        self.storage = PeakStorage()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.ndim == 3 and out.is_floating_point() and out.device.type != "meta":
+            self.storage.track(out)
+        return out
+
+
 @contextlib.contextmanager
 def tuner_records(caplog):
-    """tuner's log records into caplog, even after a run in this process made the logger stop propagating."""
+    """tuner's log records into caplog once each, whether or not a run in this process made the logger stop
+    propagating (caplog's handler also sits on the root logger)."""
     logger = logging.getLogger("tuner")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +123,68 @@ def test_4bit_loading_quantizes_fused_experts_through_bitsandbytes_parametrizati
     assert count_parameters(model)[1] == count_parameters(plain)[1], "counted as the parameters they stand for"
     said = [r.getMessage() for r in caplog.records if "fused expert tensors" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"quantized {EXPERT_TENSORS} fused expert tensors to 4-bit: ")
+
+
+def test_4bit_loading_holds_one_fused_expert_tensor_in_16_bit_at_a_time(tiny_models):
+    """Each fused expert tensor is quantized as soon as its per-expert pieces are joined: at most its pieces and the
+    joined tensor are alive in floating point, never the whole model's experts (on a GPU: Mixtral 8x7B's ~87 GiB)."""
+    with FusedExpertsInFloatingPoint() as spy:
+        model, _ = load(tiny_models, "--quantization_bit", "4")
+    gate_up = math.prod(experts_of(model)[0].gate_up_proj.shape) * 4  # the largest, in the fp32 load dtype
+    every_expert = sum(math.prod(getattr(e, n).shape) * 4 for e in experts_of(model) for n in ("gate_up_proj",
+                                                                                                 "down_proj"))
+    assert every_expert == 3 * gate_up
+    assert 0 < spy.storage.peak <= 2 * gate_up, "one tensor's stacked pieces and the joined tensor, no more"
+    assert not spy.storage.live
+
+
+def test_experts_quantized_while_loading_match_those_quantized_after_loading(tiny_models):
+    """The same packed data, statistics and logits as quantizing the loaded 16-bit experts, and transformers'
+    own quantizer back in place once the load is over."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    model, cfg = load(tiny_models, "--quantization_bit", "4")
+    assert AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"] is Bnb4BitHfQuantizer
+    after = AutoModelForCausalLM.from_pretrained(str(tiny_models["tiny-mixtral"]), dtype=torch.float32,
+                                                 quantization_config=quantization_config(cfg, FP32))
+    assert len(fused_expert_parameters(after)) == EXPERT_TENSORS, "transformers alone leaves them in fp32"
+    quantize_fused_experts(after, "nf4", double_quantization=True)
+    for loaded, quantized in zip(experts_of(model), experts_of(after)):
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(loaded.parametrizations[name].original, quantized.parametrizations[name].original)
+            assert torch.equal(quant_state(loaded, name).absmax, quant_state(quantized, name).absmax)
+    ids = torch.randint(4, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, after(ids).logits)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dequantized_experts_held_through_backward_are_what_the_estimate_counts(tiny_models, checkpointing):
+    """Autograd saves the dequantized expert tensors a layer multiplied with: without checkpointing every layer's
+    (gate_up and down) stay until the backward pass, with it only the recomputed layer's are alive at once."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    model, cfg = load(tiny_models, "--quantization_bit", "4", "--lora_target", "all")
+    model = apply_method(model, cfg, gradient_checkpointing=checkpointing)
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    dequantized = PeakStorage()
+    for module in model.modules():
+        if isinstance(module, Bnb4bitParametrization):
+            module.register_forward_hook(lambda _module, _args, out: dequantized.track(out))
+    ids = torch.randint(4, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+    shape = RunShape(lookup("tiny-mixtral").geometry, method="qlora-4bit", precision="fp32",
+                     gradient_checkpointing=checkpointing)
+    assert dequantized.peak == dequantized_expert_bytes(shape) > 0
+    layer = sum(math.prod(getattr(experts_of(model.base_model.model)[0], n).shape) * 4
+                for n in ("gate_up_proj", "down_proj"))
+    assert dequantized.peak == (1 if checkpointing else 2) * layer
+    assert not dequantized.live, "all freed after the backward pass"
 
 
 def test_quantization_type_and_double_quantization_reach_the_experts(tiny_models):

@@ -183,6 +183,49 @@ def test_an_out_of_memory_first_step_backs_off_and_the_run_goes_on(tiny_models, 
     assert "out of GPU memory" in read_status(tmp_path / "kept").error
 
 
+def test_after_a_back_off_the_recorded_peak_is_the_smaller_layouts_not_the_failed_attempts(tiny_models, tmp_path,
+                                                                                           monkeypatch):
+    """The run's memory event reports the peak since the back-off. This machine has no GPU: CUDA's peak statistics
+    are stood in for by a counter (the failed attempt peaks at 70 GiB, the smaller layout at 9 GiB); the back-off and
+    the reading are the engine's own."""
+    import engine.models.loading as loading
+    import engine.train.callbacks as callbacks
+
+    gib = 1024**3
+    memory = {"peak": 0}
+
+    def reached(gibs: float) -> None:
+        memory["peak"] = max(memory["peak"], int(gibs * gib))
+
+    monkeypatch.setattr(callbacks, "_on_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: memory.update(peak=0))
+    real_load = loading.load_model
+
+    def load_with_a_memory_limit(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        forward = model.forward
+
+        def limited(*f_args, **f_kwargs):
+            positions = f_kwargs.get("position_ids")
+            if positions is not None and int((positions == 0).sum()) > 2:
+                reached(70)
+                raise torch.OutOfMemoryError("CUDA out of memory (the test's limit)")
+            reached(9)
+            return forward(*f_args, **f_kwargs)
+
+        model.forward = limited
+        return model
+
+    monkeypatch.setattr(loading, "load_model", load_with_a_memory_limit)
+    out = tmp_path / "backoff"
+    assert main(["train", *STEPS, "--output_dir", str(out), "--max_steps", "2"]) == 0
+    assert [e for e in read_events(out) if e["type"] == "start"][-1]["backed_off"] is True
+    (recorded,) = [e for e in read_events(out) if e["type"] == "memory"]
+    assert recorded["max_allocated_gib"] == 9.0
+
+
 def test_overwrite_cache_on_the_command_line_prepares_again_in_the_foreground_and_detached(tiny_models, tmp_path):
     """A one-shot key: it acts for the start it is given to (config.yaml never keeps it, so a resume reuses the
     cache)."""

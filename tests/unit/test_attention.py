@@ -151,3 +151,40 @@ def test_the_learned_token_loss_is_the_model_s_own_loss(tiny_models, padding_fre
     kept = learned_token_loss(model, batch, num_items_in_batch=torch.tensor(1000))[1].logits.shape[1]
     learned = sum(1 for s in samples for label in s["labels"][1:] if label != -100)
     assert kept < sum(LENGTHS) and (kept == learned or not padding_free)
+
+
+
+def test_fp32_inputs_under_autocast_reach_the_fused_kernel_in_half_precision(tiny_models, monkeypatch):
+    """A k-bit model under bf16 autocast hands attention fp32 q/k/v (PEFT keeps norms in fp32, bitsandbytes' layers
+    return their input's dtype). They go to torch's fused varlen kernel cast to bf16, as transformers' flash path
+    does, not through the per-sample loop. This machine has no CUDA: the device check and the kernel are stood in
+    for at that boundary (the kernel by per-sample SDPA in the dtype it is given); the routing is the real one."""
+    from engine.models import attention
+
+    reached = []
+    per_sample = attention._per_sample_sdpa
+
+    def kernel(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
+        reached.append((query.dtype, key.dtype, value.dtype))
+        return per_sample(query, key, value, cu_q, 0.0, scaling)
+
+    def slow_path(*args):
+        raise AssertionError("the call took the per-sample loop")
+
+    monkeypatch.setattr(attention, "_on_cuda", lambda tensor: True)
+    monkeypatch.setattr(attention, "torch_varlen_available", lambda: True)
+    monkeypatch.setattr(attention, "_torch_varlen", kernel)
+    monkeypatch.setattr(attention, "_per_sample_sdpa", slow_path)
+    module = _load(tiny_models["tiny-llama"], VARLEN).model.layers[0].self_attn
+    heads, kv_heads, dim = 4, 2, 16
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, h, sum(LENGTHS), dim, generator=generator)
+                         for h in (heads, kv_heads, kv_heads))
+    bounds = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.varlen_attention_forward(module, query, key, value, None, cu_seq_lens_q=bounds,
+                                                    cu_seq_lens_k=bounds, max_length_q=max(LENGTHS),
+                                                    max_length_k=max(LENGTHS))
+    assert reached == [(torch.bfloat16,) * 3]
+    reference, _ = per_sample(query, key, value, bounds, 0.0, None)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)

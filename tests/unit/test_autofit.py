@@ -100,6 +100,22 @@ def test_backoff_halves_tokens_then_turns_checkpointing_on_then_gives_up():
     assert (unpacked.micro_batch, unpacked.accumulation) == (2, 4)
 
 
+def test_backoff_turns_checkpointing_on_first_when_every_layer_keeps_its_dequantized_4bit_experts():
+    """Fewer tokens leave a 4-bit mixture of experts' dequantized experts (2.6 GiB a layer for Mixtral 8x7B) in
+    memory until the backward pass; checkpointing keeps one layer's. Dense models and 16-bit experts keep the order."""
+    mixtral = lookup("mixtral-8x7b").geometry
+    fit = Fit(1, 1, False, tokens=8192)
+    first = backoff(fit, longest=1024, shape=RunShape(mixtral, method="qlora-4bit", gradient_checkpointing=False))
+    assert (first.tokens, first.accumulation, first.gradient_checkpointing) == (8192, 1, True)
+    assert "dequantized experts" in first.reason
+    assert backoff(first, longest=1024, shape=RunShape(mixtral, method="qlora-4bit")).tokens == 4096
+    for shape in (RunShape(LLAMA2_7B, method="qlora-4bit"), RunShape(mixtral, method="qlora-8bit"),
+                  RunShape(mixtral, method="lora"), None):
+        assert backoff(fit, longest=1024, shape=shape) == backoff(fit, longest=1024)
+    unpacked = backoff(Fit(4, 2, False), longest=1024, shape=RunShape(mixtral, method="qlora-4bit"))
+    assert (unpacked.micro_batch, unpacked.accumulation, unpacked.gradient_checkpointing) == (4, 2, True)
+
+
 def test_on_a_cpu_the_batch_is_kept_and_checkpointing_goes_off_when_ram_allows():
     shape = RunShape(LLAMA2_7B, batch_size=2, seq_len=1024, precision="fp32")
     assert fit_cpu(shape, 2, 4, None, available_gib=500.0).gradient_checkpointing is False

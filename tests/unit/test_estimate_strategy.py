@@ -62,7 +62,7 @@ def test_mixtral_8x7b_qlora_4bit_fits_one_80gb_card_with_its_experts_quantized()
     result = estimate(RunShape(MIXTRAL, method="qlora-4bit"))
     experts = 32 * 8 * 3 * 4096 * 14336
     assert result.components["weights_quantized"] >= experts * (0.5 + 1 / 64) / GIB
-    assert result.total_gib == pytest.approx(29.5, abs=0.1)
+    assert result.total_gib == pytest.approx(30.46, abs=0.1)  # with one layer's experts dequantized (2.6 GiB)
     advice = recommend(RunShape(MIXTRAL), 80.0)
     assert next(row for row in advice.rows if row.method == "qlora-4bit").fits
     assert advice.method == "qlora-4bit" and advice.strategy is None

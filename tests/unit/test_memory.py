@@ -177,6 +177,54 @@ def test_mixtral_experts_are_4bit_under_qlora_4bit_and_16bit_under_8bit_and_say_
     assert eight.components["weights_16bit"] > eight.components["weights_quantized"]
 
 
+
+MIXTRAL_LAYER_EXPERTS = 8 * 3 * 4096 * 14336  # gate_up (8 x 2 x 14336 x 4096) and down (8 x 4096 x 14336)
+
+
+def test_4bit_experts_are_held_dequantized_by_every_layer_without_checkpointing_and_by_one_with_it():
+    mixtral = lookup("mixtral-8x7b").geometry
+    layer = MIXTRAL_LAYER_EXPERTS * 2 / GIB  # one layer's experts in bf16: 2.625 GiB
+    on = estimate(RunShape(mixtral, method="qlora-4bit"))
+    off = estimate(RunShape(mixtral, method="qlora-4bit", gradient_checkpointing=False))
+    assert on.components["dequantized_experts"] == pytest.approx(layer, abs=1e-3)
+    assert off.components["dequantized_experts"] == pytest.approx(32 * layer, abs=1e-3)
+    assert off.total_gib - on.total_gib > 31 * layer
+    assert any("every layer's 4-bit fused experts" in a for a in off.assumptions)
+    fp32 = estimate(RunShape(mixtral, method="qlora-4bit", precision="fp32"))
+    assert fp32.components["dequantized_experts"] == pytest.approx(2 * layer, abs=1e-3), "dequantized to fp32"
+    for method in ("qlora-8bit", "lora"):  # 16-bit experts: autograd saves the parameters themselves
+        assert "dequantized_experts" not in estimate(RunShape(mixtral, method=method,
+                                                              gradient_checkpointing=False)).components
+    assert "dequantized_experts" not in estimate(RunShape(LLAMA2_7B, method="qlora-4bit")).components
+
+
+def test_a_mixture_of_experts_peaks_while_loading_when_training_holds_less_and_says_so():
+    """Loading holds the weights as loaded (what is not quantized still 16-bit) and the last fused gate_up tensor
+    being joined: its stacked pieces beside the joined tensor, all 16-bit (under 4-bit quantized right after)."""
+    mixtral = lookup("mixtral-8x7b").geometry
+    linears = 2 * 4096 * 4096 + 2 * 4096 * 1024  # q, o; k, v
+    others = 2 * 4096 + 8 * 4096  # norms, router
+    head = 2 * 32000 * 4096 + 4096  # embeddings, LM head, final norm
+    gate_up = MIXTRAL_LAYER_EXPERTS * 2 // 3
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+    one_layer = dataclasses.replace(mixtral, num_hidden_layers=1)
+    short = estimate(RunShape(one_layer, method="qlora-4bit", seq_len=16))
+    loading = (linears + MIXTRAL_LAYER_EXPERTS) * nf4 + (others + head) * 2 + 2 * gate_up * 2
+    assert short.peak_allocated_gib == pytest.approx(loading / GIB, abs=1e-3)
+    assert any(a.startswith("the peak is while the model loads") for a in short.assumptions)
+    long = estimate(RunShape(one_layer, method="qlora-4bit", seq_len=2048))
+    assert long.peak_allocated_gib > loading / GIB
+    assert not any("while the model loads" in a for a in long.assumptions)
+
+    eight = estimate(RunShape(mixtral, method="qlora-8bit", seq_len=16))  # the experts stay 16-bit
+    loading = 32 * linears + (32 * (MIXTRAL_LAYER_EXPERTS + others) + head) * 2 + gate_up * 2
+    assert eight.peak_allocated_gib == pytest.approx(loading / GIB, abs=1e-3)
+    for method in ("lora", "qlora-4bit"):
+        dense = estimate(RunShape(LLAMA2_7B, method=method, seq_len=16))
+        assert not any("while the model loads" in a for a in dense.assumptions)
+
+
 def test_json_has_the_documented_keys():
     data = estimate(dataclasses.replace(RunShape(LLAMA2_7B), method="freeze")).to_json()
     assert {"peak_allocated_gib", "total_gib", "components", "assumptions"} <= set(data)
