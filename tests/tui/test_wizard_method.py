@@ -77,3 +77,19 @@ async def test_a_setting_with_a_problem_stays_in_sight_when_another_method_is_ch
         assert rows_shown(app) == ["lora_rank"] and "lora_rank must be at least 1" in error(app, "lora_rank")
         await type_into(pilot, app, "lora_rank", "8")
         await until(pilot, lambda: rows_shown(app) == [], "the mended field hidden with the others")
+
+
+async def test_a_late_echo_of_the_chosen_row_does_not_undo_the_qlora_bits_just_chosen(tmp_path):
+    """The race the full walk once lost: the table's highlight of the chosen row (posted when a refill put the cursor
+    there) arrives after the user picked 4-bit in the bits field but before that change is handled. The echo changes
+    nothing, and the QLoRA 4-bit row ends up chosen."""
+    app = wizard("a100-80gb", tmp_path, Choices({"model_name_or_path": "llama2-7b"}))
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = await method_step(pilot, app)
+        assert app.choices.method == "lora"
+        lora = table.ordered_rows[table.cursor_row].key
+        app.screen.query_one("#qlora-bits", Select).value = 4
+        app.screen.on_data_table_row_highlighted(DataTable.RowHighlighted(table, table.cursor_row, lora))
+        await until(pilot, lambda: app.choices.method == "qlora-4bit" and table.cursor_row == 4, "the QLoRA 4-bit row")
+        await pilot.pause()
+        assert app.choices.method == "qlora-4bit" and app.screen.query_one("#qlora-bits", Select).value == 4

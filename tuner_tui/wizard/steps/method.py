@@ -309,7 +309,9 @@ class MethodStep(WizardStep):
         table = event.data_table
         if not 0 <= table.cursor_row < table.row_count or table.ordered_rows[table.cursor_row].key != event.row_key:
             return  # stale: the table was refilled and its cursor moved to the chosen method since
-        if method:
+        # The chosen method's row again (a refill's late echo) changes nothing: the bits may be changing under the
+        # user's hand right now, and resetting them from this row would undo that.
+        if method and method != self.choices.method:
             self._choose(method)
             bits = self.query_one("#qlora-bits", Select)
             wanted = method_keys(method)["quantization_bit"] or Select.NULL
