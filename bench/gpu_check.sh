@@ -8,9 +8,13 @@
 #   bash bench/gpu_check.sh [OUT]             # on a GPU machine (OUT defaults to bench/results)
 #   bash bench/gpu_check.sh --dry-run OUT     # on a CPU: the same steps at toy size, a minute or two (a test runs it)
 #
-# On the lent device machine (which lacks some wheels: ../shared/gpu/wheels.sh fetches them into .whl/):
+# On the lent device machine: its image has torch, transformers, peft and accelerate (older releases than this
+# checkout is tested with, 2026-11: torch 2.11, transformers 5.17) but not trl, datasets, bitsandbytes or
+# liger-kernel. Here, first: `bash ../shared/gpu/wheels.sh transformers==5.25.0 peft==0.21.2 accelerate==1.16.0`
+# (wheels into .whl/, git-ignored; carry `.whl`), then there:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site && bash bench/gpu_check.sh "$OUT"
+# The results file's header records the versions that ran.
 set -uo pipefail
 
 dry=0

@@ -345,7 +345,10 @@ def _check_fast_path(stage: Stage, parts: TrainerParts, plan, trainer):
 
     why = path_check.why_not(parts.cfg, plan, parts.hardware.on_gpu, stage.pairs, trainer.args.world_size)
     if why is not None:
-        return replace(plan, check=path_check.PathCheck(False, why)), trainer
+        left_out = path_check.PathCheck(False, why)
+        asked = parts.cfg.train.check_fast_path and why != "check_fast_path false"
+        log.log(logging.WARNING if asked else logging.INFO, "%s", left_out.line())  # asked for: said louder
+        return replace(plan, check=left_out), trainer
     pad = parts.tokenizer.pad_token_id
     result = path_check.check(trainer, parts.model, plan, parts.precision.name, 0 if pad is None else pad)
     _forget_the_checks_memory()

@@ -51,6 +51,16 @@ def test_on_a_cpu_the_check_is_left_out_by_default_and_says_why(tiny_models, tmp
     assert main(["train", *STEPS, "--output_dir", str(out), "--max_steps", "1"]) == 0
     check = check_of(start_of(out))
     assert not check["checked"] and check["why"].startswith("no GPU")
+    assert "INFO tuner: fast-path check: not run (no GPU" in (out / "train.log").read_text()
+
+
+def test_asked_for_where_it_cannot_run_the_check_says_why_as_a_warning(tiny_models, tmp_path):
+    out = tmp_path / "dpo"
+    assert main(["train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "demo_pairs",
+                 "--max_samples", "8", "--max_steps", "1", "--save_strategy", "no", "--output_dir", str(out),
+                 "--check_fast_path", "true"]) == 0
+    assert not check_of(start_of(out))["checked"]
+    assert "WARNING tuner: fast-path check: not run (a preference or reward stage" in (out / "train.log").read_text()
 
 
 @pytest.mark.parametrize("broken", ["wrong", "raises"])
