@@ -44,7 +44,7 @@ if [ $dry = 1 ]; then
 else
   speed=(--geometry llama2-7b --only lora-alpaca qlora4-alpaca lora-fixed512 qlora4-fixed512 --samples 48 --rounds 1)
 fi
-timeout 330 python3 bench/speed.py "${speed[@]}" --work "$work/speed" --jsonl "$results" || failed=1
+timeout 330 python3 bench/speed.py "${speed[@]}" --work "$work/models" --jsonl "$results" || failed=1
 
 step "3/3 bench/gpu_memory.py: the estimator against the measured peaks"
 if [ $dry = 1 ]; then
@@ -52,7 +52,8 @@ if [ $dry = 1 ]; then
 else
   memory=(--geometry llama2-7b --steps 3 --only lora-b1-s512 qlora4-b1-s512)
 fi
-timeout 150 python3 bench/gpu_memory.py "${memory[@]}" --work "$work/memory" --out "$work/memory.jsonl" || failed=1
+# the same --work: the random model speed.py built is used again (13.5 GB at 7B, not built twice)
+timeout 150 python3 bench/gpu_memory.py "${memory[@]}" --work "$work/models" --out "$work/memory.jsonl" || failed=1
 python3 bench/gpu_check_report.py estimates "$work/memory.jsonl" >> "$results"
 
 step "summary: $results"
