@@ -58,8 +58,8 @@ class PathCheck:
         """The check as one of the speed plan's features (the start event's ``speed``, the log's speed lines)."""
         value = ("not run" if not self.checked else "passed" if self.passed else "failed: classic path")
         diffs = "" if self.loss_diff is None else f"loss {self.loss_diff:.1e}, gradients {self.grads_diff:.1e}; "
-        return {"feature": "fast-path check", "on": self.checked, "value": value,
-                "why": f"{self.path + ': ' if self.path else ''}{diffs}{self.error or self.why}", **self.to_json()}
+        return {**self.to_json(), "feature": "fast-path check", "on": self.checked, "value": value,
+                "why": f"{self.path + ': ' if self.path else ''}{diffs}{self.error or self.why}"}
 
     def to_json(self) -> dict:
         return {"checked": self.checked, "passed": self.passed, "fell_back": self.fell_back, "path": self.path,
