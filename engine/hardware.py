@@ -138,14 +138,20 @@ def _uuid_body(uuid: str | None) -> str | None:
 
 def probe(nvml: Any = None) -> HardwareState:
     """Read every visible GPU through NVML; ``nvml`` is the ``pynvml`` module unless a test passes a fake one."""
+    return _with_nvml(nvml, _read_state, lambda error: _no_gpu(str(error)))
+
+
+def _with_nvml(nvml: Any, read, unavailable):
+    """``read(nvml)`` between NVML's start and its shutdown; ``unavailable(error)`` where it does not start. ``nvml``
+    is the ``pynvml`` module unless a test passes a fake one."""
     if nvml is None:
         import pynvml as nvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as e:
-        return _no_gpu(str(e))
+        return unavailable(e)
     try:
-        return _read_state(nvml)
+        return read(nvml)
     finally:
         _call(nvml, nvml.nvmlShutdown)
 
@@ -215,19 +221,13 @@ def cuda_nvml_mapping(nvml: Any = None, cuda_uuids: list[str | None] | None = No
     index and the UUID torch gives, from ``cuda_uuids`` else torch's own), ``nvml`` (nvidia-smi's index of the GPU),
     ``mig`` (the MIG slot, None for a whole GPU), NVML's ``uuid`` and ``name``, ``by`` ("uuid" or "order": how it was
     found; None where NVML shows no device for it)."""
-    if cuda_uuids is None:
-        cuda_uuids = cuda_device_uuids()
-    if nvml is None:
-        import pynvml as nvml
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError:
-        return [_mapped(i, uuid, None, nvml) for i, uuid in enumerate(cuda_uuids)]
-    try:
+    uuids = cuda_device_uuids() if cuda_uuids is None else cuda_uuids
+
+    def read(nvml):
         devices, spec = nvml_devices(nvml), os.environ.get("CUDA_VISIBLE_DEVICES")
-        return [_mapped(i, uuid, nvml_device_for(i, uuid, devices, spec), nvml) for i, uuid in enumerate(cuda_uuids)]
-    finally:
-        _call(nvml, nvml.nvmlShutdown)
+        return [_mapped(i, uuid, nvml_device_for(i, uuid, devices, spec), nvml) for i, uuid in enumerate(uuids)]
+
+    return _with_nvml(nvml, read, lambda error: [_mapped(i, uuid, None, None) for i, uuid in enumerate(uuids)])
 
 
 def _mapped(cuda_index: int, cuda_uuid: str | None, device: NvmlDevice | None, nvml: Any) -> dict[str, Any]:
@@ -243,19 +243,13 @@ def _mapped(cuda_index: int, cuda_uuid: str | None, device: NvmlDevice | None, n
 def nvml_memory_used(cuda_index: int, cuda_uuid: str | None, nvml: Any = None) -> int | None:
     """Bytes in use on CUDA device ``cuda_index`` as NVML counts them (every process's); ``None`` where NVML cannot
     say. ``cuda_uuid`` is the UUID torch gives the device, None where unknown."""
-    if nvml is None:
-        import pynvml as nvml
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError:
-        return None
-    try:
+    def read(nvml):
         device = nvml_device_for(cuda_index, cuda_uuid, nvml_devices(nvml), os.environ.get("CUDA_VISIBLE_DEVICES"))
         memory = None if device is None or device.handle is None else _call(
             nvml, nvml.nvmlDeviceGetMemoryInfo, device.handle)
         return None if memory is None else memory.used
-    finally:
-        _call(nvml, nvml.nvmlShutdown)
+
+    return _with_nvml(nvml, read, lambda error: None)
 
 
 def cuda_device_uuids() -> list[str | None]:

@@ -273,7 +273,7 @@ def _loss_and_fingerprint(model, batches: list[dict], device, precision: str, lo
             loss = loss_of(batch)
         loss.backward()
         total += float(loss.detach().float())
-    found = _fingerprint(model)
+    found = fingerprint(model)
     model.zero_grad(set_to_none=True)
     return total, found
 
@@ -287,7 +287,7 @@ def _rows(batch: dict) -> list[dict]:
     return rows
 
 
-def _fingerprint(model) -> list[float]:
+def fingerprint(model) -> list[float]:
     """Each trainable tensor's gradient norm and its projection on a fixed random direction (seeded per tensor)."""
     import torch
 
@@ -305,22 +305,17 @@ def _fingerprint(model) -> list[float]:
     return found
 
 
-def use_classic_attention(model) -> None:
-    """After a failed check: the model attends through PyTorch SDPA from here on."""
-    _set_attention(model, "sdpa")
-
-
 @contextlib.contextmanager
 def _attention_as(model, name: str):
     was = _base(model).config._attn_implementation
-    _set_attention(model, name)
+    set_attention(model, name)
     try:
         yield
     finally:
-        _set_attention(model, was)
+        set_attention(model, was)
 
 
-def _set_attention(model, name: str) -> None:
+def set_attention(model, name: str) -> None:
     _base(model).set_attn_implementation(name)
 
 

@@ -351,20 +351,21 @@ def _check_fast_path(stage: Stage, parts: TrainerParts, plan, trainer):
         return replace(plan, check=left_out), trainer
     pad = parts.tokenizer.pad_token_id
     result = path_check.check(trainer, parts.model, plan, parts.precision.name, 0 if pad is None else pad)
-    _forget_the_checks_memory()
+    _free_gpu_memory()
     if not result.fell_back:
         log.info("%s", result.line())
         return replace(plan, check=result), trainer
     log.warning("%s", result.line())
     classic = path_check.classic_plan(plan, parts.cfg, result)
-    path_check.use_classic_attention(parts.model)
+    path_check.set_attention(parts.model, "sdpa")  # the classic path from here on
     if classic.fit.gradient_checkpointing and hasattr(parts.model, "enable_input_require_grads"):
         parts.model.enable_input_require_grads()
     return classic, stage.trainer(parts, classic)
 
 
-def _forget_the_checks_memory() -> None:
-    """The check's activations freed and its peak forgotten: the peak a run records is its training's."""
+def _free_gpu_memory() -> None:
+    """What is no longer referenced freed and the peak forgotten (after the start check, after a failed attempt):
+    the peak a run records is its training's."""
     import gc
 
     import torch
@@ -516,21 +517,13 @@ def _backoff(plan, trainer):
 
 def _release(trainer, model, smaller) -> None:
     """Free what the failed attempt held on the GPU, and ready the model for checkpointing if the next one uses it."""
-    import gc
-
-    import torch
-
-    from engine.train.callbacks import reset_peak_memory
-
     hook = getattr(trainer, "neftune_hook_handle", None)
     if hook is not None:
         hook.remove()  # the Trainer removes NEFTune's hook only when train() returns; the next attempt adds its own
     trainer.accelerator.free_memory()
     trainer.optimizer = trainer.lr_scheduler = None
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    reset_peak_memory()  # the peak the run records is the smaller layout's, not the failed attempt's
+    _free_gpu_memory()  # the peak the run records is the smaller layout's, not the failed attempt's
     if smaller.fit.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 
