@@ -22,9 +22,16 @@ if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out=$(realpath -m "${1:-bench/results}")
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+card=$(python3 bench/gpu_check_report.py card) || exit 2
+if [ "$card" = cpu ] && [ $dry = 0 ]; then
+  echo "bench/gpu_check.sh: no CUDA device here; on a CPU run it as: bash bench/gpu_check.sh --dry-run OUT" >&2
+  exit 2
+fi
 work=${TUNER_GPU_CHECK_WORK:-$(mktemp -d /tmp/tuner-gpu-check.XXXXXX)}
+[ -n "${TUNER_GPU_CHECK_WORK:-}" ] || trap 'rm -rf "$work"' EXIT  # the built models go, even on Ctrl-C; results stay
+trap 'echo "bench/gpu_check.sh: interrupted; what was measured so far is in $out" >&2; exit 130' INT TERM HUP
 mkdir -p "$out" "$work"
-results="$out/gpu-$(python3 bench/gpu_check_report.py card)-$(date -u +%F).jsonl"
+results="$out/gpu-$card-$(date -u +%F).jsonl"
 failed=0
 step() { echo "== $* ($(date -u +%T))"; }
 
@@ -58,5 +65,4 @@ python3 bench/gpu_check_report.py estimates "$work/memory.jsonl" >> "$results"
 
 step "summary: $results"
 python3 bench/gpu_check_report.py summary "$results" || failed=1
-[ -n "${TUNER_GPU_CHECK_WORK:-}" ] || rm -rf "$work"
 exit $failed

@@ -138,4 +138,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError, KeyError) as exc:  # a results file missing, cut short or not ours
+        print(f"gpu_check_report: {exc}: run bench/gpu_check.sh, which writes these files", file=sys.stderr)
+        sys.exit(2)

@@ -36,3 +36,13 @@ def test_the_gpu_check_dry_runs_on_a_cpu_and_writes_every_step_to_one_results_fi
     assert estimate["config"] == "lora-b1-s512" and estimate["exit_code"] == 0 and estimate["error"] is None
     assert "no CUDA device here" in proc.stdout  # the summary: what the doctor said, the speed lines, the estimate
     assert "speed    qlora4-fixed512 tuner" in proc.stdout and "estimate lora-b1-s512: no GPU peak" in proc.stdout
+
+
+def test_on_a_cpu_the_full_check_is_refused_in_one_line_and_writes_nothing(tmp_path):
+    """Without --dry-run the script would build a 7B model on a CPU: it says how to run it here instead."""
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "results")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "bench/gpu_check.sh: no CUDA device here; on a CPU run it as: bash bench/gpu_check.sh --dry-run OUT"]
+    assert not (tmp_path / "results").exists()
