@@ -54,6 +54,23 @@ def test_on_a_cpu_the_check_is_left_out_by_default_and_says_why(tiny_models, tmp
     assert "INFO tuner: fast-path check: not run (no GPU" in (out / "train.log").read_text()
 
 
+def test_check_fast_path_false_leaves_it_out_even_where_it_would_run(tiny_models, tmp_path, monkeypatch):
+    """Where the check would run (here: a GPU, as the plan is told), false leaves it out and says so."""
+    from engine.train import path_check
+
+    real = path_check.why_not
+
+    def check_ran(*args):
+        raise AssertionError("the check ran")
+
+    monkeypatch.setattr(path_check, "why_not", lambda cfg, plan, on_gpu, *rest: real(cfg, plan, True, *rest))
+    monkeypatch.setattr(path_check, "check", check_ran)
+    out = tmp_path / "off"
+    assert main(["train", *STEPS, "--output_dir", str(out), "--max_steps", "1", "--check_fast_path", "false"]) == 0
+    check = check_of(start_of(out))
+    assert not check["checked"] and check["why"] == "check_fast_path false"
+
+
 def test_asked_for_where_it_cannot_run_the_check_says_why_as_a_warning(tiny_models, tmp_path):
     out = tmp_path / "dpo"
     assert main(["train", "--stage", "dpo", "--model_name_or_path", "tiny-llama", "--dataset", "demo_pairs",
